@@ -1,0 +1,310 @@
+"""K-FAC for LoRA blocks from activations and output gradients caught by hooks.
+
+Sequence format: a hooked module sees an input ``a`` of shape ``(B, T, d_in)`` (or
+``(B, d_in)``, read as ``T = 1``) and, per backward *probe*, an output gradient
+``g`` of shape ``(B, T, d_out)``. Positions where the batch's ``attention_mask`` is
+0 are dropped; ``T_n`` is the number of real positions of sequence ``n``.
+
+With ``N`` the data set size, the factors of a weight block ``G ⊗ A`` are
+
+- ``expand``: ``A = Σ_n (1/(N T_n)) Σ_t a aᵀ``, ``G = Σ_probes w Σ_{n,t} g gᵀ``;
+- ``reduce``: ``A = (1/N) Σ_n ā āᵀ`` with ``ā`` the mean of ``a`` over real
+  positions, ``G = Σ_probes w Σ_n ḡ ḡᵀ`` with ``ḡ`` the sum of ``g`` over positions;
+
+and a bias block is ``G`` alone. This is curvlinops' ``KFACLinearOperator``
+(``loss_reduction="sum"``) as laplace-torch rescales it, extended to padding. A
+probe is one vector ``v`` of output-logit cotangents; ``g = Jᵀ v``:
+
+- ``ggn``: the C columns of ``S`` with ``S Sᵀ = diag(p) − p pᵀ``, weight 1;
+- ``mc``: ``p − onehot(ŷ)``, ``ŷ ~ Cat(p)``, weight ``1/mc_samples``;
+- ``ef``: ``p − onehot(y)`` with the observed label, weight 1.
+
+Gradients are taken with respect to the hooked modules' outputs only, so no
+parameter ``.grad`` is touched and no weight gradient is computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping
+from typing import Any, Iterator
+
+import torch
+from laplace.curvature import CurvatureInterface
+from torch import nn
+
+from laplace_llm.discovery import KronBlock, find_blocks
+from laplace_llm.matrix import LowRankFactor, LowRankKron
+
+__all__ = ["LoRAKFAC", "FISHER_TYPES", "KFAC_APPROXES", "ModuleRecorder"]
+
+FISHER_TYPES = ("mc", "ggn", "ef")
+KFAC_APPROXES = ("expand", "reduce")
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or Inf met in logits or activations."""
+
+
+class ModuleRecorder:
+    """Forward hooks that keep each watched module's inputs and outputs.
+
+    ``calls[module_name]`` is a list of ``(input, output)`` per call, inputs
+    detached, outputs attached to the graph so that gradients can be taken
+    with respect to them.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.modules = modules
+        self.calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._handles = []
+
+    def __enter__(self) -> ModuleRecorder:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            self.calls.setdefault(name, []).append((inputs[0].detach(), output))
+
+        return hook
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def outputs(self) -> list[torch.Tensor]:
+        return [out for calls in self.calls.values() for _, out in calls]
+
+
+def sequence_mask(x: Any, dict_key_mask: str = "attention_mask") -> torch.Tensor | None:
+    """Attention mask of a batch as ``(B, T)`` (pairs ``(B, 2, T)`` flattened)."""
+    if not isinstance(x, Mapping) or x.get(dict_key_mask) is None:
+        return None
+    mask = x[dict_key_mask]
+    return mask.reshape(-1, mask.shape[-1])
+
+
+def as_positions(t: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` as ``(B, T, d)`` and its 0/1 mask ``(B, T)`` of real positions.
+
+    The batch mask applies when ``t`` has the batch's sequence shape; modules that
+    see one position per sequence (a head after pooling, ``lm_head`` on the last
+    token) have ``T = 1`` and every position real.
+    """
+    if t.ndim == 2:
+        t = t.unsqueeze(1)
+    else:
+        t = t.reshape(t.shape[0], -1, t.shape[-1])
+    if mask is not None and tuple(mask.shape) == tuple(t.shape[:2]):
+        m = mask.to(device=t.device, dtype=t.dtype)
+    else:
+        m = torch.ones(t.shape[:2], device=t.device, dtype=t.dtype)
+    return t, m
+
+
+class LoRAKFAC(CurvatureInterface):
+    """Curvature backend over LoRA blocks with low-rank large factors.
+
+    Parameters
+    ----------
+    model : nn.Module
+        returns logits ``(B, C)`` for a batch (e.g. :class:`laplace_llm.LLMClassifier`).
+    likelihood : {"classification"}
+        reward modelling reaches the backend as classification.
+    fisher_type : {"mc", "ggn", "ef"}, default "mc"
+    mc_samples : int, default 1
+    kfac_approx : {"expand", "reduce"}, default "expand"
+    n_kfac : int, default 16
+        rank kept for factors with side above ``lr_threshold``.
+    lr_threshold : int, default 128
+    generator : torch.Generator, optional
+        source of the sampled labels of ``fisher_type="mc"``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str,
+        last_layer: bool = False,
+        subnetwork_indices: torch.LongTensor | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        fisher_type: str = "mc",
+        mc_samples: int = 1,
+        kfac_approx: str = "expand",
+        n_kfac: int = 16,
+        lr_threshold: int = 128,
+        generator: torch.Generator | None = None,
+        blocks: list[KronBlock] | None = None,
+    ):
+        super().__init__(model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y)
+        if likelihood != "classification":
+            raise ValueError(
+                "LoRA K-FAC fits the classification (and reward-modelling) likelihood of "
+                f"selected logits; got likelihood={likelihood!r}."
+            )
+        self.fisher_type = fisher_type
+        self.mc_samples = mc_samples
+        self.kfac_approx = kfac_approx
+        self.n_kfac = n_kfac
+        self.lr_threshold = lr_threshold
+        self.generator = generator
+        self.blocks = blocks if blocks is not None else find_blocks(model)
+        self.modules = {b.module_name: b.module for b in self.blocks}
+
+    # ------------------------------------------------------------------ factors
+    def factor_dtype(self) -> torch.dtype:
+        """float64 for float64 models, float32 otherwise (also for bf16/fp16)."""
+        p = self.blocks[0].module.weight
+        return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+    def empty_kron(self) -> LowRankKron:
+        """Zero curvature: dense ``d×d`` zeros only for sides ``≤ lr_threshold``."""
+        dtype = self.factor_dtype()
+        kfacs = []
+        for b in self.blocks:
+            dev = b.module.weight.device
+            kfacs.append(
+                [
+                    torch.zeros(d, d, device=dev, dtype=dtype)
+                    if d <= self.lr_threshold
+                    else LowRankFactor.zeros(d, self.n_kfac, device=dev, dtype=dtype)
+                    for d in b.shape
+                ]
+            )
+        return LowRankKron(kfacs)
+
+    # ------------------------------------------------------------------- probes
+    def probes(self, f: torch.Tensor, y: torch.Tensor | None) -> list[tuple[torch.Tensor, float]]:
+        """Output cotangents ``v (B, C)`` and weights whose ``Σ w JᵀvvᵀJ`` is the Fisher."""
+        p = torch.softmax(f.detach().to(self.factor_dtype()), dim=-1)
+        if self.fisher_type == "ggn":
+            sp = p.sqrt()
+            S = torch.diag_embed(sp) - p.unsqueeze(-1) * sp.unsqueeze(-2)
+            return [(S[:, :, c].to(f.dtype), 1.0) for c in range(f.shape[-1])]
+        if self.fisher_type == "ef":
+            labels = [y]
+            weight = 1.0
+        else:
+            labels = [
+                torch.multinomial(p, 1, generator=self.generator).squeeze(-1)
+                for _ in range(self.mc_samples)
+            ]
+            weight = 1.0 / self.mc_samples
+        C = f.shape[-1]
+        return [
+            ((p - nn.functional.one_hot(lab.to(p.device), C).to(p.dtype)).to(f.dtype), weight)
+            for lab in labels
+        ]
+
+    def output_gradients(
+        self, f: torch.Tensor, outputs: list[torch.Tensor], probes: list[torch.Tensor]
+    ) -> list[list[torch.Tensor]]:
+        """``grads[i][j]``: gradient of ``⟨f, probes[i]⟩`` w.r.t. ``outputs[j]``."""
+        grads = []
+        for i, v in enumerate(probes):
+            g = torch.autograd.grad(
+                f, outputs, grad_outputs=v, retain_graph=i < len(probes) - 1, allow_unused=True
+            )
+            grads.append([torch.zeros_like(o) if gi is None else gi for gi, o in zip(g, outputs)])
+        return grads
+
+    # ------------------------------------------------------------------ capture
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[ModuleRecorder]:
+        with ModuleRecorder(self.modules) as rec:
+            yield rec
+
+    def kron(
+        self, x: Any, y: torch.Tensor, N: int, **kwargs: Any
+    ) -> tuple[torch.Tensor, LowRankKron]:
+        """Loss and K-FAC of one batch, normalised for a data set of ``N`` examples.
+
+        Returns
+        -------
+        loss : torch.Tensor
+            summed cross-entropy of the batch (scalar).
+        kron : LowRankKron
+        """
+        with torch.enable_grad(), self.recording() as rec:
+            f = self.model(x)
+            if f.ndim != 2:
+                raise ValueError(f"The model must return logits (batch, C); got {tuple(f.shape)}.")
+            loss = self.lossfunc(f.to(self.factor_dtype()), y)
+            probes = self.probes(f, y)
+            outputs = rec.outputs()
+            grads = self.output_gradients(f, outputs, [v for v, _ in probes])
+        weights = [w for _, w in probes]
+        mask = sequence_mask(x)
+        kron = self.empty_kron()
+        bad = ~torch.isfinite(f.detach()).all()
+        # outputs are ordered as rec.calls: module by module, call by call
+        j = 0
+        per_module: dict[str, list[tuple[torch.Tensor, list[torch.Tensor]]]] = {}
+        for name, calls in rec.calls.items():
+            for a, _ in calls:
+                per_module.setdefault(name, []).append((a, [g[j] for g in grads]))
+                j += 1
+        dtype = self.factor_dtype()
+        for b, F in zip(self.blocks, kron.kfacs):
+            for a, gs in per_module.get(b.module_name, []):
+                g_cols = torch.cat(
+                    [self._g_columns(g, mask, dtype) * math.sqrt(w) for g, w in zip(gs, weights)],
+                    dim=0,
+                )
+                bad |= ~torch.isfinite(g_cols).all()
+                _accumulate(F[0], g_cols)
+                if b.kind == "weight":
+                    a_cols = self._a_columns(a, mask, N, dtype)
+                    bad |= ~torch.isfinite(a_cols).all()
+                    _accumulate(F[1], a_cols)
+        if bool(bad):
+            raise NonFiniteError(
+                "NaN or Inf in the logits or in the LoRA layers' activations/gradients of this "
+                "batch. Check the inputs and the model's dtype (fp16 overflows easily; use "
+                "bf16 or float32) and that the fine-tuned weights are finite."
+            )
+        return self.factor * loss.detach(), kron
+
+    def _a_columns(self, a, mask, N, dtype) -> torch.Tensor:
+        """Input columns ``(n_cols, d_in)`` whose outer products sum to ``A``."""
+        a, m = as_positions(a.to(dtype), mask)
+        T = m.sum(1).clamp(min=1)
+        if self.kfac_approx == "reduce":
+            return (a * m.unsqueeze(-1)).sum(1) / (T * math.sqrt(N)).unsqueeze(-1)
+        w = (m / (T * N).sqrt().unsqueeze(-1)).unsqueeze(-1)
+        return (a * w)[m.bool()]
+
+    def _g_columns(self, g, mask, dtype) -> torch.Tensor:
+        """Output-gradient columns ``(n_cols, d_out)`` of one probe."""
+        g, m = as_positions(g.to(dtype), mask)
+        if self.kfac_approx == "reduce":
+            return (g * m.unsqueeze(-1)).sum(1)
+        return g[m.bool()]
+
+    # ----------------------------------------------------------- laplace-torch
+    def full(self, x, y, **kwargs):
+        raise ValueError(
+            "LoRAKFAC computes Kronecker factors only; use hessian_structure='kron' with "
+            "subset_of_weights='lora'."
+        )
+
+    def diag(self, x, y, **kwargs):
+        raise ValueError(
+            "LoRAKFAC computes Kronecker factors only; use hessian_structure='kron' with "
+            "subset_of_weights='lora'."
+        )
+
+
+def _accumulate(F, cols: torch.Tensor) -> None:
+    """Add ``colsᵀ cols`` (``cols``: ``(n, d)``) to a dense or low-rank factor in place."""
+    if cols.shape[0] == 0:
+        return
+    if isinstance(F, LowRankFactor):
+        F.append_(cols.T)
+    else:
+        F.addmm_(cols.T, cols)

@@ -1,0 +1,516 @@
+"""Kronecker-factored curvature whose large factors are kept in low rank.
+
+Data format
+-----------
+A curvature (or posterior precision) over a list of parameter *blocks* follows
+laplace-torch's ``Kron`` layout: block ``b`` is a list of one or two *factors*.
+
+- two factors ``[G, A]`` for a weight of shape ``(d_out, d_in)``: the block is
+  ``G ⊗ A`` acting on the row-major flattened weight, ``G`` of side ``d_out``
+  (output-gradient covariance), ``A`` of side ``d_in`` (input covariance);
+- one factor ``[G]`` for a bias (or any vector parameter): the block is ``G``.
+
+A factor is either a dense symmetric ``torch.Tensor`` of shape ``(d, d)`` or a
+:class:`LowRankFactor` holding a *root* ``R`` of shape ``(d, m)`` with ``F = R Rᵀ``.
+A root is what the streaming update, the sum of two fits and (later) the merge
+across processes exchange: adding two low-rank factors concatenates their roots and
+truncates back to rank ``k``. A ``d × d`` matrix is never formed for a low-rank factor.
+
+After :meth:`LowRankKron.decompose`, every factor is an eigenpair ``(Q, λ)`` with
+``Q`` of shape ``(d, k)`` orthonormal columns (``k = d`` for dense factors) and
+``λ ≥ 0``. Everything outside ``span(Q)`` has eigenvalue zero, so with
+``P = τ (G ⊗ A) + δ I``
+
+    P^p = (Q_G ⊗ Q_A) [(τ λ_G ⊗ λ_A + δ)^p − δ^p] (Q_G ⊗ Q_A)ᵀ + δ^p I,
+
+    log det P = Σ_ij log(τ λ_G,i λ_A,j + δ) + (d_G d_A − k_G k_A) log δ,
+
+which :class:`LowRankKronDecomposed` evaluates in ``O(d·k·r)`` per block.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+__all__ = ["LowRankFactor", "LowRankKron", "LowRankKronDecomposed", "compress_root"]
+
+
+def compress_root(root: torch.Tensor, rank: int) -> torch.Tensor:
+    """Best rank-``rank`` root of ``root @ root.T``.
+
+    Parameters
+    ----------
+    root : torch.Tensor
+        ``(d, m)``.
+    rank : int
+        number of columns to keep at most.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(d, t)`` with ``t = min(rank, d, m)``, columns ``σ_i u_i`` ordered by
+        decreasing ``σ_i``: the leading eigenpairs of ``root @ root.T``.
+    """
+    # QR first: its error is relative to σ, whereas eigh of the Gram matrix would
+    # lose the small eigenvalues to the square of the condition number.
+    q, r = torch.linalg.qr(root)
+    p, s, _ = torch.linalg.svd(r, full_matrices=False)
+    t = min(rank, s.numel())
+    return (q @ p[:, :t]) * s[:t]
+
+
+class LowRankFactor:
+    """A symmetric PSD factor ``F = R Rᵀ`` of side ``d`` kept at rank ``≤ rank``.
+
+    Columns are appended in chunks; whenever the root grows past
+    ``rank + chunk`` columns it is truncated back to ``rank`` (incremental SVD), so
+    memory stays ``O(d·(rank + chunk))`` and the cost per appended column is
+    ``O(d·(rank + chunk)²/chunk)``. Below its rank the factor is exact.
+
+    Parameters
+    ----------
+    root : torch.Tensor
+        ``(d, m)`` initial root (``m`` may be 0).
+    rank : int
+        rank ``k`` kept (``n_kfac``); ``rank ≥ d`` keeps the factor exact.
+    chunk : int, optional
+        columns gathered before a truncation; default ``max(rank, 128)``.
+    """
+
+    def __init__(self, root: torch.Tensor, rank: int, chunk: int | None = None):
+        self.root = root
+        self.rank = int(rank)
+        self.chunk = int(chunk) if chunk is not None else max(self.rank, 128)
+
+    @classmethod
+    def zeros(cls, side: int, rank: int, device=None, dtype=torch.float32) -> LowRankFactor:
+        return cls(torch.zeros(side, 0, device=device, dtype=dtype), rank)
+
+    @property
+    def side(self) -> int:
+        return self.root.shape[0]
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.side, self.side))
+
+    @property
+    def device(self) -> torch.device:
+        return self.root.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.root.dtype
+
+    def _limit(self) -> int:
+        return min(self.rank, self.side)
+
+    def append_(self, columns: torch.Tensor) -> LowRankFactor:
+        """Add ``columns @ columns.T`` in place; ``columns`` is ``(d, c)``."""
+        columns = columns.to(dtype=self.dtype, device=self.device)
+        step = self.chunk
+        for start in range(0, columns.shape[1], step):
+            self.root = torch.cat([self.root, columns[:, start : start + step]], dim=1)
+            if self.root.shape[1] > self._limit() + self.chunk:
+                self.root = compress_root(self.root, self.rank)
+        return self
+
+    def compress_(self) -> LowRankFactor:
+        """Truncate the root to at most ``rank`` columns now."""
+        if self.root.shape[1] > self._limit():
+            self.root = compress_root(self.root, self.rank)
+        return self
+
+    def __add__(self, other: LowRankFactor) -> LowRankFactor:
+        if not isinstance(other, LowRankFactor) or other.side != self.side:
+            raise ValueError("Can only add a LowRankFactor of the same side.")
+        out = LowRankFactor(self.root.clone(), max(self.rank, other.rank), self.chunk)
+        return out.append_(other.root)
+
+    def __mul__(self, scalar: float) -> LowRankFactor:
+        return LowRankFactor(self.root * math.sqrt(float(scalar)), self.rank, self.chunk)
+
+    __rmul__ = __mul__
+
+    def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Leading eigenpairs ``(λ (t,), Q (d, t))``, ``λ`` decreasing and ``≥ 0``."""
+        root = compress_root(self.root, self.rank) if self.root.shape[1] else self.root
+        lam = root.square().sum(0)
+        norms = lam.sqrt()
+        keep = norms > 0
+        return lam[keep], root[:, keep] / norms[keep]
+
+    def to_dense(self) -> torch.Tensor:
+        """``(d, d)`` matrix; for tests and small sides only."""
+        return self.root @ self.root.T
+
+    def diag(self) -> torch.Tensor:
+        return self.root.square().sum(1)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``F @ x`` for ``x`` of shape ``(..., d, n)``."""
+        return self.root @ (self.root.T @ x)
+
+    def nbytes(self) -> int:
+        return self.root.numel() * self.root.element_size()
+
+
+Factor = torch.Tensor | LowRankFactor
+
+
+def _factor_dense(f: Factor) -> torch.Tensor:
+    return f.to_dense() if isinstance(f, LowRankFactor) else f
+
+
+def _factor_matmul(f: Factor, x: torch.Tensor) -> torch.Tensor:
+    return f.matmul(x) if isinstance(f, LowRankFactor) else f @ x
+
+
+def _factor_add(f1: Factor, f2: Factor) -> Factor:
+    if isinstance(f1, LowRankFactor):
+        return f1 + f2
+    return f1 + f2
+
+
+def _factor_scale(f: Factor, c: float) -> Factor:
+    return f * c
+
+
+def _factor_eigh(f: Factor) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(f, LowRankFactor):
+        return f.eigh()
+    lam, q = torch.linalg.eigh(f)
+    # curvature factors are PSD; rounding can make tiny eigenvalues negative
+    return lam.clamp(min=0.0), q
+
+
+def _block_numel(block: Sequence[Factor]) -> int:
+    n = 1
+    for f in block:
+        n *= f.shape[0]
+    return n
+
+
+class LowRankKron:
+    """K-FAC curvature over a list of blocks with dense or low-rank factors.
+
+    Plays the role of laplace-torch's ``Kron`` for :class:`laplace_llm.LoRALaplace`:
+    it is what ``fit`` accumulates and what ``state_dict`` stores.
+
+    Parameters
+    ----------
+    kfacs : list of list of (torch.Tensor or LowRankFactor)
+        one entry per parameter block, in the order of the Laplace object's
+        ``params``; see the module docstring for the layout.
+    """
+
+    def __init__(self, kfacs: list[list[Factor]]):
+        self.kfacs = kfacs
+
+    @classmethod
+    def zeros(
+        cls,
+        sides: Sequence[Sequence[int]],
+        rank: int,
+        lr_threshold: int,
+        device=None,
+        dtype=torch.float32,
+    ) -> LowRankKron:
+        """Empty curvature: dense zero factors of side ``≤ lr_threshold``, empty
+        low-rank roots for the rest (no ``d × d`` allocation)."""
+        kfacs = []
+        for block_sides in sides:
+            kfacs.append(
+                [
+                    torch.zeros(d, d, device=device, dtype=dtype)
+                    if d <= lr_threshold
+                    else LowRankFactor.zeros(d, rank, device=device, dtype=dtype)
+                    for d in block_sides
+                ]
+            )
+        return cls(kfacs)
+
+    def __len__(self) -> int:
+        return len(self.kfacs)
+
+    def __add__(self, other: LowRankKron) -> LowRankKron:
+        if not isinstance(other, LowRankKron) or len(other) != len(self):
+            raise ValueError("Can only add a LowRankKron with the same blocks.")
+        return LowRankKron(
+            [[_factor_add(f, g) for f, g in zip(F, G)] for F, G in zip(self.kfacs, other.kfacs)]
+        )
+
+    def __mul__(self, scalar: float | torch.Tensor) -> LowRankKron:
+        # spread the scalar over the factors so that each block is scaled once
+        scalar = float(scalar)
+        return LowRankKron(
+            [[_factor_scale(f, scalar ** (1 / len(F))) for f in F] for F in self.kfacs]
+        )
+
+    __radd__ = __add__
+    __rmul__ = __mul__
+
+    @property
+    def n_params(self) -> int:
+        return sum(_block_numel(F) for F in self.kfacs)
+
+    def compress_(self) -> LowRankKron:
+        for F in self.kfacs:
+            for f in F:
+                if isinstance(f, LowRankFactor):
+                    f.compress_()
+        return self
+
+    def decompose(self, damping: bool = False) -> LowRankKronDecomposed:
+        """Eigendecompose every factor (low-rank ones in ``O(d·k²)``)."""
+        eigvecs, eigvals, sides = [], [], []
+        for F in self.kfacs:
+            ls, qs = zip(*(_factor_eigh(f) for f in F))
+            eigvals.append(list(ls))
+            eigvecs.append(list(qs))
+            sides.append([f.shape[0] for f in F])
+        return LowRankKronDecomposed(eigvecs, eigvals, sides, damping=damping)
+
+    def bmm(self, W: torch.Tensor, exponent: float = 1) -> torch.Tensor:
+        """``H @ W`` for ``W`` of shape ``(P,)``, ``(B, P)`` or ``(B, K, P)``."""
+        if exponent != 1:
+            raise ValueError("Only exponent 1 before decompose(); decompose for others.")
+        return _apply_blocks(W, self.n_params, self.kfacs, _kron_apply)
+
+    def logdet(self) -> torch.Tensor:
+        """``log det H`` (``-inf`` where a low-rank factor is rank deficient)."""
+        return self.decompose().logdet()
+
+    def diag(self) -> torch.Tensor:
+        diags = []
+        for F in self.kfacs:
+            ds = [f.diag() if isinstance(f, LowRankFactor) else f.diagonal() for f in F]
+            diags.append(ds[0] if len(ds) == 1 else torch.outer(ds[0], ds[1]).flatten())
+        return torch.cat(diags)
+
+    def to_matrix(self) -> torch.Tensor:
+        """Dense block-diagonal matrix; for tests on small models only."""
+        blocks = []
+        for F in self.kfacs:
+            dense = [_factor_dense(f) for f in F]
+            blocks.append(dense[0] if len(dense) == 1 else torch.kron(dense[0], dense[1]))
+        return torch.block_diag(*blocks)
+
+    def nbytes(self) -> int:
+        total = 0
+        for F in self.kfacs:
+            for f in F:
+                total += f.nbytes() if isinstance(f, LowRankFactor) else f.numel() * f.element_size()
+        return total
+
+
+def _kron_apply(F: list[Factor], W: torch.Tensor) -> torch.Tensor:
+    # W: (n, d_G) or (n, d_G, d_A); the block acts as G W Aᵀ on each row-major weight
+    if len(F) == 1:
+        return _factor_matmul(F[0], W.T).T
+    G, A = F
+    GW = _factor_matmul(G, W)
+    return _factor_matmul(A, GW.transpose(1, 2)).transpose(1, 2)
+
+
+def _apply_blocks(W: torch.Tensor, n_params: int, blocks, fn) -> torch.Tensor:
+    """Apply ``fn(block, W_block)`` block by block to ``W (…, P)``."""
+    shape = W.shape
+    if shape[-1] != n_params:
+        raise ValueError(f"Expected {n_params} parameters in the last axis, got {shape[-1]}.")
+    W2 = W.reshape(-1, n_params)
+    out, start = [], 0
+    for block in blocks:
+        sides = [f.shape[0] for f in block] if not isinstance(block, _DecomposedBlock) else block.sides
+        p = math.prod(sides)
+        Wb = W2[:, start : start + p]
+        if len(sides) == 2:
+            Wb = Wb.reshape(-1, sides[0], sides[1])
+        out.append(fn(block, Wb).reshape(-1, p))
+        start += p
+    return torch.cat(out, dim=1).reshape(shape)
+
+
+class _DecomposedBlock:
+    """Eigenpairs of one block's factors plus its prior ``δ``, scale ``τ`` and damping."""
+
+    __slots__ = ("qs", "ls", "sides", "tau", "delta", "damping")
+
+    def __init__(self, qs, ls, sides, tau, delta, damping):
+        self.qs, self.ls, self.sides = qs, ls, sides
+        self.tau, self.delta, self.damping = tau, delta, damping
+
+    def _damped(self) -> bool:
+        return self.damping and len(self.ls) == 2
+
+    def spectrum(self, exponent: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(C, δ^p)`` with ``C = (τ λ_G λ_Aᵀ + δ)^p − δ^p`` over the kept subspace."""
+        dp = torch.pow(self.delta, exponent)
+        if len(self.ls) == 1:
+            return torch.pow(self.tau * self.ls[0] + self.delta, exponent) - dp, dp
+        lam = self.tau * torch.outer(self.ls[0], self.ls[1])
+        return torch.pow(lam + self.delta, exponent) - dp, dp
+
+    def damped_factors(self, exponent: float):
+        """Per factor ``(D, s^p)`` with ``(√τ F + s)^p = s^p I + Q D Qᵀ``, ``s = √δ``."""
+        s = torch.sqrt(self.delta)
+        sp = torch.pow(s, exponent)
+        rt = torch.sqrt(self.tau)
+        return [(torch.pow(rt * lam + s, exponent) - sp, sp) for lam in self.ls]
+
+    def apply(self, W: torch.Tensor, exponent: float) -> torch.Tensor:
+        """``P_b^p W``; ``W`` is ``(n, d)`` for one factor or ``(n, d_G, d_A)``."""
+        if len(self.ls) == 1:
+            Q = self.qs[0]
+            C, dp = self.spectrum(exponent)
+            return dp * W + ((W @ Q) * C) @ Q.T
+        QG, QA = self.qs
+        if self._damped():
+            (DG, sp), (DA, _) = self.damped_factors(exponent)
+            Y = sp * W + QG @ (DG.unsqueeze(-1) * (QG.T @ W))
+            return sp * Y + ((Y @ QA) * DA) @ QA.T
+        C, dp = self.spectrum(exponent)
+        core = QG.T @ W @ QA
+        return dp * W + QG @ (core * C) @ QA.T
+
+    def logdet(self) -> torch.Tensor:
+        if self._damped():
+            s = torch.sqrt(self.delta)
+            rt = torch.sqrt(self.tau)
+            (dG, dA), (lG, lA) = self.sides, self.ls
+            out = dA * torch.log(rt * lG + s).sum() + dG * torch.log(rt * lA + s).sum()
+            return out + (dA * (dG - lG.numel()) + dG * (dA - lA.numel())) * torch.log(s)
+        C_plus = self.spectrum(1)[0] + self.delta  # τλ + δ on the subspace
+        n_sub = C_plus.numel()
+        return torch.log(C_plus).sum() + (math.prod(self.sides) - n_sub) * torch.log(self.delta)
+
+    def diag(self, exponent: float) -> torch.Tensor:
+        if len(self.ls) == 1:
+            C, dp = self.spectrum(exponent)
+            return dp + self.qs[0].square() @ C
+        QG2, QA2 = self.qs[0].square(), self.qs[1].square()
+        if self._damped():
+            (DG, sp), (DA, _) = self.damped_factors(exponent)
+            return torch.outer(sp + QG2 @ DG, sp + QA2 @ DA).flatten()
+        C, dp = self.spectrum(exponent)
+        return (dp + QG2 @ C @ QA2.T).flatten()
+
+    def to_matrix(self, exponent: float) -> torch.Tensor:
+        p = math.prod(self.sides)
+        eye = torch.eye(p, dtype=self.qs[0].dtype, device=self.qs[0].device)
+        W = eye if len(self.sides) == 1 else eye.reshape(p, *self.sides)
+        return self.apply(W, exponent).reshape(p, p).T
+
+
+class LowRankKronDecomposed:
+    """Decomposed :class:`LowRankKron` with scale ``τ`` and prior ``δ`` per block.
+
+    Counterpart of laplace-torch's ``KronDecomposed``: ``H * τ`` and ``H + δ``
+    return new objects (keeping ``damping``), and ``bmm``, ``logdet``,
+    ``inv_square_form``, ``diag`` and ``to_matrix`` evaluate the formulas of the
+    module docstring. Multiplication by ``τ`` scales the curvature part only;
+    ``δ`` is never scaled.
+
+    Parameters
+    ----------
+    eigenvectors : list of list of torch.Tensor
+        per block, per factor ``Q`` of shape ``(d, k)``.
+    eigenvalues : list of list of torch.Tensor
+        per block, per factor ``λ`` of shape ``(k,)``.
+    sides : list of list of int
+        per block, per factor side ``d``.
+    deltas : torch.Tensor, optional
+        ``(n_blocks,)`` prior precision per block (default zeros).
+    tau : torch.Tensor or float, default 1
+    damping : bool, default False
+        ``P = (√τ G + √δ) ⊗ (√τ A + √δ)`` instead of ``τ G ⊗ A + δ`` for two-factor
+        blocks, as laplace-torch's ``damping=True``.
+    """
+
+    def __init__(self, eigenvectors, eigenvalues, sides, deltas=None, tau=1.0, damping=False):
+        self.eigenvectors = eigenvectors
+        self.eigenvalues = eigenvalues
+        self.sides = sides
+        ref = eigenvectors[0][0]
+        if deltas is None:
+            deltas = torch.zeros(len(eigenvalues), device=ref.device, dtype=ref.dtype)
+        self.deltas = self._expand_deltas(deltas)
+        self.tau = torch.as_tensor(tau, device=ref.device, dtype=ref.dtype)
+        self.damping = damping
+
+    def _expand_deltas(self, deltas) -> torch.Tensor:
+        ref = self.eigenvectors[0][0]
+        deltas = torch.as_tensor(deltas, device=ref.device)
+        if deltas.ndim == 0 or (deltas.ndim == 1 and len(deltas) == 1):
+            return deltas.reshape(1).to(ref.dtype).expand(len(self))
+        if deltas.ndim == 1 and len(deltas) == len(self):
+            return deltas.to(ref.dtype)
+        raise ValueError(
+            f"Prior precision must be a scalar or have one entry per block ({len(self)}), "
+            f"got shape {tuple(deltas.shape)}."
+        )
+
+    def __len__(self) -> int:
+        return len(self.eigenvalues)
+
+    @property
+    def n_params(self) -> int:
+        return sum(math.prod(s) for s in self.sides)
+
+    def _blocks(self) -> list[_DecomposedBlock]:
+        return [
+            _DecomposedBlock(qs, ls, sides, self.tau, delta, self.damping)
+            for qs, ls, sides, delta in zip(
+                self.eigenvectors, self.eigenvalues, self.sides, self.deltas
+            )
+        ]
+
+    def __add__(self, deltas: torch.Tensor | float) -> LowRankKronDecomposed:
+        return LowRankKronDecomposed(
+            self.eigenvectors,
+            self.eigenvalues,
+            self.sides,
+            self.deltas + self._expand_deltas(deltas),
+            self.tau,
+            self.damping,
+        )
+
+    def __mul__(self, scalar: torch.Tensor | float) -> LowRankKronDecomposed:
+        return LowRankKronDecomposed(
+            self.eigenvectors,
+            self.eigenvalues,
+            self.sides,
+            self.deltas,
+            self.tau * scalar,
+            self.damping,
+        )
+
+    __radd__ = __add__
+    __rmul__ = __mul__
+
+    def detach(self) -> LowRankKronDecomposed:
+        self.deltas = self.deltas.detach()
+        self.tau = self.tau.detach()
+        return self
+
+    def logdet(self) -> torch.Tensor:
+        """``log det P`` summed over blocks."""
+        return sum(b.logdet() for b in self._blocks())
+
+    def bmm(self, W: torch.Tensor, exponent: float = -1) -> torch.Tensor:
+        """``P^exponent @ W`` for ``W`` of shape ``(P,)``, ``(B, P)`` or ``(B, K, P)``."""
+        return _apply_blocks(W, self.n_params, self._blocks(), lambda b, x: b.apply(x, exponent))
+
+    def inv_square_form(self, W: torch.Tensor) -> torch.Tensor:
+        """``W P⁻¹ Wᵀ`` for ``W`` of shape ``(B, K, P)``, giving ``(B, K, K)``."""
+        return torch.bmm(W, self.bmm(W, exponent=-1).transpose(1, 2))
+
+    def diag(self, exponent: float = 1) -> torch.Tensor:
+        return torch.cat([b.diag(exponent) for b in self._blocks()])
+
+    def to_matrix(self, exponent: float = 1) -> torch.Tensor:
+        """Dense ``P^exponent``; for tests on small models only."""
+        return torch.block_diag(*[b.to_matrix(exponent) for b in self._blocks()])
