@@ -382,10 +382,13 @@ class _DecomposedBlock:
             rt = torch.sqrt(self.tau)
             (dG, dA), (lG, lA) = self.sides, self.ls
             out = dA * torch.log(rt * lG + s).sum() + dG * torch.log(rt * lA + s).sum()
-            return out + (dA * (dG - lG.numel()) + dG * (dA - lA.numel())) * torch.log(s)
+            n_rest = dA * (dG - lG.numel()) + dG * (dA - lA.numel())
+            return out + n_rest * torch.log(s) if n_rest else out
         C_plus = self.spectrum(1)[0] + self.delta  # τλ + δ on the subspace
-        n_sub = C_plus.numel()
-        return torch.log(C_plus).sum() + (math.prod(self.sides) - n_sub) * torch.log(self.delta)
+        n_rest = math.prod(self.sides) - C_plus.numel()
+        out = torch.log(C_plus).sum()
+        # (0 · log 0 would be NaN for an exact factor without prior)
+        return out + n_rest * torch.log(self.delta) if n_rest else out
 
     def diag(self, exponent: float) -> torch.Tensor:
         if len(self.ls) == 1:

@@ -1,0 +1,235 @@
+"""LoRALaplace against laplace-torch's own KronLaplace on the same LoRA parameters.
+
+Oracle 1 of DESIGN.md: at full rank (``n_kfac`` ≥ every factor side) every quantity
+must equal ``Laplace(model, "classification", "all", "kron", backend=CurvlinopsGGN,
+asdl_fisher_kwargs={"kfac_approx": ...})`` with ``fisher_type="ggn"``. The models
+are float64 so that the comparison measures the algorithm, not rounding: agreement
+is ~1e-12 relative there; we assert 1e-8 (factors) and 1e-6 (optimised priors, after
+100 Adam steps). One float32 case asserts the issue's 1e-4.
+"""
+
+import pytest
+import torch
+from laplace import Laplace
+from laplace.curvature import CurvlinopsGGN
+from torch.utils.data import ConcatDataset, DataLoader
+
+import laplace_llm
+from laplace_llm import LLMClassifier, LoRALaplace
+from laplace_llm.matrix import LowRankFactor
+from tests.batches import TARGET_IDS, DictDataset, token_items, token_loader
+from tests.models import tiny_gpt2_lora, tiny_llama_lora
+
+BUILDERS = {"llama": tiny_llama_lora, "gpt2": tiny_gpt2_lora}
+
+
+def classifier(family="llama", dtype=torch.float64, seed=0, **kwargs):
+    return LLMClassifier(BUILDERS[family](seed=seed, dtype=dtype, **kwargs), TARGET_IDS)
+
+
+def fit_pair(model, loader, approx, lr_threshold=128, n_kfac=128, **kwargs):
+    la = Laplace(
+        model,
+        "classification",
+        subset_of_weights="lora",
+        hessian_structure="kron",
+        fisher_type="ggn",
+        kfac_approx=approx,
+        n_kfac=n_kfac,
+        lr_threshold=lr_threshold,
+        **kwargs,
+    )
+    la.fit(loader)
+    ref = Laplace(
+        model,
+        "classification",
+        subset_of_weights="all",
+        hessian_structure="kron",
+        backend=CurvlinopsGGN,
+        asdl_fisher_kwargs={"kfac_approx": approx},
+        **kwargs,
+    )
+    ref.fit(loader)
+    return la, ref
+
+
+def dense(f):
+    return f.to_dense() if isinstance(f, LowRankFactor) else f
+
+
+def rel(a, b):
+    return (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()
+
+
+def test_registered_with_laplace_factory():
+    model = classifier(dtype=torch.float32)
+    la = Laplace(model, "classification", subset_of_weights="lora")
+    assert type(la) is LoRALaplace
+    assert la.n_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # unique registry key: no other class answers to ("lora", "kron")
+    assert LoRALaplace._key == ("lora", "kron")
+    assert laplace_llm.LoRALaplace is LoRALaplace
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("lr_threshold", [0, 128], ids=["lowrank", "dense"])
+def test_full_rank_equals_laplace_torch_kron(family, approx, lr_threshold):
+    model = classifier(family)
+    loader = token_loader(n=11, length=6, batch_size=4)
+    la, ref = fit_pair(model, loader, approx, lr_threshold=lr_threshold)
+
+    assert len(la.H_facs.kfacs) == len(ref.H_facs.kfacs) == la.n_layers
+    for F, G in zip(la.H_facs.kfacs, ref.H_facs.kfacs):
+        for f, g in zip(F, G):
+            if lr_threshold == 0:
+                assert isinstance(f, LowRankFactor)
+            assert rel(dense(f), g) < 1e-8
+    torch.testing.assert_close(la.log_marginal_likelihood(), ref.log_marginal_likelihood(), rtol=1e-10, atol=0)
+
+    test_batch = next(iter(token_loader(n=3, length=6, seed=9)))
+    Js, _ = ref.backend.jacobians(test_batch)
+    assert rel(la.functional_variance(Js), ref.functional_variance(Js)) < 1e-8
+    torch.testing.assert_close(la(test_batch), ref(test_batch), rtol=1e-8, atol=1e-10)
+
+    la.optimize_prior_precision(method="marglik", n_steps=100)
+    ref.optimize_prior_precision(method="marglik", n_steps=100)
+    torch.testing.assert_close(la.prior_precision, ref.prior_precision, rtol=1e-6, atol=0)
+
+
+def test_full_rank_float32_within_1e4():
+    model = classifier("llama", dtype=torch.float32)
+    loader = token_loader(n=11, length=6, batch_size=4)
+    la, ref = fit_pair(model, loader, "expand", lr_threshold=0)
+    for F, G in zip(la.H_facs.kfacs, ref.H_facs.kfacs):
+        for f, g in zip(F, G):
+            assert rel(dense(f), g) < 1e-4
+    lml, ref_lml = la.log_marginal_likelihood(), ref.log_marginal_likelihood()
+    assert abs((lml - ref_lml) / ref_lml) < 1e-4
+    la.optimize_prior_precision(method="marglik", n_steps=100)
+    ref.optimize_prior_precision(method="marglik", n_steps=100)
+    torch.testing.assert_close(la.prior_precision, ref.prior_precision, rtol=1e-4, atol=0)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """Full-rank LoRALaplace and laplace-torch KronLaplace on one Llama model."""
+    model = classifier("llama")
+    loader = token_loader(n=11, length=6, batch_size=4)
+    return fit_pair(model, loader, "expand")
+
+
+@pytest.mark.parametrize("link", ["probit", "mc", "bridge", "bridge_norm"])
+def test_glm_predictive_links_equal_laplace_torch(fitted, link):
+    la, ref = fitted
+    batch = next(iter(token_loader(n=3, length=6, seed=3)))
+    torch.manual_seed(0)
+    p = la(batch, pred_type="glm", link_approx=link, n_samples=50)
+    torch.manual_seed(0)
+    q = ref(batch, pred_type="glm", link_approx=link, n_samples=50)
+    torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(p.sum(-1), torch.ones(3, dtype=p.dtype))
+
+
+def test_nn_predictive_and_samples_equal_laplace_torch(fitted):
+    """Same Gaussian draws give the same weight samples (P^{-1/2} is unique)."""
+    la, ref = fitted
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    torch.testing.assert_close(la.sample(7, generator=g1), ref.sample(7, generator=g2))
+    batch = next(iter(token_loader(n=3, length=6, seed=5)))
+    before = [p.detach().clone() for p in la.params]
+    torch.manual_seed(1)
+    p = la(batch, pred_type="nn", link_approx="mc", n_samples=20)
+    torch.manual_seed(1)
+    q = ref(batch, pred_type="nn", link_approx="mc", n_samples=20)
+    torch.testing.assert_close(p, q)
+    for b, a in zip(before, la.params):  # MAP weights restored
+        assert torch.equal(b, a)
+
+
+def test_sample_covariance_matches_posterior(fitted):
+    la, _ = fitted
+    s = la.sample(20000, generator=torch.Generator().manual_seed(0)) - la.mean
+    cov = s.T @ s / s.shape[0]
+    exact = la.posterior_precision.to_matrix(exponent=-1)
+    # Monte-Carlo error of a covariance entry ~ sqrt(2/n) of the scale
+    assert (cov - exact).abs().max() < 5 * (2 / 20000) ** 0.5 * exact.diagonal().max()
+
+
+@pytest.mark.parametrize("structure", ["scalar", "layerwise"])
+def test_marglik_prior_structures_equal_laplace_torch(fitted, structure):
+    la, ref = fitted
+    la.optimize_prior_precision(method="marglik", prior_structure=structure, n_steps=50)
+    ref.optimize_prior_precision(method="marglik", prior_structure=structure, n_steps=50)
+    assert la.prior_precision.numel() == (1 if structure == "scalar" else la.n_layers)
+    torch.testing.assert_close(la.prior_precision, ref.prior_precision, rtol=1e-6, atol=0)
+
+
+def test_gridsearch_equals_laplace_torch(fitted):
+    la, ref = fitted
+    val = token_loader(n=6, length=6, seed=11, batch_size=3)
+    kw = dict(method="gridsearch", val_loader=val, grid_size=12, pred_type="glm")
+    la.optimize_prior_precision(**kw)
+    ref.optimize_prior_precision(**kw)
+    torch.testing.assert_close(la.prior_precision, ref.prior_precision)
+
+
+def test_state_dict_round_trip(fitted):
+    la, _ = fitted
+    la.prior_precision = 3.0
+    state = la.state_dict()
+    other = LoRALaplace(la.model, "classification", n_kfac=la.n_kfac)
+    other.load_state_dict(state)
+    batch = next(iter(token_loader(n=3, length=6, seed=6)))
+    torch.testing.assert_close(other(batch), la(batch))
+    torch.testing.assert_close(other.log_marginal_likelihood(), la.log_marginal_likelihood())
+
+
+@pytest.mark.parametrize("lr_threshold", [0, 128], ids=["lowrank", "dense"])
+def test_fit_without_override_equals_one_fit_on_union(lr_threshold):
+    model = classifier("llama")
+    a, b = token_items(7, 6, seed=1), token_items(5, 6, seed=2)
+    kw = dict(fisher_type="ggn", n_kfac=128, lr_threshold=lr_threshold)
+    two = LoRALaplace(model, "classification", **kw)
+    two.fit(DataLoader(DictDataset(a), batch_size=3))
+    two.fit(DataLoader(DictDataset(b), batch_size=3), override=False)
+    one = LoRALaplace(model, "classification", **kw)
+    one.fit(DataLoader(ConcatDataset([DictDataset(a), DictDataset(b)]), batch_size=4))
+    assert two.n_data == one.n_data == 12
+    for F, G in zip(two.H_facs.kfacs, one.H_facs.kfacs):
+        for f, g in zip(F, G):
+            assert rel(dense(f), dense(g)) < 1e-10
+    torch.testing.assert_close(two.log_marginal_likelihood(), one.log_marginal_likelihood())
+
+
+def test_fit_leaves_mode_and_grads_as_found():
+    model = classifier("llama", dtype=torch.float32)
+    model.train()
+    model.model.base_model.model.model.layers[0].eval()  # a mixed mode survives too
+    flags = [p.requires_grad for p in model.parameters()]
+    la = LoRALaplace(model, "classification")
+    la.fit(token_loader())
+    assert model.training
+    assert not model.model.base_model.model.model.layers[0].training
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_mc_fisher_with_seed_is_reproducible_and_near_ggn():
+    model = classifier("llama")
+    loader = token_loader(n=40, length=6, batch_size=8)
+    fits = []
+    for seed in (0, 0):
+        la = LoRALaplace(model, "classification", fisher_type="mc", seed=seed, mc_samples=50)
+        la.fit(loader)
+        fits.append(la)
+    ggn = LoRALaplace(model, "classification", fisher_type="ggn")
+    ggn.fit(loader)
+    G_mc = [dense(F[0]) for F in fits[0].H_facs.kfacs]
+    G_again = [dense(F[0]) for F in fits[1].H_facs.kfacs]
+    for a, b in zip(G_mc, G_again):
+        assert torch.equal(a, b)
+    # the MC Fisher estimates the GGN: with 50 samples per example and 40 examples
+    # the relative error of the G factors was measured at 0.03-0.08; we assert 0.25
+    for F_mc, F_ggn in zip(fits[0].H_facs.kfacs, ggn.H_facs.kfacs):
+        assert rel(dense(F_mc[0]), dense(F_ggn[0])) < 0.25
