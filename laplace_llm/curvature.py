@@ -242,13 +242,7 @@ class LoRAKFAC(CurvatureInterface):
         mask = sequence_mask(x)
         kron = self.empty_kron()
         bad = ~torch.isfinite(f.detach()).all()
-        # outputs are ordered as rec.calls: module by module, call by call
-        j = 0
-        per_module: dict[str, list[tuple[torch.Tensor, list[torch.Tensor]]]] = {}
-        for name, calls in rec.calls.items():
-            for a, _ in calls:
-                per_module.setdefault(name, []).append((a, [g[j] for g in grads]))
-                j += 1
+        per_module = _per_module_calls(rec, grads)
         dtype = self.factor_dtype()
         for b, F in zip(self.blocks, kron.kfacs):
             for a, gs in per_module.get(b.module_name, []):
@@ -286,6 +280,65 @@ class LoRAKFAC(CurvatureInterface):
             return (g * m.unsqueeze(-1)).sum(1)
         return g[m.bool()]
 
+    # --------------------------------------------------------------- predictive
+    def glm_moments(
+        self, x: Any, precision, joint: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """GLM mean and covariance of the logits without a parameter-long Jacobian.
+
+        One forward and ``C`` backward passes give, per block, the activations ``a``
+        and the output gradients ``g^{(c)}`` of every logit; the block Jacobian of
+        logit ``c`` of example ``n`` is ``J = Σ_t g_t aᵀ`` (``d_out × d_in``, one LoRA
+        side being ``r``), contracted at once with the block's ``P⁻¹``.
+
+        Parameters
+        ----------
+        x : batch (dict or tensor) of ``B`` inputs.
+        precision : LowRankKronDecomposed
+            posterior precision ``P`` over the blocks.
+        joint : bool
+            ``(B·C, B·C)`` covariance across the batch instead of ``(B, C, C)``.
+
+        Returns
+        -------
+        (f_mu, f_var) : ``(B, C)`` and ``(B, C, C)`` (or ``(B·C, B·C)``), or ``None``
+            when a hooked module saw another batch size than the logits (the caller
+            then falls back to explicit Jacobians).
+        """
+        dtype = precision.deltas.dtype
+        with torch.enable_grad(), self.recording() as rec:
+            f = self.model(x)
+            B, C = f.shape
+            eye = torch.eye(C, device=f.device, dtype=f.dtype)
+            outputs = rec.outputs()
+            grads = self.output_gradients(f, outputs, [eye[c].expand(B, C) for c in range(C)])
+        if any(a.shape[0] != B for calls in rec.calls.values() for a, _ in calls):
+            return None
+        mask = sequence_mask(x)
+        per_module = _per_module_calls(rec, grads)
+        if joint:
+            f_var = torch.zeros(B * C, B * C, device=f.device, dtype=dtype)
+        else:
+            f_var = torch.zeros(B, C, C, device=f.device, dtype=dtype)
+        for b, pb in zip(self.blocks, precision._blocks()):
+            J = None
+            for a, gs in per_module.get(b.module_name, []):
+                a, m = as_positions(a.to(dtype), mask)
+                g = torch.stack([as_positions(gc.to(dtype), mask)[0] for gc in gs], 1)
+                g = g * m[:, None, :, None]  # (B, C, T, d_out), padding dropped
+                Jc = torch.einsum("bctd,bte->bcde", g, a) if b.kind == "weight" else g.sum(2)
+                J = Jc if J is None else J + Jc
+            if J is None:  # the module did not act on this batch: zero Jacobian
+                continue
+            J = J.reshape(B * C, *b.shape)
+            PJ = pb.apply(J, -1).reshape(B * C, -1).to(f_var.device)
+            J = J.reshape(B * C, -1).to(f_var.device)
+            if joint:
+                f_var += J @ PJ.T
+            else:
+                f_var += torch.einsum("bcp,bdp->bcd", J.reshape(B, C, -1), PJ.reshape(B, C, -1))
+        return f.detach().to(dtype), f_var
+
     # ----------------------------------------------------------- laplace-torch
     def full(self, x, y, **kwargs):
         raise ValueError(
@@ -298,6 +351,18 @@ class LoRAKFAC(CurvatureInterface):
             "LoRAKFAC computes Kronecker factors only; use hessian_structure='kron' with "
             "subset_of_weights='lora'."
         )
+
+
+def _per_module_calls(rec: ModuleRecorder, grads: list[list[torch.Tensor]]):
+    """``{module: [(input, [gradient of each probe]), ...]}``; ``grads`` follow
+    ``rec.outputs()``, i.e. module by module, call by call."""
+    j = 0
+    per_module: dict[str, list[tuple[torch.Tensor, list[torch.Tensor]]]] = {}
+    for name, calls in rec.calls.items():
+        for a, _ in calls:
+            per_module.setdefault(name, []).append((a, [g[j] for g in grads]))
+            j += 1
+    return per_module
 
 
 def _accumulate(F, cols: torch.Tensor) -> None:

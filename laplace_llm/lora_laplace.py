@@ -71,6 +71,10 @@ class LoRALaplace(KronLaplace):
     seed : int, optional
         seed of the labels sampled by ``fisher_type="mc"``; ``None`` uses torch's
         global generator.
+    jacobian_free : bool, default True
+        GLM predictive from hooked activations and ``C`` backward passes (no
+        parameter-long Jacobian); ``False`` uses laplace-torch's ``torch.func``
+        Jacobians. ``enable_backprop=True`` always uses the latter.
     **kwargs
         the remaining arguments of laplace-torch's ``KronLaplace`` (``prior_precision``,
         ``temperature``, ``damping``, ``dict_key_x``, ``dict_key_y``, ...).
@@ -100,6 +104,7 @@ class LoRALaplace(KronLaplace):
         mc_samples: int = 1,
         kfac_approx: str = "expand",
         seed: int | None = None,
+        jacobian_free: bool = True,
     ):
         self.n_kfac = _check_int("n_kfac", n_kfac, 1)
         self.lr_threshold = _check_int("lr_threshold", lr_threshold, 0)
@@ -107,6 +112,7 @@ class LoRALaplace(KronLaplace):
         self.kfac_approx = _check_choice("kfac_approx", kfac_approx, KFAC_APPROXES)
         self.mc_samples = _check_int("mc_samples", mc_samples, 1)
         self.seed = None if seed is None else _check_int("seed", seed, 0)
+        self.jacobian_free = bool(jacobian_free)
         if likelihood not in ("classification", "reward_modeling"):
             raise ValueError(
                 "LoRALaplace supports likelihood='classification' (selected logits) and "
@@ -390,6 +396,15 @@ class LoRALaplace(KronLaplace):
     @torch.enable_grad()
     def _glm_predictive_distribution(self, X, joint: bool = False, diagonal_output: bool = False):
         self._check_H_init()
+        if self.jacobian_free and not self.enable_backprop:
+            moments = self.backend.glm_moments(X, self.posterior_precision, joint=joint)
+            if moments is not None:
+                f_mu, f_var = moments
+                if joint:
+                    f_mu = f_mu.flatten()
+                elif diagonal_output:
+                    f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
+                return f_mu, f_var.detach()
         Js, f_mu = self.backend.jacobians(X, enable_backprop=self.enable_backprop)
         Js, f_mu = Js.to(self._dtype), f_mu.to(self._dtype)
         if joint:
