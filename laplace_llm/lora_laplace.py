@@ -392,6 +392,22 @@ class LoRALaplace(KronLaplace):
         self.H_facs = kron_from_state(state_dict["H"])
         self.H = self.H_facs.decompose(damping=self.damping)
 
+    def save(self, path) -> None:
+        """Write the fitted posterior to a safetensors file (no pickle); see
+        :mod:`laplace_llm.serialization` for the format."""
+        from laplace_llm.serialization import save_posterior
+
+        save_posterior(self, path)
+
+    @classmethod
+    def load(cls, path, model: nn.Module, check_weights: bool = True, **kwargs) -> LoRALaplace:
+        """Read a posterior written by :meth:`save` for ``model``; refuses damaged files
+        and files fitted on another model (other blocks, or other LoRA weights unless
+        ``check_weights=False``)."""
+        from laplace_llm.serialization import load_posterior
+
+        return load_posterior(path, model, check_weights=check_weights, **kwargs)
+
     # ------------------------------------------------------------ predictives
     @torch.enable_grad()
     def _glm_predictive_distribution(self, X, joint: bool = False, diagonal_output: bool = False):

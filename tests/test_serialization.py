@@ -1,0 +1,80 @@
+"""Posterior files: round trip, wrong model, truncation, corruption, pickles refused."""
+
+import pickle
+
+import pytest
+import torch
+
+from laplace_llm import LLMClassifier, LoRALaplace
+from laplace_llm.serialization import PosteriorFileError
+from tests.batches import TARGET_IDS, token_loader
+from tests.models import tiny_gpt2_lora, tiny_llama_lora
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    clf = LLMClassifier(tiny_llama_lora(seed=0), TARGET_IDS)
+    la = LoRALaplace(clf, "classification", n_kfac=3, lr_threshold=8, fisher_type="ggn")
+    la.fit(token_loader(n=10, length=6))
+    la.optimize_prior_precision(method="marglik", prior_structure="layerwise", n_steps=20)
+    return la
+
+
+def test_round_trip_gives_the_same_posterior(fitted, tmp_path):
+    path = tmp_path / "post.safetensors"
+    fitted.save(path)
+    loaded = LoRALaplace.load(path, fitted.model)
+    batch = next(iter(token_loader(n=3, length=6, seed=2)))
+    torch.testing.assert_close(loaded(batch), fitted(batch), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.prior_precision, fitted.prior_precision, rtol=0, atol=0)
+    torch.testing.assert_close(
+        loaded.log_marginal_likelihood(), fitted.log_marginal_likelihood(), rtol=0, atol=0
+    )
+    assert (loaded.n_kfac, loaded.lr_threshold, loaded.fisher_type) == (3, 8, "ggn")
+
+
+def test_file_of_another_model_is_refused(fitted, tmp_path):
+    path = tmp_path / "post.safetensors"
+    fitted.save(path)
+    other = LLMClassifier(tiny_gpt2_lora(seed=0), TARGET_IDS)
+    with pytest.raises(PosteriorFileError, match="fitted on another model"):
+        LoRALaplace.load(path, other)
+    same_shape = LLMClassifier(tiny_llama_lora(seed=5), TARGET_IDS)
+    with pytest.raises(PosteriorFileError, match="other LoRA weights"):
+        LoRALaplace.load(path, same_shape)
+    LoRALaplace.load(path, same_shape, check_weights=False)  # on purpose: allowed
+
+
+def test_truncated_file_is_refused(fitted, tmp_path):
+    path = tmp_path / "post.safetensors"
+    fitted.save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(PosteriorFileError, match="not a readable"):
+        LoRALaplace.load(path, fitted.model)
+
+
+def test_corrupted_tensor_bytes_are_detected(fitted, tmp_path):
+    path = tmp_path / "post.safetensors"
+    fitted.save(path)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # flip bits inside the last tensor's data
+    path.write_bytes(bytes(data))
+    with pytest.raises(PosteriorFileError, match="checksum mismatch"):
+        LoRALaplace.load(path, fitted.model)
+
+
+class Boom:
+    def __reduce__(self):
+        return (exec, ("raise SystemExit('pickle executed')",))
+
+
+def test_pickle_is_refused_without_executing_it(fitted, tmp_path):
+    path = tmp_path / "post.safetensors"
+    with open(path, "wb") as fh:
+        pickle.dump({"mean": Boom()}, fh)
+    with pytest.raises(PosteriorFileError, match="never pickles"):
+        LoRALaplace.load(path, fitted.model)
+    torch.save({"H": Boom()}, path)
+    with pytest.raises(PosteriorFileError):
+        LoRALaplace.load(path, fitted.model)
