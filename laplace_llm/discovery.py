@@ -135,6 +135,14 @@ def find_blocks(model: nn.Module) -> list[KronBlock]:
         blocks.append(
             KronBlock(pname, module_name, module, attr, role or "linear", adapter, shape)
         )
+    lora_like = any("lora_" in name for name in unsupported + inactive)
+    if not any(b.role != "linear" for b in blocks) and not lora_like:
+        raise LoRAModelError(
+            "The model has no trainable LoRA parameters. Wrap it with "
+            "`peft.get_peft_model(model, LoraConfig(...))` (or load a LoRA adapter with "
+            "`is_trainable=True`) so that `lora_A`/`lora_B` weights require grad; for a "
+            "model without LoRA use laplace-torch's subset_of_weights='all' or 'last_layer'."
+        )
     if unsupported:
         raise LoRAModelError(
             "These trainable parameters fit no supported Kronecker block (only the "
@@ -152,9 +160,7 @@ def find_blocks(model: nn.Module) -> list[KronBlock]:
         )
     if not any(b.role != "linear" for b in blocks):
         raise LoRAModelError(
-            "The model has no trainable LoRA parameters. Wrap it with "
-            "`peft.get_peft_model(model, LoraConfig(...))` (or load a LoRA adapter with "
-            "`is_trainable=True`) so that `lora_A`/`lora_B` weights require grad; for a "
-            "model without LoRA use laplace-torch's subset_of_weights='all' or 'last_layer'."
+            "The model has trainable nn.Linear layers but no trainable LoRA parameters; "
+            "subset_of_weights='lora' needs a peft LoRA model (`peft.get_peft_model`)."
         )
     return blocks
