@@ -30,11 +30,11 @@ import time
 import warnings
 
 import torch
+from laplace import Laplace
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from laplace import Laplace
 from laplace_llm import LLMClassifier, LoRALaplace
 
 warnings.filterwarnings("ignore")
@@ -119,7 +119,7 @@ def run(hidden: int, args) -> dict:
     row["floor_fit_s"], _ = timed(lambda: floor_fit(clf, fit_loader))
     for fisher in args.fisher:
         la = LoRALaplace(clf, "classification", fisher_type=fisher, n_kfac=args.n_kfac, seed=0)
-        row[f"lora_{fisher}_fit_s"], _ = timed(lambda: la.fit(fit_loader))
+        row[f"lora_{fisher}_fit_s"], _ = timed(lambda la=la: la.fit(fit_loader))
         row["lora_posterior_bytes"] = la.posterior_nbytes()
     row["floor_glm_s"], _ = timed(lambda: floor_glm(clf, pred))
     row["lora_glm_s"], _ = timed(lambda: la(pred, pred_type="glm", link_approx="probit"))

@@ -4,15 +4,12 @@ Importing this package registers ``subset_of_weights="lora"`` with laplace-torch
 ``Laplace`` factory.
 """
 
+from laplace_llm import data, metrics
+from laplace_llm.classifier import LLMClassifier
 from laplace_llm.curvature import LoRAKFAC
 from laplace_llm.discovery import KronBlock, LoRAModelError, find_blocks
 from laplace_llm.lora_laplace import LoRALaplace
 from laplace_llm.matrix import LowRankFactor, LowRankKron, LowRankKronDecomposed
-
-try:  # built alongside the core
-    from laplace_llm.classifier import LLMClassifier
-except ImportError:  # pragma: no cover
-    LLMClassifier = None
 
 __all__ = [
     # Laplace approximations
@@ -22,8 +19,10 @@ __all__ = [
     "LowRankFactor",
     "LowRankKron",
     "LowRankKronDecomposed",
-    # models
+    # models and data
     "LLMClassifier",
+    "data",
+    "metrics",
     "KronBlock",
     "LoRAModelError",
     "find_blocks",

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping
-from typing import Any, Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from laplace.curvature import CurvatureInterface
@@ -220,9 +220,12 @@ class LoRAKFAC(CurvatureInterface):
             yield rec
 
     def kron(
-        self, x: Any, y: torch.Tensor, N: int, **kwargs: Any
+        self, x: Any, y: torch.Tensor, N: int, into: LowRankKron | None = None, **kwargs: Any
     ) -> tuple[torch.Tensor, LowRankKron]:
         """Loss and K-FAC of one batch, normalised for a data set of ``N`` examples.
+
+        ``into``: a curvature to add this batch to in place (saves one truncation of
+        every low-rank factor per batch against building the batch's own and adding).
 
         Returns
         -------
@@ -240,7 +243,7 @@ class LoRAKFAC(CurvatureInterface):
             grads = self.output_gradients(f, outputs, [v for v, _ in probes])
         weights = [w for _, w in probes]
         mask = sequence_mask(x)
-        kron = self.empty_kron()
+        kron = self.empty_kron() if into is None else into
         bad = ~torch.isfinite(f.detach()).all()
         per_module = _per_module_calls(rec, grads)
         dtype = self.factor_dtype()

@@ -296,12 +296,13 @@ class LoRALaplace(KronLaplace):
                 if n_outputs is None:
                     n_outputs = self._n_outputs_of(data)
                 X, y = self._validate_batch(data, n_outputs, i)
+                if H_new is None:
+                    H_new = backend.empty_kron()
                 try:
-                    loss_b, H_b = backend.kron(X, y, N=N)
+                    loss_b, H_new = backend.kron(X, y, N=N, into=H_new)
                 except FloatingPointError as err:
                     raise FloatingPointError(f"Batch {i}: {err}") from None
                 loss = loss + loss_b
-                H_new = H_b if H_new is None else H_new + H_b
                 n_batches += 1
             if n_batches == 0:
                 raise ValueError("The train loader yielded no batch.")
@@ -323,7 +324,7 @@ class LoRALaplace(KronLaplace):
             self.loss = self.loss + loss
             self.n_data = n_old + N
         self.n_outputs = n_outputs
-        setattr(self.model, "output_size", self.n_outputs)
+        self.model.output_size = self.n_outputs
         self.mean = parameters_to_vector(self.params).detach().to(self._dtype)
         if self.enable_backprop:
             self.mean = parameters_to_vector(self.params).to(self._dtype)

@@ -205,5 +205,5 @@ def load_posterior(
     la.n_outputs = header["n_outputs"]
     la.prior_mean = tensors["prior_mean"].to(la._device)
     la.prior_precision = tensors["prior_precision"].to(la._device)
-    setattr(la.model, "output_size", la.n_outputs)
+    la.model.output_size = la.n_outputs
     return la

@@ -12,3 +12,6 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Tiny models and the word-level tokenizer for tests are in tests/models.py
+# (``from tests.models import tiny_llama_lora, tiny_tokenizer``).

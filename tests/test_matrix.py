@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from laplace_llm.matrix import LowRankFactor, LowRankKron, LowRankKronDecomposed, compress_root
+from laplace_llm.matrix import LowRankFactor, LowRankKron, compress_root
 
 DT = torch.float64
 
@@ -130,10 +130,11 @@ def test_streaming_factor_above_its_rank_is_close_to_best_truncation():
     """Above rank k the streaming factor loses what each truncation dropped.
 
     Data: 2000 columns in 300 dimensions with a spectrum decaying as 0.8^i, streamed
-    in batches of 100. Measured (seed 5, relative Frobenius norms of the exact factor):
-    the best rank-16 approximation is 8.0e-4 away from the exact factor, and the
-    streaming rank-16 factor is 1.9e-5 away from that best approximation, i.e. the
-    streaming adds 2.4% to the unavoidable truncation error; we assert under 10%.
+    in batches of 100 (truncated every 64 columns, the default chunk). Measured (seed 5,
+    relative Frobenius norms of the exact factor): the best rank-16 approximation is
+    8.0e-4 away from the exact factor, and the streaming rank-16 factor is 6.5e-5 away
+    from that best approximation, i.e. the streaming adds 8% to the unavoidable
+    truncation error; we assert under 20%.
     """
     gen = torch.Generator().manual_seed(5)
     d, k, n = 300, 16, 2000
@@ -149,7 +150,7 @@ def test_streaming_factor_above_its_rank_is_close_to_best_truncation():
     f.compress_()
     err_stream = torch.linalg.norm(f.to_dense() - best) / torch.linalg.norm(exact)
     err_best = torch.linalg.norm(exact - best) / torch.linalg.norm(exact)
-    assert err_stream < 0.1 * err_best
+    assert err_stream < 0.2 * err_best
     assert 5e-4 < err_best < 1e-3  # the data really is above rank k
     # the stream never holds more than rank + chunk columns
     assert f.root.shape == (d, k)

