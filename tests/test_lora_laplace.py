@@ -233,3 +233,23 @@ def test_mc_fisher_with_seed_is_reproducible_and_near_ggn():
     # the relative error of the G factors was measured at 0.03-0.08; we assert 0.25
     for F_mc, F_ggn in zip(fits[0].H_facs.kfacs, ggn.H_facs.kfacs):
         assert rel(dense(F_mc[0]), dense(F_ggn[0])) < 0.25
+
+
+def test_sampling_predictives_are_reproducible_with_a_seed():
+    model = classifier("llama", dtype=torch.float32)
+    la = LoRALaplace(model, "classification", seed=3)
+    la.fit(token_loader(n=8, length=5))
+    batch = next(iter(token_loader(n=3, length=5, seed=1)))
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        nn_pred = la(batch, pred_type="nn", link_approx="mc", n_samples=10)
+        torch.manual_seed(7)
+        mc_pred = la(batch, pred_type="glm", link_approx="mc", n_samples=10)
+        outs.append((nn_pred, mc_pred))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    refit = LoRALaplace(model, "classification", seed=3)
+    refit.fit(token_loader(n=8, length=5))
+    for F, G in zip(la.H_facs.kfacs, refit.H_facs.kfacs):
+        for f, g in zip(F, G):
+            assert torch.equal(dense(f), dense(g))

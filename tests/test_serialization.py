@@ -78,3 +78,15 @@ def test_pickle_is_refused_without_executing_it(fitted, tmp_path):
     torch.save({"H": Boom()}, path)
     with pytest.raises(PosteriorFileError):
         LoRALaplace.load(path, fitted.model)
+
+
+def test_laplace_torch_state_dict_loads_with_weights_only(fitted, tmp_path):
+    """laplace-torch's state_dict path keeps working, and holds only tensors and plain
+    types, so torch.load(weights_only=True) reads it."""
+    path = tmp_path / "state.pt"
+    torch.save(fitted.state_dict(), path)
+    state = torch.load(path, weights_only=True)
+    other = LoRALaplace(fitted.model, "classification", n_kfac=3, lr_threshold=8)
+    other.load_state_dict(state)
+    batch = next(iter(token_loader(n=3, length=6, seed=2)))
+    torch.testing.assert_close(other(batch), fitted(batch))
