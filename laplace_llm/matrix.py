@@ -59,10 +59,28 @@ def compress_root(root: torch.Tensor, rank: int) -> torch.Tensor:
     # 1e-7 of the largest) are lost to rounding; the prior precision dominates those
     # directions of the posterior anyway. The small eigh runs in float64.
     gram = (root.T @ root).double()
-    lam, w = torch.linalg.eigh(gram)
+    lam, w = _robust_eigh(gram)
     t = min(rank, root.shape[0], lam.numel())
     w = w[:, -t:].flip(1).to(root.dtype)
     return root @ w
+
+
+def _robust_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``eigh`` that survives LAPACK's rare non-convergence on (near-)degenerate input:
+    retry with a jitter of 1e-12 of the trace on the diagonal (removed from the
+    eigenvalues afterwards), then fall back to the SVD of the symmetric matrix."""
+    try:
+        return torch.linalg.eigh(M)
+    except torch.linalg.LinAlgError:
+        pass
+    jitter = 1e-12 * M.diagonal().abs().sum().clamp(min=torch.finfo(M.dtype).tiny)
+    eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    try:
+        lam, w = torch.linalg.eigh(M + jitter * eye)
+        return lam - jitter, w
+    except torch.linalg.LinAlgError:
+        u, sv, _ = torch.linalg.svd(M)  # PSD: singular pairs are eigenpairs
+        return sv.flip(0), u.flip(1)
 
 
 class LowRankFactor:
@@ -188,7 +206,7 @@ def _factor_scale(f: Factor, c: float) -> Factor:
 def _factor_eigh(f: Factor) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(f, LowRankFactor):
         return f.eigh()
-    lam, q = torch.linalg.eigh(f)
+    lam, q = _robust_eigh(f)
     # curvature factors are PSD; rounding can make tiny eigenvalues negative
     return lam.clamp(min=0.0), q
 

@@ -195,3 +195,24 @@ def test_low_rank_kron_identities(seed, d_g, d_a, rank, delta, tau, damping):
     torch.testing.assert_close(dense, dense.T)
     assert torch.linalg.eigvalsh(dense).min() > 0
     torch.testing.assert_close(P.logdet(), torch.logdet(dense), rtol=1e-9, atol=1e-9)
+
+
+def test_robust_eigh_falls_back_when_lapack_fails(monkeypatch):
+    from laplace_llm import matrix
+
+    calls = {"n": 0}
+    real = torch.linalg.eigh
+
+    def failing(M):
+        calls["n"] += 1
+        raise torch.linalg.LinAlgError("did not converge")
+
+    gen = torch.Generator().manual_seed(8)
+    R = torch.randn(6, 3, generator=gen, dtype=DT)
+    M = R @ R.T
+    monkeypatch.setattr(torch.linalg, "eigh", failing)
+    lam, Q = matrix._robust_eigh(M)
+    monkeypatch.setattr(torch.linalg, "eigh", real)
+    assert calls["n"] == 2  # plain, then jittered, then the SVD fallback
+    torch.testing.assert_close(Q @ torch.diag(lam) @ Q.T, M)
+    torch.testing.assert_close(lam, torch.linalg.eigvalsh(M))
