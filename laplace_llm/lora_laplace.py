@@ -262,6 +262,7 @@ class LoRALaplace(KronLaplace):
         train_loader: DataLoader,
         override: bool = True,
         progress_bar: bool = False,
+        distributed: bool = False,
     ) -> None:
         """Fit the posterior at the model's current LoRA weights.
 
@@ -274,8 +275,17 @@ class LoRALaplace(KronLaplace):
             ``False`` adds this data to the current fit, as laplace-torch does.
         progress_bar : bool, default False
             tqdm bar over batches.
+        distributed : bool, default False
+            every process of the initialised ``torch.distributed`` group passes its
+            own shard (e.g. through a ``DistributedSampler``); the curvature, loss and
+            data size are summed over processes, so each ends with the posterior of
+            the whole data set (see :mod:`laplace_llm.distributed`).
         """
         N = self._validate_loader(train_loader)
+        if distributed:
+            from laplace_llm.distributed import all_reduce_sum
+
+            N = int(all_reduce_sum(N, device=self._device).item())
         if not override and getattr(self, "H_facs", None) is None:
             override = True
         model = self.model
@@ -311,6 +321,11 @@ class LoRALaplace(KronLaplace):
                 m.training = mode
 
         H_new = H_new.compress_()
+        if distributed:
+            from laplace_llm.distributed import all_reduce_kron, all_reduce_sum
+
+            H_new = all_reduce_kron(H_new)
+            loss = all_reduce_sum(loss, device=self._device).to(self._dtype)
         if override:
             self.H_facs = H_new
             self.loss = loss

@@ -1,0 +1,67 @@
+"""Fitting across two processes (gloo, CPU) equals one fit on all the data."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader
+
+from laplace_llm import LLMClassifier, LoRALaplace
+from laplace_llm.matrix import LowRankFactor
+from tests.batches import TARGET_IDS, DictDataset, token_items
+from tests.models import tiny_llama_lora
+
+ITEMS = 13  # an odd number: the shards differ in size
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fit_kwargs(n_kfac):
+    return dict(fisher_type="ggn", n_kfac=n_kfac, lr_threshold=0)
+
+
+def shard_fit(rank, world, port, n_kfac, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        clf = LLMClassifier(tiny_llama_lora(seed=0, dtype=torch.float64), TARGET_IDS)
+        items = token_items(ITEMS, 6, seed=1)[rank::world]
+        la = LoRALaplace(clf, "classification", **fit_kwargs(n_kfac))
+        la.fit(DataLoader(DictDataset(items), batch_size=4), distributed=True)
+        if rank == 0:
+            torch.save(
+                {
+                    "factors": [[f.to_dense() if isinstance(f, LowRankFactor) else f for f in F] for F in la.H_facs.kfacs],
+                    "lml": la.log_marginal_likelihood().detach(),
+                    "n_data": la.n_data,
+                },
+                out,
+            )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes importing torch+transformers: ~25 s
+def test_two_process_fit_equals_single_fit(tmp_path):
+    """Full rank (n_kfac ≥ every side): the merged factors, data size and evidence
+    equal a single-process fit to rounding; the merge gathers roots and truncates."""
+    out = tmp_path / "rank0.pt"
+    mp.spawn(shard_fit, args=(2, free_port(), 64, str(out)), nprocs=2, join=True)
+    merged = torch.load(out, weights_only=True)
+    clf = LLMClassifier(tiny_llama_lora(seed=0, dtype=torch.float64), TARGET_IDS)
+    single = LoRALaplace(clf, "classification", **fit_kwargs(64))
+    single.fit(DataLoader(DictDataset(token_items(ITEMS, 6, seed=1)), batch_size=4))
+    assert merged["n_data"] == ITEMS
+    for F, G in zip(merged["factors"], single.H_facs.kfacs):
+        for f, g in zip(F, G):
+            g = g.to_dense() if isinstance(g, LowRankFactor) else g
+            torch.testing.assert_close(f, g, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(merged["lml"], single.log_marginal_likelihood().detach())
