@@ -72,7 +72,7 @@ def _robust_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         return torch.linalg.eigh(M)
     except torch.linalg.LinAlgError:
-        pass
+        logger.info("eigh did not converge on a %d×%d matrix; retrying with jitter", *M.shape)
     jitter = 1e-12 * M.diagonal().abs().sum().clamp(min=torch.finfo(M.dtype).tiny)
     eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
     try:

@@ -138,13 +138,10 @@ def test_bad_labels(clf, items, error, message):
 
 
 def test_labels_of_wrong_batch_size(clf):
-    class Wrong(DictDataset):
-        pass
-
     batch = next(iter(token_loader(n=4, length=5)))
     batch["labels"] = batch["labels"][:3]
     with pytest.raises(ValueError, match=r"shape \(3,\) but the batch has 4 inputs"):
-        LoRALaplace(clf, "classification").fit(DataLoader(Wrong([None] * 4), collate_fn=lambda _: batch, batch_size=4))
+        LoRALaplace(clf, "classification").fit(DataLoader(DictDataset([None] * 4), collate_fn=lambda _: batch, batch_size=4))
 
 
 def test_empty_loader(clf):
