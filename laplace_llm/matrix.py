@@ -30,10 +30,13 @@ which :class:`LowRankKronDecomposed` evaluates in ``O(d·k·r)`` per block.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["LowRankFactor", "LowRankKron", "LowRankKronDecomposed", "compress_root"]
 
