@@ -4,6 +4,14 @@ Importing this package registers ``subset_of_weights="lora"`` with laplace-torch
 ``Laplace`` factory.
 """
 
+import warnings
+
+with warnings.catch_warnings():
+    # asdl, imported by laplace-torch, calls the deprecated torch.jit.script at import
+    # time; the notice concerns neither this package nor its users.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+    import laplace  # noqa: F401
+
 from laplace_llm import data, metrics
 from laplace_llm.classifier import LLMClassifier
 from laplace_llm.curvature import LoRAKFAC

@@ -1,0 +1,516 @@
+"""``laplace-llm``: the demo, and Laplace posteriors for your own fine-tuned model.
+
+Subcommands::
+
+    laplace-llm demo       generated task, over-confident LoRA fine-tune, MAP vs Laplace
+    laplace-llm fit        fit a LoRA Laplace posterior on a model + adapter, save it
+    laplace-llm evaluate   load a saved posterior, report MAP vs Laplace metrics and plots
+
+User errors (missing files, unreadable data, a posterior of another model, a model without
+LoRA weights) end with one line on stderr and exit status 2; ``--help`` documents every
+option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger("laplace_llm.cli")
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as one line and exit status 2."""
+
+
+# ---------------------------------------------------------------------- parser
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quiet", action="store_true",
+        help="no progress bars and no stage messages; results are still printed",
+    )
+    p.add_argument(
+        "--threads", type=_positive_int, default=None, metavar="N",
+        help="torch CPU threads (default: torch's choice; 1 is fastest for tiny models)",
+    )
+
+
+def _add_model_data(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument(
+        "--model", required=True, metavar="DIR",
+        help="local Hugging Face model folder (config.json + weights + tokenizer), a causal "
+        "LM or a sequence-classification model; nothing is downloaded",
+    )
+    g.add_argument(
+        "--adapter", metavar="DIR",
+        help="peft LoRA adapter folder (adapter_config.json) fine-tuned on --model; without "
+        "it --model itself must contain trainable LoRA layers, which plain HF folders do not",
+    )
+    g.add_argument(
+        "--data", required=True, metavar="FILE.jsonl",
+        help="JSON-lines data, one record per line of the --kind format",
+    )
+    g.add_argument(
+        "--kind", choices=("mcqa", "text", "preference"), default="mcqa",
+        help="record format: mcqa {question, choices, answer}; text {text, label}; "
+        "preference {prompt, chosen, rejected} (reward models, Bradley-Terry likelihood). "
+        "Default: mcqa",
+    )
+    g.add_argument(
+        "--choices", nargs="+", metavar="STR",
+        help="causal LMs: the answer strings whose next-token logits are the classes, each "
+        "one token, e.g. --choices ' A' ' B' ' C' ' D' (mind the leading space). Default "
+        "for --kind mcqa: ' A', ' B', ... as many as the records have options. Not used "
+        "with sequence-classification models, whose head gives the classes",
+    )
+    g.add_argument(
+        "--batch-size", type=_positive_int, default=8, metavar="N",
+        help="batch size of fitting and prediction (default: 8)",
+    )
+    g.add_argument(
+        "--max-length", type=_positive_int, default=None, metavar="N",
+        help="keep only the last N tokens of each sequence (default: no truncation)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``laplace-llm`` argument parser (subcommands ``demo``, ``fit``, ``evaluate``)."""
+    parser = argparse.ArgumentParser(
+        prog="laplace-llm",
+        description="Laplace posteriors over the LoRA weights of fine-tuned language models "
+        "(a laplace-torch backend): calibrated predictions without retraining.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo",
+        help="run the self-contained demonstration (CPU, a few minutes)",
+        description="Pretrain a small Llama on a generated task, LoRA-fine-tune it until "
+        "over-confident on a small multiple-choice split, fit a LoRA Laplace posterior, "
+        "tune its prior by the marginal likelihood, and compare MAP with the Laplace "
+        "predictive (GLM probit and GLM Monte Carlo) on held-out and on shifted questions. "
+        "Also reports the log marginal likelihood of earlier fine-tuning checkpoints beside "
+        "their held-out NLL. Writes metrics.json and reliability diagrams to --out.",
+    )
+    demo.add_argument("--seed", type=_non_negative_int, default=0,
+                      help="seed of the task, the model and all training (default: 0)")
+    demo.add_argument("--out", default="laplace-llm-out", metavar="DIR",
+                      help="output folder (default: laplace-llm-out/)")
+    demo.add_argument("--quick", action="store_true",
+                      help="reduced sizes (about 20 s): for tests and smoke runs")
+    _add_common(demo)
+
+    fit = sub.add_parser(
+        "fit",
+        help="fit a Laplace posterior over the LoRA weights and save it",
+        description="Fit a Kronecker-factored Laplace posterior over the LoRA weights of "
+        "--model + --adapter on --data, optionally tune its prior precision by the "
+        "marginal likelihood, and save it to --posterior (safetensors).",
+    )
+    _add_model_data(fit)
+    g = fit.add_argument_group("Laplace options")
+    g.add_argument("--n-kfac", type=_positive_int, default=16, metavar="K",
+                   help="rank kept for Kronecker factors larger than --lr-threshold (default: 16)")
+    g.add_argument("--lr-threshold", type=_non_negative_int, default=128, metavar="D",
+                   help="factors of side ≤ D are kept dense (default: 128)")
+    g.add_argument("--fisher-type", choices=("mc", "ggn", "ef"), default="mc",
+                   help="curvature: Monte-Carlo Fisher (one backward per batch), exact GGN "
+                   "(one backward per class) or empirical Fisher (default: mc)")
+    g.add_argument("--kfac-approx", choices=("expand", "reduce"), default="expand",
+                   help="how K-FAC treats the sequence axis (default: expand)")
+    g.add_argument("--prior-optimization", choices=("marglik", "none"), default="marglik",
+                   help="tune the prior precision by maximising the marginal likelihood, or "
+                   "keep --prior-precision (default: marglik)")
+    g.add_argument("--prior-precision", type=float, default=1.0, metavar="P",
+                   help="prior precision, or the start of its tuning (default: 1.0)")
+    g.add_argument("--seed", type=_non_negative_int, default=0,
+                   help="seed of the labels sampled by --fisher-type mc (default: 0)")
+    fit.add_argument("--posterior", required=True, metavar="FILE",
+                     help="where to write the posterior (safetensors; folders are created)")
+    _add_common(fit)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="report MAP vs Laplace metrics of a saved posterior on data",
+        description="Load --posterior for --model + --adapter (refused if it was fitted on "
+        "other LoRA weights), predict --data with the MAP model and the Laplace GLM "
+        "predictive (probit and Monte Carlo), print accuracy, NLL, Brier score and ECE, and "
+        "write metrics.json and reliability.png to --out.",
+    )
+    _add_model_data(ev)
+    ev.add_argument("--posterior", required=True, metavar="FILE",
+                    help="posterior file written by `laplace-llm fit` (or `la.save`)")
+    ev.add_argument("--out", default="laplace-llm-out", metavar="DIR",
+                    help="output folder (default: laplace-llm-out/)")
+    ev.add_argument("--mc-samples", type=_positive_int, default=1000, metavar="N",
+                    help="logit samples of the Monte-Carlo predictive (default: 1000)")
+    ev.add_argument("--seed", type=_non_negative_int, default=0,
+                    help="seed of the Monte-Carlo predictive (default: 0)")
+    _add_common(ev)
+    return parser
+
+
+# ---------------------------------------------------------------------- helpers
+def _setup(args: argparse.Namespace) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
+        stream=sys.stderr, force=True,
+    )
+    # Deprecation notices of the libraries and laplace-torch's reminder about the link
+    # approximation say nothing to a CLI user, who chooses neither.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*link_approx.*")
+    warnings.filterwarnings("ignore", message=".*batching rule.*")
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+
+def _check_paths(args: argparse.Namespace, posterior_must_exist: bool) -> None:
+    model = Path(args.model)
+    if not model.is_dir():
+        raise UserError(f"--model {model}: no such folder")
+    if not (model / "config.json").is_file():
+        hint = (" (it holds a peft adapter: pass the base model as --model and this folder "
+                "as --adapter)" if (model / "adapter_config.json").is_file() else "")
+        raise UserError(f"--model {model}: no config.json, not a Hugging Face model folder{hint}")
+    if args.adapter is not None:
+        adapter = Path(args.adapter)
+        if not adapter.is_dir():
+            raise UserError(f"--adapter {adapter}: no such folder")
+        if not (adapter / "adapter_config.json").is_file():
+            raise UserError(f"--adapter {adapter}: no adapter_config.json, not a peft adapter")
+    data = Path(args.data)
+    if not data.is_file():
+        raise UserError(f"--data {data}: no such file")
+    if posterior_must_exist and not Path(args.posterior).is_file():
+        raise UserError(f"--posterior {args.posterior}: no such file")
+    if not posterior_must_exist:
+        # fail before fitting, not after
+        try:
+            Path(args.posterior).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"--posterior {args.posterior}: cannot create its folder: "
+                            f"{err.strerror or err}") from None
+
+
+def _is_sequence_classifier(config: Any) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+
+
+def load_classifier(args: argparse.Namespace):
+    """The model (+ adapter) as a classifier, its tokenizer and the data loader.
+
+    Returns
+    -------
+    clf : CenteredLLMClassifier
+        Over ``--choices`` for a causal LM; the head's outputs for a sequence classifier.
+    loader : DataLoader
+        Dict batches of ``--data``.
+    likelihood : str
+        ``"reward_modeling"`` for preference data, else ``"classification"``.
+    """
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    from laplace_llm.data import make_loader, mcqa_choices, read_jsonl
+    from laplace_llm.evaluation import CenteredLLMClassifier
+
+    try:
+        records = read_jsonl(args.data, args.kind)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"--data: {err}") from None
+
+    try:
+        config = AutoConfig.from_pretrained(args.model, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--model {args.model}: cannot read its config: {_first_line(err)}") from None
+    seq_cls = _is_sequence_classifier(config)
+    if seq_cls and args.choices:
+        raise UserError(
+            f"--choices is for causal LMs; {args.model} is a sequence-classification model "
+            f"({config.architectures[0]}) whose head gives the classes"
+        )
+    tok_dir = args.adapter if args.adapter and _has_tokenizer(args.adapter) else args.model
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:
+        raise UserError(f"cannot load a tokenizer from {tok_dir}: {_first_line(err)}") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise UserError(f"the tokenizer of {tok_dir} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.info("tokenizer has no pad token: padding with eos %r", tokenizer.eos_token)
+    if tokenizer.padding_side not in ("left", "right"):
+        tokenizer.padding_side = "left"
+
+    auto = AutoModelForSequenceClassification if seq_cls else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(args.model, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--model {args.model}: cannot load the model: {_first_line(err)}") from None
+    if getattr(model.config, "pad_token_id", None) is None:
+        # sequence classifiers of decoder families find the last token through it
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if args.adapter is not None:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(
+                model, args.adapter, is_trainable=True, local_files_only=True
+            )
+        except (OSError, ValueError, RuntimeError, KeyError) as err:
+            raise UserError(
+                f"--adapter {args.adapter}: cannot apply it to {args.model}: {_first_line(err)}"
+            ) from None
+    model.eval()
+
+    if seq_cls:
+        clf = CenteredLLMClassifier(model, None)
+    else:
+        choices = args.choices
+        if not choices:
+            if args.kind != "mcqa":
+                raise UserError(
+                    f"--choices is required for a causal LM with --kind {args.kind}: the "
+                    "answer strings whose next-token logits are the classes"
+                )
+            choices = mcqa_choices(max(len(r["choices"]) for r in records))
+        try:
+            clf = CenteredLLMClassifier.from_choices(model, tokenizer, choices)
+        except (TypeError, ValueError) as err:
+            raise UserError(f"--choices: {err}") from None
+    _check_labels(records, args.kind, clf.n_outputs)
+    try:
+        loader = make_loader(
+            records, tokenizer, args.batch_size, args.kind, max_length=args.max_length,
+            pair_order="random", seed=0,
+        )
+    except ValueError as err:
+        raise UserError(f"--data: {err}") from None
+    likelihood = "reward_modeling" if args.kind == "preference" else "classification"
+    return clf, loader, likelihood
+
+
+def _check_labels(records: list[dict], kind: str, n_outputs: int) -> None:
+    if kind == "preference":
+        if n_outputs != 1:
+            raise UserError(
+                f"--kind preference needs a reward model with one output (num_labels=1); "
+                f"this classifier has {n_outputs}"
+            )
+        return
+    key = "answer" if kind == "mcqa" else "label"
+    too_big = [r[key] for r in records if r[key] >= n_outputs]
+    if too_big:
+        raise UserError(
+            f"--data: label {too_big[0]} but the classifier has only {n_outputs} classes"
+        )
+
+
+def _has_tokenizer(folder: str) -> bool:
+    return any((Path(folder) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _lora_error(err: Exception, args: argparse.Namespace) -> UserError:
+    hint = "" if args.adapter else " (pass the fine-tuned LoRA adapter with --adapter)"
+    return UserError(f"{_first_line(err)}{hint}")
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_demo(args: argparse.Namespace) -> int:
+    from laplace_llm.demo import DemoConfig, run_demo
+    from laplace_llm.evaluation import format_table
+
+    cfg = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
+    log = None  # run_demo also logs each step through `logging`, shown at INFO here
+    out = run_demo(cfg, out_dir=args.out, progress=not args.quiet, log=log)
+    print(f"laplace-llm demo (seed {cfg.seed}{', quick' if args.quick else ''})")
+    print(f"training split: MAP NLL {out['train']['map']['nll']:.3f}, accuracy "
+          f"{out['train']['map']['accuracy']:.3f}; best possible held-out NLL "
+          f"{out['bayes_nll']:.3f}, accuracy {cfg.p_main:.3f}")
+    print(f"prior precision (marglik) {out['prior_precision']:.3g}, "
+          f"log marginal likelihood {out['log_marglik']:.1f}")
+    print()
+    print(format_table(out["results"]))
+    print()
+    print("evidence across fine-tuning checkpoints (held-out = id split):")
+    print(f"{'epoch':>6} {'log marglik':>12} {'prior prec':>11} {'NLL MAP':>9} {'NLL LA':>9}")
+    for row in out["evidence"]:
+        print(f"{row['epoch']:>6} {row['log_marglik']:>12.1f} {row['prior_precision']:>11.3g} "
+              f"{row['heldout_nll_map']:>9.4f} {row['heldout_nll_la']:>9.4f}")
+    print(f"the evidence picks epoch {out['evidence_choice']}; held-out NLL (Laplace) picks "
+          f"epoch {out['heldout_choice']}")
+    print()
+    for path in out["files"].values():
+        print(f"wrote {path}")
+    print(f"done in {out['seconds']['total']:.0f} s")
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from laplace import Laplace
+
+    import laplace_llm  # noqa: F401  (registers subset_of_weights="lora")
+    from laplace_llm.discovery import LoRAModelError
+
+    _check_paths(args, posterior_must_exist=False)
+    if not args.prior_precision > 0:
+        raise UserError(f"--prior-precision must be > 0, got {args.prior_precision}")
+    clf, loader, likelihood = load_classifier(args)
+    started = time.perf_counter()
+    try:
+        la = Laplace(
+            clf, likelihood, subset_of_weights="lora", hessian_structure="kron",
+            prior_precision=args.prior_precision, n_kfac=args.n_kfac,
+            lr_threshold=args.lr_threshold, fisher_type=args.fisher_type,
+            kfac_approx=args.kfac_approx, seed=args.seed,
+        )
+    except LoRAModelError as err:
+        raise _lora_error(err, args) from None
+    logger.info("fitting %s over %d LoRA weights on %d records of %s", type(la).__name__,
+                la.n_params, len(loader.dataset), args.data)
+    la.fit(loader, progress_bar=not args.quiet)
+    if args.prior_optimization == "marglik":
+        la.optimize_prior_precision(
+            method="marglik", init_prior_prec=args.prior_precision, progress_bar=not args.quiet
+        )
+    lml = float(la.log_marginal_likelihood().item())
+    posterior = Path(args.posterior)
+    try:
+        la.save(posterior)
+    except OSError as err:
+        raise UserError(f"--posterior {posterior}: cannot write it: {err.strerror or err}") from None
+    print(f"fitted on {len(loader.dataset)} records ({la.n_params} LoRA weights, "
+          f"{la.n_layers} blocks) in {time.perf_counter() - started:.1f} s")
+    print(f"prior precision {la.prior_precision.item():.4g}, log marginal likelihood {lml:.2f}")
+    print(f"wrote {posterior}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from laplace_llm.discovery import LoRAModelError
+    from laplace_llm.evaluation import (
+        METHODS,
+        collect_probs,
+        format_table,
+        score,
+        write_reliability,
+    )
+    from laplace_llm.lora_laplace import LoRALaplace
+    from laplace_llm.serialization import PosteriorFileError
+
+    _check_paths(args, posterior_must_exist=True)
+    clf, loader, likelihood = load_classifier(args)
+    try:
+        la = LoRALaplace.load(args.posterior, clf)
+    except LoRAModelError as err:
+        raise _lora_error(err, args) from None
+    except PosteriorFileError as err:
+        raise UserError(f"--posterior: {err}") from None
+    if la.likelihood != likelihood:
+        raise UserError(
+            f"--posterior was fitted with likelihood {la.likelihood!r} but --kind {args.kind} "
+            f"needs {likelihood!r}"
+        )
+    probs, labels = collect_probs(
+        clf, la, loader, METHODS, mc_samples=args.mc_samples, seed=args.seed,
+        progress=not args.quiet, fitting=likelihood == "reward_modeling",
+    )
+    results = {"data": {m: score(p, labels) for m, p in probs.items()}}
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = write_reliability({m: probs[m] for m in ("map", "la_probit")}, labels,
+                            out_dir / "reliability.png")
+    metrics_path = out_dir / "metrics.json"
+    report = {
+        "results": results,
+        "n": len(labels),
+        "data": str(args.data),
+        "kind": args.kind,
+        "model": str(args.model),
+        "adapter": None if args.adapter is None else str(args.adapter),
+        "posterior": str(args.posterior),
+        "prior_precision": la.prior_precision.detach().cpu().reshape(-1).tolist(),
+        "files": {"metrics": str(metrics_path), "reliability": str(png)},
+    }
+    with open(metrics_path, "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=2)
+    print(f"{len(labels)} records of {args.data}" + (
+        " (preference pairs: probability that the chosen answer wins)"
+        if likelihood == "reward_modeling" else ""))
+    print(format_table(results))
+    print(f"wrote {metrics_path}")
+    print(f"wrote {png}")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "fit": cmd_fit, "evaluate": cmd_evaluate}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``laplace-llm`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup(args)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as err:
+        print(f"laplace-llm {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,547 @@
+"""End-to-end demonstration: an over-confident LoRA fine-tune and its Laplace posterior.
+
+Everything is generated, offline and seeded:
+
+1. **Pretraining task.** A small Llama is trained from scratch as a language model on two
+   kinds of text: *facts* (``"e12 is red . e7 is blue ."``: every entity has one colour)
+   and *direct questions* (``"red is which ?  A. blue  B. red … Answer: B"``: find the
+   option equal to the asked colour). It learns the facts and the pointing-to-a-letter
+   skill, so its features mean something before fine-tuning.
+2. **Fine-tuning task.** Multiple-choice questions about entities
+   (``"e12 is which ?  A. green  B. red  C. pink  D. blue  Answer:"``): the model must recall
+   the entity's colour and point at the option holding it. A small split is learnt with
+   LoRA for many epochs, until the training NLL is near zero; the fine-tuned model is then
+   over-confident on new questions.
+3. **Laplace.** :class:`~laplace_llm.LoRALaplace` is fitted on the training split, its prior
+   precision tuned by the marginal likelihood, and MAP and Laplace predictives are
+   compared on held-out questions of the same kind (``"id"``) and on shifted questions
+   (``"shift"``: distractor words and an extra, irrelevant fact in the prompt).
+4. **Evidence.** The same is done at earlier fine-tuning checkpoints; the log marginal
+   likelihood of each is reported beside its held-out NLL, showing which checkpoint the
+   evidence would pick without a validation set.
+
+:func:`run_demo` returns every number; the CLI (``laplace-llm demo``) prints and saves them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import tqdm
+from torch import nn
+
+from laplace_llm.data import format_mcqa_prompt, make_loader, mcqa_choices
+from laplace_llm.evaluation import (
+    METHODS,
+    CenteredLLMClassifier,
+    collect_probs,
+    score,
+    write_reliability,
+)
+
+__all__ = ["DemoConfig", "DemoTask", "build_model", "build_tokenizer", "run_demo"]
+
+logger = logging.getLogger(__name__)
+
+_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+_FORMAT_WORDS = ["Answer", ":", ".", "is", "which", "?"]
+#: The four answer options, always in this order: A. red, B. blue, C. green, D. yellow.
+COLOURS = ["red", "blue", "green", "yellow"]
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """Sizes and schedule of the demo. :meth:`quick` is a reduced version for tests.
+
+    Attributes
+    ----------
+    seed : int
+        Seeds the task, the model initialisation, the training order and the Laplace
+        sampling; one seed gives one result.
+    n_entities, n_distractors : int
+        Entities with a colour each; distractor words (seen in pretraining, inserted into
+        prompts of the shifted split).
+    p_main : float
+        Probability that a fact or a label gives an entity's main colour (the rest goes
+        to its second colour): the best possible accuracy.
+    hidden, layers, heads : int
+        Llama size.
+    pretrain_steps, pretrain_batch, pretrain_lr : pretraining schedule.
+    lora_r, lora_alpha, lora_targets : LoRA configuration.
+    n_train, n_test : int
+        Fine-tuning questions; held-out questions per evaluation split.
+    epochs : int
+        Fine-tuning epochs; the final model is the one compared in the main table.
+    checkpoints : tuple of int
+        Epochs after which the LoRA weights are kept for the evidence comparison (the
+        final epoch is always added).
+    finetune_batch, finetune_lr : fine-tuning schedule.
+    n_kfac, lr_threshold, fisher_type, kfac_approx : LoRALaplace options.
+    mc_samples : int
+        Logit samples of the GLM Monte-Carlo predictive.
+    batch_size : int
+        Batch size of the Laplace fit and of prediction.
+    """
+
+    seed: int = 0
+    n_entities: int = 48
+    n_distractors: int = 16
+    p_main: float = 0.75
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    pretrain_steps: int = 1200
+    pretrain_batch: int = 32
+    pretrain_lr: float = 3e-3
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    n_train: int = 256
+    n_test: int = 1000
+    epochs: int = 40
+    checkpoints: tuple[int, ...] = (10, 20)
+    finetune_batch: int = 16
+    finetune_lr: float = 5e-3
+    n_kfac: int = 16
+    lr_threshold: int = 128
+    fisher_type: str = "mc"
+    kfac_approx: str = "expand"
+    mc_samples: int = 1000
+    batch_size: int = 64
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> DemoConfig:
+        """A reduced configuration that runs in well under a minute (tests, smoke runs)."""
+        return cls(
+            seed=seed, n_entities=24, pretrain_steps=500, n_train=128, n_test=256, epochs=30,
+            checkpoints=(8, 15), mc_samples=200,
+        )
+
+
+# ---------------------------------------------------------------------- the task
+class DemoTask:
+    """Generated texts of the demo: entity colours, facts and multiple-choice questions.
+
+    Every entity ``e<i>`` has a *main* colour and a *second* colour; a fact or a question
+    about it states the main colour with probability ``p_main`` and the second one
+    otherwise. So the best possible predictor has accuracy ``p_main`` and NLL
+    ``H(p_main)`` (see :meth:`bayes_nll`), and a model that memorises its training labels
+    is over-confident by construction.
+
+    Parameters
+    ----------
+    n_entities : int
+        Entities ``e0 … e{n-1}``.
+    n_distractors : int
+        Distractor words ``x0 … x{n-1}``.
+    seed : int
+        Seed of the colour assignment.
+    p_main : float
+        Probability of the main colour.
+    """
+
+    def __init__(self, n_entities: int, n_distractors: int, seed: int, p_main: float = 0.75):
+        rng = random.Random(seed)
+        self.entities = [f"e{i}" for i in range(n_entities)]
+        self.distractors = [f"x{i}" for i in range(n_distractors)]
+        self.p_main = p_main
+        self.main = {}
+        self.second = {}
+        for e in self.entities:
+            self.main[e], self.second[e] = rng.sample(range(len(COLOURS)), 2)
+
+    @property
+    def words(self) -> list[str]:
+        """Every word the task uses, in a fixed order (the tokenizer's vocabulary)."""
+        letters = [c.strip() for c in mcqa_choices(len(COLOURS))]
+        return _SPECIALS + letters + _FORMAT_WORDS + COLOURS + self.entities + self.distractors
+
+    def bayes_nll(self) -> float:
+        """NLL of the true label distribution (the best any model can reach)."""
+        import math
+
+        p = self.p_main
+        return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+    def sample_colour(self, rng: random.Random, entity: str) -> int:
+        return self.main[entity] if rng.random() < self.p_main else self.second[entity]
+
+    def fact(self, rng: random.Random, entity: str) -> str:
+        return f"{entity} is {COLOURS[self.sample_colour(rng, entity)]} ."
+
+    def facts_text(self, rng: random.Random, n_facts: int = 4, p_distractor: float = 0.3) -> str:
+        """A pretraining sentence of ``n_facts`` facts, distractor words sprinkled between."""
+        parts = []
+        for entity in rng.sample(self.entities, n_facts):
+            if rng.random() < p_distractor:
+                parts.append(rng.choice(self.distractors))
+            parts.append(self.fact(rng, entity))
+        return " ".join(parts)
+
+    def question(
+        self, rng: random.Random, direct: bool = False, shifted: bool = False
+    ) -> dict[str, Any]:
+        """One four-option ``mcqa`` record (see :mod:`laplace_llm.data`).
+
+        The question names an entity after two distractor words (which make every prompt
+        unique, so that a model can memorise its training labels); the options are the
+        colours in a fixed order.
+
+        Parameters
+        ----------
+        direct : bool
+            Ask for a colour by name (pretraining) instead of an entity's colour.
+        shifted : bool
+            Longer prompt: an irrelevant fact about another entity first, and more
+            distractor words, one between the entity and the rest of the question.
+        """
+        entity = rng.choice(self.entities)
+        answer = self.sample_colour(rng, entity)
+        subject = COLOURS[answer] if direct else entity
+        noise = rng.sample(self.distractors, 4)
+        if shifted:
+            other = rng.choice([e for e in self.entities if e != entity])
+            question = (f"{noise[0]} {self.fact(rng, other)} {noise[1]} {noise[2]} {subject} "
+                        f"{noise[3]} is which ?")
+        else:
+            question = f"{noise[0]} {noise[1]} {subject} is which ?"
+        return {"question": question, "choices": list(COLOURS), "answer": answer}
+
+    def questions(self, n: int, seed: int, **kwargs: Any) -> list[dict[str, Any]]:
+        rng = random.Random(seed)
+        return [self.question(rng, **kwargs) for _ in range(n)]
+
+    def pretraining_text(self, rng: random.Random, p_question: float = 0.25) -> str:
+        """A pretraining document: a fact sentence, or a direct question with its answer."""
+        if rng.random() >= p_question:
+            return self.facts_text(rng)
+        record = self.question(rng, direct=True)
+        letter = mcqa_choices(len(COLOURS))[record["answer"]]
+        return format_mcqa_prompt(record) + letter
+
+
+def build_tokenizer(words: Sequence[str]) -> Any:
+    """A word-level fast tokenizer over ``words`` (first four: pad, unk, bos, eos).
+
+    Whitespace and punctuation split words, so ``"Answer:"`` is two tokens and the
+    choices ``" A"`` … ``" D"`` are one token each. Left padding, no special tokens added.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(words)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+        eos_token="</s>", padding_side="left",
+    )
+
+
+def build_model(cfg: DemoConfig, vocab_size: int) -> nn.Module:
+    """A randomly initialised Llama causal LM of the configured size (seeded)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=cfg.hidden, intermediate_size=4 * cfg.hidden,
+        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads, max_position_embeddings=256, pad_token_id=0,
+        bos_token_id=2, eos_token_id=3, tie_word_embeddings=False,
+    )
+    torch.manual_seed(cfg.seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+# ------------------------------------------------------------------ training
+def pretrain(
+    model: nn.Module, tokenizer: Any, task: DemoTask, cfg: DemoConfig, progress: bool = False
+) -> list[float]:
+    """Language-model pretraining on :meth:`DemoTask.pretraining_text` documents.
+
+    Returns
+    -------
+    list of float
+        The training loss of every step.
+    """
+    rng = random.Random(cfg.seed + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.pretrain_lr, total_steps=cfg.pretrain_steps, pct_start=0.1
+    )
+    model.train()
+    losses = []
+    bar = tqdm.trange(cfg.pretrain_steps, desc="pretrain", disable=not progress, leave=False)
+    for _ in bar:
+        texts = [task.pretraining_text(rng) for _ in range(cfg.pretrain_batch)]
+        # Right padding for the LM loss; padded positions get label -100 (ignored).
+        enc = tokenizer(texts, padding=True, return_tensors="pt", padding_side="right")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    model.eval()
+    return losses
+
+
+def _lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+@torch.no_grad()
+def _mean_nll(clf: nn.Module, loader) -> float:
+    total, n = 0.0, 0
+    for batch in loader:
+        logits = clf(batch)
+        total += nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
+        n += len(batch["labels"])
+    return total / n
+
+
+def finetune(
+    clf: nn.Module,
+    train_loader,
+    cfg: DemoConfig,
+    eval_loader=None,
+    progress: bool = False,
+) -> tuple[dict[int, dict[str, torch.Tensor]], list[dict[str, float]]]:
+    """LoRA fine-tuning with cross-entropy on the selected-token logits.
+
+    Returns
+    -------
+    checkpoints : dict of int to dict
+        Epoch -> trainable weights after that epoch (``cfg.checkpoints`` and the last).
+    history : list of dict
+        Per epoch: ``epoch``, ``train_nll`` (mean over the epoch's batches) and, with
+        ``eval_loader``, ``heldout_nll`` of the MAP model.
+    """
+    params = [p for p in clf.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.finetune_lr, weight_decay=0.0)
+    # A decaying rate lets the run settle in a minimum (train NLL near zero), where the
+    # Laplace approximation is meant to be taken.
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * len(train_loader))
+    torch.manual_seed(cfg.seed + 2)  # the loader's shuffling order
+    keep = set(cfg.checkpoints) | {cfg.epochs}
+    checkpoints, history = {}, []
+    bar = tqdm.trange(1, cfg.epochs + 1, desc="fine-tune", disable=not progress, leave=False)
+    for epoch in bar:
+        clf.train()
+        total, n = 0.0, 0
+        for batch in train_loader:
+            loss = nn.functional.cross_entropy(clf(batch), batch["labels"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(batch["labels"])
+            n += len(batch["labels"])
+        clf.eval()
+        row = {"epoch": epoch, "train_nll": total / n}
+        if eval_loader is not None:
+            row["heldout_nll"] = _mean_nll(clf, eval_loader)
+        history.append(row)
+        bar.set_postfix(train_nll=f"{row['train_nll']:.3f}", refresh=False)
+        if epoch in keep:
+            checkpoints[epoch] = _lora_state(clf)
+    return checkpoints, history
+
+
+# ------------------------------------------------------------------ Laplace
+def fit_laplace(clf: nn.Module, train_loader, cfg: DemoConfig, progress: bool = False):
+    """:class:`~laplace_llm.LoRALaplace` fitted at the current weights, prior by marglik.
+
+    Returns
+    -------
+    la : LoRALaplace
+    log_marglik : float
+        Log marginal likelihood at the tuned prior precision.
+    """
+    from laplace import Laplace
+
+    import laplace_llm  # noqa: F401  (registers subset_of_weights="lora")
+
+    la = Laplace(
+        clf, "classification", subset_of_weights="lora", hessian_structure="kron",
+        n_kfac=cfg.n_kfac, lr_threshold=cfg.lr_threshold, fisher_type=cfg.fisher_type,
+        kfac_approx=cfg.kfac_approx, seed=cfg.seed,
+    )
+    la.fit(train_loader, progress_bar=progress)
+    la.optimize_prior_precision(method="marglik", progress_bar=False)
+    return la, float(la.log_marginal_likelihood().item())
+
+
+# ------------------------------------------------------------------ the run
+def run_demo(
+    cfg: DemoConfig | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the whole demonstration; optionally write ``metrics.json`` and the diagrams.
+
+    Parameters
+    ----------
+    cfg : DemoConfig, optional
+        Defaults to ``DemoConfig()``.
+    out_dir : str or Path, optional
+        Folder for ``metrics.json``, ``reliability_id.png`` and ``reliability_shift.png``
+        (created if needed); nothing is written when ``None``.
+    progress : bool
+        tqdm bars for each stage.
+    log : callable, optional
+        Receives one-line stage messages (the CLI prints them); they also go to the
+        module's logger at INFO level.
+
+    Returns
+    -------
+    dict
+        ``config``; ``results[split][method][metric]`` for splits ``"id"``, ``"shift"``
+        and methods :data:`~laplace_llm.evaluation.METHODS`; ``train`` (final training NLL
+        and accuracy, pretraining loss); ``bayes_nll`` (the best possible held-out NLL); ``history`` (per-epoch NLLs); ``prior_precision``
+        and ``log_marglik`` of the final model; ``evidence`` (one row per checkpoint:
+        ``epoch``, ``log_marglik``, ``prior_precision``, ``heldout_nll_map``,
+        ``heldout_nll_la``) with ``evidence_choice`` and ``heldout_choice`` (epochs);
+        ``seconds`` (wall time per stage); ``files`` (written paths).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    cfg = cfg or DemoConfig()
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def say(message: str) -> None:
+        logger.info(message)
+        if log is not None:
+            log(message)
+
+    def lap(stage: str, t0: float) -> float:
+        seconds[stage] = round(time.perf_counter() - t0, 2)
+        return time.perf_counter()
+
+    task = DemoTask(cfg.n_entities, cfg.n_distractors, cfg.seed, cfg.p_main)
+    tokenizer = build_tokenizer(task.words)
+    model = build_model(cfg, len(task.words))
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"pretraining a {cfg.layers}-layer Llama (hidden {cfg.hidden}, {n_params:,} weights) "
+        f"for {cfg.pretrain_steps} steps")
+    t0 = time.perf_counter()
+    pre_losses = pretrain(model, tokenizer, task, cfg, progress)
+    t0 = lap("pretrain", t0)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lora = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+        target_modules=list(cfg.lora_targets),
+    )
+    torch.manual_seed(cfg.seed + 3)
+    peft_model = get_peft_model(model, lora)
+    clf = CenteredLLMClassifier.from_choices(peft_model, tokenizer, mcqa_choices(len(COLOURS)))
+
+    def loader(records, shuffle=False, batch_size=cfg.batch_size):
+        return make_loader(records, tokenizer, batch_size, "mcqa", shuffle=shuffle)
+
+    train = task.questions(cfg.n_train, seed=cfg.seed * 1000 + 11)
+    splits = {
+        "id": task.questions(cfg.n_test, seed=cfg.seed * 1000 + 12),
+        "shift": task.questions(cfg.n_test, seed=cfg.seed * 1000 + 13, shifted=True),
+    }
+    train_loader = loader(train, shuffle=True, batch_size=cfg.finetune_batch)
+    fit_loader = loader(train)
+    test_loaders = {name: loader(records) for name, records in splits.items()}
+
+    n_lora = sum(p.numel() for p in clf.parameters() if p.requires_grad)
+    say(f"LoRA fine-tuning ({n_lora:,} weights, r={cfg.lora_r}) on {cfg.n_train} questions "
+        f"for {cfg.epochs} epochs")
+    checkpoints, history = finetune(clf, train_loader, cfg, test_loaders["id"], progress)
+    t0 = lap("finetune", t0)
+
+    # Evidence at each checkpoint; the last checkpoint is the final model.
+    say(f"Laplace at epochs {sorted(checkpoints)}: fit, tune the prior by marginal likelihood")
+    evidence = []
+    for epoch in sorted(checkpoints):
+        _load_lora_state(clf, checkpoints[epoch])
+        la, lml = fit_laplace(clf, fit_loader, cfg, progress)
+        probs, labels = collect_probs(
+            clf, la, test_loaders["id"], methods=("map", "la_probit"), progress=progress,
+            desc=f"epoch {epoch}",
+        )
+        evidence.append({
+            "epoch": epoch,
+            "log_marglik": lml,
+            "prior_precision": float(la.prior_precision.item()),
+            "heldout_nll_map": score(probs["map"], labels)["nll"],
+            "heldout_nll_la": score(probs["la_probit"], labels)["nll"],
+        })
+    t0 = lap("laplace_checkpoints", t0)
+    final = evidence[-1]
+
+    say("predicting on the held-out (id) and shifted splits")
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    all_probs = {}
+    for name, test_loader in test_loaders.items():
+        probs, labels = collect_probs(
+            clf, la, test_loader, METHODS, mc_samples=cfg.mc_samples, seed=cfg.seed,
+            progress=progress, desc=name,
+        )
+        all_probs[name] = (probs, labels)
+        results[name] = {m: score(p, labels) for m, p in probs.items()}
+    train_probs, train_labels = collect_probs(clf, None, fit_loader, ("map",))
+    t0 = lap("predict", t0)
+
+    out = {
+        "config": dataclasses.asdict(cfg),
+        "results": results,
+        "train": {
+            "map": score(train_probs["map"], train_labels),
+            "pretrain_loss_last": float(sum(pre_losses[-20:]) / len(pre_losses[-20:])),
+        },
+        "bayes_nll": task.bayes_nll(),
+        "history": history,
+        "prior_precision": final["prior_precision"],
+        "log_marglik": final["log_marglik"],
+        "evidence": evidence,
+        "evidence_choice": max(evidence, key=lambda r: r["log_marglik"])["epoch"],
+        "heldout_choice": min(evidence, key=lambda r: r["heldout_nll_la"])["epoch"],
+        "seconds": seconds,
+        "files": {},
+    }
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, (probs, labels) in all_probs.items():
+            png = write_reliability(
+                {m: probs[m] for m in ("map", "la_probit")}, labels,
+                out_dir / f"reliability_{name}.png",
+            )
+            out["files"][f"reliability_{name}"] = str(png)
+        out["files"]["metrics"] = str(out_dir / "metrics.json")
+    seconds["total"] = round(time.perf_counter() - started, 2)
+    if out_dir is not None:
+        with open(out["files"]["metrics"], "w", encoding="utf-8") as fh:
+            json.dump(out, fh, indent=2)
+    return out
+
+
+def clone_config(cfg: DemoConfig, **changes: Any) -> DemoConfig:
+    """A copy of ``cfg`` with some fields changed."""
+    return dataclasses.replace(copy.deepcopy(cfg), **changes)

@@ -1,0 +1,226 @@
+"""``laplace-llm fit`` / ``evaluate`` on model folders written with ``save_pretrained``.
+
+The CLI is run in-process through :func:`laplace_llm.cli.main` (its return value is the
+exit status); one test runs the installed console script to check the entry point.
+"""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from laplace_llm.cli import build_parser, main
+from laplace_llm.data import make_loader, read_jsonl
+from laplace_llm.evaluation import CenteredLLMClassifier, collect_probs, score
+from laplace_llm.lora_laplace import LoRALaplace
+from tests.models import add_lora, tiny_causal_lm, tiny_seqcls, tiny_tokenizer
+
+WORDS = ["cat", "dog", "red", "blue", "good", "bad", "yes", "no"]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def mcqa_records(n, seed=0):
+    rng = random.Random(seed)
+    return [
+        {"question": f"Which is {rng.choice(WORDS)} ?", "choices": rng.sample(WORDS, 4),
+         "answer": rng.randrange(4)}
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def causal(tmp_path_factory):
+    """A tiny Llama folder (weights + tokenizer), its LoRA adapter, another adapter of the
+    same shapes, and MCQA data."""
+    root = tmp_path_factory.mktemp("causal")
+    base = tiny_causal_lm("llama", seed=0)
+    base.save_pretrained(root / "model")
+    tiny_tokenizer(padding_side="left").save_pretrained(root / "model")
+    add_lora(base, seed=0, r=4).save_pretrained(root / "adapter")
+    add_lora(tiny_causal_lm("llama", seed=0), seed=1, r=4).save_pretrained(root / "other")
+    write_jsonl(root / "data.jsonl", mcqa_records(14))
+    return root
+
+
+def cli(*args):
+    return main([str(a) for a in args])
+
+
+def test_fit_then_evaluate_round_trip(causal, tmp_path, capsys):
+    post = tmp_path / "sub" / "posterior.safetensors"
+    common = ["--model", causal / "model", "--adapter", causal / "adapter",
+              "--data", causal / "data.jsonl", "--batch-size", 4, "--quiet"]
+    assert cli("fit", *common, "--posterior", post, "--fisher-type", "ggn") == 0
+    assert post.is_file()
+    assert "wrote" in capsys.readouterr().out
+
+    out = tmp_path / "report"
+    assert cli("evaluate", *common, "--posterior", post, "--out", out, "--mc-samples", 50) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert (out / "reliability.png").stat().st_size > 1000
+    results = report["results"]["data"]
+    assert set(results) == {"map", "la_probit", "la_mc"}
+    for values in results.values():
+        assert set(values) == {"accuracy", "nll", "brier", "ece"}
+    assert report["n"] == 14
+
+    # The same numbers through the Python API: the CLI's model, data and posterior.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(causal / "model")
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(causal / "model"), causal / "adapter",
+        is_trainable=True,
+    ).eval()
+    clf = CenteredLLMClassifier.from_choices(model, tok, [" A", " B", " C", " D"])
+    la = LoRALaplace.load(post, clf)
+    assert la.fisher_type == "ggn"
+    loader = make_loader(read_jsonl(causal / "data.jsonl", "mcqa"), tok, 4, "mcqa")
+    probs, labels = collect_probs(clf, la, loader, ("map", "la_probit"))
+    for method in ("map", "la_probit"):
+        expected = score(probs[method], labels)
+        for metric, value in expected.items():
+            assert results[method][metric] == pytest.approx(value, rel=1e-6, abs=1e-9)
+    # the marginal likelihood tuned a prior precision away from its start
+    assert report["prior_precision"] != [1.0]
+
+
+def test_prior_optimization_none_keeps_the_given_prior(causal, tmp_path):
+    post = tmp_path / "p.safetensors"
+    assert cli("fit", "--model", causal / "model", "--adapter", causal / "adapter",
+               "--data", causal / "data.jsonl", "--prior-optimization", "none",
+               "--prior-precision", 3.5, "--n-kfac", 4, "--lr-threshold", 0,
+               "--kfac-approx", "reduce", "--posterior", post, "--quiet") == 0
+    from safetensors import safe_open
+
+    with safe_open(str(post), "pt") as fh:
+        prior = fh.get_tensor("prior_precision")
+        header = json.loads(fh.metadata()["laplace_llm"])
+    assert prior.tolist() == [3.5]
+    assert header["options"]["n_kfac"] == 4 and header["options"]["kfac_approx"] == "reduce"
+
+
+def test_reward_model_round_trip(tmp_path, capsys):
+    base = tiny_seqcls("bert", num_labels=1, seed=0)
+    base.save_pretrained(tmp_path / "rm")
+    tiny_tokenizer(padding_side="right").save_pretrained(tmp_path / "rm")
+    add_lora(base, seed=0, r=4, target_modules=("query", "value"),
+             modules_to_save=["classifier"], task_type="SEQ_CLS").save_pretrained(tmp_path / "ad")
+    rng = random.Random(0)
+    data = write_jsonl(tmp_path / "prefs.jsonl", [
+        {"prompt": rng.choice(WORDS), "chosen": " ".join(rng.sample(WORDS, 2)),
+         "rejected": rng.choice(WORDS)} for _ in range(10)
+    ])
+    common = ["--model", tmp_path / "rm", "--adapter", tmp_path / "ad", "--data", data,
+              "--kind", "preference", "--quiet"]
+    assert cli("fit", *common, "--posterior", tmp_path / "rm.post") == 0
+    assert cli("evaluate", *common, "--posterior", tmp_path / "rm.post",
+               "--out", tmp_path / "out", "--mc-samples", 50) == 0
+    results = json.loads((tmp_path / "out" / "metrics.json").read_text())["results"]["data"]
+    # pairs are scored as two-way Bradley-Terry predictions: Brier of two classes ≤ 2
+    assert 0 <= results["la_probit"]["brier"] <= 2
+    assert "preference pairs" in capsys.readouterr().out
+
+
+def _error_cases(root, tmp):
+    bad_json = write_jsonl(tmp / "bad.jsonl", [])
+    bad_json.write_text("{not json\n")
+    missing_key = write_jsonl(tmp / "nokey.jsonl", [{"question": "q", "answer": 0}])
+    other_post = tmp / "other.safetensors"
+    m, a, d = root / "model", root / "adapter", root / "data.jsonl"
+    return {
+        "no model folder": ["fit", "--model", tmp / "nope", "--adapter", a, "--data", d,
+                            "--posterior", tmp / "p"],
+        "adapter as model": ["fit", "--model", a, "--data", d, "--posterior", tmp / "p"],
+        "model as adapter": ["fit", "--model", m, "--adapter", m, "--data", d,
+                             "--posterior", tmp / "p"],
+        "no data file": ["fit", "--model", m, "--adapter", a, "--data", tmp / "none.jsonl",
+                         "--posterior", tmp / "p"],
+        "invalid json": ["fit", "--model", m, "--adapter", a, "--data", bad_json,
+                         "--posterior", tmp / "p"],
+        "missing key": ["fit", "--model", m, "--adapter", a, "--data", missing_key,
+                        "--posterior", tmp / "p"],
+        "no LoRA": ["fit", "--model", m, "--data", d, "--posterior", tmp / "p"],
+        "bad choices": ["fit", "--model", m, "--adapter", a, "--data", d, "--choices", " A",
+                        " A", "--posterior", tmp / "p"],
+        "no posterior": ["evaluate", "--model", m, "--adapter", a, "--data", d,
+                         "--posterior", tmp / "none.safetensors", "--out", tmp / "o"],
+        "unwritable posterior": ["fit", "--model", m, "--adapter", a, "--data", d,
+                                 "--posterior", d / "posterior"],
+        "not a posterior": ["evaluate", "--model", m, "--adapter", a, "--data", d,
+                            "--posterior", d, "--out", tmp / "o"],
+        "other model's posterior": (
+            ["fit", "--model", m, "--adapter", root / "other", "--data", d,
+             "--posterior", other_post],
+            ["evaluate", "--model", m, "--adapter", a, "--data", d,
+             "--posterior", other_post, "--out", tmp / "o"],
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "no model folder", "adapter as model", "model as adapter", "no data file",
+    "invalid json", "missing key", "no LoRA", "bad choices", "no posterior",
+    "not a posterior", "unwritable posterior", "other model's posterior",
+])
+def test_user_errors_exit_2_with_one_line(causal, tmp_path, capsys, case):
+    argv = _error_cases(causal, tmp_path)[case]
+    if isinstance(argv, tuple):  # a setup command first
+        assert cli(*argv[0], "--quiet") == 0
+        capsys.readouterr()
+        argv = argv[1]
+    assert cli(*argv, "--quiet") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("laplace-llm ") and ": error: " in err[0]
+    assert "Traceback" not in err[0]
+
+
+def test_other_models_posterior_is_named_in_the_error(causal, tmp_path, capsys):
+    post = tmp_path / "other.safetensors"
+    assert cli("fit", "--model", causal / "model", "--adapter", causal / "other",
+               "--data", causal / "data.jsonl", "--posterior", post, "--quiet") == 0
+    capsys.readouterr()
+    assert cli("evaluate", "--model", causal / "model", "--adapter", causal / "adapter",
+               "--data", causal / "data.jsonl", "--posterior", post, "--quiet") == 2
+    assert "fitted on other LoRA weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["demo", "fit", "evaluate"])
+def test_help_explains_every_option(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    for action in sub._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{action.option_strings} has no help"
+            assert action.option_strings[0] in text
+
+
+def test_bad_option_value_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model", "m", "--data", "d", "--posterior", "p", "--n-kfac", "0"])
+    assert exit_info.value.code == 2
+    assert "positive integer" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    import shutil
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "laplace-llm"
+    script = str(script) if script.exists() else shutil.which("laplace-llm")
+    if script is None:
+        pytest.skip("the laplace-llm console script is not installed (pip install -e .)")
+    proc = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert "demo" in proc.stdout and "evaluate" in proc.stdout

@@ -1,0 +1,107 @@
+"""``laplace-llm demo --quick``: the reduced demo end to end, and its generated task.
+
+What is asserted of the quick run (seed 0) was checked on seeds 0, 1 and 2: Laplace
+(GLM probit) has a lower NLL and ECE than MAP in distribution, and accuracy moves by
+less than 2 points (256 test questions: one question is 0.4 points). The quick model
+is over-confident: its training NLL is far below its held-out NLL.
+"""
+
+import json
+import math
+import random
+
+import pytest
+
+from laplace_llm.cli import main
+from laplace_llm.data import format_mcqa_prompt
+from laplace_llm.demo import COLOURS, DemoConfig, DemoTask, build_tokenizer
+from laplace_llm.evaluation import METHODS, METRICS
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--seed", "0", "--out", str(out), "--quiet"]) == 0
+    return out, json.loads((out / "metrics.json").read_text())
+
+
+def test_quick_demo_writes_every_metric_and_the_diagrams(quick_run):
+    out, report = quick_run
+    for split in ("id", "shift"):
+        assert set(report["results"][split]) == set(METHODS)
+        for values in report["results"][split].values():
+            assert set(values) == set(METRICS)
+            assert all(math.isfinite(v) for v in values.values())
+        png = out / f"reliability_{split}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["config"] == {**report["config"], "seed": 0, "n_train": 128}
+
+
+def test_quick_demo_laplace_is_better_calibrated_in_distribution(quick_run):
+    _, report = quick_run
+    map_, la = report["results"]["id"]["map"], report["results"]["id"]["la_probit"]
+    assert la["nll"] < map_["nll"]
+    assert la["ece"] < map_["ece"]
+    assert abs(la["accuracy"] - map_["accuracy"]) < 0.02
+    # over-confident fine-tune: train NLL well below held-out NLL
+    assert report["train"]["map"]["nll"] < 0.5 * map_["nll"]
+
+
+def test_quick_demo_reports_the_evidence_of_each_checkpoint(quick_run):
+    _, report = quick_run
+    epochs = [row["epoch"] for row in report["evidence"]]
+    assert epochs == sorted({*DemoConfig.quick().checkpoints, DemoConfig.quick().epochs})
+    for row in report["evidence"]:
+        assert math.isfinite(row["log_marglik"]) and row["log_marglik"] < 0
+        assert row["prior_precision"] > 0
+    best = max(report["evidence"], key=lambda r: r["log_marglik"])
+    assert report["evidence_choice"] == best["epoch"]
+    assert report["evidence"][-1]["log_marglik"] == report["log_marglik"]
+
+
+def test_demo_prints_the_table(tmp_path, capsys, monkeypatch):
+    """The CLI layer prints what run_demo returns (run_demo itself is stubbed here)."""
+    import laplace_llm.demo as demo
+
+    fake = {
+        "results": {s: {m: dict.fromkeys(METRICS, 0.5) for m in METHODS} for s in ("id", "shift")},
+        "train": {"map": {"nll": 0.1, "accuracy": 0.9}}, "bayes_nll": 0.56,
+        "prior_precision": 3.0, "log_marglik": -10.0,
+        "evidence": [{"epoch": 3, "log_marglik": -10.0, "prior_precision": 3.0,
+                      "heldout_nll_map": 0.9, "heldout_nll_la": 0.8}],
+        "evidence_choice": 3, "heldout_choice": 3, "seconds": {"total": 1.0},
+        "files": {"metrics": "m.json"},
+    }
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: fake)
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "LA (GLM probit)" in text and "LA (GLM MC)" in text and "MAP" in text
+    assert "the evidence picks epoch 3" in text
+
+
+def test_task_gives_the_main_colour_with_probability_p_main():
+    task = DemoTask(n_entities=4, n_distractors=8, seed=0, p_main=0.75)
+    records = task.questions(4000, seed=1)
+    entity = {r["question"].split()[2] for r in records}
+    assert entity <= set(task.entities)
+    main_share = sum(
+        r["answer"] == task.main[r["question"].split()[2]] for r in records
+    ) / len(records)
+    assert main_share == pytest.approx(0.75, abs=0.03)
+    assert all(r["choices"] == COLOURS for r in records)
+    assert task.bayes_nll() == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+
+
+def test_task_texts_are_all_known_words_and_shifted_prompts_are_longer():
+    task = DemoTask(n_entities=6, n_distractors=8, seed=0)
+    tok = build_tokenizer(task.words)
+    rng = random.Random(0)
+    texts = [task.pretraining_text(rng) for _ in range(50)]
+    plain = [format_mcqa_prompt(r) for r in task.questions(50, seed=2)]
+    shifted = [format_mcqa_prompt(r) for r in task.questions(50, seed=2, shifted=True)]
+    for text in texts + plain + shifted:
+        assert tok.unk_token_id not in tok(text)["input_ids"]
+    length = lambda ts: sum(len(tok(t)["input_ids"]) for t in ts) / len(ts)  # noqa: E731
+    assert length(shifted) > length(plain) + 5
+    # one token per answer letter, as LLMClassifier.from_choices needs
+    assert [len(tok.encode(c, add_special_tokens=False)) for c in (" A", " B", " C", " D")] == [1] * 4
