@@ -482,10 +482,40 @@ class LoRALaplace(KronLaplace):
                 stacklevel=3,
             )
 
-    def __call__(self, x, pred_type="glm", *args, **kwargs):
+    def __call__(
+        self,
+        x,
+        pred_type="glm",
+        joint=False,
+        link_approx="probit",
+        n_samples=100,
+        diagonal_output=False,
+        generator=None,
+        fitting=False,
+        **model_kwargs,
+    ):
         self._check_H_init()
         self._warn_if_weights_changed()
-        return super().__call__(x, pred_type, *args, **kwargs)
+        classification = self.likelihood == "classification" or (
+            self.likelihood == "reward_modeling" and fitting
+        )
+        if generator is not None and classification and link_approx == "mc":
+            # laplace-torch 0.3 validates `generator` but samples from the global
+            # generator; pass it on so that seeded predictions reproduce
+            if not isinstance(generator, torch.Generator) or generator.device != self._device:
+                raise ValueError("Invalid random generator (check type and device).")
+            if pred_type == "glm":
+                f_mu, f_var = self._glm_predictive_distribution(x)
+                return self._glm_predictive_samples(
+                    f_mu, f_var, n_samples, diagonal_output, generator
+                ).mean(0)
+            if pred_type == "nn":
+                fs = self._nn_functional_samples(x, n_samples, generator, **model_kwargs)
+                return torch.softmax(fs, dim=-1).mean(0)
+        return super().__call__(
+            x, pred_type, joint, link_approx, n_samples, diagonal_output, generator, fitting,
+            **model_kwargs,
+        )
 
 
 def _first_diff(a: list[str], b: list[str]) -> str:

@@ -311,3 +311,22 @@ def test_rslora_and_lora_alpha_scaling_equal_laplace_torch():
         for f, g in zip(F, G):
             assert rel(dense(f), g) < 1e-8
     torch.testing.assert_close(la.log_marginal_likelihood(), ref.log_marginal_likelihood())
+
+
+@pytest.mark.parametrize("pred_type", ["glm", "nn"])
+def test_mc_predictions_follow_the_generator_passed(pred_type):
+    """laplace-torch 0.3 ignores `generator` for MC predictions; LoRALaplace uses it."""
+    model = classifier("llama", dtype=torch.float32)
+    la = LoRALaplace(model, "classification", prior_precision=0.1)
+    la.fit(token_loader(n=8, length=5))
+    batch = next(iter(token_loader(n=3, length=5, seed=1)))
+
+    def predict(seed):
+        torch.manual_seed(123)  # a fixed global state must not decide the result
+        g = torch.Generator().manual_seed(seed)
+        return la(batch, pred_type=pred_type, link_approx="mc", n_samples=8, generator=g)
+
+    a, b, c = predict(0), predict(0), predict(1)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    torch.testing.assert_close(a.sum(-1), torch.ones(3))
