@@ -330,3 +330,27 @@ def test_mc_predictions_follow_the_generator_passed(pred_type):
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     torch.testing.assert_close(a.sum(-1), torch.ones(3))
+
+
+def test_damping_reaches_the_posterior():
+    """damping=True gives P = (√τG + √δ) ⊗ (√τA + √δ) per block, also after the prior is
+    added (laplace-torch's KronDecomposed drops the flag there)."""
+    model = classifier("llama")
+    la = LoRALaplace(model, "classification", damping=True, fisher_type="ggn", n_kfac=3,
+                     lr_threshold=0, prior_precision=0.7)
+    la.fit(token_loader(n=8, length=5))
+    P = la.posterior_precision
+    assert P.damping
+    start = 0
+    for F, delta in zip(la.H_facs.kfacs, P.deltas):
+        G, A = (dense(f) for f in F)
+        s = delta.sqrt()
+        block = torch.kron(G + s * torch.eye(G.shape[0], dtype=G.dtype), A + s * torch.eye(A.shape[0], dtype=A.dtype))
+        p = block.shape[0]
+        torch.testing.assert_close(P.to_matrix()[start : start + p, start : start + p], block)
+        start += p
+    torch.testing.assert_close(P.logdet(), torch.logdet(P.to_matrix()))
+    undamped = LoRALaplace(model, "classification", fisher_type="ggn", n_kfac=3, lr_threshold=0,
+                           prior_precision=0.7)
+    undamped.fit(token_loader(n=8, length=5))
+    assert abs(la.log_marginal_likelihood() - undamped.log_marginal_likelihood()) > 1e-3
