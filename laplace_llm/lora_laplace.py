@@ -340,9 +340,8 @@ class LoRALaplace(KronLaplace):
             self.n_data = n_old + N
         self.n_outputs = n_outputs
         self.model.output_size = self.n_outputs
-        self.mean = parameters_to_vector(self.params).detach().to(self._dtype)
-        if self.enable_backprop:
-            self.mean = parameters_to_vector(self.params).to(self._dtype)
+        mean = parameters_to_vector(self.params).to(self._dtype)
+        self.mean = mean if self.enable_backprop else mean.detach()
         self.H = self.H_facs.decompose(damping=self.damping)
 
     @staticmethod
