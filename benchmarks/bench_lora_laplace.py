@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import sys
 import time
 import warnings
 
 import torch
+from _results import write_results  # benchmarks/ is the script's folder
 from laplace import Laplace
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader
@@ -179,24 +177,7 @@ def main(argv=None):
     table = fmt_table(rows)
     print(table)
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(
-                {
-                    "command": "python " + " ".join(sys.argv),
-                    "machine": {
-                        "platform": platform.platform(),
-                        "processor": platform.processor(),
-                        "cpu_count": os.cpu_count(),
-                        "torch_threads": torch.get_num_threads(),
-                        "torch": torch.__version__,
-                    },
-                    "rows": rows,
-                    "table": table,
-                },
-                fh,
-                indent=1,
-            )
+        write_results(args.out, rows, table)
 
 
 if __name__ == "__main__":

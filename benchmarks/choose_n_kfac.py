@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
-import sys
 import time
 import warnings
 
 import torch
+from _results import write_results  # benchmarks/ is the script's folder
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -128,19 +127,7 @@ def main(argv=None):
     table = "\n".join(lines)
     print(table)
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(
-                {
-                    "command": "python " + " ".join(sys.argv),
-                    "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                                "torch": torch.__version__},
-                    "rows": rows,
-                    "table": table,
-                },
-                fh,
-                indent=1,
-            )
+        write_results(args.out, rows, table)
 
 
 if __name__ == "__main__":
