@@ -1,7 +1,8 @@
 """Laplace approximations over LoRA weights of fine-tuned language models.
 
 Importing this package registers ``subset_of_weights="lora"`` with laplace-torch's
-``Laplace`` factory.
+``Laplace`` factory. The command line, the demo and the evaluation helpers live in
+:mod:`laplace_llm.app`, which this core never imports.
 """
 
 import warnings
@@ -15,13 +16,19 @@ with warnings.catch_warnings():
 from laplace_llm import data, metrics
 from laplace_llm.classifier import LLMClassifier
 from laplace_llm.curvature import LoRAKFAC
-from laplace_llm.discovery import KronBlock, LoRAModelError, find_blocks
+from laplace_llm.discovery import KronBlock, find_blocks
+from laplace_llm.errors import LoRAModelError, NonFiniteError, PosteriorFileError
 from laplace_llm.lora_laplace import LoRALaplace
 from laplace_llm.matrix import LowRankFactor, LowRankKron, LowRankKronDecomposed
+from laplace_llm.options import FisherType, KFACApprox, KFACOptions
 
 __all__ = [
     # Laplace approximations
     "LoRALaplace",
+    # options
+    "KFACOptions",
+    "FisherType",
+    "KFACApprox",
     # curvature
     "LoRAKFAC",
     "LowRankFactor",
@@ -29,9 +36,12 @@ __all__ = [
     "LowRankKronDecomposed",
     # models and data
     "LLMClassifier",
+    "KronBlock",
+    "find_blocks",
     "data",
     "metrics",
-    "KronBlock",
+    # errors
     "LoRAModelError",
-    "find_blocks",
+    "NonFiniteError",
+    "PosteriorFileError",
 ]

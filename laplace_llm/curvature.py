@@ -35,16 +35,11 @@ from laplace.curvature import CurvatureInterface
 from torch import nn
 
 from laplace_llm.discovery import KronBlock, find_blocks
-from laplace_llm.matrix import LowRankFactor, LowRankKron
+from laplace_llm.errors import NonFiniteError
+from laplace_llm.matrix import LowRankFactor, LowRankKron, factor_dtype
+from laplace_llm.options import KFACOptions, expose_options
 
-__all__ = ["LoRAKFAC", "FISHER_TYPES", "KFAC_APPROXES", "ModuleRecorder"]
-
-FISHER_TYPES = ("mc", "ggn", "ef")
-KFAC_APPROXES = ("expand", "reduce")
-
-
-class NonFiniteError(FloatingPointError):
-    """NaN or Inf met in logits or activations."""
+__all__ = ["LoRAKFAC", "ModuleRecorder", "NonFiniteError"]
 
 
 class ModuleRecorder:
@@ -61,6 +56,7 @@ class ModuleRecorder:
         self._handles = []
 
     def __enter__(self) -> ModuleRecorder:
+        """Register the forward hooks."""
         for name, module in self.modules.items():
             self._handles.append(module.register_forward_hook(self._hook(name)))
         return self
@@ -72,11 +68,13 @@ class ModuleRecorder:
         return hook
 
     def __exit__(self, *exc) -> None:
+        """Remove the forward hooks."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
 
     def outputs(self) -> list[torch.Tensor]:
+        """Return every recorded output, module by module, call by call."""
         return [out for calls in self.calls.values() for _, out in calls]
 
 
@@ -106,6 +104,7 @@ def as_positions(t: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tens
     return t, m
 
 
+@expose_options
 class LoRAKFAC(CurvatureInterface):
     """Curvature backend over LoRA blocks with low-rank large factors.
 
@@ -115,14 +114,17 @@ class LoRAKFAC(CurvatureInterface):
         returns logits ``(B, C)`` for a batch (e.g. :class:`laplace_llm.LLMClassifier`).
     likelihood : {"classification"}
         reward modelling reaches the backend as classification.
-    fisher_type : {"mc", "ggn", "ef"}, default "mc"
-    mc_samples : int, default 1
-    kfac_approx : {"expand", "reduce"}, default "expand"
-    n_kfac : int, default 16
-        rank kept for factors with side above ``lr_threshold``.
-    lr_threshold : int, default 128
+    last_layer, subnetwork_indices, dict_key_x, dict_key_y
+        as laplace-torch's ``CurvatureInterface``.
+    options : KFACOptions, optional
+        the K-FAC options; default ``KFACOptions(**kfac_options)``.
     generator : torch.Generator, optional
         source of the sampled labels of ``fisher_type="mc"``.
+    blocks : list of KronBlock, optional
+        the model's blocks, if already found.
+    **kfac_options
+        fields of :class:`~laplace_llm.options.KFACOptions` (``n_kfac``, ``fisher_type``,
+        ...), when ``options`` is not given; each is also an attribute.
     """
 
     def __init__(
@@ -133,13 +135,10 @@ class LoRAKFAC(CurvatureInterface):
         subnetwork_indices: torch.LongTensor | None = None,
         dict_key_x: str = "input_ids",
         dict_key_y: str = "labels",
-        fisher_type: str = "mc",
-        mc_samples: int = 1,
-        kfac_approx: str = "expand",
-        n_kfac: int = 16,
-        lr_threshold: int = 128,
+        options: KFACOptions | None = None,
         generator: torch.Generator | None = None,
         blocks: list[KronBlock] | None = None,
+        **kfac_options,
     ):
         super().__init__(model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y)
         if likelihood != "classification":
@@ -147,11 +146,7 @@ class LoRAKFAC(CurvatureInterface):
                 "LoRA K-FAC fits the classification (and reward-modelling) likelihood of "
                 f"selected logits; got likelihood={likelihood!r}."
             )
-        self.fisher_type = fisher_type
-        self.mc_samples = mc_samples
-        self.kfac_approx = kfac_approx
-        self.n_kfac = n_kfac
-        self.lr_threshold = lr_threshold
+        self.options = options if options is not None else KFACOptions(**kfac_options)
         self.generator = generator
         self.blocks = blocks if blocks is not None else find_blocks(model)
         self.modules = {b.module_name: b.module for b in self.blocks}
@@ -159,24 +154,17 @@ class LoRAKFAC(CurvatureInterface):
     # ------------------------------------------------------------------ factors
     def factor_dtype(self) -> torch.dtype:
         """float64 for float64 models, float32 otherwise (also for bf16/fp16)."""
-        p = self.blocks[0].module.weight
-        return torch.float64 if p.dtype == torch.float64 else torch.float32
+        return factor_dtype(self.blocks[0].module.weight.dtype)
 
     def empty_kron(self) -> LowRankKron:
-        """Zero curvature: dense ``d×d`` zeros only for sides ``≤ lr_threshold``."""
-        dtype = self.factor_dtype()
-        kfacs = []
-        for b in self.blocks:
-            dev = b.module.weight.device
-            kfacs.append(
-                [
-                    torch.zeros(d, d, device=dev, dtype=dtype)
-                    if d <= self.lr_threshold
-                    else LowRankFactor.zeros(d, self.n_kfac, device=dev, dtype=dtype)
-                    for d in b.shape
-                ]
-            )
-        return LowRankKron(kfacs)
+        """Zero curvature of the blocks, each on its module's device (no ``d × d`` roots)."""
+        return LowRankKron.zeros(
+            [b.shape for b in self.blocks],
+            self.n_kfac,
+            self.lr_threshold,
+            device=[b.module.weight.device for b in self.blocks],
+            dtype=self.factor_dtype(),
+        )
 
     # ------------------------------------------------------------------- probes
     def probes(self, f: torch.Tensor, y: torch.Tensor | None) -> list[tuple[torch.Tensor, float]]:
@@ -216,6 +204,7 @@ class LoRAKFAC(CurvatureInterface):
     # ------------------------------------------------------------------ capture
     @contextlib.contextmanager
     def recording(self) -> Iterator[ModuleRecorder]:
+        """Record the inputs and outputs of the blocks' modules while in this context."""
         with ModuleRecorder(self.modules) as rec:
             yield rec
 
@@ -344,12 +333,14 @@ class LoRAKFAC(CurvatureInterface):
 
     # ----------------------------------------------------------- laplace-torch
     def full(self, x, y, **kwargs):
+        """Refuse: only Kronecker factors are computed."""
         raise ValueError(
             "LoRAKFAC computes Kronecker factors only; use hessian_structure='kron' with "
             "subset_of_weights='lora'."
         )
 
     def diag(self, x, y, **kwargs):
+        """Refuse: only Kronecker factors are computed."""
         raise ValueError(
             "LoRAKFAC computes Kronecker factors only; use hessian_structure='kron' with "
             "subset_of_weights='lora'."
@@ -357,8 +348,11 @@ class LoRAKFAC(CurvatureInterface):
 
 
 def _per_module_calls(rec: ModuleRecorder, grads: list[list[torch.Tensor]]):
-    """``{module: [(input, [gradient of each probe]), ...]}``; ``grads`` follow
-    ``rec.outputs()``, i.e. module by module, call by call."""
+    """Group the recorded inputs and probe gradients by module.
+
+    Returns ``{module: [(input, [gradient of each probe]), ...]}``; ``grads`` follow
+    ``rec.outputs()``, i.e. module by module, call by call.
+    """
     j = 0
     per_module: dict[str, list[tuple[torch.Tensor, list[torch.Tensor]]]] = {}
     for name, calls in rec.calls.items():

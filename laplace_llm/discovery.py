@@ -17,11 +17,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from laplace_llm.errors import LoRAModelError
+
 __all__ = ["KronBlock", "find_blocks", "LoRAModelError"]
-
-
-class LoRAModelError(ValueError):
-    """The model's trainable parameters do not form supported LoRA blocks."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +51,7 @@ class KronBlock:
 
     @property
     def numel(self) -> int:
+        """Number of parameters of the block."""
         n = 1
         for s in self.shape:
             n *= s

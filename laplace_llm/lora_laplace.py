@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
+import os
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -22,27 +22,20 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader
 
-from laplace_llm.curvature import FISHER_TYPES, KFAC_APPROXES, LoRAKFAC
+from laplace_llm import serialization
+from laplace_llm.curvature import LoRAKFAC
 from laplace_llm.discovery import find_blocks
-from laplace_llm.matrix import LowRankFactor, LowRankKron, LowRankKronDecomposed
+from laplace_llm.errors import PosteriorFileError
+from laplace_llm.matrix import LowRankKron, LowRankKronDecomposed, factor_dtype
+from laplace_llm.options import KFACOptions, check_int, expose_options
+from laplace_llm.validation import check_batch, loader_size
 
 __all__ = ["LoRALaplace"]
 
 logger = logging.getLogger(__name__)
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer ≥ {minimum}; got {value!r}.")
-    return int(value)
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}; got {value!r}.")
-    return value
-
-
+@expose_options
 class LoRALaplace(KronLaplace):
     """Kronecker-factored Laplace approximation over LoRA weights with low-rank factors.
 
@@ -58,16 +51,12 @@ class LoRALaplace(KronLaplace):
     model : nn.Module
         returns logits ``(batch, C)`` for a batch, e.g. :class:`laplace_llm.LLMClassifier`.
     likelihood : {"classification", "reward_modeling"}
-    n_kfac : int, default 16
-        rank kept for large factors.
-    lr_threshold : int, default 128
-        factors with side ``≤ lr_threshold`` stay dense (the ``r × r`` LoRA side).
-    fisher_type : {"mc", "ggn", "ef"}, default "mc"
-        Monte-Carlo Fisher (one backward per sample), exact GGN (``C`` backwards), or
-        empirical Fisher.
-    mc_samples : int, default 1
-    kfac_approx : {"expand", "reduce"}, default "expand"
-        how K-FAC treats the sequence axis (Eschenhagen et al., 2023).
+    sigma_noise, prior_precision, prior_mean, temperature, enable_backprop, dict_key_x, dict_key_y, damping, asdl_fisher_kwargs
+        as laplace-torch's ``KronLaplace``.
+    backend : type, optional
+        :class:`~laplace_llm.LoRAKFAC` (the default) or a subclass.
+    backend_kwargs : dict, optional
+        further arguments of the backend.
     seed : int, optional
         seed of the labels sampled by ``fisher_type="mc"``; ``None`` uses torch's
         global generator.
@@ -75,9 +64,14 @@ class LoRALaplace(KronLaplace):
         GLM predictive from hooked activations and ``C`` backward passes (no
         parameter-long Jacobian); ``False`` uses laplace-torch's ``torch.func``
         Jacobians. ``enable_backprop=True`` always uses the latter.
-    **kwargs
-        the remaining arguments of laplace-torch's ``KronLaplace`` (``prior_precision``,
-        ``temperature``, ``damping``, ``dict_key_x``, ``dict_key_y``, ...).
+    options : KFACOptions, optional
+        the K-FAC options as one object; default ``KFACOptions(**kfac_options)``.
+    **kfac_options
+        the fields of :class:`~laplace_llm.options.KFACOptions`, each also an attribute:
+        ``n_kfac`` (16, rank kept for large factors), ``lr_threshold`` (128, factors of
+        side ``≤`` it stay dense), ``fisher_type`` (``"mc"``, ``"ggn"`` or ``"ef"``),
+        ``mc_samples`` (1) and ``kfac_approx`` (``"expand"`` or ``"reduce"``, how K-FAC
+        treats the sequence axis, Eschenhagen et al., 2023).
     """
 
     _key = ("lora", "kron")
@@ -98,20 +92,19 @@ class LoRALaplace(KronLaplace):
         backend_kwargs: dict[str, Any] | None = None,
         asdl_fisher_kwargs: dict[str, Any] | None = None,
         *,
-        n_kfac: int = 16,
-        lr_threshold: int = 128,
-        fisher_type: str = "mc",
-        mc_samples: int = 1,
-        kfac_approx: str = "expand",
         seed: int | None = None,
         jacobian_free: bool = True,
+        options: KFACOptions | None = None,
+        **kfac_options: Any,
     ):
-        self.n_kfac = _check_int("n_kfac", n_kfac, 1)
-        self.lr_threshold = _check_int("lr_threshold", lr_threshold, 0)
-        self.fisher_type = _check_choice("fisher_type", fisher_type, FISHER_TYPES)
-        self.kfac_approx = _check_choice("kfac_approx", kfac_approx, KFAC_APPROXES)
-        self.mc_samples = _check_int("mc_samples", mc_samples, 1)
-        self.seed = None if seed is None else _check_int("seed", seed, 0)
+        unknown = sorted(set(kfac_options) - set(KFACOptions.names()))
+        if unknown:
+            raise TypeError(
+                f"LoRALaplace got unexpected keyword arguments {unknown}; its own options are "
+                f"{list(KFACOptions.names())}, seed and jacobian_free, besides KronLaplace's."
+            )
+        self.options = options if options is not None else KFACOptions(**kfac_options)
+        self.seed = None if seed is None else check_int("seed", seed, 0)
         self.jacobian_free = bool(jacobian_free)
         if likelihood not in ("classification", "reward_modeling"):
             raise ValueError(
@@ -125,14 +118,7 @@ class LoRALaplace(KronLaplace):
             )
         self.blocks = find_blocks(model)
         backend_kwargs = dict(backend_kwargs or {})
-        backend_kwargs.update(
-            fisher_type=self.fisher_type,
-            mc_samples=self.mc_samples,
-            kfac_approx=self.kfac_approx,
-            n_kfac=self.n_kfac,
-            lr_threshold=self.lr_threshold,
-            blocks=self.blocks,
-        )
+        backend_kwargs.update(options=self.options, blocks=self.blocks)
         super().__init__(
             model,
             likelihood,
@@ -148,18 +134,13 @@ class LoRALaplace(KronLaplace):
             backend_kwargs=backend_kwargs,
             asdl_fisher_kwargs=asdl_fisher_kwargs,
         )
-        if [b.name for b in self.blocks] != [
-            n for n, p in model.named_parameters() if p.requires_grad
-        ]:  # pragma: no cover - find_blocks raises first
-            raise RuntimeError("LoRA blocks do not line up with the trainable parameters.")
 
     # ------------------------------------------------------------ dtype/device
     @property
     def _dtype(self) -> torch.dtype:
         # bf16/fp16 models keep their posterior in float32: eigh and the evidence
         # need it, and CPU has no bf16 eigh kernel
-        p = next(self.model.parameters())
-        return torch.float64 if p.dtype == torch.float64 else torch.float32
+        return factor_dtype(next(self.model.parameters()).dtype)
 
     def _init_H(self) -> None:
         # no d×d allocation (KronLaplace's would); curvature appears in fit()
@@ -174,6 +155,7 @@ class LoRALaplace(KronLaplace):
     # ----------------------------------------------------------------- priors
     @BaseLaplace.prior_precision.setter
     def prior_precision(self, prior_precision) -> None:
+        """Set the prior precision: a positive scalar or one per LoRA block."""
         if isinstance(prior_precision, torch.Tensor):
             bad = not bool(torch.isfinite(prior_precision).all() and (prior_precision > 0).all())
         elif np.isscalar(prior_precision) and np.isreal(prior_precision):
@@ -195,60 +177,6 @@ class LoRALaplace(KronLaplace):
             ) from err
 
     # -------------------------------------------------------------------- fit
-    def _validate_loader(self, train_loader: DataLoader) -> int:
-        dataset = getattr(train_loader, "dataset", None)
-        try:
-            N = len(dataset)
-        except TypeError:
-            raise TypeError(
-                "The train loader needs a `dataset` with a length (the data set size N "
-                "scales the curvature); pass a torch DataLoader over a sized dataset."
-            ) from None
-        if N == 0:
-            raise ValueError("The train loader is empty (its dataset has length 0).")
-        return N
-
-    def _validate_batch(self, data: Any, n_outputs: int | None, i: int):
-        if isinstance(data, Mapping):
-            for key in (self.dict_key_x, self.dict_key_y):
-                if key not in data:
-                    raise KeyError(
-                        f"Batch {i} has no '{key}' (keys: {sorted(data.keys())}). Batches are "
-                        f"dicts with '{self.dict_key_x}', optional 'attention_mask', and "
-                        f"'{self.dict_key_y}'; set dict_key_x/dict_key_y if yours differ."
-                    )
-            X, y = data, data[self.dict_key_y]
-            x_main = data[self.dict_key_x]
-        else:
-            X, y = data
-            x_main = X
-        device = self._device
-        for t in (X.values() if isinstance(X, Mapping) else [X]):
-            if isinstance(t, torch.Tensor) and t.device.type != device.type:
-                raise ValueError(
-                    f"Batch {i} is on {t.device} but the model is on {device}; move the "
-                    "batch (or the model) so that both are on the same device."
-                )
-        if not isinstance(y, torch.Tensor):
-            y = torch.as_tensor(y)
-        if y.is_floating_point() or y.dtype == torch.bool:
-            raise TypeError(
-                f"Labels of batch {i} have dtype {y.dtype}; classification labels must be "
-                "integer class indices (torch.long), not probabilities or floats."
-            )
-        batch_size = x_main.shape[0] if isinstance(x_main, torch.Tensor) else len(x_main)
-        if y.ndim != 1 or y.shape[0] != batch_size:
-            raise ValueError(
-                f"Labels of batch {i} have shape {tuple(y.shape)} but the batch has "
-                f"{batch_size} inputs; give one integer label per input."
-            )
-        if n_outputs is not None and y.numel() and (y.min() < 0 or y.max() >= n_outputs):
-            raise ValueError(
-                f"Labels of batch {i} lie in [{int(y.min())}, {int(y.max())}] but the model has "
-                f"{n_outputs} outputs; labels must be in 0..{n_outputs - 1}."
-            )
-        return X, y.to(device)
-
     def _n_outputs_of(self, first_batch: Any) -> int:
         n = getattr(self.model, "n_outputs", None)
         if isinstance(n, int):
@@ -281,13 +209,40 @@ class LoRALaplace(KronLaplace):
             data size are summed over processes, so each ends with the posterior of
             the whole data set (see :mod:`laplace_llm.distributed`).
         """
-        N = self._validate_loader(train_loader)
+        N = loader_size(train_loader)
         if distributed:
             from laplace_llm.distributed import all_reduce_sum
 
             N = int(all_reduce_sum(N, device=self._device).item())
-        if not override and getattr(self, "H_facs", None) is None:
-            override = True
+        H_new, loss, n_outputs = self._accumulate(train_loader, N, progress_bar)
+        if distributed:
+            from laplace_llm.distributed import all_reduce_kron, all_reduce_sum
+
+            H_new = all_reduce_kron(H_new)
+            loss = all_reduce_sum(loss, device=self._device).to(self._dtype)
+        self._merge(H_new, loss, N, override)
+        self.n_outputs = n_outputs
+        self.model.output_size = self.n_outputs
+        mean = parameters_to_vector(self.params).to(self._dtype)
+        self.mean = mean if self.enable_backprop else mean.detach()
+        self.H = self.H_facs.decompose(damping=self.damping)
+
+    def _accumulate(
+        self, train_loader: DataLoader, N: int, progress_bar: bool = False
+    ) -> tuple[LowRankKron, torch.Tensor, int]:
+        """K-FAC, summed loss and number of outputs of this process's batches.
+
+        Each batch is checked before its forward pass; the model is in eval mode
+        meanwhile and its modules' modes are restored afterwards.
+
+        Returns
+        -------
+        H : LowRankKron
+            the curvature, normalised for a data set of ``N`` examples, compressed.
+        loss : torch.Tensor
+            the summed loss (scalar).
+        n_outputs : int
+        """
         model = self.model
         modes = [(m, m.training) for m in model.modules()]
         backend = self.backend
@@ -299,50 +254,43 @@ class LoRALaplace(KronLaplace):
             H_new = None
             loss = 0.0
             n_outputs = None
-            n_batches = 0
             for i, data in enumerate(
                 tqdm.tqdm(train_loader, disable=not progress_bar, desc="[LoRA K-FAC]")
             ):
                 if n_outputs is None:
                     n_outputs = self._n_outputs_of(data)
-                X, y = self._validate_batch(data, n_outputs, i)
+                X, y = check_batch(
+                    data, i, n_outputs, self._device, self.dict_key_x, self.dict_key_y
+                )
                 if H_new is None:
                     H_new = backend.empty_kron()
                 try:
                     loss_b, H_new = backend.kron(X, y, N=N, into=H_new)
                 except FloatingPointError as err:
-                    raise FloatingPointError(f"Batch {i}: {err}") from None
+                    # the same error type (NonFiniteError), naming the batch
+                    raise type(err)(f"Batch {i}: {err}") from None
                 loss = loss + loss_b
-                n_batches += 1
-            if n_batches == 0:
+            if H_new is None:
                 raise ValueError("The train loader yielded no batch.")
         finally:
             for m, mode in modes:
                 m.training = mode
+        return H_new.compress_(), loss, n_outputs
 
-        H_new = H_new.compress_()
-        if distributed:
-            from laplace_llm.distributed import all_reduce_kron, all_reduce_sum
-
-            H_new = all_reduce_kron(H_new)
-            loss = all_reduce_sum(loss, device=self._device).to(self._dtype)
-        if override:
+    def _merge(self, H_new: LowRankKron, loss: torch.Tensor, N: int, override: bool) -> None:
+        """Make ``H_new`` the curvature (``override``) or add it to the current fit."""
+        if override or getattr(self, "H_facs", None) is None:
             self.H_facs = H_new
             self.loss = loss
             self.n_data = N
-        else:
-            # A factors are averages over the data: reweight both fits to the union
-            n_old = self.n_data
-            old = self._rescale_A(self.H_facs, n_old / (n_old + N))
-            new = self._rescale_A(H_new, N / (n_old + N))
-            self.H_facs = (old + new).compress_()
-            self.loss = self.loss + loss
-            self.n_data = n_old + N
-        self.n_outputs = n_outputs
-        self.model.output_size = self.n_outputs
-        mean = parameters_to_vector(self.params).to(self._dtype)
-        self.mean = mean if self.enable_backprop else mean.detach()
-        self.H = self.H_facs.decompose(damping=self.damping)
+            return
+        # A factors are averages over the data: reweight both fits to the union
+        n_old = self.n_data
+        old = self._rescale_A(self.H_facs, n_old / (n_old + N))
+        new = self._rescale_A(H_new, N / (n_old + N))
+        self.H_facs = (old + new).compress_()
+        self.loss = self.loss + loss
+        self.n_data = n_old + N
 
     @staticmethod
     def _rescale_A(kron: LowRankKron, factor: float) -> LowRankKron:
@@ -351,16 +299,19 @@ class LoRALaplace(KronLaplace):
     # -------------------------------------------------------------- posterior
     @property
     def posterior_precision(self) -> LowRankKronDecomposed:
+        """Posterior precision ``τ H + δ`` (decomposed, low rank plus prior)."""
         self._check_H_init()
         return self.H * self._H_factor + self.prior_precision
 
     @property
     def log_det_posterior_precision(self) -> torch.Tensor:
+        """Log-determinant of the posterior precision (the prior's before ``fit``)."""
         if getattr(self, "H_facs", None) is None:  # before fit: the prior
             return self.prior_precision_diag.log().sum()
         return self.posterior_precision.logdet()
 
     def square_norm(self, value: torch.Tensor) -> torch.Tensor:
+        """Return ``(θ − μ)ᵀ P (θ − μ)`` for the posterior precision ``P``."""
         delta = value - self.mean
         if getattr(self, "H_facs", None) is None:
             return (delta * self.prior_precision_diag) @ delta
@@ -378,50 +329,123 @@ class LoRALaplace(KronLaplace):
 
     # ------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
+        """laplace-torch's state plus the curvature factors, options and LoRA blocks.
+
+        Holds tensors and plain values only (``torch.load(weights_only=True)`` reads
+        it); ``H`` is :meth:`LowRankKron.to_state` of the factors, ``options`` is
+        :meth:`KFACOptions.to_dict`.
+        """
         self._check_H_init()
         state = ParametricLaplace.state_dict(self)
-        state["H"] = kron_to_state(self.H_facs)
-        state["n_kfac"] = self.n_kfac
-        state["lr_threshold"] = self.lr_threshold
-        state["fisher_type"] = self.fisher_type
-        state["kfac_approx"] = self.kfac_approx
+        state["H"] = self.H_facs.to_state()
+        state["options"] = self.options.to_dict()
+        state["damping"] = bool(self.damping)
+        state["dict_key_x"] = self.dict_key_x
+        state["dict_key_y"] = self.dict_key_y
         state["block_names"] = [b.name for b in self.blocks]
         state["block_shapes"] = [list(b.shape) for b in self.blocks]
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        names = state_dict.get("block_names")
-        if names is not None and names != [b.name for b in self.blocks]:
+    def load_state_dict(self, state_dict: dict[str, Any], check_weights: bool = False) -> None:
+        """Restore a :meth:`state_dict` fitted on this model's LoRA blocks.
+
+        Parameters
+        ----------
+        state_dict : dict
+            from :meth:`state_dict` (or read from a posterior file).
+        check_weights : bool, default False
+            also refuse a state whose mean differs from the model's current LoRA weights.
+
+        Raises
+        ------
+        ValueError
+            the state was fitted on other LoRA blocks (names or shapes), or, with
+            ``check_weights``, on other LoRA weights.
+        """
+        names = [b.name for b in self.blocks]
+        shapes = [list(b.shape) for b in self.blocks]
+        theirs = state_dict.get("block_names")
+        their_shapes = state_dict.get("block_shapes")
+        if (theirs is not None and theirs != names) or (
+            their_shapes is not None and [list(s) for s in their_shapes] != shapes
+        ):
+            theirs = theirs if theirs is not None else names
+            their_shapes = their_shapes if their_shapes is not None else shapes
             raise ValueError(
-                "This posterior was fitted on other LoRA blocks than this model has "
-                f"(first differences: {_first_diff(names, [b.name for b in self.blocks])}); "
-                "load it with the model and adapter it was fitted on."
+                f"This posterior was fitted on another model: it has {len(theirs)} LoRA "
+                f"blocks ({theirs[:2]}…, shapes {[list(s) for s in their_shapes[:2]]}…), the "
+                f"model has {len(names)} ({names[:2]}…, shapes {shapes[:2]}…); first "
+                f"difference: {_first_diff(theirs, names, their_shapes, shapes)}. Load it "
+                "with the model and adapter it was fitted on."
             )
-        shapes = state_dict.get("block_shapes")
-        if shapes is not None and [tuple(s) for s in shapes] != [b.shape for b in self.blocks]:
-            raise ValueError(
-                "The posterior's LoRA block shapes differ from this model's (different "
-                "rank r or hidden size); load it with the model it was fitted on."
-            )
+        if check_weights:
+            current = parameters_to_vector(self.params).detach().to(self._dtype)
+            mean = state_dict["mean"].to(current.device)
+            if current.shape != mean.shape or not torch.equal(current, mean):
+                raise ValueError(
+                    "This posterior was fitted on other LoRA weights than the model has now "
+                    "(same blocks, different values): load the adapter it was fitted on, or "
+                    "pass check_weights=False if you changed the weights on purpose."
+                )
         ParametricLaplace.load_state_dict(self, state_dict)
-        self.H_facs = kron_from_state(state_dict["H"])
+        device = self._device
+        self.mean = self.mean.to(device)
+        self.prior_mean = self.prior_mean.to(device)
+        self.prior_precision = self.prior_precision.to(device)
+        self.loss = torch.as_tensor(self.loss, dtype=self._dtype)
+        self.H_facs = LowRankKron.from_state(
+            state_dict["H"], devices=[b.module.weight.device for b in self.blocks]
+        )
         self.H = self.H_facs.decompose(damping=self.damping)
 
-    def save(self, path) -> None:
-        """Write the fitted posterior to a safetensors file (no pickle); see
-        :mod:`laplace_llm.serialization` for the format."""
-        from laplace_llm.serialization import save_posterior
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the fitted posterior to a safetensors file (no pickle).
 
-        save_posterior(self, path)
+        See :mod:`laplace_llm.serialization` for the format.
+        """
+        serialization.write_state(self.state_dict(), path)
 
     @classmethod
-    def load(cls, path, model: nn.Module, check_weights: bool = True, **kwargs) -> LoRALaplace:
-        """Read a posterior written by :meth:`save` for ``model``; refuses damaged files
-        and files fitted on another model (other blocks, or other LoRA weights unless
-        ``check_weights=False``)."""
-        from laplace_llm.serialization import load_posterior
+    def load(
+        cls, path: str | os.PathLike, model: nn.Module, check_weights: bool = True, **kwargs: Any
+    ) -> LoRALaplace:
+        """Read a posterior written by :meth:`save` for ``model``.
 
-        return load_posterior(path, model, check_weights=check_weights, **kwargs)
+        The posterior is built with the file's options, then :meth:`load_state_dict`.
+
+        Parameters
+        ----------
+        path : str or PathLike
+        model : nn.Module
+            the model (with the adapter) the posterior was fitted on.
+        check_weights : bool, default True
+            refuse the file if the model's LoRA weights differ from the fitted ones.
+        **kwargs
+            further :class:`LoRALaplace` arguments (e.g. ``jacobian_free``); they
+            override the file's options.
+
+        Raises
+        ------
+        PosteriorFileError
+            damaged file, other format or version, or a model with other LoRA blocks or
+            weights.
+        """
+        state = serialization.read_state(path)
+        options = {**state["options"], **kwargs}
+        la = cls(
+            model,
+            state["likelihood"],
+            temperature=state["temperature"],
+            damping=state["damping"],
+            dict_key_x=state["dict_key_x"],
+            dict_key_y=state["dict_key_y"],
+            **options,
+        )
+        try:
+            la.load_state_dict(state, check_weights=check_weights)
+        except ValueError as err:
+            raise PosteriorFileError(f"'{path}': {err}") from None
+        return la
 
     # ------------------------------------------------------------ predictives
     @torch.enable_grad()
@@ -493,6 +517,7 @@ class LoRALaplace(KronLaplace):
         fitting=False,
         **model_kwargs,
     ):
+        """Predict as laplace-torch does; a ``generator`` also seeds the Monte-Carlo samples."""
         self._check_H_init()
         self._warn_if_weights_changed()
         classification = self.likelihood == "classification" or (
@@ -517,31 +542,8 @@ class LoRALaplace(KronLaplace):
         )
 
 
-def _first_diff(a: list[str], b: list[str]) -> str:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return f"block {i}: file has '{x}', model has '{y}'"
+def _first_diff(a: list[str], b: list[str], a_shapes: list, b_shapes: list) -> str:
+    for i, (x, y, sx, sy) in enumerate(zip(a, b, a_shapes, b_shapes)):
+        if x != y or list(sx) != list(sy):
+            return f"block {i}: file has '{x}' {list(sx)}, model has '{y}' {list(sy)}"
     return f"file has {len(a)} blocks, model has {len(b)}"
-
-
-def kron_to_state(kron: LowRankKron) -> list[list[dict[str, Any]]]:
-    """Plain (tensors, ints, strings) representation of a :class:`LowRankKron`."""
-    out = []
-    for F in kron.kfacs:
-        out.append(
-            [
-                {"root": f.root, "rank": f.rank} if isinstance(f, LowRankFactor) else {"dense": f}
-                for f in F
-            ]
-        )
-    return out
-
-
-def kron_from_state(state: list[list[dict[str, Any]]]) -> LowRankKron:
-    kfacs = []
-    for F in state:
-        kfacs.append(
-            [LowRankFactor(f["root"], f["rank"]) if "root" in f else f["dense"] for f in F]
-        )
-    return LowRankKron(kfacs)
-

@@ -38,7 +38,22 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LowRankFactor", "LowRankKron", "LowRankKronDecomposed", "compress_root"]
+__all__ = [
+    "LowRankFactor",
+    "LowRankKron",
+    "LowRankKronDecomposed",
+    "compress_root",
+    "factor_dtype",
+]
+
+
+def factor_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Return the dtype of the curvature factors of a model with parameters of ``dtype``.
+
+    float64 for float64 models, float32 otherwise: bf16/fp16 factors would lose the
+    evidence's precision, and CPU has no bf16 ``eigh`` kernel.
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def compress_root(root: torch.Tensor, rank: int) -> torch.Tensor:
@@ -69,9 +84,12 @@ def compress_root(root: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def _robust_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``eigh`` that survives LAPACK's rare non-convergence on (near-)degenerate input:
-    retry with a jitter of 1e-12 of the trace on the diagonal (removed from the
-    eigenvalues afterwards), then fall back to the SVD of the symmetric matrix."""
+    """Eigendecompose ``M``, surviving LAPACK's rare non-convergence.
+
+    On (near-)degenerate input ``eigh`` may not converge: retry with a jitter of 1e-12 of
+    the trace on the diagonal (removed from the eigenvalues afterwards), then fall back to
+    the SVD of the symmetric matrix.
+    """
     try:
         return torch.linalg.eigh(M)
     except torch.linalg.LinAlgError:
@@ -114,22 +132,27 @@ class LowRankFactor:
 
     @classmethod
     def zeros(cls, side: int, rank: int, device=None, dtype=torch.float32) -> LowRankFactor:
+        """Return an empty factor of side ``side`` (a root with no columns)."""
         return cls(torch.zeros(side, 0, device=device, dtype=dtype), rank)
 
     @property
     def side(self) -> int:
+        """Side ``d`` of the factor."""
         return self.root.shape[0]
 
     @property
     def shape(self) -> torch.Size:
+        """Shape ``(d, d)`` of the factor."""
         return torch.Size((self.side, self.side))
 
     @property
     def device(self) -> torch.device:
+        """Device of the root."""
         return self.root.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """Dtype of the root."""
         return self.root.dtype
 
     def _limit(self) -> int:
@@ -152,12 +175,14 @@ class LowRankFactor:
         return self
 
     def __add__(self, other: LowRankFactor) -> LowRankFactor:
+        """Return the sum with another factor of the same side, truncated to the larger rank."""
         if not isinstance(other, LowRankFactor) or other.side != self.side:
             raise ValueError("Can only add a LowRankFactor of the same side.")
         out = LowRankFactor(self.root.clone(), max(self.rank, other.rank), self.chunk)
         return out.append_(other.root)
 
     def __mul__(self, scalar: float) -> LowRankFactor:
+        """Return the factor scaled by ``scalar ≥ 0`` (the root by its square root)."""
         return LowRankFactor(self.root * math.sqrt(float(scalar)), self.rank, self.chunk)
 
     __rmul__ = __mul__
@@ -175,6 +200,7 @@ class LowRankFactor:
         return self.root @ self.root.T
 
     def diag(self) -> torch.Tensor:
+        """Return the diagonal ``(d,)``."""
         return self.root.square().sum(1)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,6 +208,7 @@ class LowRankFactor:
         return self.root @ (self.root.T @ x)
 
     def nbytes(self) -> int:
+        """Return the bytes held by the root."""
         return self.root.numel() * self.root.element_size()
 
 
@@ -194,12 +221,6 @@ def _factor_dense(f: Factor) -> torch.Tensor:
 
 def _factor_matmul(f: Factor, x: torch.Tensor) -> torch.Tensor:
     return f.matmul(x) if isinstance(f, LowRankFactor) else f @ x
-
-
-def _factor_add(f1: Factor, f2: Factor) -> Factor:
-    if isinstance(f1, LowRankFactor):
-        return f1 + f2
-    return f1 + f2
 
 
 def _factor_scale(f: Factor, c: float) -> Factor:
@@ -246,10 +267,23 @@ class LowRankKron:
         device=None,
         dtype=torch.float32,
     ) -> LowRankKron:
-        """Empty curvature: dense zero factors of side ``≤ lr_threshold``, empty
-        low-rank roots for the rest (no ``d × d`` allocation)."""
+        """Empty curvature, without a ``d × d`` allocation for large factors.
+
+        Parameters
+        ----------
+        sides : sequence of sequence of int
+            per block, the side of each factor.
+        rank : int
+            rank kept by the low-rank factors (``n_kfac``).
+        lr_threshold : int
+            factors of side ``≤ lr_threshold`` are dense zeros, the others empty roots.
+        device : torch.device or sequence of torch.device, optional
+            one device for all blocks, or one per block.
+        dtype : torch.dtype, default float32
+        """
+        devices = list(device) if isinstance(device, (list, tuple)) else [device] * len(sides)
         kfacs = []
-        for block_sides in sides:
+        for block_sides, device in zip(sides, devices):
             kfacs.append(
                 [
                     torch.zeros(d, d, device=device, dtype=dtype)
@@ -260,17 +294,50 @@ class LowRankKron:
             )
         return cls(kfacs)
 
+    def to_state(self) -> list[list[dict[str, torch.Tensor | int]]]:
+        """Plain representation: per block, per factor ``{"dense": F}`` or ``{"root": R, "rank": k}``.
+
+        Holds tensors and ints only, so ``torch.load(weights_only=True)`` reads it and
+        :mod:`laplace_llm.serialization` maps it to named tensors.
+        """
+        return [
+            [
+                {"root": f.root, "rank": f.rank} if isinstance(f, LowRankFactor) else {"dense": f}
+                for f in F
+            ]
+            for F in self.kfacs
+        ]
+
+    @classmethod
+    def from_state(cls, state: list[list[dict[str, torch.Tensor | int]]], devices=None) -> LowRankKron:
+        """Inverse of :meth:`to_state`; ``devices`` (one per block) moves the factors."""
+        devices = [None] * len(state) if devices is None else devices
+        return cls(
+            [
+                [
+                    LowRankFactor(f["root"].to(device), f["rank"])
+                    if "root" in f
+                    else f["dense"].to(device)
+                    for f in F
+                ]
+                for F, device in zip(state, devices)
+            ]
+        )
+
     def __len__(self) -> int:
+        """Return the number of blocks."""
         return len(self.kfacs)
 
     def __add__(self, other: LowRankKron) -> LowRankKron:
+        """Return the blockwise sum (low-rank factors truncated)."""
         if not isinstance(other, LowRankKron) or len(other) != len(self):
             raise ValueError("Can only add a LowRankKron with the same blocks.")
         return LowRankKron(
-            [[_factor_add(f, g) for f, g in zip(F, G)] for F, G in zip(self.kfacs, other.kfacs)]
+            [[f + g for f, g in zip(F, G)] for F, G in zip(self.kfacs, other.kfacs)]
         )
 
     def __mul__(self, scalar: float | torch.Tensor) -> LowRankKron:
+        """Return the curvature scaled by ``scalar``."""
         # spread the scalar over the factors so that each block is scaled once
         scalar = float(scalar)
         return LowRankKron(
@@ -282,9 +349,11 @@ class LowRankKron:
 
     @property
     def n_params(self) -> int:
+        """Number of parameters over all blocks."""
         return sum(_block_numel(F) for F in self.kfacs)
 
     def compress_(self) -> LowRankKron:
+        """Truncate every low-rank factor to its rank now (in place)."""
         for F in self.kfacs:
             for f in F:
                 if isinstance(f, LowRankFactor):
@@ -312,6 +381,7 @@ class LowRankKron:
         return self.decompose().logdet()
 
     def diag(self) -> torch.Tensor:
+        """Return the diagonal ``(P,)`` of the curvature."""
         diags = []
         for F in self.kfacs:
             ds = [f.diag() if isinstance(f, LowRankFactor) else f.diagonal() for f in F]
@@ -327,6 +397,7 @@ class LowRankKron:
         return torch.block_diag(*blocks)
 
     def nbytes(self) -> int:
+        """Return the bytes held by the factors."""
         total = 0
         for F in self.kfacs:
             for f in F:
@@ -484,10 +555,12 @@ class LowRankKronDecomposed:
         )
 
     def __len__(self) -> int:
+        """Return the number of blocks."""
         return len(self.eigenvalues)
 
     @property
     def n_params(self) -> int:
+        """Number of parameters over all blocks."""
         return sum(math.prod(s) for s in self.sides)
 
     def _blocks(self) -> list[_DecomposedBlock]:
@@ -499,6 +572,7 @@ class LowRankKronDecomposed:
         ]
 
     def __add__(self, deltas: torch.Tensor | float) -> LowRankKronDecomposed:
+        """Return the precision with ``deltas`` added to the prior of every block."""
         return LowRankKronDecomposed(
             self.eigenvectors,
             self.eigenvalues,
@@ -509,6 +583,7 @@ class LowRankKronDecomposed:
         )
 
     def __mul__(self, scalar: torch.Tensor | float) -> LowRankKronDecomposed:
+        """Return the precision with the curvature part scaled by ``scalar``."""
         return LowRankKronDecomposed(
             self.eigenvectors,
             self.eigenvalues,
@@ -522,6 +597,7 @@ class LowRankKronDecomposed:
     __rmul__ = __mul__
 
     def detach(self) -> LowRankKronDecomposed:
+        """Detach the prior and the scale from the autograd graph (in place)."""
         self.deltas = self.deltas.detach()
         self.tau = self.tau.detach()
         return self
@@ -539,6 +615,7 @@ class LowRankKronDecomposed:
         return torch.bmm(W, self.bmm(W, exponent=-1).transpose(1, 2))
 
     def diag(self, exponent: float = 1) -> torch.Tensor:
+        """Return the diagonal ``(P,)`` of ``P^exponent``."""
         return torch.cat([b.diag(exponent) for b in self._blocks()])
 
     def to_matrix(self, exponent: float = 1) -> torch.Tensor:

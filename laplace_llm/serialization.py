@@ -1,14 +1,20 @@
 """Posterior files: safetensors tensors plus a JSON header, loadable without code.
 
+This module maps a :meth:`LoRALaplace.state_dict <laplace_llm.LoRALaplace.state_dict>`
+to a file and back (:func:`write_state`, :func:`read_state`); building the posterior
+from the state is :meth:`LoRALaplace.load <laplace_llm.LoRALaplace.load>`.
+
 File format ``laplace-llm-posterior`` version 1 (a safetensors file):
 
 - tensors ``mean``, ``prior_precision``, ``prior_mean`` and, for block ``i`` factor
   ``j``, ``H.i.j.dense`` (``d × d``) or ``H.i.j.root`` (``d × m``, ``F = R Rᵀ``);
 - string metadata ``laplace_llm`` holding JSON: format name and version, the options
-  (``n_kfac``, ``lr_threshold``, ``fisher_type``, ``kfac_approx``, ``likelihood``,
-  ``temperature``, ``damping``, ``dict_key_x``/``dict_key_y``), the fitted scalars
-  (``loss``, ``n_data``, ``n_outputs``), the LoRA block names and shapes, the rank
-  of each low-rank factor, and a SHA-256 of every tensor's bytes.
+  (:meth:`KFACOptions.to_dict <laplace_llm.options.KFACOptions.to_dict>`),
+  ``likelihood``, ``temperature``, ``damping``, ``dict_key_x``/``dict_key_y``, the
+  fitted scalars (``loss``, ``n_data``, ``n_outputs``, ``sigma_noise``), the LoRA block
+  names and shapes, the rank of each low-rank factor (``ranks``, keyed ``"i.j"``), and a
+  SHA-256 of every tensor's bytes. ``sigma_noise``, ``enable_backprop`` and ``cls_name``
+  are absent from files of earlier releases and then take laplace-torch's defaults.
 
 safetensors parses only its header and raw buffers, so loading executes nothing; a
 truncated file fails its size check and a corrupted one its checksums.
@@ -26,67 +32,86 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from laplace_llm.lora_laplace import LoRALaplace
-from laplace_llm.matrix import LowRankFactor, LowRankKron
+from laplace_llm.errors import PosteriorFileError
 
-__all__ = ["save_posterior", "load_posterior", "PosteriorFileError", "FORMAT", "VERSION"]
+__all__ = ["write_state", "read_state", "read_posterior", "PosteriorFileError", "FORMAT", "VERSION"]
 
 FORMAT = "laplace-llm-posterior"
 VERSION = 1
-_OPTIONS = ("n_kfac", "lr_threshold", "fisher_type", "kfac_approx", "mc_samples")
-
-
-class PosteriorFileError(ValueError):
-    """A posterior file that cannot be used: not ours, damaged, or for another model."""
+#: State entries stored as tensors; every other entry but ``H`` goes to the JSON header.
+_TENSORS = ("mean", "prior_precision", "prior_mean")
+#: Header entries that files of earlier releases lack, with the value they then take.
+_DEFAULTS = {"sigma_noise": 1.0, "enable_backprop": False, "cls_name": "LoRALaplace"}
 
 
 def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def save_posterior(la: LoRALaplace, path: str | os.PathLike) -> None:
-    """Write a fitted :class:`LoRALaplace` to ``path`` (safetensors).
+def _plain(value: Any) -> Any:
+    """Return the JSON value of a state entry (scalar tensors as numbers)."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    return value
+
+
+def write_state(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write a :meth:`LoRALaplace.state_dict <laplace_llm.LoRALaplace.state_dict>` to ``path``.
 
     Parameters
     ----------
-    la : LoRALaplace
-        fitted (``la.fit`` called).
+    state : dict
+        the state of a fitted posterior.
     path : str or PathLike
     """
-    la._check_H_init()
     tensors: dict[str, torch.Tensor] = {
-        "mean": la.mean.detach(),
-        "prior_precision": la.prior_precision.detach(),
-        "prior_mean": la.prior_mean.detach().reshape(-1),
+        "mean": state["mean"].detach(),
+        "prior_precision": state["prior_precision"].detach(),
+        "prior_mean": torch.as_tensor(state["prior_mean"]).detach().reshape(-1),
     }
     ranks = {}
-    for i, F in enumerate(la.H_facs.kfacs):
+    for i, F in enumerate(state["H"]):
         for j, f in enumerate(F):
-            if isinstance(f, LowRankFactor):
-                tensors[f"H.{i}.{j}.root"] = f.root
-                ranks[f"{i}.{j}"] = f.rank
-            else:
-                tensors[f"H.{i}.{j}.dense"] = f
+            for key, value in f.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"H.{i}.{j}.{key}"] = value
+                else:
+                    ranks[f"{i}.{j}"] = value
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    loss = la.loss.item() if isinstance(la.loss, torch.Tensor) else float(la.loss)
-    header = {
-        "format": FORMAT,
-        "version": VERSION,
-        "options": {k: getattr(la, k) for k in _OPTIONS},
-        "likelihood": str(la.likelihood),
-        "temperature": float(la.temperature),
-        "damping": bool(la.damping),
-        "dict_key_x": la.dict_key_x,
-        "dict_key_y": la.dict_key_y,
-        "loss": loss,
-        "n_data": int(la.n_data),
-        "n_outputs": int(la.n_outputs),
-        "block_names": [b.name for b in la.blocks],
-        "block_shapes": [list(b.shape) for b in la.blocks],
-        "ranks": ranks,
-        "sha256": {k: _digest(v) for k, v in tensors.items()},
-    }
+    header = {"format": FORMAT, "version": VERSION}
+    header.update(
+        {k: _plain(v) for k, v in state.items() if k not in _TENSORS and k != "H"}
+    )
+    header["ranks"] = ranks
+    header["sha256"] = {k: _digest(v) for k, v in tensors.items()}
     save_file(tensors, str(path), metadata={"laplace_llm": json.dumps(header)})
+
+
+def read_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read the state written by :func:`write_state`, verified; raise PosteriorFileError.
+
+    Tensors are on the CPU; ``H`` is in :meth:`LowRankKron.to_state
+    <laplace_llm.LowRankKron.to_state>` form.
+    """
+    header, tensors = read_posterior(path)
+    state = {**_DEFAULTS, **header}
+    for key in ("format", "version", "ranks", "sha256"):
+        del state[key]
+    for key in _TENSORS:
+        state[key] = tensors[key]
+    try:
+        state["H"] = [
+            [
+                {"root": tensors[f"H.{i}.{j}.root"], "rank": header["ranks"][f"{i}.{j}"]}
+                if f"H.{i}.{j}.root" in tensors
+                else {"dense": tensors[f"H.{i}.{j}.dense"]}
+                for j in range(len(shape))
+            ]
+            for i, shape in enumerate(header["block_shapes"])
+        ]
+    except KeyError as err:
+        raise PosteriorFileError(f"'{path}' is corrupted: it lacks {err}.") from None
+    return state
 
 
 def read_posterior(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -129,81 +154,3 @@ def read_posterior(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
                 f"'{path}' is corrupted: checksum mismatch in tensor '{name}'."
             )
     return header, tensors
-
-
-def load_posterior(
-    path: str | os.PathLike,
-    model: torch.nn.Module,
-    check_weights: bool = True,
-    **kwargs: Any,
-) -> LoRALaplace:
-    """Rebuild a :class:`LoRALaplace` from ``path`` for ``model``.
-
-    Parameters
-    ----------
-    path : str or PathLike
-    model : nn.Module
-        the model (with the adapter) the posterior was fitted on.
-    check_weights : bool, default True
-        refuse the file if the model's LoRA weights differ from the fitted ones.
-    **kwargs
-        further :class:`LoRALaplace` arguments (e.g. ``jacobian_free``).
-
-    Raises
-    ------
-    PosteriorFileError
-        damaged file, other format or version, or a model with other LoRA blocks or
-        weights.
-    """
-    header, tensors = read_posterior(path)
-    from laplace_llm.discovery import find_blocks
-
-    blocks = find_blocks(model)
-    names = [b.name for b in blocks]
-    shapes = [list(b.shape) for b in blocks]
-    if names != header["block_names"] or shapes != header["block_shapes"]:
-        raise PosteriorFileError(
-            f"'{path}' was fitted on another model: it has {len(header['block_names'])} LoRA "
-            f"blocks ({header['block_names'][:2]}…, shapes {header['block_shapes'][:2]}…), the "
-            f"model has {len(names)} ({names[:2]}…, shapes {shapes[:2]}…). Load it with the "
-            "model and adapter it was fitted on."
-        )
-    options = dict(header["options"])
-    options.update(kwargs)
-    la = LoRALaplace(
-        model,
-        header["likelihood"],
-        temperature=header["temperature"],
-        damping=header["damping"],
-        dict_key_x=header["dict_key_x"],
-        dict_key_y=header["dict_key_y"],
-        **options,
-    )
-    if check_weights:
-        current = torch.nn.utils.parameters_to_vector(la.params).detach().to(la._dtype).cpu()
-        if current.shape != tensors["mean"].shape or not torch.equal(current, tensors["mean"]):
-            raise PosteriorFileError(
-                f"'{path}' was fitted on other LoRA weights than the model has now (same "
-                "blocks, different values): load the adapter it was fitted on, or pass "
-                "check_weights=False if you changed the weights on purpose."
-            )
-    kfacs = []
-    for i, block_shape in enumerate(header["block_shapes"]):
-        F = []
-        for j in range(len(block_shape)):
-            device = blocks[i].module.weight.device
-            if f"H.{i}.{j}.root" in tensors:
-                F.append(LowRankFactor(tensors[f"H.{i}.{j}.root"].to(device), header["ranks"][f"{i}.{j}"]))
-            else:
-                F.append(tensors[f"H.{i}.{j}.dense"].to(device))
-        kfacs.append(F)
-    la.H_facs = LowRankKron(kfacs)
-    la.H = la.H_facs.decompose(damping=la.damping)
-    la.mean = tensors["mean"].to(la._device)
-    la.loss = torch.tensor(header["loss"], dtype=la._dtype)
-    la.n_data = header["n_data"]
-    la.n_outputs = header["n_outputs"]
-    la.prior_mean = tensors["prior_mean"].to(la._device)
-    la.prior_precision = tensors["prior_precision"].to(la._device)
-    la.model.output_size = la.n_outputs
-    return la

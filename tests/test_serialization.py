@@ -90,3 +90,25 @@ def test_laplace_torch_state_dict_loads_with_weights_only(fitted, tmp_path):
     other.load_state_dict(state)
     batch = next(iter(token_loader(n=3, length=6, seed=2)))
     torch.testing.assert_close(other(batch), fitted(batch))
+
+
+def test_files_of_the_first_release_still_load(fitted, tmp_path):
+    """Version-1 files written before the header carried laplace-torch's sigma_noise,
+    enable_backprop and cls_name load with their defaults, to the same posterior."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "post.safetensors"
+    fitted.save(path)
+    with safe_open(str(path), "pt") as fh:
+        header = json.loads(fh.metadata()["laplace_llm"])
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    for key in ("sigma_noise", "enable_backprop", "cls_name"):
+        del header[key]
+    save_file(tensors, str(path), metadata={"laplace_llm": json.dumps(header)})
+    loaded = LoRALaplace.load(path, fitted.model)
+    batch = next(iter(token_loader(n=3, length=6, seed=2)))
+    torch.testing.assert_close(loaded(batch), fitted(batch), rtol=0, atol=0)
+    assert loaded.options == fitted.options

@@ -7,7 +7,7 @@ import torch
 from laplace import Laplace
 from torch.utils.data import DataLoader
 
-from laplace_llm import LLMClassifier, LoRALaplace, LoRAModelError
+from laplace_llm import LLMClassifier, LoRALaplace, LoRAModelError, NonFiniteError
 from tests.batches import TARGET_IDS, DictDataset, token_items, token_loader
 from tests.models import tiny_bert_seqcls_lora, tiny_causal_lm, tiny_llama_lora
 
@@ -179,7 +179,8 @@ def test_nan_activations_name_the_batch(clf):
     h = layer.register_forward_hook(poison)
     la = LoRALaplace(clf, "classification")
     try:
-        with pytest.raises(FloatingPointError, match="Batch 1: NaN or Inf"):
+        # NonFiniteError (a FloatingPointError) as raised, with the batch named
+        with pytest.raises(NonFiniteError, match="Batch 1: NaN or Inf"):
             la.fit(token_loader(n=8, length=5, batch_size=4))
     finally:
         h.remove()

@@ -1,0 +1,241 @@
+"""The K-FAC options of ``subset_of_weights="lora"``, defined once.
+
+:class:`KFACOptions` is the single place where an option, its default, its check and its
+help text are written. Everything else derives from it: the keyword arguments of
+:class:`~laplace_llm.LoRALaplace` (and its backend :class:`~laplace_llm.LoRAKFAC`), the
+``options`` of a posterior file's header (:meth:`KFACOptions.to_dict` /
+:meth:`KFACOptions.from_dict`), the ``laplace-llm fit`` arguments
+(:func:`add_arguments` / :func:`from_arguments`) and the demo's configuration.
+
+Adding an option is one field of :class:`KFACOptions` (with ``metadata=_option(...)``);
+choices are ``str``-valued enums, so ``"mc" == FisherType.MC`` and JSON headers hold
+plain strings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "FisherType",
+    "KFACApprox",
+    "KFACOptions",
+    "add_arguments",
+    "check_int",
+    "expose_options",
+    "from_arguments",
+    "int_at_least",
+]
+
+
+class FisherType(str, enum.Enum):
+    """Which curvature K-FAC approximates (the output-gradient probes)."""
+
+    #: Monte-Carlo Fisher: labels sampled from the model, one backward per sample.
+    MC = "mc"
+    #: Exact GGN: one backward per class.
+    GGN = "ggn"
+    #: Empirical Fisher: the observed labels.
+    EF = "ef"
+
+    def __str__(self) -> str:
+        """Return the plain value (``"mc"``), as the file header and the CLI show it."""
+        return self.value
+
+
+class KFACApprox(str, enum.Enum):
+    """How K-FAC treats the sequence axis (Eschenhagen et al., 2023)."""
+
+    #: Every position is a data point.
+    EXPAND = "expand"
+    #: Positions are collapsed first (inputs averaged, output gradients summed).
+    REDUCE = "reduce"
+
+    def __str__(self) -> str:
+        """Return the plain value (``"expand"``)."""
+        return self.value
+
+
+def _option(help: str, minimum: int | None = None, cli: bool = True) -> dict[str, Any]:
+    """Metadata of one :class:`KFACOptions` field.
+
+    Parameters
+    ----------
+    help : str
+        One line for ``--help`` (the default is appended).
+    minimum : int, optional
+        Integer options: the smallest value allowed.
+    cli : bool, default True
+        Whether ``laplace-llm fit`` offers the option.
+    """
+    return {"help": help, "minimum": minimum, "cli": cli}
+
+
+@dataclasses.dataclass(frozen=True)
+class KFACOptions:
+    """Options of the LoRA K-FAC curvature, validated on construction.
+
+    Attributes
+    ----------
+    n_kfac : int, default 16
+        Rank kept for factors with side above ``lr_threshold``.
+    lr_threshold : int, default 128
+        Factors with side ``≤ lr_threshold`` stay dense (the ``r × r`` LoRA side).
+    fisher_type : FisherType, default "mc"
+        Monte-Carlo Fisher, exact GGN (``C`` backwards) or empirical Fisher.
+    mc_samples : int, default 1
+        Sampled labels per example of ``fisher_type="mc"``.
+    kfac_approx : KFACApprox, default "expand"
+        How K-FAC treats the sequence axis.
+
+    Raises
+    ------
+    ValueError
+        An integer below its minimum (or not an integer), or an unknown choice.
+    """
+
+    n_kfac: int = dataclasses.field(
+        default=16,
+        metadata=_option("rank kept for Kronecker factors larger than --lr-threshold", 1),
+    )
+    lr_threshold: int = dataclasses.field(
+        default=128, metadata=_option("factors of side ≤ this are kept dense", 0)
+    )
+    fisher_type: FisherType = dataclasses.field(
+        default=FisherType.MC,
+        metadata=_option(
+            "curvature: Monte-Carlo Fisher (one backward per sample), exact GGN (one "
+            "backward per class) or empirical Fisher"
+        ),
+    )
+    mc_samples: int = dataclasses.field(
+        default=1, metadata=_option("sampled labels per example of --fisher-type mc", 1)
+    )
+    kfac_approx: KFACApprox = dataclasses.field(
+        default=KFACApprox.EXPAND,
+        metadata=_option("how K-FAC treats the sequence axis"),
+    )
+
+    def __post_init__(self) -> None:
+        """Check every field and convert choices to their enums."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            enum_type = _enum_of(field)
+            if enum_type is not None:
+                value = _check_choice(field.name, value, enum_type)
+            elif field.metadata.get("minimum") is not None:
+                value = check_int(field.name, value, field.metadata["minimum"])
+            object.__setattr__(self, field.name, value)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """Names of the options, in definition order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the options as plain JSON values (enums as their strings)."""
+        return {
+            name: value.value if isinstance(value, enum.Enum) else value
+            for name, value in dataclasses.asdict(self).items()
+        }
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> KFACOptions:
+        """Options from a mapping; keys that are no option are ignored, missing ones default.
+
+        Parameters
+        ----------
+        values : Mapping
+            e.g. a posterior file's ``options`` or a configuration's fields.
+        """
+        names = cls.names()
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def replace(self, **changes: Any) -> KFACOptions:
+        """Return a copy with some options changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _enum_of(field: dataclasses.Field) -> type[enum.Enum] | None:
+    default = field.default
+    return type(default) if isinstance(default, enum.Enum) else None
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an ``int`` if it is an integer ``≥ minimum`` (not a bool), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer ≥ {minimum}; got {value!r}.")
+    return int(value)
+
+
+def _check_choice(name: str, value: Any, choices: type[enum.Enum]) -> enum.Enum:
+    try:
+        return choices(value)
+    except ValueError:
+        allowed = tuple(c.value for c in choices)
+        raise ValueError(f"{name} must be one of {allowed}; got {value!r}.") from None
+
+
+def expose_options(cls: type) -> type:
+    """Class decorator: one read-only attribute per option, read from ``self.options``.
+
+    So ``la.n_kfac`` and ``backend.fisher_type`` keep working, and a new option needs no
+    line in the classes that hold a :class:`KFACOptions`.
+    """
+    for name in KFACOptions.names():
+        setattr(cls, name, property(lambda self, _name=name: getattr(self.options, _name),
+                                    doc=f"``self.options.{name}`` (see :class:`KFACOptions`)."))
+    return cls
+
+
+# ------------------------------------------------------------------ command line
+def int_at_least(minimum: int):
+    """Return an argparse type accepting integers ``≥ minimum``."""
+    what = "a positive integer" if minimum == 1 else f"an integer ≥ {minimum}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Add one ``--option-name`` argument per :class:`KFACOptions` field to ``parser``.
+
+    Defaults, choices and the integer ranges come from the dataclass; read the parsed
+    values back with :func:`from_arguments`.
+    """
+    for field in dataclasses.fields(KFACOptions):
+        meta = field.metadata
+        if not meta.get("cli", True):
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        enum_type = _enum_of(field)
+        default = field.default.value if enum_type is not None else field.default
+        help_text = f"{meta['help']} (default: {default})"
+        if enum_type is not None:
+            parser.add_argument(
+                flag, choices=tuple(c.value for c in enum_type), default=default,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(
+                flag, type=int_at_least(meta["minimum"]), default=default,
+                metavar=field.name.split("_")[-1].upper(), help=help_text,
+            )
+
+
+def from_arguments(args: argparse.Namespace) -> KFACOptions:
+    """Return the :class:`KFACOptions` of arguments added by :func:`add_arguments`."""
+    return KFACOptions.from_dict(vars(args))

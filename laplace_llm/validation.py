@@ -1,0 +1,117 @@
+"""Checks of a training loader and its batches before they reach the curvature.
+
+Each check raises an error that names the batch, the problem and the fix, before the
+batch's forward pass, so a bad input leaves the model and the posterior unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+__all__ = ["loader_size", "check_batch"]
+
+
+def loader_size(train_loader: DataLoader) -> int:
+    """Return the data set size ``N`` of ``train_loader`` (which scales the curvature).
+
+    Raises
+    ------
+    TypeError
+        The loader has no sized ``dataset``.
+    ValueError
+        The dataset is empty.
+    """
+    dataset = getattr(train_loader, "dataset", None)
+    try:
+        N = len(dataset)
+    except TypeError:
+        raise TypeError(
+            "The train loader needs a `dataset` with a length (the data set size N "
+            "scales the curvature); pass a torch DataLoader over a sized dataset."
+        ) from None
+    if N == 0:
+        raise ValueError("The train loader is empty (its dataset has length 0).")
+    return N
+
+
+def check_batch(
+    data: Any,
+    i: int,
+    n_outputs: int | None,
+    device: torch.device,
+    dict_key_x: str = "input_ids",
+    dict_key_y: str = "labels",
+) -> tuple[Any, torch.Tensor]:
+    """Split batch ``i`` into inputs and integer labels, checked against the model.
+
+    Parameters
+    ----------
+    data : dict or tuple
+        a dict batch with ``dict_key_x`` and ``dict_key_y``, or an ``(X, y)`` pair.
+    i : int
+        the batch's index, for the messages.
+    n_outputs : int or None
+        the model's number of outputs: labels must lie in ``0..n_outputs - 1``.
+    device : torch.device
+        the model's device; every tensor of the batch must be on its device type.
+    dict_key_x, dict_key_y : str
+        keys of the inputs and the labels in dict batches.
+
+    Returns
+    -------
+    X : dict or torch.Tensor
+        what the model is called with (the whole dict for dict batches).
+    y : torch.Tensor
+        ``(batch,)`` labels on ``device``.
+
+    Raises
+    ------
+    KeyError
+        a dict batch lacks ``dict_key_x`` or ``dict_key_y``.
+    TypeError
+        labels that are not integers.
+    ValueError
+        a batch on another device, labels of the wrong shape or out of range.
+    """
+    if isinstance(data, Mapping):
+        for key in (dict_key_x, dict_key_y):
+            if key not in data:
+                raise KeyError(
+                    f"Batch {i} has no '{key}' (keys: {sorted(data.keys())}). Batches are "
+                    f"dicts with '{dict_key_x}', optional 'attention_mask', and "
+                    f"'{dict_key_y}'; set dict_key_x/dict_key_y if yours differ."
+                )
+        X, y = data, data[dict_key_y]
+        x_main = data[dict_key_x]
+    else:
+        X, y = data
+        x_main = X
+    for t in (X.values() if isinstance(X, Mapping) else [X]):
+        if isinstance(t, torch.Tensor) and t.device.type != device.type:
+            raise ValueError(
+                f"Batch {i} is on {t.device} but the model is on {device}; move the "
+                "batch (or the model) so that both are on the same device."
+            )
+    if not isinstance(y, torch.Tensor):
+        y = torch.as_tensor(y)
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise TypeError(
+            f"Labels of batch {i} have dtype {y.dtype}; classification labels must be "
+            "integer class indices (torch.long), not probabilities or floats."
+        )
+    batch_size = x_main.shape[0] if isinstance(x_main, torch.Tensor) else len(x_main)
+    if y.ndim != 1 or y.shape[0] != batch_size:
+        raise ValueError(
+            f"Labels of batch {i} have shape {tuple(y.shape)} but the batch has "
+            f"{batch_size} inputs; give one integer label per input."
+        )
+    if n_outputs is not None and y.numel() and (y.min() < 0 or y.max() >= n_outputs):
+        raise ValueError(
+            f"Labels of batch {i} lie in [{int(y.min())}, {int(y.max())}] but the model has "
+            f"{n_outputs} outputs; labels must be in 0..{n_outputs - 1}."
+        )
+    return X, y.to(device)
