@@ -31,6 +31,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from laplace_llm import LLMClassifier, LoRALaplace
 from laplace_llm.data import make_loader, minilm_path
 from laplace_llm.matrix import LowRankFactor
+from laplace_llm.training import train_lora
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -72,15 +73,8 @@ def main(argv=None):
     )
     clf = LLMClassifier(model)
     train = make_loader(sentences(args.n_train, 0), tok, batch_size=16, kind="text", shuffle=True)
-    opt = torch.optim.Adam([p for p in clf.parameters() if p.requires_grad], lr=2e-3)
-    clf.train()
-    for _ in range(3):  # a short fine-tune so that the head and adapters are not at init
-        for batch in train:
-            loss = torch.nn.functional.cross_entropy(clf(batch), batch["labels"])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    clf.eval()
+    # a short fine-tune so that the head and adapters are not at init
+    train_lora(clf, train, epochs=3, lr=2e-3, optimizer=torch.optim.Adam)
     train = make_loader(sentences(args.n_train, 0), tok, batch_size=16, kind="text")
     test = next(iter(make_loader(sentences(32, 1), tok, batch_size=32, kind="text")))
 

@@ -24,8 +24,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import laplace_llm  # registers subset_of_weights="lora"
+from laplace_llm.app.evaluation import collect_probs, format_table, score
 from laplace_llm.data import make_loader, minilm_path
-from laplace_llm.evaluation import collect_probs, format_table, score
 
 POSITIVE = ["great", "wonderful", "delightful", "superb", "charming", "excellent", "moving",
             "brilliant", "enjoyable", "beautiful", "clever", "fantastic"]

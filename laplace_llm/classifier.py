@@ -28,13 +28,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from laplace_llm.data import check_tokenizer
+
 __all__ = ["LLMClassifier"]
 
 _INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
 
 
 def _unwrap_peft(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft ``PeftModel`` (LoRA layers stay injected)."""
+    """Return the transformers model inside a peft ``PeftModel`` (LoRA layers stay injected)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 
@@ -139,6 +141,12 @@ class LLMClassifier(nn.Module):
         ``(C,)`` token ids whose next-token logits are the C class scores. Required for a
         causal LM; ``None`` for a sequence-classification model, whose ``.logits`` are
         returned unchanged.
+    center : bool or float, default False
+        Remove the common offset of the selected-token logits: ``True`` removes the
+        share :attr:`CENTER` (99 %) of their mean, a float in ``[0, 1]`` that share.
+        Softmax, the fit and the Monte-Carlo predictive ignore the offset; the probit
+        predictive does not (see Notes). Sequence-classification outputs are never
+        centred.
 
     Attributes
     ----------
@@ -162,6 +170,18 @@ class LLMClassifier(nn.Module):
     logits in another way after ``lm_head`` is not covered; compare with
     ``model(**batch).logits`` once when adding a new family.
 
+    Centring: the C selected logits of a causal LM carry an arbitrary common offset (the
+    rest of the vocabulary's log-partition is dropped). Softmax ignores it, and so does the
+    curvature: every Fisher/GGN probe ``v`` sums to zero over classes, so ``Jᵀv`` is the
+    same with centred logits. The GLM predictive does not: its logit covariance has a large
+    common-mode part, and the probit approximation, which scales each logit by its own
+    ``κ_c = (1 + π/8 σ_c²)^{-1/2}``, then mixes that offset into the prediction and can
+    change the argmax. Centring ``f ↦ (I − s 11ᵀ/C) f`` removes the offset and its
+    variance. ``s = 1`` is avoided: exact centring makes the logit covariance singular,
+    and laplace-torch's Monte-Carlo link draws its samples through a Cholesky factor of
+    it. The parameters are the same with or without centring, so a posterior fitted with
+    one loads with the other.
+
     Examples
     --------
     >>> clf = LLMClassifier.from_choices(peft_model, tokenizer, [" A", " B", " C", " D"])
@@ -170,10 +190,25 @@ class LLMClassifier(nn.Module):
     """
 
     target_ids: torch.Tensor | None
+    #: Share of the common offset that ``center=True`` removes (1 % is kept, so that the
+    #: logit covariance stays definite).
+    CENTER = 0.99
 
-    def __init__(self, model: nn.Module, target_ids: Sequence[int] | torch.Tensor | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        target_ids: Sequence[int] | torch.Tensor | None = None,
+        center: bool | float = False,
+    ):
         super().__init__()
         self.model = model
+        share = self.CENTER if center is True else float(center)
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(
+                f"center must be True, False or a share in [0, 1] of the logits' mean to "
+                f"remove; got {center!r}."
+            )
+        self.center = share
         hf_model = _unwrap_peft(model)
         get_head = getattr(hf_model, "get_output_embeddings", None)
         head = get_head() if callable(get_head) else None
@@ -224,7 +259,9 @@ class LLMClassifier(nn.Module):
         self.n_outputs = int(ids.numel())
 
     @classmethod
-    def from_choices(cls, model: nn.Module, tokenizer: Any, choices: Sequence[str]) -> LLMClassifier:
+    def from_choices(
+        cls, model: nn.Module, tokenizer: Any, choices: Sequence[str], center: bool | float = False
+    ) -> LLMClassifier:
         """Build a classifier over the tokens of answer strings such as ``[" A", " B"]``.
 
         Parameters
@@ -238,6 +275,8 @@ class LLMClassifier(nn.Module):
             ``(C,)`` strings, each exactly one token when encoded without special tokens.
             Mind the leading space: ``" A"`` and ``"A"`` are different tokens in most
             BPE vocabularies.
+        center : bool or float, default False
+            See :class:`LLMClassifier`.
 
         Returns
         -------
@@ -263,17 +302,7 @@ class LLMClassifier(nn.Module):
                 f"from_choices needs at least 2 choices, got {len(choices)} ({choices!r}); a "
                 "one-output reward model is a sequence-classification model with num_labels=1."
             )
-        side = getattr(tokenizer, "padding_side", None)
-        if side not in ("left", "right"):
-            raise ValueError(
-                f"the tokenizer's padding side is {side!r}; it must be 'left' or 'right' so "
-                "that batches are padded consistently: set tokenizer.padding_side = 'left'."
-            )
-        if getattr(tokenizer, "pad_token_id", None) is None:
-            raise ValueError(
-                "the tokenizer has no pad token, so batches cannot be padded: set "
-                "tokenizer.pad_token = tokenizer.eos_token."
-            )
+        check_tokenizer(tokenizer)
         ids = []
         for choice in choices:
             encoded = list(tokenizer.encode(choice, add_special_tokens=False))
@@ -295,7 +324,7 @@ class LLMClassifier(nn.Module):
                 )
             seen[token] = choice
         try:
-            return cls(model, ids)
+            return cls(model, ids, center=center)
         except ValueError as err:
             raise ValueError(f"choices {choices!r} give token ids {ids}: {err}") from err
 
@@ -371,6 +400,8 @@ class LLMClassifier(nn.Module):
             logits = self._selected_logits(inputs)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
+        if self.center and self.target_ids is not None:
+            logits = logits - self.center * logits.mean(-1, keepdim=True)
         if pair:
             logits = logits.reshape(batch, -1)
         return logits
@@ -415,12 +446,13 @@ class LLMClassifier(nn.Module):
         return logits.reshape(logits.shape[0], -1)
 
     def extra_repr(self) -> str:
+        """Show the target ids, the number of outputs and the centring share."""
         ids = None if self.target_ids is None else self.target_ids.tolist()
-        return f"target_ids={ids}, n_outputs={self.n_outputs}"
+        return f"target_ids={ids}, n_outputs={self.n_outputs}, center={self.center}"
 
 
 def _post_head_transform(hf_model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
-    """Transforms transformers applies after ``lm_head`` in some families' ``forward``."""
+    """Apply the transforms transformers applies after ``lm_head`` in some families' ``forward``."""
     config = _text_config(hf_model.config)
     model_type = str(getattr(config, "model_type", ""))
     scale = getattr(hf_model, "logit_scale", None)

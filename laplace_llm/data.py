@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_PAIR_TEMPLATE",
     "KINDS",
     "LLMDataset",
+    "check_tokenizer",
     "collate",
     "format_mcqa_prompt",
     "make_loader",
@@ -165,7 +166,7 @@ def mcqa_choices(n: int) -> list[str]:
 
 
 def format_mcqa_prompt(item: Mapping[str, Any], template: str = DEFAULT_MCQA_TEMPLATE) -> str:
-    """The prompt of a multiple-choice question, with lettered options.
+    r"""Write the prompt of a multiple-choice question, with lettered options.
 
     Parameters
     ----------
@@ -191,16 +192,24 @@ def format_mcqa_prompt(item: Mapping[str, Any], template: str = DEFAULT_MCQA_TEM
 
 
 # ---------------------------------------------------------------------- dataset
-def _check_tokenizer(tokenizer: Any) -> None:
+def check_tokenizer(tokenizer: Any) -> None:
+    """Refuse a tokenizer that cannot pad batches consistently.
+
+    Raises
+    ------
+    ValueError
+        no pad token, or a ``padding_side`` other than ``"left"`` or ``"right"``.
+    """
     if getattr(tokenizer, "pad_token_id", None) is None:
         raise ValueError(
             "the tokenizer has no pad token, so batches cannot be padded: set "
             "tokenizer.pad_token = tokenizer.eos_token."
         )
-    if getattr(tokenizer, "padding_side", None) not in ("left", "right"):
+    side = getattr(tokenizer, "padding_side", None)
+    if side not in ("left", "right"):
         raise ValueError(
-            f"the tokenizer's padding_side is {getattr(tokenizer, 'padding_side', None)!r}; "
-            "set tokenizer.padding_side to 'left' or 'right'."
+            f"the tokenizer's padding_side is {side!r}; it must be 'left' or 'right' so that "
+            "batches are padded consistently: set tokenizer.padding_side = 'left'."
         )
 
 
@@ -255,7 +264,7 @@ class LLMDataset(Dataset):
             raise ValueError(f"pair_order must be 'chosen_first' or 'random', got {pair_order!r}")
         if max_length is not None and (not _is_int(max_length) or max_length < 1):
             raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
-        _check_tokenizer(tokenizer)
+        check_tokenizer(tokenizer)
         self.tokenizer = tokenizer
         self.kind = kind
         self.max_length = max_length
@@ -318,9 +327,11 @@ class LLMDataset(Dataset):
         return out
 
     def __len__(self) -> int:
+        """Return the number of records."""
         return len(self.texts)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        """Return record ``index``, encoded."""
         item: dict[str, Any] = {"encoded": self._encoded[index]}
         if self.labels is not None:
             item["label"] = self.labels[index]
@@ -356,7 +367,7 @@ def collate(items: Sequence[Mapping[str, Any]], tokenizer: Any) -> dict[str, tor
         ``(batch, T)``, or ``(batch, 2, T)`` for pairs, with T the longest sequence of the
         batch; ``labels`` ``(batch,)`` when the items have labels.
     """
-    _check_tokenizer(tokenizer)
+    check_tokenizer(tokenizer)
     left = tokenizer.padding_side == "left"
     pairs = isinstance(items[0]["encoded"], (list, tuple))
     rows = [seq for it in items for seq in it["encoded"]] if pairs else [it["encoded"] for it in items]
@@ -394,7 +405,7 @@ def make_loader(
     template: str | None = None,
     **dataset_kwargs: Any,
 ) -> DataLoader:
-    """A ``DataLoader`` of dict batches for ``Laplace.fit`` and for prediction.
+    """Build a ``DataLoader`` of dict batches for ``Laplace.fit`` and for prediction.
 
     Parameters
     ----------

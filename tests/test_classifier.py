@@ -1,5 +1,6 @@
-"""LLMClassifier: selected-token logits, padding independence, pass-through, errors."""
+"""LLMClassifier: selected-token logits, padding independence, pass-through, errors, centring."""
 
+import math
 import os
 import random
 
@@ -7,6 +8,8 @@ import pytest
 import torch
 
 from laplace_llm.classifier import LLMClassifier, last_token_index, position_ids_from_mask
+from laplace_llm.matrix import LowRankFactor
+from tests.batches import TARGET_IDS, DictDataset, token_items
 from tests.models import (
     CAUSAL_LORA_BUILDERS,
     TINY_WORDS,
@@ -354,11 +357,11 @@ def test_from_choices_rejects_unknown_padding_side():
     class NoSide:
         pad_token_id = 0
 
-    with pytest.raises(ValueError, match="padding side is None.*padding_side = 'left'"):
+    with pytest.raises(ValueError, match="padding_side is None.*padding_side = 'left'"):
         LLMClassifier.from_choices(tiny_llama_lora(seed=0), NoSide(), [" A", " B"])
     tok = tiny_tokenizer()
     tok.__dict__["padding_side"] = "middle"
-    with pytest.raises(ValueError, match="padding side is 'middle'"):
+    with pytest.raises(ValueError, match="padding_side is 'middle'"):
         LLMClassifier.from_choices(tiny_llama_lora(seed=0), tok, [" A", " B"])
 
 
@@ -452,3 +455,77 @@ def test_real_minilm_with_lora_passes_logits_through():
     assert clf.n_outputs == 2 and got.shape == (2, 2)
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
     assert (got[0] - got[1]).abs().max() > 1e-4
+
+
+# ------------------------------------------------------------------ centring
+def dense(f):
+    return f.to_dense() if isinstance(f, LowRankFactor) else f
+
+
+def loader(n=10, seed=0, batch_size=4):
+    from torch.utils.data import DataLoader
+
+    return DataLoader(DictDataset(token_items(n, 6, seed=seed, min_length=3)), batch_size=batch_size)
+
+
+def test_centred_logits_keep_the_softmax_and_have_nearly_zero_mean():
+    model = tiny_llama_lora(seed=0)
+    plain, centred = LLMClassifier(model, TARGET_IDS), LLMClassifier(model, TARGET_IDS, center=True)
+    batch = next(iter(loader()))
+    with torch.no_grad():
+        f, g = plain(batch), centred(batch)
+    torch.testing.assert_close(torch.softmax(g, -1), torch.softmax(f, -1))
+    torch.testing.assert_close(g.mean(-1), 0.01 * f.mean(-1))
+    # same parameter names: a posterior of one loads with the other
+    assert [n for n, _ in plain.named_parameters()] == [n for n, _ in centred.named_parameters()]
+
+
+@pytest.mark.parametrize("fisher_type", ["ggn", "ef"])
+def test_centring_leaves_the_curvature_unchanged(fisher_type):
+    """Every Fisher probe sums to zero over classes, so Jᵀv ignores the common offset."""
+    from laplace import Laplace
+
+    import laplace_llm  # noqa: F401  (registers subset_of_weights="lora")
+
+    model = tiny_llama_lora(seed=0, dtype=torch.float64)
+    fits = []
+    for center in (False, True):
+        la = Laplace(LLMClassifier(model, TARGET_IDS, center=center), "classification", subset_of_weights="lora",
+                     fisher_type=fisher_type)
+        la.fit(loader())
+        fits.append(la)
+    for F, G in zip(fits[0].H_facs.kfacs, fits[1].H_facs.kfacs, strict=True):
+        for f, g in zip(F, G, strict=True):
+            torch.testing.assert_close(dense(f), dense(g), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(fits[0].log_marginal_likelihood(),
+                               fits[1].log_marginal_likelihood(), rtol=1e-9, atol=0)
+
+
+def test_centring_removes_the_common_mode_variance_that_moves_probit():
+    from laplace import Laplace
+
+    import laplace_llm  # noqa: F401  (registers subset_of_weights="lora")
+
+    model = tiny_llama_lora(seed=0, dtype=torch.float64)
+    batch = next(iter(loader(seed=3)))
+    out = {}
+    for center in (False, True):
+        la = Laplace(LLMClassifier(model, TARGET_IDS, center=center), "classification", subset_of_weights="lora",
+                     fisher_type="ggn", prior_precision=0.1)
+        la.fit(loader())
+        out[center] = la._glm_predictive_distribution(batch)
+    (f, var), (g, var_c) = out[False], out[True]
+    torch.testing.assert_close(g, f - (1 - 0.01) * f.mean(-1, keepdim=True))
+    C = f.shape[-1]
+    P = torch.eye(C, dtype=f.dtype) - (1 - 0.01) / C
+    # the centred covariance is P Σ Pᵀ, and all-ones is (almost) in its null space
+    torch.testing.assert_close(var_c, P @ var @ P.T, rtol=1e-5, atol=1e-8)
+    ones = torch.ones(C, dtype=f.dtype) / math.sqrt(C)
+    assert bool((ones @ var_c @ ones < 1e-3 * (ones @ var @ ones)).all())
+
+
+def test_reward_heads_are_not_centred():
+    model = tiny_bert_seqcls_lora(num_labels=1, seed=0)
+    batch = next(iter(loader()))
+    with torch.no_grad():
+        torch.testing.assert_close(LLMClassifier(model, center=True)(batch), LLMClassifier(model)(batch))

@@ -1,6 +1,6 @@
 """``laplace-llm fit`` / ``evaluate`` on model folders written with ``save_pretrained``.
 
-The CLI is run in-process through :func:`laplace_llm.cli.main` (its return value is the
+The CLI is run in-process through :func:`laplace_llm.app.cli.main` (its return value is the
 exit status); one test runs the installed console script to check the entry point.
 """
 
@@ -11,9 +11,10 @@ import sys
 
 import pytest
 
-from laplace_llm.cli import build_parser, main
+from laplace_llm.app.cli import build_parser, main
+from laplace_llm.app.evaluation import collect_probs, score
+from laplace_llm.classifier import LLMClassifier
 from laplace_llm.data import make_loader, read_jsonl
-from laplace_llm.evaluation import CenteredLLMClassifier, collect_probs, score
 from laplace_llm.lora_laplace import LoRALaplace
 from tests.models import add_lora, tiny_causal_lm, tiny_seqcls, tiny_tokenizer
 
@@ -79,7 +80,7 @@ def test_fit_then_evaluate_round_trip(causal, tmp_path, capsys):
         AutoModelForCausalLM.from_pretrained(causal / "model"), causal / "adapter",
         is_trainable=True,
     ).eval()
-    clf = CenteredLLMClassifier.from_choices(model, tok, [" A", " B", " C", " D"])
+    clf = LLMClassifier.from_choices(model, tok, [" A", " B", " C", " D"], center=True)
     la = LoRALaplace.load(post, clf)
     assert la.fisher_type == "ggn"
     loader = make_loader(read_jsonl(causal / "data.jsonl", "mcqa"), tok, 4, "mcqa")

@@ -12,10 +12,10 @@ import random
 
 import pytest
 
-from laplace_llm.cli import main
+from laplace_llm.app.cli import main
+from laplace_llm.app.demo import COLOURS, DemoConfig, DemoTask, build_tokenizer
+from laplace_llm.app.evaluation import METHODS, METRICS
 from laplace_llm.data import format_mcqa_prompt
-from laplace_llm.demo import COLOURS, DemoConfig, DemoTask, build_tokenizer
-from laplace_llm.evaluation import METHODS, METRICS
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_quick_demo_reports_the_evidence_of_each_checkpoint(quick_run):
 
 def test_demo_prints_the_table(tmp_path, capsys, monkeypatch):
     """The CLI layer prints what run_demo returns (run_demo itself is stubbed here)."""
-    import laplace_llm.demo as demo
+    import laplace_llm.app.demo as demo
 
     fake = {
         "results": {s: {m: dict.fromkeys(METRICS, 0.5) for m in METHODS} for s in ("id", "shift")},

@@ -1,6 +1,6 @@
 """Predict with a MAP model and its Laplace posterior over a loader, and score the results.
 
-Shared by the demo and by ``laplace-llm evaluate``. A *method* is one way of turning a
+Shared by the demo, ``laplace-llm evaluate`` and the examples. A *method* is one way of turning a
 batch into class probabilities ``(batch, C)``:
 
 * ``"map"``: softmax of the fine-tuned model's logits;
@@ -22,10 +22,8 @@ import tqdm
 from torch import nn
 
 from laplace_llm import metrics
-from laplace_llm.classifier import LLMClassifier
 
 __all__ = [
-    "CenteredLLMClassifier",
     "METHODS",
     "METHOD_LABELS",
     "METRICS",
@@ -43,41 +41,6 @@ METHOD_LABELS = {"map": "MAP", "la_probit": "LA (GLM probit)", "la_mc": "LA (GLM
 METRICS = ("accuracy", "nll", "brier", "ece")
 #: Confidence bins of ECE and of the reliability diagrams.
 N_BINS = 15
-
-
-class CenteredLLMClassifier(LLMClassifier):
-    """:class:`~laplace_llm.LLMClassifier` whose selected-token logits have zero mean.
-
-    The C selected logits of a causal LM carry an arbitrary common offset (the rest of
-    the vocabulary's log-partition is dropped). Softmax ignores it, and so does the
-    curvature: every Fisher/GGN probe ``v`` sums to zero over classes, so ``Jᵀv`` is the
-    same with centred logits. The GLM predictive does not: its logit covariance has a large
-    common-mode part, and the probit approximation, which scales each logit by its own
-    ``κ_c = (1 + π/8 σ_c²)^{-1/2}``, then mixes that offset into the prediction and can
-    change the argmax. Centring ``f ↦ (I − 11ᵀ/C) f`` removes the offset and its variance
-    (``Σ ↦ (I − 11ᵀ/C) Σ (I − 11ᵀ/C)``); the MAP softmax, the fit and the Monte-Carlo
-    predictive are unchanged.
-
-    A fraction :attr:`keep_offset` (1 %) of the offset is kept: exact centring makes the
-    logit covariance singular, and laplace-torch's Monte-Carlo link draws its samples
-    through a Cholesky factor of it.
-
-    Parameter names are those of :class:`~laplace_llm.LLMClassifier`, so a posterior fitted
-    with one loads with the other. Sequence-classification models (``target_ids=None``,
-    e.g. one-output reward heads) are passed through unchanged.
-    """
-
-    #: Share of the common offset left in the logits (keeps the covariance definite).
-    keep_offset = 0.01
-
-    def forward(self, x: Mapping[str, Any] | torch.Tensor) -> torch.Tensor:
-        """Centred logits ``(batch, C)`` (pairs: ``(batch, 2 C)``, each sequence centred)."""
-        f = super().forward(x)
-        if self.target_ids is None:
-            return f
-        g = f.reshape(f.shape[0], -1, self.n_outputs)
-        g = g - (1.0 - self.keep_offset) * g.mean(-1, keepdim=True)
-        return g.reshape(f.shape)
 
 
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -143,14 +106,11 @@ def collect_probs(
     generator = torch.Generator(device=device).manual_seed(seed)
     out: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
     labels = []
-    # laplace-torch 0.3's __call__ checks `generator` but does not pass it on to the GLM
-    # samples, which then come from torch's global generator: seed that one, inside a fork
-    # so that the caller's random state is left as it was.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for batch in tqdm.tqdm(loader, desc=desc, disable=not progress, leave=False):
-            _predict_batch(model, la, batch, device, methods, mc_samples, generator, fitting,
-                           out, labels)
+    # LoRALaplace passes `generator` on to the Monte-Carlo samples (laplace-torch 0.3
+    # would draw them from the global generator), so the caller's random state is untouched
+    for batch in tqdm.tqdm(loader, desc=desc, disable=not progress, leave=False):
+        _predict_batch(model, la, batch, device, methods, mc_samples, generator, fitting,
+                       out, labels)
     return {m: torch.cat(v) for m, v in out.items()}, torch.cat(labels)
 
 
@@ -191,7 +151,7 @@ def write_reliability(
 
 
 def format_table(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
-    """A plain-text table of ``results[split][method][metric]``.
+    """Format a plain-text table of ``results[split][method][metric]``.
 
     Returns
     -------

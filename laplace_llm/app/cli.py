@@ -24,9 +24,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from laplace_llm import options as kfac_options
+
 __all__ = ["main", "build_parser"]
 
-logger = logging.getLogger("laplace_llm.cli")
+logger = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 2
 
@@ -36,23 +38,8 @@ class UserError(Exception):
 
 
 # ---------------------------------------------------------------------- parser
-def _int_at_least(minimum: int, what: str):
-    """An argparse type accepting integers ``≥ minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1, "a positive integer")
-_non_negative_int = _int_at_least(0, "an integer ≥ 0")
+_positive_int = kfac_options.int_at_least(1)
+_non_negative_int = kfac_options.int_at_least(0)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -106,7 +93,7 @@ def _add_model_data(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``laplace-llm`` argument parser (subcommands ``demo``, ``fit``, ``evaluate``)."""
+    """Build the ``laplace-llm`` argument parser (subcommands ``demo``, ``fit``, ``evaluate``)."""
     parser = argparse.ArgumentParser(
         prog="laplace-llm",
         description="Laplace posteriors over the LoRA weights of fine-tuned language models "
@@ -141,15 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_data(fit)
     g = fit.add_argument_group("Laplace options")
-    g.add_argument("--n-kfac", type=_positive_int, default=16, metavar="K",
-                   help="rank kept for Kronecker factors larger than --lr-threshold (default: 16)")
-    g.add_argument("--lr-threshold", type=_non_negative_int, default=128, metavar="D",
-                   help="factors of side ≤ D are kept dense (default: 128)")
-    g.add_argument("--fisher-type", choices=("mc", "ggn", "ef"), default="mc",
-                   help="curvature: Monte-Carlo Fisher (one backward per batch), exact GGN "
-                   "(one backward per class) or empirical Fisher (default: mc)")
-    g.add_argument("--kfac-approx", choices=("expand", "reduce"), default="expand",
-                   help="how K-FAC treats the sequence axis (default: expand)")
+    kfac_options.add_arguments(g)
     g.add_argument("--prior-optimization", choices=("marglik", "none"), default="marglik",
                    help="tune the prior precision by maximising the marginal likelihood, or "
                    "keep --prior-precision (default: marglik)")
@@ -238,12 +217,13 @@ def _is_sequence_classifier(config: Any) -> bool:
 
 
 def load_classifier(args: argparse.Namespace):
-    """The model (+ adapter) as a classifier, its tokenizer and the data loader.
+    """Load the model (+ adapter) as a classifier, and the data loader.
 
     Returns
     -------
-    clf : CenteredLLMClassifier
-        Over ``--choices`` for a causal LM; the head's outputs for a sequence classifier.
+    clf : LLMClassifier
+        Centred, over ``--choices`` for a causal LM; the head's outputs for a sequence
+        classifier.
     loader : DataLoader
         Dict batches of ``--data``.
     likelihood : str
@@ -256,8 +236,8 @@ def load_classifier(args: argparse.Namespace):
         AutoTokenizer,
     )
 
+    from laplace_llm.classifier import LLMClassifier
     from laplace_llm.data import make_loader, mcqa_choices, read_jsonl
-    from laplace_llm.evaluation import CenteredLLMClassifier
 
     try:
         records = read_jsonl(args.data, args.kind)
@@ -309,7 +289,7 @@ def load_classifier(args: argparse.Namespace):
     model.eval()
 
     if seq_cls:
-        clf = CenteredLLMClassifier(model, None)
+        clf = LLMClassifier(model, None, center=True)
     else:
         choices = args.choices
         if not choices:
@@ -320,7 +300,7 @@ def load_classifier(args: argparse.Namespace):
                 )
             choices = mcqa_choices(max(len(r["choices"]) for r in records))
         try:
-            clf = CenteredLLMClassifier.from_choices(model, tokenizer, choices)
+            clf = LLMClassifier.from_choices(model, tokenizer, choices, center=True)
         except (TypeError, ValueError) as err:
             raise UserError(f"--choices: {err}") from None
     _check_labels(records, args.kind, clf.n_outputs)
@@ -367,8 +347,8 @@ def _lora_error(err: Exception, args: argparse.Namespace) -> UserError:
 
 # ---------------------------------------------------------------------- commands
 def cmd_demo(args: argparse.Namespace) -> int:
-    from laplace_llm.demo import DemoConfig, run_demo
-    from laplace_llm.evaluation import format_table
+    from laplace_llm.app.demo import DemoConfig, run_demo
+    from laplace_llm.app.evaluation import format_table
 
     cfg = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
     log = None  # run_demo also logs each step through `logging`, shown at INFO here
@@ -400,7 +380,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from laplace import Laplace
 
     import laplace_llm  # noqa: F401  (registers subset_of_weights="lora")
-    from laplace_llm.discovery import LoRAModelError
+    from laplace_llm.errors import LoRAModelError
 
     _check_paths(args, posterior_must_exist=False)
     if not args.prior_precision > 0:
@@ -410,9 +390,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     try:
         la = Laplace(
             clf, likelihood, subset_of_weights="lora", hessian_structure="kron",
-            prior_precision=args.prior_precision, n_kfac=args.n_kfac,
-            lr_threshold=args.lr_threshold, fisher_type=args.fisher_type,
-            kfac_approx=args.kfac_approx, seed=args.seed,
+            prior_precision=args.prior_precision, options=kfac_options.from_arguments(args),
+            seed=args.seed,
         )
     except LoRAModelError as err:
         raise _lora_error(err, args) from None
@@ -437,16 +416,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from laplace_llm.discovery import LoRAModelError
-    from laplace_llm.evaluation import (
+    from laplace_llm.app.evaluation import (
         METHODS,
         collect_probs,
         format_table,
         score,
         write_reliability,
     )
+    from laplace_llm.errors import LoRAModelError, PosteriorFileError
     from laplace_llm.lora_laplace import LoRALaplace
-    from laplace_llm.serialization import PosteriorFileError
 
     _check_paths(args, posterior_must_exist=True)
     clf, loader, likelihood = load_classifier(args)

@@ -25,7 +25,6 @@ Everything is generated, offline and seeded:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -39,14 +38,11 @@ import torch
 import tqdm
 from torch import nn
 
+from laplace_llm.app.evaluation import METHODS, collect_probs, score, write_reliability
+from laplace_llm.classifier import LLMClassifier
 from laplace_llm.data import format_mcqa_prompt, make_loader, mcqa_choices
-from laplace_llm.evaluation import (
-    METHODS,
-    CenteredLLMClassifier,
-    collect_probs,
-    score,
-    write_reliability,
-)
+from laplace_llm.options import KFACOptions
+from laplace_llm.training import train_lora
 
 __all__ = ["DemoConfig", "DemoTask", "build_model", "build_tokenizer", "run_demo"]
 
@@ -85,7 +81,8 @@ class DemoConfig:
         Epochs after which the LoRA weights are kept for the evidence comparison (the
         final epoch is always added).
     finetune_batch, finetune_lr : fine-tuning schedule.
-    n_kfac, lr_threshold, fisher_type, kfac_approx : LoRALaplace options.
+    kfac : KFACOptions
+        The LoRALaplace options (the package defaults).
     mc_samples : int
         Logit samples of the GLM Monte-Carlo predictive.
     batch_size : int
@@ -111,16 +108,13 @@ class DemoConfig:
     checkpoints: tuple[int, ...] = (10, 20)
     finetune_batch: int = 16
     finetune_lr: float = 5e-3
-    n_kfac: int = 16
-    lr_threshold: int = 128
-    fisher_type: str = "mc"
-    kfac_approx: str = "expand"
+    kfac: KFACOptions = dataclasses.field(default_factory=KFACOptions)
     mc_samples: int = 1000
     batch_size: int = 64
 
     @classmethod
     def quick(cls, seed: int = 0) -> DemoConfig:
-        """A reduced configuration that runs in well under a minute (tests, smoke runs)."""
+        """Return a reduced configuration that runs in well under a minute (tests, smoke runs)."""
         return cls(
             seed=seed, n_entities=24, pretrain_steps=500, n_train=128, n_test=256, epochs=30,
             checkpoints=(8, 15), mc_samples=200,
@@ -173,13 +167,15 @@ class DemoTask:
         return -(p * math.log(p) + (1 - p) * math.log(1 - p))
 
     def sample_colour(self, rng: random.Random, entity: str) -> int:
+        """Draw an entity's colour: the main one with probability ``p_main``."""
         return self.main[entity] if rng.random() < self.p_main else self.second[entity]
 
     def fact(self, rng: random.Random, entity: str) -> str:
+        """State one (sampled) colour of ``entity``: ``"e12 is red ."``."""
         return f"{entity} is {COLOURS[self.sample_colour(rng, entity)]} ."
 
     def facts_text(self, rng: random.Random, n_facts: int = 4, p_distractor: float = 0.3) -> str:
-        """A pretraining sentence of ``n_facts`` facts, distractor words sprinkled between."""
+        """Write a pretraining sentence of ``n_facts`` facts, distractor words sprinkled between."""
         parts = []
         for entity in rng.sample(self.entities, n_facts):
             if rng.random() < p_distractor:
@@ -217,11 +213,12 @@ class DemoTask:
         return {"question": question, "choices": list(COLOURS), "answer": answer}
 
     def questions(self, n: int, seed: int, **kwargs: Any) -> list[dict[str, Any]]:
+        """Generate ``n`` seeded questions (``kwargs`` as :meth:`question`)."""
         rng = random.Random(seed)
         return [self.question(rng, **kwargs) for _ in range(n)]
 
     def pretraining_text(self, rng: random.Random, p_question: float = 0.25) -> str:
-        """A pretraining document: a fact sentence, or a direct question with its answer."""
+        """Write a pretraining document: a fact sentence, or a direct question with its answer."""
         if rng.random() >= p_question:
             return self.facts_text(rng)
         record = self.question(rng, direct=True)
@@ -230,7 +227,7 @@ class DemoTask:
 
 
 def build_tokenizer(words: Sequence[str]) -> Any:
-    """A word-level fast tokenizer over ``words`` (first four: pad, unk, bos, eos).
+    """Build a word-level fast tokenizer over ``words`` (first four: pad, unk, bos, eos).
 
     Whitespace and punctuation split words, so ``"Answer:"`` is two tokens and the
     choices ``" A"`` … ``" D"`` are one token each. Left padding, no special tokens added.
@@ -248,7 +245,7 @@ def build_tokenizer(words: Sequence[str]) -> Any:
 
 
 def build_model(cfg: DemoConfig, vocab_size: int) -> nn.Module:
-    """A randomly initialised Llama causal LM of the configured size (seeded)."""
+    """Build a randomly initialised Llama causal LM of the configured size (seeded)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(
@@ -334,34 +331,24 @@ def finetune(
         Per epoch: ``epoch``, ``train_nll`` (mean over the epoch's batches) and, with
         ``eval_loader``, ``heldout_nll`` of the MAP model.
     """
-    params = [p for p in clf.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.finetune_lr, weight_decay=0.0)
-    # A decaying rate lets the run settle in a minimum (train NLL near zero), where the
-    # Laplace approximation is meant to be taken.
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * len(train_loader))
     torch.manual_seed(cfg.seed + 2)  # the loader's shuffling order
     keep = set(cfg.checkpoints) | {cfg.epochs}
     checkpoints, history = {}, []
-    bar = tqdm.trange(1, cfg.epochs + 1, desc="fine-tune", disable=not progress, leave=False)
-    for epoch in bar:
-        clf.train()
-        total, n = 0.0, 0
-        for batch in train_loader:
-            loss = nn.functional.cross_entropy(clf(batch), batch["labels"])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(batch["labels"])
-            n += len(batch["labels"])
-        clf.eval()
-        row = {"epoch": epoch, "train_nll": total / n}
+
+    def after_epoch(epoch: int, train_nll: float) -> None:
+        row = {"epoch": epoch, "train_nll": train_nll}
         if eval_loader is not None:
             row["heldout_nll"] = _mean_nll(clf, eval_loader)
         history.append(row)
-        bar.set_postfix(train_nll=f"{row['train_nll']:.3f}", refresh=False)
         if epoch in keep:
             checkpoints[epoch] = _lora_state(clf)
+
+    # A decaying rate lets the run settle in a minimum (train NLL near zero), where the
+    # Laplace approximation is meant to be taken.
+    train_lora(
+        clf, train_loader, cfg.epochs, cfg.finetune_lr, schedule="cosine",
+        on_epoch=after_epoch, progress=progress,
+    )
     return checkpoints, history
 
 
@@ -381,8 +368,7 @@ def fit_laplace(clf: nn.Module, train_loader, cfg: DemoConfig, progress: bool = 
 
     la = Laplace(
         clf, "classification", subset_of_weights="lora", hessian_structure="kron",
-        n_kfac=cfg.n_kfac, lr_threshold=cfg.lr_threshold, fisher_type=cfg.fisher_type,
-        kfac_approx=cfg.kfac_approx, seed=cfg.seed,
+        options=cfg.kfac, seed=cfg.seed,
     )
     la.fit(train_loader, progress_bar=progress)
     la.optimize_prior_precision(method="marglik", progress_bar=False)
@@ -415,7 +401,7 @@ def run_demo(
     -------
     dict
         ``config``; ``results[split][method][metric]`` for splits ``"id"``, ``"shift"``
-        and methods :data:`~laplace_llm.evaluation.METHODS`; ``train`` (final training NLL
+        and methods :data:`~laplace_llm.app.evaluation.METHODS`; ``train`` (final training NLL
         and accuracy, pretraining loss); ``bayes_nll`` (the best possible held-out NLL); ``history`` (per-epoch NLLs); ``prior_precision``
         and ``log_marglik`` of the final model; ``evidence`` (one row per checkpoint:
         ``epoch``, ``log_marglik``, ``prior_precision``, ``heldout_nll_map``,
@@ -455,7 +441,9 @@ def run_demo(
     )
     torch.manual_seed(cfg.seed + 3)
     peft_model = get_peft_model(model, lora)
-    clf = CenteredLLMClassifier.from_choices(peft_model, tokenizer, mcqa_choices(len(COLOURS)))
+    clf = LLMClassifier.from_choices(
+        peft_model, tokenizer, mcqa_choices(len(COLOURS)), center=True
+    )
 
     def loader(records, shuffle=False, batch_size=cfg.batch_size):
         return make_loader(records, tokenizer, batch_size, "mcqa", shuffle=shuffle)
@@ -540,8 +528,3 @@ def run_demo(
         with open(out["files"]["metrics"], "w", encoding="utf-8") as fh:
             json.dump(out, fh, indent=2)
     return out
-
-
-def clone_config(cfg: DemoConfig, **changes: Any) -> DemoConfig:
-    """A copy of ``cfg`` with some fields changed."""
-    return dataclasses.replace(copy.deepcopy(cfg), **changes)

@@ -1,0 +1,55 @@
+"""The prediction and scoring helpers of the CLI, the demo and the examples."""
+
+import math
+
+import pytest
+import torch
+from laplace import Laplace
+from torch.utils.data import DataLoader
+
+import laplace_llm  # noqa: F401
+from laplace_llm import LLMClassifier
+from laplace_llm.app.evaluation import METHODS, collect_probs, format_table, score
+from tests.batches import TARGET_IDS, DictDataset, token_items
+from tests.models import tiny_llama_lora
+
+
+def loader(n=10, seed=0, batch_size=4):
+    return DataLoader(DictDataset(token_items(n, 6, seed=seed, min_length=3)), batch_size=batch_size)
+
+
+def test_collect_probs_returns_every_method_in_loader_order():
+    clf = LLMClassifier(tiny_llama_lora(seed=0), TARGET_IDS, center=True)
+    la = Laplace(clf, "classification", subset_of_weights="lora")
+    la.fit(loader())
+    test = loader(n=7, seed=5, batch_size=3)
+    probs, labels = collect_probs(clf, la, test, mc_samples=20)
+    assert set(probs) == set(METHODS)
+    assert labels.tolist() == [int(item["labels"]) for item in test.dataset.items]
+    for p in probs.values():
+        assert p.shape == (7, 4)
+        torch.testing.assert_close(p.sum(-1), torch.ones(7, dtype=p.dtype))
+    with torch.no_grad():
+        expected = torch.cat([torch.softmax(clf(b).double(), -1) for b in test])
+    torch.testing.assert_close(probs["map"], expected)
+    # seeded Monte Carlo: the same numbers twice
+    again, _ = collect_probs(clf, la, test, methods=["la_mc"], mc_samples=20)
+    torch.testing.assert_close(again["la_mc"], probs["la_mc"], rtol=0, atol=0)
+
+
+def test_collect_probs_needs_a_posterior_for_laplace_methods():
+    clf = LLMClassifier(tiny_llama_lora(seed=0), TARGET_IDS, center=True)
+    with pytest.raises(ValueError, match="fitted posterior"):
+        collect_probs(clf, None, loader(), methods=["la_probit"])
+    with pytest.raises(ValueError, match="unknown methods"):
+        collect_probs(clf, None, loader(), methods=["bma"])
+
+
+def test_score_and_table():
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 1])
+    s = score(probs, labels)
+    assert s["accuracy"] == pytest.approx(2 / 3)
+    assert s["nll"] == pytest.approx(-(math.log(0.9) + math.log(0.8) + math.log(0.4)) / 3)
+    table = format_table({"id": {"map": s}})
+    assert "MAP" in table and f"{s['nll']:.4f}" in table
