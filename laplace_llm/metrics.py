@@ -135,7 +135,7 @@ def reliability_data(probs: Any, labels: Any, n_bins: int = 15) -> dict[str, np.
 
 
 def ece(probs: Any, labels: Any, n_bins: int = 15) -> float:
-    """Expected calibration error with equal-width confidence bins.
+    """Compute the expected calibration error with equal-width confidence bins.
 
     Parameters
     ----------
