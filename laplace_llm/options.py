@@ -7,9 +7,11 @@ help text are written. Everything else derives from it: the keyword arguments of
 :meth:`KFACOptions.from_dict`), the ``laplace-llm fit`` arguments
 (:func:`add_arguments` / :func:`from_arguments`) and the demo's configuration.
 
-Adding an option is one field of :class:`KFACOptions` (with ``metadata=_option(...)``);
-choices are ``str``-valued enums, so ``"mc" == FisherType.MC`` and JSON headers hold
-plain strings.
+Adding an option is one field of :class:`KFACOptions` (with ``metadata=_option(...)``):
+its default's type says how it is checked and parsed. Choices are ``str``-valued enums
+(``"mc" == FisherType.MC``, and JSON headers hold plain strings); ints are checked
+against ``minimum``; bools must be bools (``--flag/--no-flag`` on the command line);
+floats must be finite numbers ``≥ minimum`` when one is given.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import math
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -68,8 +71,8 @@ def _option(help: str, minimum: int | None = None, cli: bool = True) -> dict[str
     ----------
     help : str
         One line for ``--help`` (the default is appended).
-    minimum : int, optional
-        Integer options: the smallest value allowed.
+    minimum : int or float, optional
+        Numeric options: the smallest value allowed.
     cli : bool, default True
         Whether ``laplace-llm fit`` offers the option.
     """
@@ -126,10 +129,16 @@ class KFACOptions:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             enum_type = _enum_of(field)
+            minimum = field.metadata.get("minimum")
             if enum_type is not None:
                 value = _check_choice(field.name, value, enum_type)
-            elif field.metadata.get("minimum") is not None:
-                value = check_int(field.name, value, field.metadata["minimum"])
+            elif isinstance(field.default, bool):
+                if not isinstance(value, bool):
+                    raise ValueError(f"{field.name} must be True or False; got {value!r}.")
+            elif isinstance(field.default, int):
+                value = check_int(field.name, value, 0 if minimum is None else minimum)
+            elif isinstance(field.default, float):
+                value = _check_float(field.name, value, minimum)
             object.__setattr__(self, field.name, value)
 
     @classmethod
@@ -173,6 +182,14 @@ def check_int(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
+def _check_float(name: str, value: Any, minimum: float | None) -> float:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" ≥ {minimum}"
+        raise ValueError(f"{name} must be a finite number{bound}; got {value!r}.")
+    return float(value)
+
+
 def _check_choice(name: str, value: Any, choices: type[enum.Enum]) -> enum.Enum:
     try:
         return choices(value)
@@ -210,13 +227,17 @@ def int_at_least(minimum: int):
     return parse
 
 
-def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    options_type: type[KFACOptions] = KFACOptions,
+) -> None:
     """Add one ``--option-name`` argument per :class:`KFACOptions` field to ``parser``.
 
-    Defaults, choices and the integer ranges come from the dataclass; read the parsed
-    values back with :func:`from_arguments`.
+    Defaults, choices and the integer ranges come from the dataclass
+    (``options_type``, a subclass in tests); read the parsed values back with
+    :func:`from_arguments`.
     """
-    for field in dataclasses.fields(KFACOptions):
+    for field in dataclasses.fields(options_type):
         meta = field.metadata
         if not meta.get("cli", True):
             continue
@@ -224,18 +245,28 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
         enum_type = _enum_of(field)
         default = field.default.value if enum_type is not None else field.default
         help_text = f"{meta['help']} (default: {default})"
+        metavar = field.name.split("_")[-1].upper()
         if enum_type is not None:
             parser.add_argument(
                 flag, choices=tuple(c.value for c in enum_type), default=default,
                 help=help_text,
             )
-        else:
+        elif isinstance(default, bool):
             parser.add_argument(
-                flag, type=int_at_least(meta["minimum"]), default=default,
-                metavar=field.name.split("_")[-1].upper(), help=help_text,
+                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
             )
+        elif isinstance(default, int):
+            parser.add_argument(
+                flag, type=int_at_least(meta["minimum"] or 0), default=default,
+                metavar=metavar, help=help_text,
+            )
+        else:
+            parser.add_argument(flag, type=float, default=default, metavar=metavar,
+                                help=help_text)
 
 
-def from_arguments(args: argparse.Namespace) -> KFACOptions:
+def from_arguments(
+    args: argparse.Namespace, options_type: type[KFACOptions] = KFACOptions
+) -> KFACOptions:
     """Return the :class:`KFACOptions` of arguments added by :func:`add_arguments`."""
-    return KFACOptions.from_dict(vars(args))
+    return options_type.from_dict(vars(args))

@@ -90,3 +90,27 @@ def test_cli_options_parse_into_kfac_options():
     assert from_arguments(args) == KFACOptions(
         n_kfac=4, lr_threshold=0, fisher_type="ef", mc_samples=3, kfac_approx="reduce"
     )
+
+
+def test_a_bool_or_float_option_is_one_field():
+    """Other option kinds than ints and choices (for options still to come) are checked
+    and parsed from their default's type alone."""
+    import argparse
+
+    from laplace_llm.options import _option, add_arguments
+
+    @dataclasses.dataclass(frozen=True)
+    class More(KFACOptions):
+        flag: bool = dataclasses.field(default=False, metadata=_option("a switch"))
+        share: float = dataclasses.field(default=0.5, metadata=_option("a share", 0.0))
+
+    assert More(flag=True, share=0.25).to_dict() == {**DEFAULTS, "flag": True, "share": 0.25}
+    with pytest.raises(ValueError, match="flag must be True or False; got 1"):
+        More(flag=1)
+    with pytest.raises(ValueError, match=r"share must be a finite number ≥ 0.0; got -1.0"):
+        More(share=-1.0)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, More)
+    args = parser.parse_args(["--flag", "--share", "0.75", "--n-kfac", "2"])
+    assert from_arguments(args, More) == More(flag=True, share=0.75, n_kfac=2)
+    assert from_arguments(parser.parse_args([]), More) == More()
