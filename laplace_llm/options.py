@@ -245,7 +245,6 @@ def add_arguments(
         enum_type = _enum_of(field)
         default = field.default.value if enum_type is not None else field.default
         help_text = f"{meta['help']} (default: {default})"
-        metavar = field.name.split("_")[-1].upper()
         if enum_type is not None:
             parser.add_argument(
                 flag, choices=tuple(c.value for c in enum_type), default=default,
@@ -258,11 +257,10 @@ def add_arguments(
         elif isinstance(default, int):
             parser.add_argument(
                 flag, type=int_at_least(meta["minimum"] or 0), default=default,
-                metavar=metavar, help=help_text,
+                metavar="N", help=help_text,
             )
         else:
-            parser.add_argument(flag, type=float, default=default, metavar=metavar,
-                                help=help_text)
+            parser.add_argument(flag, type=float, default=default, metavar="X", help=help_text)
 
 
 def from_arguments(
