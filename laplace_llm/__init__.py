@@ -1,7 +1,7 @@
 """Laplace approximations over LoRA weights of fine-tuned language models.
 
 Importing this package registers ``subset_of_weights="lora"`` with laplace-torch's
-``Laplace`` factory.
+``Laplace`` factory, for ``hessian_structure`` "kron", "diag" and "full".
 """
 
 import warnings
@@ -18,12 +18,20 @@ from laplace_llm.curvature import LoRAKFAC
 from laplace_llm.discovery import KronBlock, LoRAModelError, find_blocks
 from laplace_llm.lora_laplace import LoRALaplace
 from laplace_llm.matrix import LowRankFactor, LowRankKron, LowRankKronDecomposed
+from laplace_llm.module_selection import select_blocks
+from laplace_llm.per_example import LoRAPerExampleCurvature
+from laplace_llm.regression import optimize_prior_and_noise
+from laplace_llm.structures import LoRADiagLaplace, LoRAFullLaplace
 
 __all__ = [
     # Laplace approximations
     "LoRALaplace",
+    "LoRADiagLaplace",
+    "LoRAFullLaplace",
+    "optimize_prior_and_noise",
     # curvature
     "LoRAKFAC",
+    "LoRAPerExampleCurvature",
     "LowRankFactor",
     "LowRankKron",
     "LowRankKronDecomposed",
@@ -34,4 +42,5 @@ __all__ = [
     "KronBlock",
     "LoRAModelError",
     "find_blocks",
+    "select_blocks",
 ]

@@ -25,6 +25,8 @@ from torch.utils.data import DataLoader
 from laplace_llm.curvature import FISHER_TYPES, KFAC_APPROXES, LoRAKFAC
 from laplace_llm.discovery import find_blocks
 from laplace_llm.matrix import LowRankFactor, LowRankKron, LowRankKronDecomposed
+from laplace_llm.module_selection import restrict_to_blocks, select_blocks
+from laplace_llm.regression import check_regression_targets
 
 __all__ = ["LoRALaplace"]
 
@@ -105,6 +107,7 @@ class LoRALaplace(KronLaplace):
         kfac_approx: str = "expand",
         seed: int | None = None,
         jacobian_free: bool = True,
+        lora_modules: list[str] | str | None = None,
     ):
         self.n_kfac = _check_int("n_kfac", n_kfac, 1)
         self.lr_threshold = _check_int("lr_threshold", lr_threshold, 0)
@@ -113,17 +116,20 @@ class LoRALaplace(KronLaplace):
         self.mc_samples = _check_int("mc_samples", mc_samples, 1)
         self.seed = None if seed is None else _check_int("seed", seed, 0)
         self.jacobian_free = bool(jacobian_free)
-        if likelihood not in ("classification", "reward_modeling"):
+        if likelihood not in ("classification", "reward_modeling", "regression"):
             raise ValueError(
-                "LoRALaplace supports likelihood='classification' (selected logits) and "
-                f"'reward_modeling'; got {likelihood!r}."
+                "LoRALaplace supports likelihood='classification' (selected logits), "
+                f"'reward_modeling' and 'regression'; got {likelihood!r}."
             )
         if backend is not None and not (isinstance(backend, type) and issubclass(backend, LoRAKFAC)):
             raise ValueError(
                 "subset_of_weights='lora' computes its curvature with laplace_llm.LoRAKFAC; "
                 f"got backend={backend!r}. Leave `backend` unset."
             )
-        self.blocks = find_blocks(model)
+        self.lora_modules = None if lora_modules is None else list(
+            [lora_modules] if isinstance(lora_modules, str) else lora_modules
+        )
+        self.blocks = select_blocks(find_blocks(model), self.lora_modules)
         backend_kwargs = dict(backend_kwargs or {})
         backend_kwargs.update(
             fisher_type=self.fisher_type,
@@ -137,8 +143,8 @@ class LoRALaplace(KronLaplace):
             model,
             likelihood,
             sigma_noise=sigma_noise,
-            prior_precision=prior_precision,
-            prior_mean=prior_mean,
+            prior_precision=1.0,
+            prior_mean=0.0,
             temperature=temperature,
             enable_backprop=enable_backprop,
             dict_key_x=dict_key_x,
@@ -148,10 +154,8 @@ class LoRALaplace(KronLaplace):
             backend_kwargs=backend_kwargs,
             asdl_fisher_kwargs=asdl_fisher_kwargs,
         )
-        if [b.name for b in self.blocks] != [
-            n for n, p in model.named_parameters() if p.requires_grad
-        ]:  # pragma: no cover - find_blocks raises first
-            raise RuntimeError("LoRA blocks do not line up with the trainable parameters.")
+        # the prior refers to the selected blocks (lora_modules), set once they are known
+        restrict_to_blocks(self, self.blocks, prior_precision, prior_mean)
 
     # ------------------------------------------------------------ dtype/device
     @property
@@ -229,6 +233,9 @@ class LoRALaplace(KronLaplace):
                     f"Batch {i} is on {t.device} but the model is on {device}; move the "
                     "batch (or the model) so that both are on the same device."
                 )
+        batch_size = x_main.shape[0] if isinstance(x_main, torch.Tensor) else len(x_main)
+        if self.likelihood == "regression":
+            return X, check_regression_targets(y, batch_size, n_outputs, i, device, self._dtype)
         if not isinstance(y, torch.Tensor):
             y = torch.as_tensor(y)
         if y.is_floating_point() or y.dtype == torch.bool:

@@ -6,7 +6,8 @@ File format ``laplace-llm-posterior`` version 1 (a safetensors file):
   ``j``, ``H.i.j.dense`` (``d × d``) or ``H.i.j.root`` (``d × m``, ``F = R Rᵀ``);
 - string metadata ``laplace_llm`` holding JSON: format name and version, the options
   (``n_kfac``, ``lr_threshold``, ``fisher_type``, ``kfac_approx``, ``likelihood``,
-  ``temperature``, ``damping``, ``dict_key_x``/``dict_key_y``), the fitted scalars
+  ``temperature``, ``damping``, ``dict_key_x``/``dict_key_y``, ``lora_modules``,
+  ``sigma_noise``; the last two absent from files written before them), the fitted scalars
   (``loss``, ``n_data``, ``n_outputs``), the LoRA block names and shapes, the rank
   of each low-rank factor, and a SHA-256 of every tensor's bytes.
 
@@ -81,6 +82,8 @@ def save_posterior(la: LoRALaplace, path: str | os.PathLike) -> None:
         "loss": loss,
         "n_data": int(la.n_data),
         "n_outputs": int(la.n_outputs),
+        "lora_modules": la.lora_modules,
+        "sigma_noise": float(la.sigma_noise),
         "block_names": [b.name for b in la.blocks],
         "block_shapes": [list(b.shape) for b in la.blocks],
         "ranks": ranks,
@@ -158,7 +161,9 @@ def load_posterior(
     header, tensors = read_posterior(path)
     from laplace_llm.discovery import find_blocks
 
-    blocks = find_blocks(model)
+    from laplace_llm.module_selection import select_blocks
+
+    blocks = select_blocks(find_blocks(model), header.get("lora_modules"))
     names = [b.name for b in blocks]
     shapes = [list(b.shape) for b in blocks]
     if names != header["block_names"] or shapes != header["block_shapes"]:
@@ -169,11 +174,13 @@ def load_posterior(
             "model and adapter it was fitted on."
         )
     options = dict(header["options"])
+    options["lora_modules"] = header.get("lora_modules")
     options.update(kwargs)
     la = LoRALaplace(
         model,
         header["likelihood"],
         temperature=header["temperature"],
+        sigma_noise=header.get("sigma_noise", 1.0),
         damping=header["damping"],
         dict_key_x=header["dict_key_x"],
         dict_key_y=header["dict_key_y"],

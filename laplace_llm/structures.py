@@ -1,0 +1,345 @@
+"""Diagonal and full Laplace approximations over LoRA weights.
+
+``Laplace(model, likelihood, subset_of_weights="lora", hessian_structure="diag")``
+gives :class:`LoRADiagLaplace` (laplace-torch's ``DiagLaplace``, ``_key = ("lora",
+"diag")``) and ``hessian_structure="full"`` gives :class:`LoRAFullLaplace`
+(``FullLaplace``, ``_key = ("lora", "full")``). Both share with :class:`LoRALaplace`
+the LoRA discovery (:func:`laplace_llm.find_blocks`), the module selection
+(``lora_modules``), the probes and hooks of :class:`laplace_llm.LoRAKFAC` and the batch
+checks; their curvature is the sum of squared (diag) or outer products (full) of
+per-example LoRA gradients (:mod:`laplace_llm.per_example`), so with
+``fisher_type="ggn"`` or ``"ef"`` they equal laplace-torch's ``DiagLaplace`` /
+``FullLaplace`` over the same parameters with its GGN / EF backends.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import tqdm
+from laplace import DiagLaplace, FullLaplace
+from laplace.baselaplace import ParametricLaplace
+from torch import nn
+from torch.nn.utils import parameters_to_vector
+from torch.utils.data import DataLoader
+
+from laplace_llm.curvature import FISHER_TYPES, LoRAKFAC
+from laplace_llm.discovery import find_blocks
+from laplace_llm.lora_laplace import LoRALaplace, _check_choice, _check_int
+from laplace_llm.module_selection import restrict_to_blocks, select_blocks
+from laplace_llm.per_example import LoRAPerExampleCurvature
+
+__all__ = ["LoRADiagLaplace", "LoRAFullLaplace", "LIKELIHOODS"]
+
+LIKELIHOODS = ("classification", "regression", "reward_modeling")
+
+
+class _LoRAParametric:
+    """What :class:`LoRADiagLaplace` and :class:`LoRAFullLaplace` add to their
+    laplace-torch parent: LoRA blocks, the hooked curvature backend, checked batches,
+    and predictives that restore the MAP weights. Not a Laplace class itself (no
+    ``_key``); it comes first in the method resolution order."""
+
+    _structure = ""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str,
+        sigma_noise: float | torch.Tensor = 1.0,
+        prior_precision: float | torch.Tensor = 1.0,
+        prior_mean: float | torch.Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: type[LoRAKFAC] | None = None,
+        backend_kwargs: dict[str, Any] | None = None,
+        asdl_fisher_kwargs: dict[str, Any] | None = None,
+        *,
+        lora_modules: list[str] | str | None = None,
+        fisher_type: str = "mc",
+        mc_samples: int = 1,
+        seed: int | None = None,
+        jacobian_free: bool = True,
+    ):
+        self.fisher_type = _check_choice("fisher_type", fisher_type, FISHER_TYPES)
+        self.mc_samples = _check_int("mc_samples", mc_samples, 1)
+        self.seed = None if seed is None else _check_int("seed", seed, 0)
+        self.jacobian_free = bool(jacobian_free)
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(
+                f"{type(self).__name__} supports likelihood in {LIKELIHOODS}; got {likelihood!r}."
+            )
+        if backend is not None and not (
+            isinstance(backend, type) and issubclass(backend, LoRAPerExampleCurvature)
+        ):
+            raise ValueError(
+                "subset_of_weights='lora' computes its curvature with "
+                f"laplace_llm.LoRAPerExampleCurvature; got backend={backend!r}. Leave "
+                "`backend` unset."
+            )
+        self.lora_modules = None if lora_modules is None else list(
+            [lora_modules] if isinstance(lora_modules, str) else lora_modules
+        )
+        self.blocks = select_blocks(find_blocks(model), self.lora_modules)
+        self._check_size(sum(b.numel for b in self.blocks), model)
+        backend_kwargs = dict(backend_kwargs or {})
+        backend_kwargs.update(
+            fisher_type=self.fisher_type, mc_samples=self.mc_samples, blocks=self.blocks
+        )
+        super().__init__(
+            model,
+            likelihood,
+            sigma_noise=sigma_noise,
+            prior_precision=1.0,
+            prior_mean=0.0,
+            temperature=temperature,
+            enable_backprop=enable_backprop,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+            backend=backend or LoRAPerExampleCurvature,
+            backend_kwargs=backend_kwargs,
+        )
+        restrict_to_blocks(self, self.blocks, prior_precision, prior_mean)
+
+    def _check_size(self, n_params: int, model: nn.Module) -> None:
+        pass
+
+    # ----------------------------------------------------- shared with LoRALaplace
+    _dtype = LoRALaplace._dtype
+    _validate_loader = LoRALaplace._validate_loader
+    _validate_batch = LoRALaplace._validate_batch
+    _n_outputs_of = LoRALaplace._n_outputs_of
+    _set_params = LoRALaplace._set_params
+    _nn_functional_samples = LoRALaplace._nn_functional_samples
+    _nn_predictive_classification = LoRALaplace._nn_predictive_classification
+    _warn_if_weights_changed = LoRALaplace._warn_if_weights_changed
+
+    def _init_H(self) -> None:
+        # allocated by fit (a dense P×P before fitting would defeat max_params)
+        self.H = None
+
+    def _check_H_init(self) -> None:
+        if getattr(self, "H", None) is None:
+            raise AttributeError(
+                f"This {type(self).__name__} is not fitted: call `la.fit(train_loader)` first."
+            )
+
+    @property
+    def log_det_posterior_precision(self) -> torch.Tensor:
+        if getattr(self, "H", None) is None:  # before fit: the prior
+            return self.prior_precision_diag.log().sum()
+        return super().log_det_posterior_precision
+
+    def square_norm(self, value: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "H", None) is None:
+            delta = value - self.mean
+            return (delta * self.prior_precision_diag) @ delta
+        return super().square_norm(value)
+
+    # --------------------------------------------------------------------- fit
+    def fit(self, train_loader: DataLoader, override: bool = True, progress_bar: bool = False) -> None:
+        """Fit the posterior at the model's current LoRA weights.
+
+        Parameters
+        ----------
+        train_loader : DataLoader
+            dict batches (``input_ids``, optional ``attention_mask``, ``labels``) or
+            ``(X, y)`` tuples; ``train_loader.dataset`` must have a length. Regression
+            targets are floats of shape ``(batch, k)``.
+        override : bool, default True
+            ``False`` adds this data to the current fit.
+        progress_bar : bool, default False
+        """
+        N = self._validate_loader(train_loader)
+        if getattr(self, "H", None) is None:
+            override = True
+        model = self.model
+        modes = [(m, m.training) for m in model.modules()]
+        backend = self.backend
+        backend.generator = None
+        if self.seed is not None:
+            backend.generator = torch.Generator(device=self._device).manual_seed(self.seed)
+        model.eval()
+        H, loss, n_outputs = None, 0.0, None
+        try:
+            desc = f"[LoRA {self._structure}]"
+            for i, data in enumerate(tqdm.tqdm(train_loader, disable=not progress_bar, desc=desc)):
+                if n_outputs is None:
+                    n_outputs = self._n_outputs_of(data)
+                X, y = self._validate_batch(data, n_outputs, i)
+                try:
+                    loss_b, H_b = self._curv_closure(X, y, N=N)
+                except FloatingPointError as err:
+                    raise FloatingPointError(f"Batch {i}: {err}") from None
+                H = H_b if H is None else H.add_(H_b)
+                loss = loss + loss_b
+            if H is None:
+                raise ValueError("The train loader yielded no batch.")
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        H = H.to(self._dtype)
+        if override:
+            self.H, self.loss, self.n_data = H, loss, N
+        else:
+            self.H, self.loss, self.n_data = self.H + H, self.loss + loss, self.n_data + N
+        self.n_outputs = n_outputs
+        self.model.output_size = n_outputs
+        mean = parameters_to_vector(self.params).to(self._dtype)
+        self.mean = mean if self.enable_backprop else mean.detach()
+        self._posterior_scale = None
+
+    # ------------------------------------------------------------- predictive
+    @torch.enable_grad()
+    def _glm_predictive_distribution(self, X, joint: bool = False, diagonal_output: bool = False):
+        self._check_H_init()
+        out = None
+        if self.jacobian_free and not self.enable_backprop:
+            out = self.backend.block_jacobians(X)
+        if out is None:
+            Js, f_mu = self.backend.jacobians(X, enable_backprop=self.enable_backprop)
+        else:
+            f_mu, Js = out
+        Js, f_mu = Js.to(self._dtype), f_mu.to(self._dtype)
+        if joint:
+            f_mu = f_mu.flatten()
+            f_var = self.functional_covariance(Js)
+        else:
+            f_var = self.functional_variance(Js)
+            if diagonal_output:
+                f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
+        if not self.enable_backprop:
+            return f_mu.detach(), f_var.detach()
+        return f_mu, f_var
+
+    def __call__(
+        self,
+        x,
+        pred_type="glm",
+        joint=False,
+        link_approx="probit",
+        n_samples=100,
+        diagonal_output=False,
+        generator=None,
+        fitting=False,
+        **model_kwargs,
+    ):
+        self._check_H_init()
+        self._warn_if_weights_changed()
+        classification = self.likelihood == "classification" or (
+            self.likelihood == "reward_modeling" and fitting
+        )
+        if generator is not None and classification and link_approx == "mc":
+            # laplace-torch 0.3 ignores `generator` here; pass it on (as LoRALaplace)
+            if not isinstance(generator, torch.Generator) or generator.device != self._device:
+                raise ValueError("Invalid random generator (check type and device).")
+            if pred_type == "glm":
+                f_mu, f_var = self._glm_predictive_distribution(x)
+                return self._glm_predictive_samples(
+                    f_mu, f_var, n_samples, diagonal_output, generator
+                ).mean(0)
+            if pred_type == "nn":
+                fs = self._nn_functional_samples(x, n_samples, generator, **model_kwargs)
+                return torch.softmax(fs, dim=-1).mean(0)
+        return super().__call__(
+            x, pred_type, joint, link_approx, n_samples, diagonal_output, generator, fitting,
+            **model_kwargs,
+        )
+
+    # ------------------------------------------------------------- state dict
+    def state_dict(self) -> dict[str, Any]:
+        state = ParametricLaplace.state_dict(self)
+        state["block_names"] = [b.name for b in self.blocks]
+        state["fisher_type"] = self.fisher_type
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        names = state_dict.get("block_names")
+        if names is not None and names != [b.name for b in self.blocks]:
+            raise ValueError(
+                "This posterior was fitted on other LoRA blocks than this model has "
+                "(check lora_modules and the adapter); load it with the model and "
+                "selection it was fitted on."
+            )
+        ParametricLaplace.load_state_dict(self, state_dict)
+        self._posterior_scale = None
+
+
+class LoRADiagLaplace(_LoRAParametric, DiagLaplace):
+    """Diagonal Laplace approximation over LoRA weights (laplace-torch's ``DiagLaplace``).
+
+    The curvature is the diagonal of the GGN (``fisher_type="ggn"``, ``C`` backward
+    passes per batch), of the Monte-Carlo Fisher (``"mc"``) or of the empirical Fisher
+    (``"ef"``), from per-example LoRA gradients; memory ``O(P)``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        returns ``(batch, C)`` outputs: logits (classification), a reward
+        (``reward_modeling``) or ``k`` regression outputs (``regression``).
+    likelihood : {"classification", "regression", "reward_modeling"}
+    lora_modules : list of str, optional
+        layer names or glob patterns of the Bayesian LoRA layers (see
+        :mod:`laplace_llm.module_selection`); the others stay at their MAP values.
+    fisher_type : {"mc", "ggn", "ef"}, default "mc"
+    mc_samples : int, default 1
+    seed : int, optional
+        seed of the samples of ``fisher_type="mc"``.
+    jacobian_free : bool, default True
+        GLM Jacobians from the hooks (one forward, ``C`` backwards) instead of
+        laplace-torch's ``torch.func`` ones.
+    **kwargs
+        laplace-torch's arguments (``sigma_noise``, ``prior_precision``, ``prior_mean``,
+        ``temperature``, ``dict_key_x``, ``dict_key_y``, ...).
+    """
+
+    _key = ("lora", "diag")
+    _structure = "diag"
+
+
+class LoRAFullLaplace(_LoRAParametric, FullLaplace):
+    """Full (dense) Laplace approximation over LoRA weights (laplace-torch's
+    ``FullLaplace``), for small selections: memory ``O(P²)``.
+
+    Parameters
+    ----------
+    max_params : int, default 10_000
+        refuse more LoRA weights than this (a ``P × P`` matrix of float32 at
+        ``P = 10⁴`` is 400 MB, and fitting and predicting hold about three of them).
+        Raise it if the memory is there, or select fewer layers with ``lora_modules``.
+    **kwargs
+        as :class:`LoRADiagLaplace`.
+    """
+
+    _key = ("lora", "full")
+    _structure = "full"
+
+    def __init__(self, model: nn.Module, likelihood: str, *args, max_params: int = 10_000, **kwargs):
+        self.max_params = _check_int("max_params", max_params, 1)
+        super().__init__(model, likelihood, *args, **kwargs)
+
+    def _check_size(self, n_params: int, model: nn.Module) -> None:
+        if n_params <= self.max_params:
+            return
+        p = next(model.parameters())
+        size = 8 if p.dtype == torch.float64 else 4
+        nbytes = n_params * n_params * size
+        raise ValueError(
+            f"hessian_structure='full' over {n_params} LoRA weights needs dense "
+            f"{n_params}×{n_params} matrices: {_human(nbytes)} each ({size}-byte floats), and "
+            f"fit and predictions hold about three ({_human(3 * nbytes)}). That exceeds "
+            f"max_params={self.max_params}. Pass max_params={n_params} (or more) if the "
+            "memory is available, select fewer layers with lora_modules=[...], or use "
+            "hessian_structure='kron' or 'diag'."
+        )
+
+
+def _human(nbytes: int) -> str:
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    i = min(int(math.log(max(nbytes, 1), 1024)), len(units) - 1)
+    return f"{nbytes / 1024 ** i:.1f} {units[i]}"
+
