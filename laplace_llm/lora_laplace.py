@@ -383,6 +383,15 @@ class LoRALaplace(KronLaplace):
         )
         return self.H_facs.nbytes() + eig
 
+    def low_rank_report(self, n_leading: int = 5) -> list:
+        """Per large factor: the share of its exact trace kept at ``n_kfac``, its leading
+        eigenvalues and the ranks that would keep 90% / 99% (a list of
+        :class:`laplace_llm.diagnostics.FactorReport`; definitions there)."""
+        from laplace_llm.diagnostics import low_rank_report
+
+        self._check_H_init()
+        return low_rank_report(self.H_facs, self.blocks, n_leading)
+
     # ------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
         self._check_H_init()

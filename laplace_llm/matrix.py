@@ -105,16 +105,33 @@ class LowRankFactor:
         per column is ``O(d·(rank + chunk)²/chunk + (rank + chunk)³/chunk)``; measured
         on a 2-core CPU at d = 1024, rank 16, the 64-column chunk cut the update time
         to a quarter of a 128-column one (eigh of the small Gram matrix dominates).
+    exact_trace : torch.Tensor, optional
+        trace of the exact (untruncated) factor: a scalar kept up to date by
+        ``append_``, ``+`` and ``*`` (the sum of squared norms of every column ever
+        appended), so that the share of the trace the rank-``k`` root keeps can be
+        reported (:mod:`laplace_llm.diagnostics`). ``None``: unknown (a root read
+        from a file); :meth:`zeros` starts it at 0.
     """
 
-    def __init__(self, root: torch.Tensor, rank: int, chunk: int | None = None):
+    def __init__(
+        self,
+        root: torch.Tensor,
+        rank: int,
+        chunk: int | None = None,
+        exact_trace: torch.Tensor | None = None,
+    ):
         self.root = root
         self.rank = int(rank)
         self.chunk = int(chunk) if chunk is not None else max(2 * self.rank, 64)
+        self.exact_trace = exact_trace
 
     @classmethod
     def zeros(cls, side: int, rank: int, device=None, dtype=torch.float32) -> LowRankFactor:
-        return cls(torch.zeros(side, 0, device=device, dtype=dtype), rank)
+        return cls(
+            torch.zeros(side, 0, device=device, dtype=dtype),
+            rank,
+            exact_trace=torch.zeros((), device=device, dtype=dtype),
+        )
 
     @property
     def side(self) -> int:
@@ -138,6 +155,8 @@ class LowRankFactor:
     def append_(self, columns: torch.Tensor) -> LowRankFactor:
         """Add ``columns @ columns.T`` in place; ``columns`` is ``(d, c)``."""
         columns = columns.to(dtype=self.dtype, device=self.device)
+        if self.exact_trace is not None:
+            self.exact_trace = self.exact_trace + columns.square().sum()
         step = self.chunk
         for start in range(0, columns.shape[1], step):
             self.root = torch.cat([self.root, columns[:, start : start + step]], dim=1)
@@ -155,10 +174,14 @@ class LowRankFactor:
         if not isinstance(other, LowRankFactor) or other.side != self.side:
             raise ValueError("Can only add a LowRankFactor of the same side.")
         out = LowRankFactor(self.root.clone(), max(self.rank, other.rank), self.chunk)
-        return out.append_(other.root)
+        out.append_(other.root)
+        known = self.exact_trace is not None and other.exact_trace is not None
+        out.exact_trace = self.exact_trace + other.exact_trace if known else None
+        return out
 
     def __mul__(self, scalar: float) -> LowRankFactor:
-        return LowRankFactor(self.root * math.sqrt(float(scalar)), self.rank, self.chunk)
+        trace = None if self.exact_trace is None else self.exact_trace * float(scalar)
+        return LowRankFactor(self.root * math.sqrt(float(scalar)), self.rank, self.chunk, trace)
 
     __rmul__ = __mul__
 
