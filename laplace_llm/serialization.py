@@ -3,7 +3,9 @@
 File format ``laplace-llm-posterior`` version 1 (a safetensors file):
 
 - tensors ``mean``, ``prior_precision``, ``prior_mean`` and, for block ``i`` factor
-  ``j``, ``H.i.j.dense`` (``d × d``) or ``H.i.j.root`` (``d × m``, ``F = R Rᵀ``);
+  ``j``, ``H.i.j.dense`` (``d × d``) or ``H.i.j.root`` (``d × m``, ``F = R Rᵀ``); for
+  ``hessian_structure`` "diag" / "full" (header ``hessian_structure``, absent = "kron")
+  one tensor ``H`` (``(P,)`` / ``(P, P)``);
 - string metadata ``laplace_llm`` holding JSON: format name and version, the options
   (``n_kfac``, ``lr_threshold``, ``fisher_type``, ``kfac_approx``, ``likelihood``,
   ``temperature``, ``damping``, ``dict_key_x``/``dict_key_y``, ``lora_modules``,
@@ -34,7 +36,7 @@ __all__ = ["save_posterior", "load_posterior", "PosteriorFileError", "FORMAT", "
 
 FORMAT = "laplace-llm-posterior"
 VERSION = 1
-_OPTIONS = ("n_kfac", "lr_threshold", "fisher_type", "kfac_approx", "mc_samples")
+_OPTIONS = ("n_kfac", "lr_threshold", "fisher_type", "kfac_approx", "mc_samples", "max_params")
 
 
 class PosteriorFileError(ValueError):
@@ -61,7 +63,10 @@ def save_posterior(la: LoRALaplace, path: str | os.PathLike) -> None:
         "prior_mean": la.prior_mean.detach().reshape(-1),
     }
     ranks = {}
-    for i, F in enumerate(la.H_facs.kfacs):
+    structure = la._key[1]
+    if structure != "kron":  # LoRADiagLaplace / LoRAFullLaplace: H is one tensor
+        tensors["H"] = la.H.detach()
+    for i, F in enumerate(la.H_facs.kfacs if structure == "kron" else []):
         for j, f in enumerate(F):
             if isinstance(f, LowRankFactor):
                 tensors[f"H.{i}.{j}.root"] = f.root
@@ -73,10 +78,11 @@ def save_posterior(la: LoRALaplace, path: str | os.PathLike) -> None:
     header = {
         "format": FORMAT,
         "version": VERSION,
-        "options": {k: getattr(la, k) for k in _OPTIONS},
+        "hessian_structure": structure,
+        "options": {k: getattr(la, k) for k in _OPTIONS if hasattr(la, k)},
         "likelihood": str(la.likelihood),
         "temperature": float(la.temperature),
-        "damping": bool(la.damping),
+        "damping": bool(getattr(la, "damping", False)),
         "dict_key_x": la.dict_key_x,
         "dict_key_y": la.dict_key_y,
         "loss": loss,
@@ -160,7 +166,6 @@ def load_posterior(
     """
     header, tensors = read_posterior(path)
     from laplace_llm.discovery import find_blocks
-
     from laplace_llm.module_selection import select_blocks
 
     blocks = select_blocks(find_blocks(model), header.get("lora_modules"))
@@ -176,12 +181,19 @@ def load_posterior(
     options = dict(header["options"])
     options["lora_modules"] = header.get("lora_modules")
     options.update(kwargs)
-    la = LoRALaplace(
+    structure = header.get("hessian_structure", "kron")
+    if structure != "kron":
+        from laplace_llm.structures import LoRADiagLaplace, LoRAFullLaplace
+
+        cls = {"diag": LoRADiagLaplace, "full": LoRAFullLaplace}[structure]
+    else:
+        cls = LoRALaplace
+        options.setdefault("damping", header["damping"])
+    la = cls(
         model,
         header["likelihood"],
         temperature=header["temperature"],
         sigma_noise=header.get("sigma_noise", 1.0),
-        damping=header["damping"],
         dict_key_x=header["dict_key_x"],
         dict_key_y=header["dict_key_y"],
         **options,
@@ -195,7 +207,7 @@ def load_posterior(
                 "check_weights=False if you changed the weights on purpose."
             )
     kfacs = []
-    for i, block_shape in enumerate(header["block_shapes"]):
+    for i, block_shape in enumerate(header["block_shapes"] if structure == "kron" else []):
         F = []
         for j in range(len(block_shape)):
             device = blocks[i].module.weight.device
@@ -204,8 +216,11 @@ def load_posterior(
             else:
                 F.append(tensors[f"H.{i}.{j}.dense"].to(device))
         kfacs.append(F)
-    la.H_facs = LowRankKron(kfacs)
-    la.H = la.H_facs.decompose(damping=la.damping)
+    if structure == "kron":
+        la.H_facs = LowRankKron(kfacs)
+        la.H = la.H_facs.decompose(damping=la.damping)
+    else:
+        la.H = tensors["H"].to(device=la._device, dtype=la._dtype)
     la.mean = tensors["mean"].to(la._device)
     la.loss = torch.tensor(header["loss"], dtype=la._dtype)
     la.n_data = header["n_data"]

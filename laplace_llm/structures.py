@@ -117,6 +117,7 @@ class _LoRAParametric:
     _nn_functional_samples = LoRALaplace._nn_functional_samples
     _nn_predictive_classification = LoRALaplace._nn_predictive_classification
     _warn_if_weights_changed = LoRALaplace._warn_if_weights_changed
+    save = LoRALaplace.save
 
     def _init_H(self) -> None:
         # allocated by fit (a dense P×P before fitting would defeat max_params)

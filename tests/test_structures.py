@@ -376,3 +376,21 @@ def test_backends_and_targets_are_checked():
         la.fit(DataLoader(TensorDataset(X, torch.zeros(4, dtype=torch.float64)), batch_size=2))
     with pytest.raises(AttributeError, match="not fitted"):
         la(X)
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+def test_posterior_file_round_trip_keeps_structure_selection_and_noise(tmp_path, structure):
+    """A regression posterior over a module selection, saved and loaded: same class,
+    blocks, σ and predictions."""
+    model = llama()
+    la = Laplace(model, "regression", subset_of_weights="lora", hessian_structure=structure,
+                 lora_modules=["*.v_proj"], sigma_noise=0.7, fisher_type="ggn", prior_precision=2.0)
+    la.fit(llama_loader("regression"))
+    la.save(tmp_path / "post.safetensors")
+    back = LoRALaplace.load(tmp_path / "post.safetensors", model)
+    assert type(back) is type(la) and back.lora_modules == ["*.v_proj"]
+    assert float(back.sigma_noise) == pytest.approx(0.7)
+    batch = next(iter(llama_loader("regression", n=3, seed=2)))
+    for a, b in zip(back(batch), la(batch)):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(back.log_marginal_likelihood(), la.log_marginal_likelihood())
