@@ -12,7 +12,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     import laplace  # noqa: F401
 
-from laplace_llm import data, metrics
+from laplace_llm import data, diagnostics, metrics
 from laplace_llm.classifier import LLMClassifier
 from laplace_llm.curvature import LoRAKFAC
 from laplace_llm.discovery import KronBlock, LoRAModelError, find_blocks
@@ -38,6 +38,7 @@ __all__ = [
     # models and data
     "LLMClassifier",
     "data",
+    "diagnostics",
     "metrics",
     "KronBlock",
     "LoRAModelError",
