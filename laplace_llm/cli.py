@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="output folder (default: laplace-llm-out/)")
     demo.add_argument("--quick", action="store_true",
                       help="reduced sizes (about 20 s): for tests and smoke runs")
+    demo.add_argument("--llla", action="store_true",
+                      help="also put LoRA on lm_head and report last-layer LoRA Laplace "
+                      "(only lm_head's LoRA Bayesian) beside Laplace over all LoRA weights")
     _add_common(demo)
 
     fit = sub.add_parser(
@@ -414,6 +417,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from laplace_llm.evaluation import format_table
 
     cfg = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
+    cfg.llla = args.llla
     log = None  # run_demo also logs each step through `logging`, shown at INFO here
     out = run_demo(cfg, out_dir=args.out, progress=not args.quiet, log=log)
     print(f"laplace-llm demo (seed {cfg.seed}{', quick' if args.quick else ''})")
@@ -422,6 +426,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{out['bayes_nll']:.3f}, accuracy {cfg.p_main:.3f}")
     print(f"prior precision (marglik) {out['prior_precision']:.3g}, "
           f"log marginal likelihood {out['log_marglik']:.1f}")
+    if out.get("llla"):
+        print(f"LLLA over {out['llla']['n_params']:,} lm_head LoRA weights: prior precision "
+              f"{out['llla']['prior_precision']:.3g}, log marginal likelihood "
+              f"{out['llla']['log_marglik']:.1f}")
     print()
     print(format_table(out["results"]))
     print()
