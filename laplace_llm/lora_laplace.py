@@ -243,7 +243,6 @@ class LoRALaplace(KronLaplace):
                 f"Labels of batch {i} have dtype {y.dtype}; classification labels must be "
                 "integer class indices (torch.long), not probabilities or floats."
             )
-        batch_size = x_main.shape[0] if isinstance(x_main, torch.Tensor) else len(x_main)
         if y.ndim != 1 or y.shape[0] != batch_size:
             raise ValueError(
                 f"Labels of batch {i} have shape {tuple(y.shape)} but the batch has "

@@ -396,3 +396,24 @@ def test_posterior_file_round_trip_keeps_structure_selection_and_noise(tmp_path,
     for a, b in zip(back(batch), la(batch)):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(back.log_marginal_likelihood(), la.log_marginal_likelihood())
+
+
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_reward_model_pairs_equal_laplace_torch(structure):
+    """Preference pairs (B, 2, T) run as 2B sequences: each example's gradient sums its
+    two sequences; the posterior and the reward's mean and variance on single sequences
+    equal laplace-torch's reward_modeling Diag/FullLaplace (BERT reward model, float64;
+    1e-5 relative as above)."""
+    from tests.test_reward import pair_items, reward_model, singles
+
+    model = reward_model("bert")
+    model.model.base_model.model.config._attn_implementation = "eager"
+    loader = DataLoader(DictDataset(pair_items(10, 6, seed=0)), batch_size=4)
+    la, ref = fit_both(model, loader, "reward_modeling", structure, "ggn", prior_precision=0.5)
+    assert rel(la.H, ref.H) < RTOL
+    lml, ref_lml = la.log_marginal_likelihood(), ref.log_marginal_likelihood()
+    assert abs((lml - ref_lml) / ref_lml) < RTOL
+    x = singles(3, 6, seed=1)
+    (m, v), (rm, rv) = la(x), ref(x)
+    torch.testing.assert_close(m, rm)
+    assert v.shape == (3, 1, 1) and rel(v, rv) < RTOL
