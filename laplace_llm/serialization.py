@@ -3,7 +3,8 @@
 File format ``laplace-llm-posterior`` version 1 (a safetensors file):
 
 - tensors ``mean``, ``prior_precision``, ``prior_mean`` and, for block ``i`` factor
-  ``j``, ``H.i.j.dense`` (``d × d``) or ``H.i.j.root`` (``d × m``, ``F = R Rᵀ``); for
+  ``j``, ``H.i.j.dense`` (``d × d``) or ``H.i.j.root`` (``d × m``, ``F = R Rᵀ``) with
+  ``H.i.j.exact_trace`` (``(1,)``, the untruncated factor's trace; optional); for
   ``hessian_structure`` "diag" / "full" (header ``hessian_structure``, absent = "kron")
   one tensor ``H`` (``(P,)`` / ``(P, P)``);
 - string metadata ``laplace_llm`` holding JSON: format name and version, the options
@@ -70,6 +71,8 @@ def save_posterior(la: LoRALaplace, path: str | os.PathLike) -> None:
         for j, f in enumerate(F):
             if isinstance(f, LowRankFactor):
                 tensors[f"H.{i}.{j}.root"] = f.root
+                if f.exact_trace is not None:  # for la.low_rank_report() after loading
+                    tensors[f"H.{i}.{j}.exact_trace"] = f.exact_trace.reshape(1)
                 ranks[f"{i}.{j}"] = f.rank
             else:
                 tensors[f"H.{i}.{j}.dense"] = f
@@ -212,7 +215,11 @@ def load_posterior(
         for j in range(len(block_shape)):
             device = blocks[i].module.weight.device
             if f"H.{i}.{j}.root" in tensors:
-                F.append(LowRankFactor(tensors[f"H.{i}.{j}.root"].to(device), header["ranks"][f"{i}.{j}"]))
+                trace = tensors.get(f"H.{i}.{j}.exact_trace")
+                F.append(LowRankFactor(
+                    tensors[f"H.{i}.{j}.root"].to(device), header["ranks"][f"{i}.{j}"],
+                    exact_trace=None if trace is None else trace.to(device).reshape(()),
+                ))
             else:
                 F.append(tensors[f"H.{i}.{j}.dense"].to(device))
         kfacs.append(F)

@@ -84,3 +84,11 @@ def test_exact_trace_follows_sums_and_scaling():
     torch.testing.assert_close((f + g).exact_trace, total)
     torch.testing.assert_close((f * 0.5).exact_trace, 0.5 * cols[:, :20].square().sum())
     assert LowRankFactor(cols, 2).exact_trace is None  # unknown, e.g. read from a file
+
+
+def test_report_survives_a_posterior_file(tmp_path):
+    """The exact traces are saved with the roots, so the report after load is the same."""
+    low, _ = fits(n_kfac=3)
+    low.save(tmp_path / "p.safetensors")
+    back = type(low).load(tmp_path / "p.safetensors", low.model)
+    assert back.low_rank_report() == low.low_rank_report()
