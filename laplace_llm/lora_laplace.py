@@ -28,7 +28,7 @@ from laplace_llm.discovery import find_blocks
 from laplace_llm.errors import LoRAModelError, PosteriorFileError
 from laplace_llm.matrix import LowRankKron, LowRankKronDecomposed, factor_dtype
 from laplace_llm.module_selection import restrict_to_blocks, select_blocks
-from laplace_llm.options import KFACOptions, check_int, expose_options
+from laplace_llm.options import KFACOptions, Truncation, check_int, expose_options
 from laplace_llm.validation import check_batch, loader_size
 
 __all__ = ["LoRALaplace"]
@@ -239,7 +239,13 @@ class LoRALaplace(KronLaplace):
         self.model.output_size = self.n_outputs
         mean = parameters_to_vector(self.params).to(self._dtype)
         self.mean = mean if self.enable_backprop else mean.detach()
-        self.H = self.H_facs.decompose(damping=self.damping)
+        self.H = self._decompose()
+
+    def _decompose(self):
+        """Eigendecompose the fitted factors with this posterior's damping and truncation."""
+        return self.H_facs.decompose(
+            damping=self.damping, remainder=self.truncation == Truncation.ISOTROPIC
+        )
 
     def _accumulate(
         self, train_loader: DataLoader, N: int, progress_bar: bool = False
@@ -401,7 +407,7 @@ class LoRALaplace(KronLaplace):
         self.H_facs = LowRankKron.from_state(
             state_dict["H"], devices=[b.module.weight.device for b in self.blocks]
         )
-        self.H = self.H_facs.decompose(damping=self.damping)
+        self.H = self._decompose()
 
     def _check_state(self, state_dict: dict[str, Any], check_weights: bool) -> None:
         """Refuse a state fitted on other LoRA blocks (or, if asked, other weights)."""
@@ -498,6 +504,8 @@ class LoRALaplace(KronLaplace):
         }
         if "damping" in state:  # kron only
             kwargs["damping"] = state["damping"]
+            # files written before the option existed left truncated directions to the prior
+            kwargs.setdefault("truncation", Truncation.PRIOR)
         return kwargs
 
     # ------------------------------------------------------------ predictives

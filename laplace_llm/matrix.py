@@ -18,14 +18,20 @@ truncates back to rank ``k``. A ``d × d`` matrix is never formed for a low-rank
 
 After :meth:`LowRankKron.decompose`, every factor is an eigenpair ``(Q, λ)`` with
 ``Q`` of shape ``(d, k)`` orthonormal columns (``k = d`` for dense factors) and
-``λ ≥ 0``. Everything outside ``span(Q)`` has eigenvalue zero, so with
-``P = τ (G ⊗ A) + δ I``
+``λ ≥ 0``, plus a *remainder* ``ρ ≥ 0``, the eigenvalue the factor takes on the
+``d − k`` directions outside ``span(Q)``: ``F = Q diag(λ) Qᵀ + ρ (I − Q Qᵀ)``. With
+``ρ = 0`` the truncated directions see the prior alone; ``decompose(remainder=True)``
+sets ``ρ`` to the mean of the discarded eigenvalues (from the exact trace, see
+:meth:`LowRankFactor.remainder`). With ``P = τ (G ⊗ A) + δ I`` and ``ρ = 0``
 
     P^p = (Q_G ⊗ Q_A) [(τ λ_G ⊗ λ_A + δ)^p − δ^p] (Q_G ⊗ Q_A)ᵀ + δ^p I,
 
-    log det P = Σ_ij log(τ λ_G,i λ_A,j + δ) + (d_G d_A − k_G k_A) log δ,
+    log det P = Σ_ij log(τ λ_G,i λ_A,j + δ) + (d_G d_A − k_G k_A) log δ;
 
-which :class:`LowRankKronDecomposed` evaluates in ``O(d·k·r)`` per block.
+with remainders, ``G ⊗ A`` has the four eigenspaces kept ⊗ kept, kept ⊗ rest,
+rest ⊗ kept and rest ⊗ rest (eigenvalues ``λ_G λ_A``, ``λ_G ρ_A``, ``ρ_G λ_A``,
+``ρ_G ρ_A``) and the same formulas hold space by space. :class:`LowRankKronDecomposed`
+evaluates them in ``O(d·k·r)`` per block.
 """
 
 from __future__ import annotations
@@ -218,6 +224,34 @@ class LowRankFactor:
         keep = norms > 0
         return lam[keep], root[:, keep] / norms[keep]
 
+    def remainder(self, kept: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean eigenvalue of the part of the exact factor that the root discarded.
+
+        ``ρ = (tr F_exact − Σ λ_kept) / (d − k)``, the trace the truncation threw away
+        spread evenly over the ``d − k`` directions outside the kept columns. This is
+        the maximum-likelihood noise level of probabilistic PCA (Tipping & Bishop,
+        1999): ``Q diag(λ) Qᵀ + ρ (I − Q Qᵀ)`` is the closest "rank ``k`` plus
+        isotropic" matrix to the exact factor that keeps its trace. Zero when the
+        factor is exact (``k = d``) or its exact trace is unknown.
+
+        Parameters
+        ----------
+        kept : torch.Tensor, optional
+            ``(k,)`` the kept eigenvalues (from :meth:`eigh`; computed if omitted).
+
+        Returns
+        -------
+        torch.Tensor
+            scalar ``ρ ≥ 0``.
+        """
+        if kept is None:
+            kept = self.eigh()[0]
+        n_rest = self.side - kept.numel()
+        zero = torch.zeros((), device=self.device, dtype=self.dtype)
+        if self.exact_trace is None or n_rest <= 0:
+            return zero
+        return torch.clamp((self.exact_trace.to(kept.dtype) - kept.sum()) / n_rest, min=0.0)
+
     def to_dense(self) -> torch.Tensor:
         """``(d, d)`` matrix; for tests and small sides only."""
         return self.root @ self.root.T
@@ -388,15 +422,35 @@ class LowRankKron:
                     f.compress_()
         return self
 
-    def decompose(self, damping: bool = False) -> LowRankKronDecomposed:
-        """Eigendecompose every factor (low-rank ones in ``O(d·k²)``)."""
-        eigvecs, eigvals, sides = [], [], []
+    def decompose(self, damping: bool = False, remainder: bool = False) -> LowRankKronDecomposed:
+        """Eigendecompose every factor (low-rank ones in ``O(d·k²)``).
+
+        Parameters
+        ----------
+        damping : bool, default False
+            See :class:`LowRankKronDecomposed`.
+        remainder : bool, default False
+            Give each low-rank factor the mean of its discarded eigenvalues on the
+            complement of its kept columns (:meth:`LowRankFactor.remainder`), instead of
+            zero. Dense factors are exact and have no complement.
+        """
+        eigvecs, eigvals, sides, rests = [], [], [], []
         for F in self.kfacs:
             ls, qs = zip(*(_factor_eigh(f) for f in F))
             eigvals.append(list(ls))
             eigvecs.append(list(qs))
             sides.append([f.shape[0] for f in F])
-        return LowRankKronDecomposed(eigvecs, eigvals, sides, damping=damping)
+            rests.append(
+                [
+                    f.remainder(lam)
+                    if remainder and isinstance(f, LowRankFactor)
+                    else torch.zeros((), device=lam.device, dtype=lam.dtype)
+                    for f, lam in zip(F, ls)
+                ]
+            )
+        return LowRankKronDecomposed(
+            eigvecs, eigvals, sides, damping=damping, remainders=rests
+        )
 
     def bmm(self, W: torch.Tensor, exponent: float = 1) -> torch.Tensor:
         """``H @ W`` for ``W`` of shape ``(P,)``, ``(B, P)`` or ``(B, K, P)``."""
@@ -461,73 +515,117 @@ def _apply_blocks(W: torch.Tensor, n_params: int, blocks, fn) -> torch.Tensor:
 
 
 class _DecomposedBlock:
-    """Eigenpairs of one block's factors plus its prior ``δ``, scale ``τ`` and damping."""
+    """One block's eigenpairs, remainders ``ρ``, prior ``δ``, scale ``τ`` and damping.
 
-    __slots__ = ("qs", "ls", "sides", "tau", "delta", "damping")
+    Each factor ``F`` is ``Q diag(λ) Qᵀ + ρ (I − Q Qᵀ)``: ``λ`` on the kept columns,
+    ``ρ ≥ 0`` on their complement (``ρ = 0`` for an exact factor, or when the
+    truncated part falls back to the prior). For a two-factor block the posterior
+    precision ``P = τ G ⊗ A + δ`` then has four eigenspaces, kept ⊗ kept (``τλ_Gλ_A``),
+    kept ⊗ rest (``τλ_Gρ_A``), rest ⊗ kept (``τρ_Gλ_A``) and rest ⊗ rest (``τρ_Gρ_A``),
+    each shifted by ``δ``, which :meth:`apply`, :meth:`logdet` and :meth:`diag` use.
+    """
 
-    def __init__(self, qs, ls, sides, tau, delta, damping):
-        self.qs, self.ls, self.sides = qs, ls, sides
+    __slots__ = ("qs", "ls", "rs", "sides", "tau", "delta", "damping")
+
+    def __init__(self, qs, ls, rs, sides, tau, delta, damping):
+        self.qs, self.ls, self.rs, self.sides = qs, ls, rs, sides
         self.tau, self.delta, self.damping = tau, delta, damping
 
     def _damped(self) -> bool:
         return self.damping and len(self.ls) == 2
 
-    def spectrum(self, exponent: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(C, δ^p)`` with ``C = (τ λ_G λ_Aᵀ + δ)^p − δ^p`` over the kept subspace."""
-        dp = torch.pow(self.delta, exponent)
+    def _rests(self) -> list[int]:
+        """Dimension of each factor's complement ``d − k``."""
+        return [d - lam.numel() for d, lam in zip(self.sides, self.ls)]
+
+    def eigenspaces(self, exponent: float):
+        """``P^p`` on the eigenspaces of a block without damping.
+
+        Returns
+        -------
+        one factor: ``(a, s)`` with ``a = (τλ + δ)^p`` on the kept columns ``(k,)`` and
+        ``s = (τρ + δ)^p`` on the rest; two factors: ``(S, a, b, s)`` with ``S (k_G, k_A)``
+        on kept ⊗ kept, ``a (k_G,)`` on kept ⊗ rest, ``b (k_A,)`` on rest ⊗ kept and ``s``
+        on rest ⊗ rest.
+        """
+        t, d = self.tau, self.delta
         if len(self.ls) == 1:
-            return torch.pow(self.tau * self.ls[0] + self.delta, exponent) - dp, dp
-        lam = self.tau * torch.outer(self.ls[0], self.ls[1])
-        return torch.pow(lam + self.delta, exponent) - dp, dp
+            return torch.pow(t * self.ls[0] + d, exponent), torch.pow(t * self.rs[0] + d, exponent)
+        (lG, lA), (rG, rA) = self.ls, self.rs
+        S = torch.pow(t * torch.outer(lG, lA) + d, exponent)
+        a = torch.pow(t * lG * rA + d, exponent)
+        b = torch.pow(t * rG * lA + d, exponent)
+        s = torch.pow(t * rG * rA + d, exponent)
+        return S, a, b, s
 
     def damped_factors(self, exponent: float):
-        """Per factor ``(D, s^p)`` with ``(√τ F + s)^p = s^p I + Q D Qᵀ``, ``s = √δ``."""
-        s = torch.sqrt(self.delta)
-        sp = torch.pow(s, exponent)
+        """Per factor ``(D, c)`` with ``(√τ F + √δ)^p = c I + Q diag(D) Qᵀ``."""
+        sd = torch.sqrt(self.delta)
         rt = torch.sqrt(self.tau)
-        return [(torch.pow(rt * lam + s, exponent) - sp, sp) for lam in self.ls]
+        out = []
+        for lam, rho in zip(self.ls, self.rs):
+            c = torch.pow(rt * rho + sd, exponent)
+            out.append((torch.pow(rt * lam + sd, exponent) - c, c))
+        return out
 
     def apply(self, W: torch.Tensor, exponent: float) -> torch.Tensor:
         """``P_b^p W``; ``W`` is ``(n, d)`` for one factor or ``(n, d_G, d_A)``."""
         if len(self.ls) == 1:
             Q = self.qs[0]
-            C, dp = self.spectrum(exponent)
-            return dp * W + ((W @ Q) * C) @ Q.T
+            a, s = self.eigenspaces(exponent)
+            return s * W + ((W @ Q) * (a - s)) @ Q.T
         QG, QA = self.qs
         if self._damped():
-            (DG, sp), (DA, _) = self.damped_factors(exponent)
-            Y = sp * W + QG @ (DG.unsqueeze(-1) * (QG.T @ W))
-            return sp * Y + ((Y @ QA) * DA) @ QA.T
-        C, dp = self.spectrum(exponent)
-        core = QG.T @ W @ QA
-        return dp * W + QG @ (core * C) @ QA.T
+            (DG, cG), (DA, cA) = self.damped_factors(exponent)
+            Y = cG * W + QG @ (DG.unsqueeze(-1) * (QG.T @ W))
+            return cA * Y + ((Y @ QA) * DA) @ QA.T
+        S, a, b, s = self.eigenspaces(exponent)
+        GW = QG.T @ W  # (n, k_G, d_A)
+        WA = W @ QA  # (n, d_G, k_A)
+        core = GW @ QA
+        inner = S - a.unsqueeze(-1) - b + s
+        return (
+            s * W
+            + QG @ ((a - s).unsqueeze(-1) * GW)
+            + (WA * (b - s)) @ QA.T
+            + QG @ (core * inner) @ QA.T
+        )
 
     def logdet(self) -> torch.Tensor:
+        """``log det P_b`` (a complement of dimension 0 adds nothing, also when δ = 0)."""
+        def term(n: int, x: torch.Tensor) -> torch.Tensor | float:
+            # n · log x, with 0 · log 0 = 0 for an exact factor without prior
+            return n * torch.log(x).sum() if n else 0.0
+
+        if len(self.ls) == 1:
+            a, s = self.eigenspaces(1)
+            return torch.log(a).sum() + term(self._rests()[0], s)
+        (dG, dA), (nG, nA) = self.sides, self._rests()
         if self._damped():
-            s = torch.sqrt(self.delta)
-            rt = torch.sqrt(self.tau)
-            (dG, dA), (lG, lA) = self.sides, self.ls
-            out = dA * torch.log(rt * lG + s).sum() + dG * torch.log(rt * lA + s).sum()
-            n_rest = dA * (dG - lG.numel()) + dG * (dA - lA.numel())
-            return out + n_rest * torch.log(s) if n_rest else out
-        C_plus = self.spectrum(1)[0] + self.delta  # τλ + δ on the subspace
-        n_rest = math.prod(self.sides) - C_plus.numel()
-        out = torch.log(C_plus).sum()
-        # (0 · log 0 would be NaN for an exact factor without prior)
-        return out + n_rest * torch.log(self.delta) if n_rest else out
+            (DG, cG), (DA, cA) = self.damped_factors(1)
+            # det(X ⊗ Y) = det(X)^{d_Y} det(Y)^{d_X}
+            return dA * (torch.log(DG + cG).sum() + term(nG, cG)) + dG * (
+                torch.log(DA + cA).sum() + term(nA, cA)
+            )
+        S, a, b, s = self.eigenspaces(1)
+        return torch.log(S).sum() + term(nA, a) + term(nG, b) + term(nG * nA, s)
 
     def diag(self, exponent: float) -> torch.Tensor:
+        """Diagonal of ``P_b^p``, flattened as the block's parameters."""
         if len(self.ls) == 1:
-            C, dp = self.spectrum(exponent)
-            return dp + self.qs[0].square() @ C
+            a, s = self.eigenspaces(exponent)
+            return s + self.qs[0].square() @ (a - s)
         QG2, QA2 = self.qs[0].square(), self.qs[1].square()
         if self._damped():
-            (DG, sp), (DA, _) = self.damped_factors(exponent)
-            return torch.outer(sp + QG2 @ DG, sp + QA2 @ DA).flatten()
-        C, dp = self.spectrum(exponent)
-        return (dp + QG2 @ C @ QA2.T).flatten()
+            (DG, cG), (DA, cA) = self.damped_factors(exponent)
+            return torch.outer(cG + QG2 @ DG, cA + QA2 @ DA).flatten()
+        S, a, b, s = self.eigenspaces(exponent)
+        inner = S - a.unsqueeze(-1) - b + s
+        out = s + (QG2 @ (a - s)).unsqueeze(-1) + QA2 @ (b - s) + QG2 @ inner @ QA2.T
+        return out.flatten()
 
     def to_matrix(self, exponent: float) -> torch.Tensor:
+        """Dense ``P_b^p``; for tests on small blocks only."""
         p = math.prod(self.sides)
         eye = torch.eye(p, dtype=self.qs[0].dtype, device=self.qs[0].device)
         W = eye if len(self.sides) == 1 else eye.reshape(p, *self.sides)
@@ -557,9 +655,21 @@ class LowRankKronDecomposed:
     damping : bool, default False
         ``P = (√τ G + √δ) ⊗ (√τ A + √δ)`` instead of ``τ G ⊗ A + δ`` for two-factor
         blocks, as laplace-torch's ``damping=True``.
+    remainders : list of list of torch.Tensor, optional
+        per block, per factor the scalar ``ρ ≥ 0`` that the factor takes on the
+        complement of its kept columns (default 0: the prior alone acts there).
     """
 
-    def __init__(self, eigenvectors, eigenvalues, sides, deltas=None, tau=1.0, damping=False):
+    def __init__(
+        self,
+        eigenvectors,
+        eigenvalues,
+        sides,
+        deltas=None,
+        tau=1.0,
+        damping=False,
+        remainders=None,
+    ):
         self.eigenvectors = eigenvectors
         self.eigenvalues = eigenvalues
         self.sides = sides
@@ -569,6 +679,10 @@ class LowRankKronDecomposed:
         self.deltas = self._expand_deltas(deltas)
         self.tau = torch.as_tensor(tau, device=ref.device, dtype=ref.dtype)
         self.damping = damping
+        if remainders is None:
+            zero = torch.zeros((), device=ref.device, dtype=ref.dtype)
+            remainders = [[zero] * len(ls) for ls in eigenvalues]
+        self.remainders = remainders
 
     def _expand_deltas(self, deltas) -> torch.Tensor:
         ref = self.eigenvectors[0][0]
@@ -593,9 +707,9 @@ class LowRankKronDecomposed:
 
     def _blocks(self) -> list[_DecomposedBlock]:
         return [
-            _DecomposedBlock(qs, ls, sides, self.tau, delta, self.damping)
-            for qs, ls, sides, delta in zip(
-                self.eigenvectors, self.eigenvalues, self.sides, self.deltas
+            _DecomposedBlock(qs, ls, rs, sides, self.tau, delta, self.damping)
+            for qs, ls, rs, sides, delta in zip(
+                self.eigenvectors, self.eigenvalues, self.remainders, self.sides, self.deltas
             )
         ]
 
@@ -608,6 +722,7 @@ class LowRankKronDecomposed:
             self.deltas + self._expand_deltas(deltas),
             self.tau,
             self.damping,
+            self.remainders,
         )
 
     def __mul__(self, scalar: torch.Tensor | float) -> LowRankKronDecomposed:
@@ -619,6 +734,7 @@ class LowRankKronDecomposed:
             self.deltas,
             self.tau * scalar,
             self.damping,
+            self.remainders,
         )
 
     __radd__ = __add__

@@ -11,7 +11,9 @@ MAP (fine-tuned) values: the posterior is that of the same model with those weig
 frozen.
 
 With LoRA on the language-model head and ``lora_modules=["lm_head"]`` this is
-last-layer Laplace over LoRA (LLLA in Yang et al., 2024).
+last-layer Laplace over LoRA (LLLA in Yang et al., 2024). For a sequence classifier
+whose head is trained in full (peft ``modules_to_save``), ``lora_modules=["classifier"]``
+(or the head's name) selects that head alone: last-layer Laplace over a plain head.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def select_blocks(blocks: list[KronBlock], lora_modules: Sequence[str] | str | N
     Raises
     ------
     LoRAModelError
-        a pattern matches no layer, or the selection holds no LoRA block.
+        a pattern matches no layer.
     """
     if lora_modules is None:
         return list(blocks)
@@ -80,13 +82,10 @@ def select_blocks(blocks: list[KronBlock], lora_modules: Sequence[str] | str | N
                 + ". Use one of these names, a suffix of one (e.g. 'lm_head'), or a glob "
                 "such as '*.q_proj'."
             )
+    # A selection of trainable plain heads alone is allowed: for a sequence classifier
+    # whose head is trained in full (peft ``modules_to_save``), that head is the last
+    # layer, and its Laplace is last-layer Laplace.
     chosen = [b for b, n in zip(blocks, names) if any(_matches(n, p) for p in patterns)]
-    if not any(b.role != "linear" for b in chosen):
-        raise LoRAModelError(
-            f"lora_modules={patterns!r} selects only plain nn.Linear layers "
-            f"({sorted({layer_name(b) for b in chosen})}), no LoRA weights; include at least "
-            "one layer with LoRA adapters (for LLLA, put LoRA on 'lm_head')."
-        )
     return chosen
 
 

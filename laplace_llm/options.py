@@ -27,6 +27,7 @@ from typing import Any
 __all__ = [
     "FisherType",
     "KFACApprox",
+    "Truncation",
     "KFACOptions",
     "add_arguments",
     "check_int",
@@ -64,6 +65,20 @@ class KFACApprox(str, enum.Enum):
         return self.value
 
 
+class Truncation(str, enum.Enum):
+    """What a low-rank factor keeps of the directions its rank ``n_kfac`` discards."""
+
+    #: The discarded trace is spread evenly over the discarded directions (the
+    #: probabilistic-PCA remainder): the posterior there is ``τ ρ λ + δ``, not ``δ``.
+    ISOTROPIC = "isotropic"
+    #: The discarded directions have zero curvature: the prior alone acts there.
+    PRIOR = "prior"
+
+    def __str__(self) -> str:
+        """Return the plain value (``"isotropic"``)."""
+        return self.value
+
+
 def _option(help: str, minimum: int | None = None, cli: bool = True) -> dict[str, Any]:
     """Metadata of one :class:`KFACOptions` field.
 
@@ -95,6 +110,9 @@ class KFACOptions:
         Sampled labels per example of ``fisher_type="mc"``.
     kfac_approx : KFACApprox, default "expand"
         How K-FAC treats the sequence axis.
+    truncation : Truncation, default "isotropic"
+        What a low-rank factor keeps of the directions beyond its rank: the mean of
+        the discarded eigenvalues (``"isotropic"``) or nothing (``"prior"``).
 
     Raises
     ------
@@ -122,6 +140,13 @@ class KFACOptions:
     kfac_approx: KFACApprox = dataclasses.field(
         default=KFACApprox.EXPAND,
         metadata=_option("how K-FAC treats the sequence axis"),
+    )
+    truncation: Truncation = dataclasses.field(
+        default=Truncation.ISOTROPIC,
+        metadata=_option(
+            "directions a low-rank factor discards: keep their mean eigenvalue "
+            "(isotropic) or leave them to the prior"
+        ),
     )
 
     def __post_init__(self) -> None:

@@ -334,10 +334,12 @@ def test_mc_predictions_follow_the_generator_passed(pred_type):
 
 def test_damping_reaches_the_posterior():
     """damping=True gives P = (√τG + √δ) ⊗ (√τA + √δ) per block, also after the prior is
-    added (laplace-torch's KronDecomposed drops the flag there)."""
+    added (laplace-torch's KronDecomposed drops the flag there). The reference is built
+    from the truncated factors themselves, so the truncated directions are left to the
+    prior (``truncation="prior"``; the isotropic remainder is tested in test_matrix)."""
     model = classifier("llama")
     la = LoRALaplace(model, "classification", damping=True, fisher_type="ggn", n_kfac=3,
-                     lr_threshold=0, prior_precision=0.7)
+                     lr_threshold=0, prior_precision=0.7, truncation="prior")
     la.fit(token_loader(n=8, length=5))
     P = la.posterior_precision
     assert P.damping

@@ -112,3 +112,30 @@ def test_files_of_the_first_release_still_load(fitted, tmp_path):
     batch = next(iter(token_loader(n=3, length=6, seed=2)))
     torch.testing.assert_close(loaded(batch), fitted(batch), rtol=0, atol=0)
     assert loaded.options == fitted.options
+
+
+def test_files_without_truncation_option_keep_their_meaning(tmp_path):
+    """Files written before ``truncation`` existed were fitted with truncated directions
+    left to the prior; they load as ``truncation="prior"``, to the same predictions."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    clf = LLMClassifier(tiny_llama_lora(seed=0), TARGET_IDS)
+    la = LoRALaplace(clf, "classification", n_kfac=3, lr_threshold=8, fisher_type="ggn",
+                     truncation="prior", prior_precision=0.5)
+    la.fit(token_loader(n=10, length=6))
+    path = tmp_path / "post.safetensors"
+    la.save(path)
+    with safe_open(str(path), "pt") as fh:
+        header = json.loads(fh.metadata()["laplace_llm"])
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    del header["options"]["truncation"]
+    save_file(tensors, str(path), metadata={"laplace_llm": json.dumps(header)})
+    loaded = LoRALaplace.load(path, clf)
+    assert loaded.truncation == "prior"
+    batch = next(iter(token_loader(n=3, length=6, seed=2)))
+    torch.testing.assert_close(loaded(batch), la(batch), rtol=0, atol=0)
+    isotropic = LoRALaplace.load(path, clf, truncation="isotropic")
+    assert not torch.equal(isotropic(batch), la(batch))

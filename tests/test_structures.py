@@ -417,3 +417,30 @@ def test_reward_model_pairs_equal_laplace_torch(structure):
     (m, v), (rm, rv) = la(x), ref(x)
     torch.testing.assert_close(m, rm)
     assert v.shape == (3, 1, 1) and rel(v, rv) < RTOL
+
+
+def test_plain_head_alone_is_last_layer_laplace():
+    """A sequence classifier's fully trained head (peft ``modules_to_save``) can be the
+    only Bayesian layer: lora_modules=["classifier"] equals laplace-torch's KronLaplace
+    on the same model with every other weight frozen (the head's weight and bias)."""
+    from tests.batches import token_loader
+    from tests.models import tiny_bert_seqcls_lora
+
+    torch.manual_seed(0)
+    loader = token_loader(n=9, length=5, batch_size=4, n_classes=3, vocab=64)
+    model = LLMClassifier(tiny_bert_seqcls_lora(num_labels=3, seed=0).double())
+    la = Laplace(model, "classification", subset_of_weights="lora", hessian_structure="kron",
+                 lora_modules=["classifier"], fisher_type="ggn", n_kfac=512, prior_precision=0.7)
+    la.fit(loader)
+    assert [b.role for b in la.blocks] == ["linear", "linear"]
+    frozen = LLMClassifier(tiny_bert_seqcls_lora(num_labels=3, seed=0).double())
+    for name, p in frozen.named_parameters():
+        if "classifier" not in name:
+            p.requires_grad_(False)
+    ref = Laplace(frozen, "classification", subset_of_weights="all", hessian_structure="kron",
+                  backend=CurvlinopsGGN, prior_precision=0.7)
+    ref.fit(loader)
+    torch.testing.assert_close(la.log_marginal_likelihood(), ref.log_marginal_likelihood(),
+                               rtol=1e-8, atol=0)
+    batch = next(iter(token_loader(n=3, length=5, n_classes=3, vocab=64, seed=4)))
+    torch.testing.assert_close(la(batch), ref(batch), rtol=1e-8, atol=1e-10)

