@@ -136,8 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prior precision, or the start of its tuning (default: 1.0)")
     g.add_argument("--seed", type=_non_negative_int, default=0,
                    help="seed of the labels sampled by --fisher-type mc (default: 0)")
-    fit.add_argument("--posterior", required=True, metavar="FILE",
-                     help="where to write the posterior (safetensors; folders are created)")
+    fit.add_argument("--posterior", metavar="FILE",
+                     help="where to write the posterior (safetensors; missing folders are "
+                     "created; an existing folder means its laplace_posterior.safetensors). "
+                     "Default: beside the adapter, --adapter/laplace_posterior.safetensors. "
+                     "Under torchrun or accelerate launch every process fits its share of "
+                     "--data and rank 0 writes")
     _add_common(fit)
 
     ev = sub.add_parser(
@@ -149,8 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
         "write metrics.json and reliability.png to --out.",
     )
     _add_model_data(ev)
-    ev.add_argument("--posterior", required=True, metavar="FILE",
-                    help="posterior file written by `laplace-llm fit` (or `la.save`)")
+    ev.add_argument("--posterior", metavar="FILE",
+                    help="posterior file written by `laplace-llm fit` (or `la.save`), or a "
+                    "folder holding laplace_posterior.safetensors. Default: the one beside "
+                    "the adapter, --adapter/laplace_posterior.safetensors")
     ev.add_argument("--out", default="laplace-llm-out", metavar="DIR",
                     help="output folder (default: laplace-llm-out/)")
     ev.add_argument("--mc-samples", type=_positive_int, default=1000, metavar="N",
@@ -201,8 +207,19 @@ def _check_paths(args: argparse.Namespace, posterior_must_exist: bool) -> None:
     data = Path(args.data)
     if not data.is_file():
         raise UserError(f"--data {data}: no such file")
+    from laplace_llm.serialization import POSTERIOR_FILENAME, posterior_path
+
+    if args.posterior is None:
+        if args.adapter is None:
+            raise UserError("--posterior is required without --adapter (the posterior is "
+                            f"otherwise kept beside the adapter, as {POSTERIOR_FILENAME})")
+        args.posterior = args.adapter
+    args.posterior = str(posterior_path(args.posterior))
     if posterior_must_exist and not Path(args.posterior).is_file():
-        raise UserError(f"--posterior {args.posterior}: no such file")
+        beside = Path(args.posterior).name == POSTERIOR_FILENAME
+        raise UserError(f"--posterior {args.posterior}: no such file" + (
+            " (fit one there with `laplace-llm fit --adapter DIR`, or pass --posterior)"
+            if beside else ""))
     if not posterior_must_exist:
         # fail before fitting, not after
         try:
@@ -376,40 +393,105 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def launcher_group() -> tuple[int, int, bool]:
+    """Join the process group of ``torchrun`` / ``accelerate launch``, if launched by one.
+
+    Launchers set ``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; without
+    an initialised group one is created (gloo: the CLI fits on the CPU).
+
+    Returns
+    -------
+    rank, world : int
+        ``(0, 1)`` outside a launcher.
+    created : bool
+        whether this call initialised the group (and should destroy it).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return 0, 1, False
+    import torch.distributed as dist
+
+    created = False
+    if not dist.is_initialized():
+        missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+        if missing:
+            raise UserError(f"WORLD_SIZE={world} but {', '.join(missing)} unset: start several "
+                            "processes with torchrun or accelerate launch, or unset WORLD_SIZE")
+        dist.init_process_group("gloo")
+        created = True
+    return dist.get_rank(), dist.get_world_size(), created
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
+    rank, world, created = launcher_group()
+    if rank:  # one voice: the other processes report only warnings and errors
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        return _fit(args, rank, world)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _fit(args: argparse.Namespace, rank: int, world: int) -> int:
     from laplace import Laplace
+    from torch.utils.data import DataLoader, Subset
 
     import laplace_llm  # noqa: F401  (registers subset_of_weights="lora")
-    from laplace_llm.errors import LoRAModelError
+    from laplace_llm.errors import LoRAModelError, PosteriorFileError
+    from laplace_llm.serialization import check_overwrite
 
     _check_paths(args, posterior_must_exist=False)
     if not args.prior_precision > 0:
         raise UserError(f"--prior-precision must be > 0, got {args.prior_precision}")
+    main_process = rank == 0
+    quiet = args.quiet or not main_process
     clf, loader, likelihood = load_classifier(args)
+    n_records = len(loader.dataset)
+    if world > 1:
+        if n_records < world:
+            raise UserError(f"--data has {n_records} records for {world} processes; each "
+                            "process needs at least one")
+        # every rank takes records rank, rank + world, …; fit(distributed=True) sums them
+        loader = DataLoader(Subset(loader.dataset, range(rank, n_records, world)),
+                            batch_size=args.batch_size, collate_fn=loader.collate_fn)
     started = time.perf_counter()
     try:
         la = Laplace(
             clf, likelihood, subset_of_weights="lora", hessian_structure="kron",
             prior_precision=args.prior_precision, options=kfac_options.from_arguments(args),
-            seed=args.seed,
+            seed=args.seed + rank,  # independent Monte-Carlo labels on every process
         )
     except LoRAModelError as err:
         raise _lora_error(err, args) from None
-    logger.info("fitting %s over %d LoRA weights on %d records of %s", type(la).__name__,
-                la.n_params, len(loader.dataset), args.data)
-    la.fit(loader, progress_bar=not args.quiet)
+    posterior = Path(args.posterior)
+    try:  # before fitting, on every process: a refusal leaves nobody waiting
+        check_overwrite(posterior, [b.name for b in la.blocks], [list(b.shape) for b in la.blocks])
+    except PosteriorFileError as err:
+        raise UserError(f"--posterior: {err}") from None
+    if main_process:
+        logger.info("fitting %s over %d LoRA weights on %d records of %s%s", type(la).__name__,
+                    la.n_params, n_records, args.data,
+                    f" in {world} processes" if world > 1 else "")
+    la.fit(loader, progress_bar=not quiet, distributed=world > 1)
     if args.prior_optimization == "marglik":
         la.optimize_prior_precision(
-            method="marglik", init_prior_prec=args.prior_precision, progress_bar=not args.quiet
+            method="marglik", init_prior_prec=args.prior_precision, progress_bar=not quiet
         )
     lml = float(la.log_marginal_likelihood().item())
-    posterior = Path(args.posterior)
+    if not main_process:
+        return 0
     try:
         la.save(posterior)
     except OSError as err:
         raise UserError(f"--posterior {posterior}: cannot write it: {err.strerror or err}") from None
-    print(f"fitted on {len(loader.dataset)} records ({la.n_params} LoRA weights, "
-          f"{la.n_layers} blocks) in {time.perf_counter() - started:.1f} s")
+    except PosteriorFileError as err:
+        raise UserError(f"--posterior: {err}") from None
+    print(f"fitted on {la.n_data} records ({la.n_params} LoRA weights, "
+          f"{la.n_layers} blocks) in {time.perf_counter() - started:.1f} s"
+          + (f" by {world} processes" if world > 1 else ""))
     print(f"prior precision {la.prior_precision.item():.4g}, log marginal likelihood {lml:.2f}")
     print(f"wrote {posterior}")
     return 0
