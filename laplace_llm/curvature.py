@@ -19,6 +19,14 @@ probe is one vector ``v`` of output-logit cotangents; ``g = Jᵀ v``:
 - ``mc``: ``p − onehot(ŷ)``, ``ŷ ~ Cat(p)``, weight ``1/mc_samples``;
 - ``ef``: ``p − onehot(y)`` with the observed label, weight 1.
 
+For ``likelihood="regression"`` (outputs ``(B, k)``, Gaussian noise; laplace-torch's
+``MSELoss(reduction="sum")`` with factor ½, so the curvature is ``JᵀJ`` before the
+``1/σ²`` that the Laplace class applies):
+
+- ``ggn``: the k identity columns, weight 1;
+- ``mc``: ``ε ~ N(0, I_k)``, weight ``1/mc_samples`` (``E[εεᵀ] = I``);
+- ``ef``: the residual ``f − y``, weight 2 (laplace-torch's ``½ (2r)(2r)ᵀ``).
+
 Gradients are taken with respect to the hooked modules' outputs only, so no
 parameter ``.grad`` is touched and no weight gradient is computed.
 """
@@ -112,7 +120,7 @@ class LoRAKFAC(CurvatureInterface):
     ----------
     model : nn.Module
         returns logits ``(B, C)`` for a batch (e.g. :class:`laplace_llm.LLMClassifier`).
-    likelihood : {"classification"}
+    likelihood : {"classification", "regression"}
         reward modelling reaches the backend as classification.
     last_layer, subnetwork_indices, dict_key_x, dict_key_y
         as laplace-torch's ``CurvatureInterface``.
@@ -141,15 +149,19 @@ class LoRAKFAC(CurvatureInterface):
         **kfac_options,
     ):
         super().__init__(model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y)
-        if likelihood != "classification":
+        if likelihood not in ("classification", "regression"):
             raise ValueError(
-                "LoRA K-FAC fits the classification (and reward-modelling) likelihood of "
-                f"selected logits; got likelihood={likelihood!r}."
+                "LoRA curvature fits the classification (and reward-modelling) likelihood "
+                f"of selected logits or a Gaussian regression; got likelihood={likelihood!r}."
             )
         self.options = options if options is not None else KFACOptions(**kfac_options)
         self.generator = generator
         self.blocks = blocks if blocks is not None else find_blocks(model)
         self.modules = {b.module_name: b.module for b in self.blocks}
+        # a module selection (lora_modules) leaves the other trainable weights out of
+        # the posterior, also of the torch.func Jacobians
+        self.params_dict = {b.name: self.params_dict[b.name] for b in self.blocks}
+        self.params = list(self.params_dict.values())
 
     # ------------------------------------------------------------------ factors
     def factor_dtype(self) -> torch.dtype:
@@ -169,6 +181,8 @@ class LoRAKFAC(CurvatureInterface):
     # ------------------------------------------------------------------- probes
     def probes(self, f: torch.Tensor, y: torch.Tensor | None) -> list[tuple[torch.Tensor, float]]:
         """Output cotangents ``v (B, C)`` and weights whose ``Σ w JᵀvvᵀJ`` is the Fisher."""
+        if self.likelihood == "regression":
+            return self._regression_probes(f, y)
         p = torch.softmax(f.detach().to(self.factor_dtype()), dim=-1)
         if self.fisher_type == "ggn":
             sp = p.sqrt()
@@ -187,6 +201,21 @@ class LoRAKFAC(CurvatureInterface):
         return [
             ((p - nn.functional.one_hot(lab.to(p.device), C).to(p.dtype)).to(f.dtype), weight)
             for lab in labels
+        ]
+
+    def _regression_probes(self, f, y) -> list[tuple[torch.Tensor, float]]:
+        B, k = f.shape
+        if self.fisher_type == "ggn":
+            eye = torch.eye(k, device=f.device, dtype=f.dtype)
+            return [(eye[c].expand(B, k), 1.0) for c in range(k)]
+        if self.fisher_type == "ef":
+            r = f.detach().to(self.factor_dtype()) - y.to(device=f.device, dtype=self.factor_dtype())
+            return [(r.to(f.dtype), 2.0)]
+        dtype = self.factor_dtype()
+        return [
+            (torch.randn(f.shape, generator=self.generator, device=f.device, dtype=dtype).to(f.dtype),
+             1.0 / self.mc_samples)
+            for _ in range(self.mc_samples)
         ]
 
     def output_gradients(

@@ -7,6 +7,8 @@ Record kinds (one JSON object per line of a ``.jsonl`` file; extra keys are kept
 * ``"text"``: ``{"text": str, "label": int}``, a labelled text (classification) or, without
   ``label`` in a :class:`LLMDataset`, a text to score with a reward model.
 * ``"preference"``: ``{"prompt": str, "chosen": str, "rejected": str}``, a reward-model pair.
+* ``"scores"``: ``{"text": str, "target": float | [float, ...]}``, a text with ``k`` real
+  targets for ``likelihood="regression"`` (a ``num_labels=k`` regression head).
 
 Batch format (what :func:`collate` returns and :class:`~laplace_llm.LLMClassifier` takes):
 a dict of LongTensors
@@ -15,7 +17,8 @@ a dict of LongTensors
   pairs; padding uses the tokenizer's pad id and padding side, mask 0 on padding;
 * ``token_type_ids``: same shape, only for tokenizers that produce them (BERT);
 * ``labels``: ``(batch,)``, the class index; for pairs the index (0 or 1) of the chosen
-  sequence, as laplace-torch's ``likelihood="reward_modeling"`` expects.
+  sequence, as laplace-torch's ``likelihood="reward_modeling"`` expects; for ``"scores"``
+  a float tensor ``(batch, k)``.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ __all__ = [
 ]
 
 #: Record kinds understood by :func:`read_jsonl` and :class:`LLMDataset`.
-KINDS = ("mcqa", "text", "preference")
+KINDS = ("mcqa", "text", "preference", "scores")
 
 #: Default prompt of a multiple-choice question; ``{options}`` becomes "A. …\nB. …".
 DEFAULT_MCQA_TEMPLATE = "{question}\n{options}\nAnswer:"
@@ -71,6 +74,7 @@ def _check_record(record: Any, kind: str) -> dict:
         "mcqa": ("question", "choices", "answer"),
         "text": ("text", "label"),
         "preference": ("prompt", "chosen", "rejected"),
+        "scores": ("text", "target"),
     }[kind]
     missing = [key for key in required if key not in record]
     if missing:
@@ -90,6 +94,17 @@ def _check_record(record: Any, kind: str) -> dict:
             raise ValueError(f"'text' must be a string, got {record['text']!r}")
         if not _is_int(record["label"]) or record["label"] < 0:
             raise ValueError(f"'label' must be a non-negative integer, got {record['label']!r}")
+    elif kind == "scores":
+        if not isinstance(record["text"], str):
+            raise ValueError(f"'text' must be a string, got {record['text']!r}")
+        target = record["target"]
+        target = target if isinstance(target, list) else [target]
+        if not target or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and t == t and abs(t) != float("inf")
+            for t in target
+        ):
+            raise ValueError(f"'target' must be a finite number or a list of them, got {record['target']!r}")
+        out["target"] = [float(t) for t in target]
     else:
         for key in required:
             if not isinstance(record[key], str):
@@ -287,6 +302,11 @@ class LLMDataset(Dataset):
         elif kind == "text":
             self.texts = [r["text"] for r in records]
             self.labels = None if unlabelled else [r["label"] for r in records]
+        elif kind == "scores":
+            self.texts = [r["text"] for r in records]
+            self.labels = [r["target"] for r in records]
+            if len({len(t) for t in self.labels}) > 1:
+                raise ValueError("every 'target' must have the same number of values")
         else:
             template = DEFAULT_PAIR_TEMPLATE if template is None else template
             for field in ("{prompt}", "{response}"):
@@ -381,7 +401,9 @@ def collate(items: Sequence[Mapping[str, Any]], tokenizer: Any) -> dict[str, tor
     if pairs:
         batch = {key: value.reshape(len(items), 2, length) for key, value in batch.items()}
     if "label" in items[0]:
-        batch["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
+        regression = isinstance(items[0]["label"], list)  # "scores": (batch, k) floats
+        dtype = torch.float32 if regression else torch.long
+        batch["labels"] = torch.tensor([it["label"] for it in items], dtype=dtype)
     return batch
 
 

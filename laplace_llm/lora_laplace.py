@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader
 from laplace_llm import serialization
 from laplace_llm.curvature import LoRAKFAC
 from laplace_llm.discovery import find_blocks
-from laplace_llm.errors import PosteriorFileError
+from laplace_llm.errors import LoRAModelError, PosteriorFileError
 from laplace_llm.matrix import LowRankKron, LowRankKronDecomposed, factor_dtype
+from laplace_llm.module_selection import restrict_to_blocks, select_blocks
 from laplace_llm.options import KFACOptions, check_int, expose_options
 from laplace_llm.validation import check_batch, loader_size
 
@@ -51,7 +52,9 @@ class LoRALaplace(KronLaplace):
     ----------
     model : nn.Module
         returns logits ``(batch, C)`` for a batch, e.g. :class:`laplace_llm.LLMClassifier`.
-    likelihood : {"classification", "reward_modeling"}
+    likelihood : {"classification", "reward_modeling", "regression"}
+        ``"regression"``: ``k`` real outputs with Gaussian noise ``sigma_noise``
+        (targets ``(batch, k)`` floats; see :mod:`laplace_llm.regression`).
     sigma_noise, prior_precision, prior_mean, temperature, enable_backprop, dict_key_x, dict_key_y, damping, asdl_fisher_kwargs
         as laplace-torch's ``KronLaplace``.
     backend : type, optional
@@ -65,6 +68,10 @@ class LoRALaplace(KronLaplace):
         GLM predictive from hooked activations and ``C`` backward passes (no
         parameter-long Jacobian); ``False`` uses laplace-torch's ``torch.func``
         Jacobians. ``enable_backprop=True`` always uses the latter.
+    lora_modules : list of str or str, optional
+        layer names or glob patterns of the Bayesian LoRA layers (see
+        :mod:`laplace_llm.module_selection`; ``["lm_head"]`` is last-layer LoRA
+        Laplace); the others stay at their MAP values. ``None``: every LoRA layer.
     options : KFACOptions, optional
         the K-FAC options as one object; default ``KFACOptions(**kfac_options)``.
     **kfac_options
@@ -95,6 +102,7 @@ class LoRALaplace(KronLaplace):
         *,
         seed: int | None = None,
         jacobian_free: bool = True,
+        lora_modules: list[str] | str | None = None,
         options: KFACOptions | None = None,
         **kfac_options: Any,
     ):
@@ -102,30 +110,34 @@ class LoRALaplace(KronLaplace):
         if unknown:
             raise TypeError(
                 f"LoRALaplace got unexpected keyword arguments {unknown}; its own options are "
-                f"{list(KFACOptions.names())}, seed and jacobian_free, besides KronLaplace's."
+                f"{list(KFACOptions.names())}, seed, jacobian_free and lora_modules, besides "
+                "KronLaplace's."
             )
         self.options = options if options is not None else KFACOptions(**kfac_options)
         self.seed = None if seed is None else check_int("seed", seed, 0)
         self.jacobian_free = bool(jacobian_free)
-        if likelihood not in ("classification", "reward_modeling"):
+        if likelihood not in ("classification", "reward_modeling", "regression"):
             raise ValueError(
-                "LoRALaplace supports likelihood='classification' (selected logits) and "
-                f"'reward_modeling'; got {likelihood!r}."
+                "LoRALaplace supports likelihood='classification' (selected logits), "
+                f"'reward_modeling' and 'regression'; got {likelihood!r}."
             )
         if backend is not None and not (isinstance(backend, type) and issubclass(backend, LoRAKFAC)):
             raise ValueError(
                 "subset_of_weights='lora' computes its curvature with laplace_llm.LoRAKFAC; "
                 f"got backend={backend!r}. Leave `backend` unset."
             )
-        self.blocks = find_blocks(model)
+        self.lora_modules = None if lora_modules is None else list(
+            [lora_modules] if isinstance(lora_modules, str) else lora_modules
+        )
+        self.blocks = select_blocks(find_blocks(model), self.lora_modules)
         backend_kwargs = dict(backend_kwargs or {})
         backend_kwargs.update(options=self.options, blocks=self.blocks)
         super().__init__(
             model,
             likelihood,
             sigma_noise=sigma_noise,
-            prior_precision=prior_precision,
-            prior_mean=prior_mean,
+            prior_precision=1.0,
+            prior_mean=0.0,
             temperature=temperature,
             enable_backprop=enable_backprop,
             dict_key_x=dict_key_x,
@@ -135,6 +147,8 @@ class LoRALaplace(KronLaplace):
             backend_kwargs=backend_kwargs,
             asdl_fisher_kwargs=asdl_fisher_kwargs,
         )
+        # the prior refers to the selected blocks (lora_modules), set once they are known
+        restrict_to_blocks(self, self.blocks, prior_precision, prior_mean)
 
     # ------------------------------------------------------------ dtype/device
     @property
@@ -261,7 +275,8 @@ class LoRALaplace(KronLaplace):
                 if n_outputs is None:
                     n_outputs = self._n_outputs_of(data)
                 X, y = check_batch(
-                    data, i, n_outputs, self._device, self.dict_key_x, self.dict_key_y
+                    data, i, n_outputs, self._device, self.dict_key_x, self.dict_key_y,
+                    likelihood=self.likelihood, dtype=self._dtype,
                 )
                 if H_new is None:
                     H_new = backend.empty_kron()
@@ -328,6 +343,18 @@ class LoRALaplace(KronLaplace):
         )
         return self.H_facs.nbytes() + eig
 
+    def low_rank_report(self, n_leading: int = 5) -> list:
+        """Report how much of each large factor the rank ``n_kfac`` keeps.
+
+        Per large factor: the share of its exact trace kept at ``n_kfac``, its leading
+        eigenvalues and the ranks that would keep 90% / 99% (a list of
+        :class:`laplace_llm.diagnostics.FactorReport`; definitions there).
+        """
+        from laplace_llm.diagnostics import low_rank_report
+
+        self._check_H_init()
+        return low_rank_report(self.H_facs, self.blocks, n_leading)
+
     # ------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
         """laplace-torch's state plus the curvature factors, options and LoRA blocks.
@@ -343,6 +370,8 @@ class LoRALaplace(KronLaplace):
         state["damping"] = bool(self.damping)
         state["dict_key_x"] = self.dict_key_x
         state["dict_key_y"] = self.dict_key_y
+        state["hessian_structure"] = self._key[1]
+        state["lora_modules"] = self.lora_modules
         state["block_names"] = [b.name for b in self.blocks]
         state["block_shapes"] = [list(b.shape) for b in self.blocks]
         return state
@@ -363,6 +392,20 @@ class LoRALaplace(KronLaplace):
             the state was fitted on other LoRA blocks (names or shapes), or, with
             ``check_weights``, on other LoRA weights.
         """
+        self._check_state(state_dict, check_weights)
+        ParametricLaplace.load_state_dict(self, state_dict)
+        device = self._device
+        self.mean = self.mean.to(device)
+        self.prior_mean = self.prior_mean.to(device)
+        self.prior_precision = self.prior_precision.to(device)
+        self.loss = torch.as_tensor(self.loss, dtype=self._dtype)
+        self.H_facs = LowRankKron.from_state(
+            state_dict["H"], devices=[b.module.weight.device for b in self.blocks]
+        )
+        self.H = self.H_facs.decompose(damping=self.damping)
+
+    def _check_state(self, state_dict: dict[str, Any], check_weights: bool) -> None:
+        """Refuse a state fitted on other LoRA blocks (or, if asked, other weights)."""
         names = [b.name for b in self.blocks]
         shapes = [list(b.shape) for b in self.blocks]
         theirs = state_dict.get("block_names")
@@ -388,16 +431,6 @@ class LoRALaplace(KronLaplace):
                     "(same blocks, different values): load the adapter it was fitted on, or "
                     "pass check_weights=False if you changed the weights on purpose."
                 )
-        ParametricLaplace.load_state_dict(self, state_dict)
-        device = self._device
-        self.mean = self.mean.to(device)
-        self.prior_mean = self.prior_mean.to(device)
-        self.prior_precision = self.prior_precision.to(device)
-        self.loss = torch.as_tensor(self.loss, dtype=self._dtype)
-        self.H_facs = LowRankKron.from_state(
-            state_dict["H"], devices=[b.module.weight.device for b in self.blocks]
-        )
-        self.H = self.H_facs.decompose(damping=self.damping)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the fitted posterior to a safetensors file (no pickle).
@@ -433,7 +466,10 @@ class LoRALaplace(KronLaplace):
     ) -> LoRALaplace:
         """Read a posterior written by :meth:`save` for ``model``.
 
-        The posterior is built with the file's options, then :meth:`load_state_dict`.
+        The posterior is built with the file's options, as the class of its
+        ``hessian_structure`` (:class:`LoRALaplace`, :class:`~laplace_llm.LoRADiagLaplace`
+        or :class:`~laplace_llm.LoRAFullLaplace`, whichever class ``load`` is called on),
+        then :meth:`load_state_dict`.
 
         Parameters
         ----------
@@ -464,21 +500,38 @@ class LoRALaplace(KronLaplace):
                 "file's path."
             )
         state = serialization.read_state(path)
-        options = {**state["options"], **kwargs}
-        la = cls(
-            model,
-            state["likelihood"],
-            temperature=state["temperature"],
-            damping=state["damping"],
-            dict_key_x=state["dict_key_x"],
-            dict_key_y=state["dict_key_y"],
-            **options,
-        )
+        structure = state["hessian_structure"]
+        la_cls = _lora_class(structure)
+        if la_cls is None:
+            raise PosteriorFileError(
+                f"'{path}' holds a hessian_structure={structure!r} posterior, which this "
+                "laplace-llm does not know; read it with the release that wrote it."
+            )
+        arguments = {**la_cls._load_arguments(state), **kwargs}
+        try:
+            la = la_cls(model, state["likelihood"], **arguments)
+        except LoRAModelError as err:  # e.g. its lora_modules match no layer of this model
+            raise PosteriorFileError(f"'{path}': {err}") from None
         try:
             la.load_state_dict(state, check_weights=check_weights)
         except ValueError as err:
             raise PosteriorFileError(f"'{path}': {err}") from None
         return la
+
+    @classmethod
+    def _load_arguments(cls, state: dict[str, Any]) -> dict[str, Any]:
+        """Return the constructor arguments of :meth:`load` from a state (besides model, likelihood)."""
+        kwargs = {
+            "temperature": state["temperature"],
+            "sigma_noise": state["sigma_noise"],
+            "dict_key_x": state["dict_key_x"],
+            "dict_key_y": state["dict_key_y"],
+            "lora_modules": state["lora_modules"],
+            **state["options"],
+        }
+        if "damping" in state:  # kron only
+            kwargs["damping"] = state["damping"]
+        return kwargs
 
     # ------------------------------------------------------------ predictives
     @torch.enable_grad()
@@ -573,6 +626,21 @@ class LoRALaplace(KronLaplace):
             x, pred_type, joint, link_approx, n_samples, diagonal_output, generator, fitting,
             **model_kwargs,
         )
+
+
+def _lora_class(structure: str) -> type | None:
+    """Return the Laplace class registered as ``("lora", structure)`` (its ``_key``).
+
+    Found among the subclasses of ``ParametricLaplace``, as laplace-torch's ``Laplace``
+    does, so that this module needs no import of the other structures.
+    """
+    stack = [ParametricLaplace]
+    while stack:
+        c = stack.pop()
+        if c.__dict__.get("_key") == ("lora", structure):
+            return c
+        stack.extend(c.__subclasses__())
+    return None
 
 
 def _first_diff(a: list[str], b: list[str], a_shapes: list, b_shapes: list) -> str:
