@@ -473,6 +473,10 @@ def launcher_group() -> tuple[int, int, bool]:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and args.hessian_structure != "kron":
+        # diag/full fits have no sum across processes
+        raise UserError(f"--hessian-structure {args.hessian_structure} fits in one process "
+                        "only; run it without torchrun/accelerate launch, or use kron")
     rank, world, created = launcher_group()
     if rank:  # one voice: the other processes report only warnings and errors
         logging.getLogger().setLevel(logging.WARNING)
@@ -511,9 +515,6 @@ def _fit(args: argparse.Namespace, rank: int, world: int) -> int:
     structure = args.hessian_structure
     n_records = len(loader.dataset)
     if world > 1:
-        if structure != "kron":
-            raise UserError(f"--hessian-structure {structure} fits in one process only; "
-                            "run it without torchrun/accelerate launch, or use kron")
         if n_records < world:
             raise UserError(f"--data has {n_records} records for {world} processes; each "
                             "process needs at least one")

@@ -344,3 +344,7 @@ def test_an_incomplete_launcher_environment_is_a_user_error(causal, tmp_path, ca
     assert cli("fit", "--model", causal / "model", "--adapter", causal / "adapter",
                "--data", causal / "data.jsonl", "--posterior", tmp_path / "p", "--quiet") == 2
     assert "torchrun or accelerate launch" in capsys.readouterr().err
+    assert cli("fit", "--model", causal / "model", "--adapter", causal / "adapter",
+               "--data", causal / "data.jsonl", "--posterior", tmp_path / "p",
+               "--hessian-structure", "diag", "--quiet") == 2
+    assert "fits in one process only" in capsys.readouterr().err
