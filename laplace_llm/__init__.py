@@ -13,6 +13,7 @@ with warnings.catch_warnings():
     import laplace  # noqa: F401
 
 from laplace_llm import data, metrics
+from laplace_llm.candidates import CandidateScorer
 from laplace_llm.classifier import LLMClassifier
 from laplace_llm.curvature import LoRAKFAC
 from laplace_llm.discovery import KronBlock, LoRAModelError, find_blocks
@@ -29,6 +30,7 @@ __all__ = [
     "LowRankKronDecomposed",
     # models and data
     "LLMClassifier",
+    "CandidateScorer",
     "data",
     "metrics",
     "KronBlock",

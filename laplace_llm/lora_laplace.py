@@ -449,6 +449,29 @@ class LoRALaplace(KronLaplace):
             return f_mu.detach(), f_var.detach()
         return f_mu, f_var
 
+    def _glm_functional_samples(
+        self, f_mu, f_var, n_samples, diagonal_output=False, generator=None
+    ):
+        # laplace-torch draws through a Cholesky factor, which a covariance that is only
+        # semi-definite lacks (a missing candidate's constant logit of CandidateScorer has
+        # zero variance); such a batch element is drawn through its eigh square root,
+        # the same Gaussian. Definite covariances take laplace-torch's path unchanged.
+        if diagonal_output or f_var.ndim != 3:
+            return super()._glm_functional_samples(
+                f_mu, f_var, n_samples, diagonal_output, generator
+            )
+        _, info = torch.linalg.cholesky_ex(f_var)
+        if not bool((info != 0).any()):
+            return super()._glm_functional_samples(f_mu, f_var, n_samples, False, generator)
+        scale = torch.linalg.cholesky_ex(f_var)[0]
+        bad = info != 0
+        lam, vec = torch.linalg.eigh(f_var[bad])
+        scale[bad] = vec * lam.clamp(min=0).sqrt().unsqueeze(-2)
+        eps = torch.randn(
+            (f_mu.shape[1], n_samples), device=f_mu.device, dtype=f_mu.dtype, generator=generator
+        )
+        return (f_mu.unsqueeze(-1) + scale @ eps).permute(2, 0, 1)
+
     def _set_params(self, vector: torch.Tensor) -> None:
         start = 0
         for p in self.params:
