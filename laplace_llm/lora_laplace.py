@@ -449,6 +449,15 @@ class LoRALaplace(KronLaplace):
             return f_mu.detach(), f_var.detach()
         return f_mu, f_var
 
+    def sample_adapters(self, n_samples: int, out_dir, seed: int = 0) -> list:
+        """Write ``n_samples`` posterior draws of the LoRA weights as peft adapter folders
+        (``PeftModel.from_pretrained`` loads them); the draws are those of
+        ``self.sample(n_samples, torch.Generator().manual_seed(seed))``. See
+        :func:`laplace_llm.generation.sample_adapters`."""
+        from laplace_llm.generation import sample_adapters
+
+        return sample_adapters(self, n_samples, out_dir, seed=seed)
+
     def _glm_functional_samples(
         self, f_mu, f_var, n_samples, diagonal_output=False, generator=None
     ):
