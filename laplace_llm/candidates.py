@@ -554,3 +554,56 @@ class CandidateScorer(nn.Module):
             f"n_outputs={self.n_outputs}, fixed_candidates={fixed}, reduction={self.reduction!r}, "
             f"center={self.center}"
         )
+
+
+def text_answer_classifier(
+    model: nn.Module,
+    tokenizer: Any,
+    records: Sequence[Mapping[str, Any]],
+    kind: str,
+    choices: Sequence[str] | None,
+    batch_size: int,
+    max_length: int | None = None,
+) -> tuple[CandidateScorer | None, Any]:
+    """Classifier and loader for answers that are text (what ``laplace-llm`` uses).
+
+    Parameters
+    ----------
+    model, tokenizer
+        The causal LM (with its adapter) and its tokenizer.
+    records : sequence of dict
+        Validated JSONL records of ``kind``.
+    kind : {"mcqa", "text"}
+        ``"mcqa"``: each question's ``choices`` are its candidates (padded to the largest
+        C with missing candidates). ``"text"``: the ``choices`` strings are candidates
+        shared by every record, whose ``label`` is an index or one of the strings.
+    choices : sequence of str or None
+        The label strings of ``"text"``.
+    batch_size : int
+    max_length : int, optional
+        Prompts keep their last ``max_length`` tokens.
+
+    Returns
+    -------
+    (CandidateScorer, DataLoader), or ``(None, None)`` for ``"text"`` whose choices are
+    all single tokens and whose labels are all indices: the selected-logit
+    :class:`~laplace_llm.LLMClassifier` serves those (same probabilities, see the module
+    docstring).
+    """
+    from laplace_llm.data import label_indices, make_candidate_loader, make_loader
+
+    if kind == "mcqa":
+        loader = make_candidate_loader(records, tokenizer, batch_size, max_length=max_length)
+        return CandidateScorer(model, n_candidates=loader.dataset.n_candidates, center=True), loader
+    if kind != "text" or not choices:
+        raise ValueError(f"text answers need --kind mcqa, or --kind text with --choices; got {kind!r}.")
+    single = all(len(tokenizer.encode(c, add_special_tokens=False)) == 1 for c in choices)
+    if single and all(not isinstance(r.get("label"), str) for r in records):
+        return None, None
+    records = label_indices(records, choices)
+    too_big = [r["label"] for r in records if r["label"] >= len(choices)]
+    if too_big:
+        raise ValueError(f"label {too_big[0]} but there are only {len(choices)} choices")
+    clf = CandidateScorer.from_texts(model, tokenizer, choices, center=True)
+    loader = make_loader(records, tokenizer, batch_size, "text", max_length=max_length)
+    return clf, loader

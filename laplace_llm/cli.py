@@ -96,6 +96,14 @@ def _add_model_data(p: argparse.ArgumentParser) -> None:
         "with sequence-classification models, whose head gives the classes",
     )
     g.add_argument(
+        "--answer-format", choices=("letter", "text"), default="letter",
+        help="--kind mcqa with a causal LM: 'letter' lists the choices as A., B., ... in the "
+        "prompt and scores the letters; 'text' scores each question's own choices by their "
+        "log-likelihood after the prompt (choices of any length, any number per question). "
+        "--kind text picks text scoring by itself when a --choices string is several "
+        "tokens. Default: letter",
+    )
+    g.add_argument(
         "--batch-size", type=_positive_int, default=8, metavar="N",
         help="batch size of fitting and prediction (default: 8)",
     )
@@ -308,6 +316,19 @@ def load_classifier(args: argparse.Namespace):
             ) from None
     model.eval()
 
+    if not seq_cls and (args.kind == "text" and args.choices or args.kind == "mcqa"
+                        and args.answer_format == "text"):
+        from laplace_llm.candidates import text_answer_classifier
+
+        try:
+            clf, loader = text_answer_classifier(
+                model, tokenizer, records, args.kind, args.choices, args.batch_size,
+                max_length=args.max_length,
+            )
+        except (TypeError, ValueError) as err:
+            raise UserError(f"--data/--choices: {err}") from None
+        if clf is not None:
+            return clf, loader, "classification"
     if seq_cls:
         clf = CenteredLLMClassifier(model, None)
     else:
