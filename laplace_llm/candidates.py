@@ -37,10 +37,12 @@ log-softmax of the selected next-token logits, so their softmax is that of
 
 Curvature (see :mod:`laplace_llm.curvature`, "call layouts"). The scorer tells the hooks,
 for every call of a LoRA module, which positions are real and which example each row
-belongs to. An example's positions are its real prompt positions and the real input
-positions of its C continuations: ``T_n = P_n + Σ_c (L_{n,c} − 1)`` with ``P_n`` the real
-prompt tokens and ``L_{n,c}`` the real tokens of candidate ``c`` (the positions whose
-activations reach a score; a candidate's last token never enters the network). K-FAC
+belongs to. An example's positions for a module are those where the module acts on it and
+its output reaches a score. For the transformer body these are its real prompt positions
+and the real input positions of its C continuations: ``T_n = P_n + Σ_c (L_{n,c} − 1)``
+with ``P_n`` the real prompt tokens and ``L_{n,c}`` the real tokens of candidate ``c`` (a
+candidate's last token is only predicted and never enters the network). For the LM head
+they are the predicting positions, ``T_n = 1 + Σ_c (L_{n,c} − 1)``. K-FAC
 ``expand`` counts each of those positions once with weight ``1/(N T_n)`` in ``A``;
 ``reduce`` averages ``a`` over them and sums ``g`` over them (prompt row and C continuation
 rows together); the Jacobian-free GLM sums ``Σ_t g aᵀ`` over them, so it stays one forward

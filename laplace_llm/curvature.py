@@ -382,8 +382,9 @@ class LoRAKFAC(CurvatureInterface):
         Returns
         -------
         (f_mu, f_var) : ``(B, C)`` and ``(B, C, C)`` (or ``(B·C, B·C)``), or ``None``
-            when a hooked module saw another batch size than the logits (the caller
-            then falls back to explicit Jacobians).
+            when a hooked module without a call layout saw another batch size than
+            the logits (the caller then falls back to explicit Jacobians). Calls with a
+            layout add each row's Jacobian to its example's.
         """
         dtype = precision.deltas.dtype
         with torch.enable_grad(), self.recording() as rec:

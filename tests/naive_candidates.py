@@ -61,14 +61,19 @@ class NaiveScorer(nn.Module):
         return torch.stack(rows)
 
 
-def position_jacobians(naive: NaiveScorer, module: nn.Module, x, b: int):
+def position_jacobians(naive: NaiveScorer, module: nn.Module, x, b: int, head: bool = False):
     """``J (C, T_n, d_out)`` of example ``b``'s scores w.r.t. ``module``'s outputs at its
-    positions, the inputs ``a (T_n, d_in)`` there, and the scores ``(C,)``."""
+    positions, the inputs ``a (T_n, d_in)`` there, and the scores ``(C,)``.
+
+    ``head=True`` for a module of the LM head, whose output reaches a score only at the
+    positions that predict a candidate token: of the prompt, only its last position.
+    """
     prompt, cands = _pieces(x, b)
     P = prompt.shape[0]
+    first = P - 1 if head else 0
     hf = _unwrap_peft(naive.model)
     state = {"copy": 0, "eps": None, "a": {}, "d_out": None}
-    sizes = [P] + [c.shape[0] - 1 for c in cands]
+    sizes = [P - first] + [c.shape[0] - 1 for c in cands]
     offsets = torch.tensor([0] + sizes).cumsum(0).tolist()
 
     def hook(mod, inputs, output):
@@ -79,7 +84,7 @@ def position_jacobians(naive: NaiveScorer, module: nn.Module, x, b: int):
         if eps is None:
             return output
         add = torch.zeros_like(output)
-        add[0, :P] = eps[:P]
+        add[0, first:P] = eps[: P - first]
         n = sizes[c + 1]
         add[0, P : P + n] = eps[offsets[c + 1] : offsets[c + 1] + n]
         return output + add
@@ -99,7 +104,8 @@ def position_jacobians(naive: NaiveScorer, module: nn.Module, x, b: int):
     try:
         f0 = scores_of(None).detach()
         a = torch.cat(
-            [state["a"][0][:P]] + [state["a"][c][P : P + sizes[c + 1]] for c in range(len(cands))]
+            [state["a"][0][first:P]]
+            + [state["a"][c][P : P + sizes[c + 1]] for c in range(len(cands))]
         )
         dtype = a.dtype
         J = torch.func.jacrev(scores_of)(torch.zeros(offsets[-1], state["d_out"], dtype=dtype))

@@ -123,7 +123,8 @@ def test_single_token_candidates_match_llm_classifier():
 
 
 def definition_factors(la, naive, batch, approx):
-    """K-FAC factors by their definition, example by example (see module docstring)."""
+    """K-FAC factors by their definition, example by example (see module docstring); a
+    module of the LM head acts at the predicting positions only."""
     N = batch["input_ids"].shape[0]
     kfacs = []
     for block in la.blocks:
@@ -131,7 +132,8 @@ def definition_factors(la, naive, batch, approx):
         G = torch.zeros(d_out, d_out, dtype=DT)
         A = torch.zeros(d_in, d_in, dtype=DT)
         for b in range(N):
-            J, a, f0 = position_jacobians(naive, block.module, batch, b)  # J: (C, T_n, d_out)
+            head = block.module_name.split(".lora_")[0].endswith("lm_head")
+            J, a, f0 = position_jacobians(naive, block.module, batch, b, head)  # (C, T_n, d_out)
             p = f0.softmax(-1)
             Lam = torch.diag(p) - torch.outer(p, p)
             if approx == "expand":
@@ -158,6 +160,30 @@ def test_factors_equal_definitions(family, approx):
     for F, (G, A) in zip(la.H_facs.kfacs, definition_factors(la, NaiveScorer(sc.model), batch, approx)):
         assert rel(dense(F[0]), G) < 1e-5
         assert rel(dense(F[1]), A) < 1e-5
+
+
+def test_factors_with_lora_on_the_lm_head_equal_definitions():
+    """LoRA on lm_head too: the head runs once on the prompts' last positions (batch B)
+    and once on the predicting continuation positions (one row each)."""
+    model = CAUSAL_LORA_BUILDERS["llama"](
+        seed=1, dtype=DT, target_modules=("q_proj", "v_proj", "lm_head")
+    )
+    sc = CandidateScorer(model, n_candidates=3)
+    batch = candidate_batch(4, 3, seed=13, left=True)
+    assert any("lm_head" in b.name for b in LoRALaplace(sc, "classification").blocks)
+    for approx in ("expand", "reduce"):
+        la = LoRALaplace(sc, "classification", fisher_type="ggn", kfac_approx=approx,
+                         n_kfac=200)
+        la.fit(loader(batch))
+        for F, (G, A) in zip(la.H_facs.kfacs,
+                             definition_factors(la, NaiveScorer(sc.model), batch, approx)):
+            assert rel(dense(F[0]), G) < 1e-5
+            assert rel(dense(F[1]), A) < 1e-5
+    test = candidate_batch(2, 3, seed=14)
+    naive_la = LoRALaplace(NaiveScorer(sc.model), "classification", jacobian_free=False)
+    Js, _ = naive_la.backend.jacobians(test)
+    _, f_var = la._glm_predictive_distribution(test)
+    assert rel(f_var, la.functional_variance(Js)) < 1e-5
 
 
 def laplace_torch_reference(la, naive, batch, approx):

@@ -146,3 +146,17 @@ def test_cli_reports_a_bad_label_string(folders, tmp_path, capsys):
             "--posterior", tmp_path / "p.safetensors", "--quiet"]
     assert main([str(a) for a in args]) == 2
     assert "label 'very bad' is none of the choices" in capsys.readouterr().err
+
+
+def test_text_answers_example_runs_and_laplace_lowers_the_nll(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "text_answers.py"
+    spec = importlib.util.spec_from_file_location("example_text_answers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.main(quick=True)
+    assert out["nll_laplace"] < out["nll_map"]
+    assert len(out["sampled_answers"]) == 4 and out["answer_loglik_std"] > 0
+    assert "answer_loglik" in capsys.readouterr().out
