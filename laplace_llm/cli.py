@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="output folder (default: laplace-llm-out/)")
     demo.add_argument("--quick", action="store_true",
                       help="reduced sizes (about 20 s): for tests and smoke runs")
+    demo.add_argument("--answers", choices=("letters", "words"), default="letters",
+                      help="lettered options (A-D, one token each) or colours named by "
+                      "phrases of 1 to 3 tokens scored by their likelihood (default: letters)")
     _add_common(demo)
 
     fit = sub.add_parser(
@@ -392,9 +395,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from laplace_llm.evaluation import format_table
 
     cfg = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
+    cfg.answers = args.answers
     log = None  # run_demo also logs each step through `logging`, shown at INFO here
     out = run_demo(cfg, out_dir=args.out, progress=not args.quiet, log=log)
-    print(f"laplace-llm demo (seed {cfg.seed}{', quick' if args.quick else ''})")
+    print(f"laplace-llm demo (seed {cfg.seed}{', quick' if args.quick else ''}"
+          f"{', answers in words' if cfg.answers == 'words' else ''})")
     print(f"training split: MAP NLL {out['train']['map']['nll']:.3f}, accuracy "
           f"{out['train']['map']['accuracy']:.3f}; best possible held-out NLL "
           f"{out['bayes_nll']:.3f}, accuracy {cfg.p_main:.3f}")

@@ -160,3 +160,36 @@ def test_text_answers_example_runs_and_laplace_lowers_the_nll(capsys):
     assert out["nll_laplace"] < out["nll_map"]
     assert len(out["sampled_answers"]) == 4 and out["answer_loglik_std"] > 0
     assert "answer_loglik" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_quick_words_demo_laplace_lowers_calibration_error(tmp_path):
+    """``laplace-llm demo --quick --answers words`` (seed 0): phrases of 1-3 tokens scored
+    by likelihood. Measured: ECE 0.161 → 0.094 (probit) / 0.139 (MC) in distribution,
+    MC NLL 0.768 → 0.759; under shift NLL 1.81 → 1.34 / 1.10. The probit NLL in
+    distribution is slightly worse (0.789): see the README on probit with text answers."""
+    assert main(["demo", "--quick", "--answers", "words", "--out", str(tmp_path), "--quiet"]) == 0
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["config"]["answers"] == "words"
+    ident, shift = report["results"]["id"], report["results"]["shift"]
+    for split in (ident, shift):
+        assert split["la_probit"]["ece"] < split["map"]["ece"]
+        assert split["la_mc"]["ece"] < split["map"]["ece"]
+        assert split["la_mc"]["nll"] < split["map"]["nll"]
+    assert shift["la_probit"]["nll"] < shift["map"]["nll"]
+
+
+def test_words_task_answers_are_phrases_of_one_to_three_tokens():
+    from laplace_llm.demo import build_tokenizer
+    from laplace_llm.demo_words import PHRASES, WordsDemoTask
+
+    task = WordsDemoTask(6, 4, seed=0)
+    tok = build_tokenizer(task.words)
+    assert [len(tok.encode(" " + p, add_special_tokens=False)) for p in PHRASES] == [1, 2, 3, 1]
+    assert tok.unk_token_id not in tok.encode(task.pretraining_text(random.Random(1)))
+    record = task.question(random.Random(2))
+    assert record["choices"] == PHRASES
+    text = task.text_records([record])[0]["text"]
+    assert text.endswith("is which ?\nAnswer:") and " A." not in text
+    fact = task.fact(random.Random(3), "e1")
+    assert fact.removeprefix("e1 is ").removesuffix(" .") in PHRASES
