@@ -114,9 +114,9 @@ def encode_candidates(
     ValueError
         A candidate that encodes to no token (e.g. ``""``), or rows of different C.
     """
-    nested = not isinstance(texts, str) and all(
-        not isinstance(t, str) for t in texts
-    ) and len(texts) > 0
+    if isinstance(texts, str):
+        raise TypeError(f"candidates must be a list of strings, got the string {texts!r}.")
+    nested = len(texts) > 0 and all(not isinstance(t, str) for t in texts)
     rows = [list(t) for t in texts] if nested else [list(texts)]
     if any(isinstance(t, str) for t in rows) or not all(
         isinstance(c, str) for row in rows for c in row
@@ -328,10 +328,12 @@ class CandidateScorer(nn.Module):
     # ------------------------------------------------------------------ inputs
     def _check_candidates(self, ids, mask, present) -> None:
         """``ids``/``mask`` ``(B, C, L)``; ``present`` ``(B, C)`` bool or None."""
-        bad = [int(i) for i in ids[mask.bool()].unique() if not 0 <= int(i) < self.vocab_size]
-        if bad:
+        real = ids[mask.bool()]
+        outside = real[(real < 0) | (real >= self.vocab_size)]
+        if outside.numel():
+            bad = outside.unique()[:5].tolist()
             raise ValueError(
-                f"candidate token ids {bad[:5]} are outside the model's vocabulary "
+                f"candidate token ids {bad} are outside the model's vocabulary "
                 f"[0, {self.vocab_size}): check that the tokenizer belongs to this model."
             )
         m = mask != 0

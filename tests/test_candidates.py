@@ -376,3 +376,13 @@ def test_bf16_model_scores_and_posterior_close_to_float32():
     assert (f16 - f32).abs().max() < 0.05
     assert abs((lml16 - lml32) / lml32) < 1e-3
     assert (p16 - p32).abs().max() < 0.03
+
+
+def test_candidate_ids_outside_the_vocabulary_and_strings_are_refused():
+    model = CAUSAL_LORA_BUILDERS["gpt2"](seed=0, dtype=DT)
+    with pytest.raises(ValueError, match=r"candidate token ids \[100\] are outside"):
+        CandidateScorer(model, torch.tensor([[5, 100], [6, 7]]))
+    from laplace_llm.candidates import encode_candidates
+
+    with pytest.raises(TypeError, match="got the string"):
+        encode_candidates(tiny_tokenizer(), " good")
