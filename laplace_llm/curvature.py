@@ -280,7 +280,8 @@ class LoRAKFAC(CurvatureInterface):
         dtype = self.factor_dtype()
         for b, F in zip(self.blocks, kron.kfacs):
             calls = per_module.get(b.module_name, [])
-            if _has_layouts(calls):
+            layouts = _has_layouts(calls)
+            if layouts:  # columns of A come ready: T_n needs every call of the batch
                 columns = self._layout_columns(calls, N, weights, dtype, f.shape[0])
             else:
                 columns = (
@@ -298,7 +299,7 @@ class LoRAKFAC(CurvatureInterface):
                 bad |= ~torch.isfinite(g_cols).all()
                 _accumulate(F[0], g_cols)
                 if b.kind == "weight":
-                    a_cols = a if _has_layouts(calls) else self._a_columns(a, mask, N, dtype)
+                    a_cols = a if layouts else self._a_columns(a, mask, N, dtype)
                     bad |= ~torch.isfinite(a_cols).all()
                     _accumulate(F[1], a_cols)
         if bool(bad):
