@@ -527,6 +527,13 @@ class LoRALaplace(KronLaplace):
     ):
         self._check_H_init()
         self._warn_if_weights_changed()
+        missing = x.get("candidate_mask") if isinstance(x, Mapping) else None
+        if (pred_type == "glm" and str(link_approx).startswith("bridge")
+                and missing is not None and not bool(torch.as_tensor(missing).all())):
+            raise ValueError(
+                f"link_approx={link_approx!r} divides by each logit's variance, which is 0 "
+                "for a missing candidate (candidate_mask 0): use link_approx='probit' or 'mc'."
+            )
         classification = self.likelihood == "classification" or (
             self.likelihood == "reward_modeling" and fitting
         )

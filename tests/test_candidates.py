@@ -299,6 +299,8 @@ def test_missing_candidates_get_probability_zero_and_finite_curvature(fisher_typ
         probs = la(batch, **kwargs)
         assert probs[0, 2] == 0 and probs[3, 0] == 0
         torch.testing.assert_close(probs.sum(-1), torch.ones(4, dtype=DT))
+    with pytest.raises(ValueError, match="use link_approx='probit' or 'mc'"):
+        la(batch, link_approx="bridge")
     if fisher_type == "ggn":  # and the Jacobian-free covariance stays exact with masks
         naive_la = LoRALaplace(NaiveScorer(sc.model), "classification", jacobian_free=False)
         Js, _ = naive_la.backend.jacobians(batch)
