@@ -510,6 +510,13 @@ class CandidateScorer(nn.Module):
             scores = self._token_log_probs(h_last, cand[:, :, 0].to(h_last.device))  # (B, C)
 
         if L > 1:
+            if cache.get_seq_length() != ids.shape[1]:
+                raise RuntimeError(
+                    f"the model filled its key/value cache with {cache.get_seq_length()} of the "
+                    f"prompt's {ids.shape[1]} positions (gradient checkpointing in training "
+                    "mode turns the cache off): call model.gradient_checkpointing_disable() or "
+                    "model.eval() before scoring multi-token candidates."
+                )
             # continuation inputs: candidate tokens 0..L-2, real where a next token follows
             cont_ids = cand[:, :, :-1].reshape(B * C, L - 1)
             cont_mask = cmask[:, :, 1:].reshape(B * C, L - 1)

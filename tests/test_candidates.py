@@ -388,3 +388,17 @@ def test_candidate_ids_outside_the_vocabulary_and_strings_are_refused():
 
     with pytest.raises(TypeError, match="got the string"):
         encode_candidates(tiny_tokenizer(), " good")
+
+
+def test_a_model_that_does_not_fill_its_cache_is_refused():
+    """Gradient checkpointing in training mode turns transformers' cache off; scoring must
+    then stop instead of reading continuations without their prompt."""
+    sc = scorer("llama", C=3)
+    sc.model.base_model.model.gradient_checkpointing_enable()
+    sc.train()
+    try:
+        with pytest.raises(RuntimeError, match="gradient_checkpointing_disable"):
+            sc(candidate_batch(2, 3, seed=0))
+    finally:
+        sc.model.base_model.model.gradient_checkpointing_disable()
+        sc.eval()
