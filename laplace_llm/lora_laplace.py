@@ -559,6 +559,42 @@ class LoRALaplace(KronLaplace):
             return f_mu.detach(), f_var.detach()
         return f_mu, f_var
 
+    def sample_adapters(self, n_samples: int, out_dir, seed: int = 0) -> list:
+        """Write ``n_samples`` posterior draws of the LoRA weights as peft adapter folders.
+
+        ``PeftModel.from_pretrained`` loads them; the draws are those of
+        ``self.sample(n_samples, torch.Generator().manual_seed(seed))``. See
+        :func:`laplace_llm.generation.sample_adapters`.
+        """
+        from laplace_llm.generation import sample_adapters
+
+        return sample_adapters(self, n_samples, out_dir, seed=seed)
+
+    def _glm_functional_samples(
+        self, f_mu, f_var, n_samples, diagonal_output=False, generator=None
+    ):
+        # laplace-torch draws through a Cholesky factor, which a covariance that is only
+        # semi-definite lacks (a missing candidate's constant logit of CandidateScorer has
+        # zero variance); such a batch element is drawn through its eigh square root,
+        # the same Gaussian. Definite covariances take laplace-torch's path unchanged.
+        if diagonal_output or f_var.ndim != 3:
+            return BaseLaplace._glm_functional_samples(
+                self, f_mu, f_var, n_samples, diagonal_output, generator
+            )
+        _, info = torch.linalg.cholesky_ex(f_var)
+        if not bool((info != 0).any()):
+            return BaseLaplace._glm_functional_samples(
+                self, f_mu, f_var, n_samples, False, generator
+            )
+        scale = torch.linalg.cholesky_ex(f_var)[0]
+        bad = info != 0
+        lam, vec = torch.linalg.eigh(f_var[bad])
+        scale[bad] = vec * lam.clamp(min=0).sqrt().unsqueeze(-2)
+        eps = torch.randn(
+            (f_mu.shape[1], n_samples), device=f_mu.device, dtype=f_mu.dtype, generator=generator
+        )
+        return (f_mu.unsqueeze(-1) + scale @ eps).permute(2, 0, 1)
+
     def _set_params(self, vector: torch.Tensor) -> None:
         start = 0
         for p in self.params:
@@ -606,6 +642,7 @@ class LoRALaplace(KronLaplace):
         """Predict as laplace-torch does; a ``generator`` also seeds the Monte-Carlo samples."""
         self._check_H_init()
         self._warn_if_weights_changed()
+        _refuse_bridge_for_missing_candidates(x, pred_type, link_approx)
         classification = self.likelihood == "classification" or (
             self.likelihood == "reward_modeling" and fitting
         )
@@ -625,6 +662,17 @@ class LoRALaplace(KronLaplace):
         return super().__call__(
             x, pred_type, joint, link_approx, n_samples, diagonal_output, generator, fitting,
             **model_kwargs,
+        )
+
+
+def _refuse_bridge_for_missing_candidates(x: Any, pred_type: str, link_approx: str) -> None:
+    """Raise ValueError for a bridge link over a batch with missing candidates."""
+    missing = x.get("candidate_mask") if isinstance(x, Mapping) else None
+    if (pred_type == "glm" and str(link_approx).startswith("bridge")
+            and missing is not None and not bool(torch.as_tensor(missing).all())):
+        raise ValueError(
+            f"link_approx={link_approx!r} divides by each logit's variance, which is 0 "
+            "for a missing candidate (candidate_mask 0): use link_approx='probit' or 'mc'."
         )
 
 

@@ -85,6 +85,14 @@ def _add_model_data(p: argparse.ArgumentParser) -> None:
         "with sequence-classification models, whose head gives the classes",
     )
     g.add_argument(
+        "--answer-format", choices=("letter", "text"), default="letter",
+        help="--kind mcqa with a causal LM: 'letter' lists the choices as A., B., ... in the "
+        "prompt and scores the letters; 'text' scores each question's own choices by their "
+        "log-likelihood after the prompt (choices of any length, any number per question). "
+        "--kind text picks text scoring by itself when a --choices string is several "
+        "tokens. Default: letter",
+    )
+    g.add_argument(
         "--batch-size", type=_positive_int, default=8, metavar="N",
         help="batch size of fitting and prediction (default: 8)",
     )
@@ -122,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--llla", action="store_true",
                       help="also put LoRA on lm_head and report last-layer LoRA Laplace "
                       "(only lm_head's LoRA Bayesian) beside Laplace over all LoRA weights")
+    demo.add_argument("--answers", choices=("letters", "words"), default="letters",
+                      help="lettered options (A-D, one token each) or colours named by "
+                      "phrases of 1 to 3 tokens scored by their likelihood (default: letters)")
     _add_common(demo)
 
     fit = sub.add_parser(
@@ -338,6 +349,19 @@ def load_classifier(args: argparse.Namespace):
             ) from None
     model.eval()
 
+    if not seq_cls and (args.kind == "text" and args.choices or args.kind == "mcqa"
+                        and args.answer_format == "text"):
+        from laplace_llm.candidates import text_answer_classifier
+
+        try:
+            clf, loader = text_answer_classifier(
+                model, tokenizer, records, args.kind, args.choices, args.batch_size,
+                max_length=args.max_length,
+            )
+        except (TypeError, ValueError) as err:
+            raise UserError(f"--data/--choices: {err}") from None
+        if clf is not None:
+            return clf, loader, "classification"
     # regression outputs are not logits: no centring
     center = args.kind != "scores"
     if seq_cls:
@@ -414,9 +438,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     cfg = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
     cfg.llla = args.llla
+    cfg.answers = args.answers
     log = None  # run_demo also logs each step through `logging`, shown at INFO here
     out = run_demo(cfg, out_dir=args.out, progress=not args.quiet, log=log)
-    print(f"laplace-llm demo (seed {cfg.seed}{', quick' if args.quick else ''})")
+    print(f"laplace-llm demo (seed {cfg.seed}{', quick' if args.quick else ''}"
+          f"{', answers in words' if cfg.answers == 'words' else ''})")
     print(f"training split: MAP NLL {out['train']['map']['nll']:.3f}, accuracy "
           f"{out['train']['map']['accuracy']:.3f}; best possible held-out NLL "
           f"{out['bayes_nll']:.3f}, accuracy {cfg.p_main:.3f}")
