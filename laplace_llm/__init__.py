@@ -15,6 +15,7 @@ with warnings.catch_warnings():
     import laplace  # noqa: F401
 
 from laplace_llm import data, diagnostics, metrics
+from laplace_llm.candidates import CandidateScorer
 from laplace_llm.classifier import LLMClassifier
 from laplace_llm.curvature import LoRAKFAC
 from laplace_llm.discovery import KronBlock, find_blocks
@@ -46,6 +47,7 @@ __all__ = [
     "LowRankKronDecomposed",
     # models and data
     "LLMClassifier",
+    "CandidateScorer",
     "KronBlock",
     "find_blocks",
     "select_blocks",

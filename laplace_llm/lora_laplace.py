@@ -11,6 +11,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -437,12 +438,33 @@ class LoRALaplace(KronLaplace):
                     "pass check_weights=False if you changed the weights on purpose."
                 )
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike) -> Path:
         """Write the fitted posterior to a safetensors file (no pickle).
 
         See :mod:`laplace_llm.serialization` for the format.
+
+        Parameters
+        ----------
+        path : str or PathLike
+            a file, or a folder (e.g. the peft adapter folder of the fitted weights),
+            which means its :data:`~laplace_llm.serialization.POSTERIOR_FILENAME`.
+
+        Returns
+        -------
+        Path
+            the file written.
+
+        Raises
+        ------
+        PosteriorFileError
+            ``path`` holds a file that is not a posterior of this model's LoRA blocks
+            (another model's posterior, an adapter's weights); nothing is written.
         """
-        serialization.write_state(self.state_dict(), path)
+        state = self.state_dict()
+        path = serialization.posterior_path(path)
+        serialization.check_overwrite(path, state["block_names"], state["block_shapes"])
+        serialization.write_state(state, path)
+        return path
 
     @classmethod
     def load(
@@ -458,6 +480,10 @@ class LoRALaplace(KronLaplace):
         Parameters
         ----------
         path : str or PathLike
+            a posterior file, or a folder holding one under
+            :data:`~laplace_llm.serialization.POSTERIOR_FILENAME` (the peft adapter
+            folder or ``Trainer`` checkpoint that :meth:`save` or
+            :class:`~laplace_llm.hf.LaplaceCallback` wrote it into).
         model : nn.Module
             the model (with the adapter) the posterior was fitted on.
         check_weights : bool, default True
@@ -472,6 +498,13 @@ class LoRALaplace(KronLaplace):
             damaged file, other format or version, or a model with other LoRA blocks or
             weights.
         """
+        path = serialization.posterior_path(path)
+        if path.parent.is_dir() and not path.exists() and path.name == serialization.POSTERIOR_FILENAME:
+            raise FileNotFoundError(
+                f"'{path.parent}' holds no posterior ('{path.name}'); write one there with "
+                "`la.save(folder)` or laplace_llm.hf.LaplaceCallback, or pass the posterior "
+                "file's path."
+            )
         state = serialization.read_state(path)
         structure = state["hessian_structure"]
         la_cls = _lora_class(structure)
@@ -534,6 +567,42 @@ class LoRALaplace(KronLaplace):
             return f_mu.detach(), f_var.detach()
         return f_mu, f_var
 
+    def sample_adapters(self, n_samples: int, out_dir, seed: int = 0) -> list:
+        """Write ``n_samples`` posterior draws of the LoRA weights as peft adapter folders.
+
+        ``PeftModel.from_pretrained`` loads them; the draws are those of
+        ``self.sample(n_samples, torch.Generator().manual_seed(seed))``. See
+        :func:`laplace_llm.generation.sample_adapters`.
+        """
+        from laplace_llm.generation import sample_adapters
+
+        return sample_adapters(self, n_samples, out_dir, seed=seed)
+
+    def _glm_functional_samples(
+        self, f_mu, f_var, n_samples, diagonal_output=False, generator=None
+    ):
+        # laplace-torch draws through a Cholesky factor, which a covariance that is only
+        # semi-definite lacks (a missing candidate's constant logit of CandidateScorer has
+        # zero variance); such a batch element is drawn through its eigh square root,
+        # the same Gaussian. Definite covariances take laplace-torch's path unchanged.
+        if diagonal_output or f_var.ndim != 3:
+            return BaseLaplace._glm_functional_samples(
+                self, f_mu, f_var, n_samples, diagonal_output, generator
+            )
+        _, info = torch.linalg.cholesky_ex(f_var)
+        if not bool((info != 0).any()):
+            return BaseLaplace._glm_functional_samples(
+                self, f_mu, f_var, n_samples, False, generator
+            )
+        scale = torch.linalg.cholesky_ex(f_var)[0]
+        bad = info != 0
+        lam, vec = torch.linalg.eigh(f_var[bad])
+        scale[bad] = vec * lam.clamp(min=0).sqrt().unsqueeze(-2)
+        eps = torch.randn(
+            (f_mu.shape[1], n_samples), device=f_mu.device, dtype=f_mu.dtype, generator=generator
+        )
+        return (f_mu.unsqueeze(-1) + scale @ eps).permute(2, 0, 1)
+
     def _set_params(self, vector: torch.Tensor) -> None:
         start = 0
         for p in self.params:
@@ -581,6 +650,7 @@ class LoRALaplace(KronLaplace):
         """Predict as laplace-torch does; a ``generator`` also seeds the Monte-Carlo samples."""
         self._check_H_init()
         self._warn_if_weights_changed()
+        _refuse_bridge_for_missing_candidates(x, pred_type, link_approx)
         classification = self.likelihood == "classification" or (
             self.likelihood == "reward_modeling" and fitting
         )
@@ -600,6 +670,17 @@ class LoRALaplace(KronLaplace):
         return super().__call__(
             x, pred_type, joint, link_approx, n_samples, diagonal_output, generator, fitting,
             **model_kwargs,
+        )
+
+
+def _refuse_bridge_for_missing_candidates(x: Any, pred_type: str, link_approx: str) -> None:
+    """Raise ValueError for a bridge link over a batch with missing candidates."""
+    missing = x.get("candidate_mask") if isinstance(x, Mapping) else None
+    if (pred_type == "glm" and str(link_approx).startswith("bridge")
+            and missing is not None and not bool(torch.as_tensor(missing).all())):
+        raise ValueError(
+            f"link_approx={link_approx!r} divides by each logit's variance, which is 0 "
+            "for a missing candidate (candidate_mask 0): use link_approx='probit' or 'mc'."
         )
 
 

@@ -21,7 +21,10 @@ Stacking them gives
 
 A module may see more rows than the batch has examples (preference pairs: ``(B, 2, T)``
 inputs run as ``2B`` sequences); rows ``j·B'/B … (j+1)·B'/B`` then belong to example
-``j`` (row-major flattening).
+``j`` (row-major flattening). Calls that carry a :class:`~laplace_llm.curvature.CallLayout`
+(text candidates of :class:`~laplace_llm.candidates.CandidateScorer`: a prompt call and a
+continuation call per batch) say themselves which example each row belongs to and which
+positions are real; an example's gradient sums its rows of every call.
 """
 
 from __future__ import annotations
@@ -31,7 +34,12 @@ from typing import Any
 
 import torch
 
-from laplace_llm.curvature import LoRAKFAC, NonFiniteError, _per_module_calls
+from laplace_llm.curvature import (
+    LoRAKFAC,
+    NonFiniteError,
+    _layout_positions,
+    _per_module_calls,
+)
 
 __all__ = ["LoRAPerExampleCurvature", "block_gradients"]
 
@@ -72,7 +80,15 @@ def block_gradients(
     out = []
     for b in backend.blocks:
         G = None
-        for a, gs in per_module.get(b.module_name, []):
+        for a, gs, layout in per_module.get(b.module_name, []):
+            if layout is not None:  # rows of several calls to their examples
+                a, g, m, example = _layout_positions(a, gs, layout, dtype)
+                g = torch.stack(g) * m[None, :, :, None]  # (S, R, T, d_out), padding dropped
+                Gr = torch.einsum("srtd,rte->srde", g, a) if b.kind == "weight" else g.sum(2)
+                Gc = torch.zeros(S, B, *Gr.shape[2:], device=Gr.device, dtype=dtype)
+                Gc.index_add_(1, example, Gr)
+                G = Gc if G is None else G + Gc
+                continue
             if a.shape[0] % B:
                 return None
             a = a.to(dtype).reshape(B, -1, a.shape[-1])

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from laplace_llm.curvature import LoRAKFAC
 from laplace_llm.discovery import find_blocks
-from laplace_llm.lora_laplace import LoRALaplace
+from laplace_llm.lora_laplace import LoRALaplace, _refuse_bridge_for_missing_candidates
 from laplace_llm.module_selection import restrict_to_blocks, select_blocks
 from laplace_llm.options import KFACOptions, check_int
 from laplace_llm.per_example import LoRAPerExampleCurvature
@@ -140,6 +140,8 @@ class _LoRAParametric:
     _nn_functional_samples = LoRALaplace._nn_functional_samples
     _nn_predictive_classification = LoRALaplace._nn_predictive_classification
     _warn_if_weights_changed = LoRALaplace._warn_if_weights_changed
+    # semi-definite GLM covariances (missing text candidates) drawn through eigh
+    _glm_functional_samples = LoRALaplace._glm_functional_samples
     save = LoRALaplace.save
     load = LoRALaplace.__dict__["load"]
 
@@ -258,6 +260,7 @@ class _LoRAParametric:
     ):
         self._check_H_init()
         self._warn_if_weights_changed()
+        _refuse_bridge_for_missing_candidates(x, pred_type, link_approx)
         classification = self.likelihood == "classification" or (
             self.likelihood == "reward_modeling" and fitting
         )

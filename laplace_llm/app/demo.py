@@ -90,6 +90,9 @@ class DemoConfig:
     llla : bool
         Also put LoRA on ``lm_head`` and report last-layer LoRA Laplace (LLLA:
         ``lora_modules=["lm_head"]``, the rest at MAP) beside Laplace over all LoRA weights.
+    answers : {"letters", "words"}
+        Lettered options scored by their letter's token, or colours named by phrases of
+        1 to 3 tokens scored by likelihood (:mod:`laplace_llm.app.demo_words`).
     """
 
     seed: int = 0
@@ -115,6 +118,7 @@ class DemoConfig:
     mc_samples: int = 1000
     batch_size: int = 64
     llla: bool = False
+    answers: str = "letters"
 
     @classmethod
     def quick(cls, seed: int = 0) -> DemoConfig:
@@ -431,7 +435,12 @@ def run_demo(
         seconds[stage] = round(time.perf_counter() - t0, 2)
         return time.perf_counter()
 
-    task = DemoTask(cfg.n_entities, cfg.n_distractors, cfg.seed, cfg.p_main)
+    task_class = DemoTask
+    if cfg.answers == "words":
+        from laplace_llm.app.demo_words import WordsDemoTask as task_class
+    elif cfg.answers != "letters":
+        raise ValueError(f"answers must be 'letters' or 'words', got {cfg.answers!r}")
+    task = task_class(cfg.n_entities, cfg.n_distractors, cfg.seed, cfg.p_main)
     tokenizer = build_tokenizer(task.words)
     model = build_model(cfg, len(task.words))
     n_params = sum(p.numel() for p in model.parameters())
@@ -449,12 +458,21 @@ def run_demo(
     )
     torch.manual_seed(cfg.seed + 3)
     peft_model = get_peft_model(model, lora)
-    clf = LLMClassifier.from_choices(
-        peft_model, tokenizer, mcqa_choices(len(COLOURS)), center=True
-    )
+    if cfg.answers == "words":
+        from laplace_llm.app.demo_words import words_classifier
 
-    def loader(records, shuffle=False, batch_size=cfg.batch_size):
-        return make_loader(records, tokenizer, batch_size, "mcqa", shuffle=shuffle)
+        clf = words_classifier(peft_model, tokenizer)
+
+        def loader(records, shuffle=False, batch_size=cfg.batch_size):
+            return make_loader(task.text_records(records), tokenizer, batch_size, "text",
+                               shuffle=shuffle)
+    else:
+        clf = LLMClassifier.from_choices(
+            peft_model, tokenizer, mcqa_choices(len(COLOURS)), center=True
+        )
+
+        def loader(records, shuffle=False, batch_size=cfg.batch_size):
+            return make_loader(records, tokenizer, batch_size, "mcqa", shuffle=shuffle)
 
     train = task.questions(cfg.n_train, seed=cfg.seed * 1000 + 11)
     splits = {
