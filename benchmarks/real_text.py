@@ -12,9 +12,11 @@ long enough to over-fit as users do. Then, on the 499 TREC test questions:
 - ``la_probit`` / ``la_mc``: :class:`laplace_llm.LoRALaplace` with its defaults, prior
   precision by the marginal likelihood (no validation data), GLM predictive with the
   probit link or 1000 Monte-Carlo logit samples;
-- ``la_layerwise``: the same with one prior precision per block (marglik), probit;
+- ``la_layerwise``: the same with one prior precision per block (marglik), probit
+  (test split only);
 - ``la_val``: the default posterior with the prior chosen on the validation split
-  (laplace-torch's gridsearch of the validation NLL), probit;
+  (laplace-torch's gridsearch of the NLL of 200 validation questions over 7 priors
+  10^-2…10^4), probit (test and shifted splits);
 - ``llla``: last-layer Laplace, the head alone (``lora_modules=["classifier"]``), probit;
 - ``lt_kron``: laplace-torch's own ``Laplace(model, "classification", "all", "kron")``
   (CurvlinopsGGN) on the same LoRA parameters, marglik, probit; its GLM predictive
@@ -29,8 +31,9 @@ the head's initialisation and the order of the batches. Results: mean ± standar
 deviation over seeds, written as JSON and markdown with a reliability diagram and
 risk–coverage curves of the first seed at the largest size.
 
-Run: ``python benchmarks/real_text.py`` (sizes 500 and 2000, seeds 0 1 2; about
-15 minutes on 2 CPU cores), ``--quick`` for the smallest run the test suite uses.
+Run: ``python benchmarks/real_text.py`` (sizes 500 and 2000, seeds 0 1 2, 5 epochs),
+``--levers`` to add the default posterior with one K-FAC choice changed at a time,
+``--quick`` for the smallest run (the test suite's).
 """
 
 from __future__ import annotations
@@ -208,6 +211,7 @@ def one_run(size: int, seed: int, args) -> dict:
     loaders = {name: make_loader(recs, tok, 32, "text")
                for name, recs in (("test", test), ("shift", shift), ("ood", foreign))}
     val_loader = make_loader(val, tok, 32, "text")
+    grid_loader = make_loader(val[: args.n_grid_val], tok, 32, "text")
     t_train = time.time() - t0
     stage("fine-tuned")
 
@@ -221,8 +225,8 @@ def one_run(size: int, seed: int, args) -> dict:
     info = {"temperature": T, "train_seconds": t_train}
     stage("temperature scaling")
 
-    def laplace_probs(name, la, mc=False):
-        moments = {k: glm_moments(la, v) for k, v in loaders.items()}
+    def laplace_probs(name, la, mc=False, splits=("test", "shift", "ood")):
+        moments = {k: glm_moments(la, loaders[k]) for k in splits}
         probs[name] = {k: probit(*m) for k, m in moments.items()}
         sd = moments["test"][1].diagonal(dim1=-2, dim2=-1).sqrt()
         info[f"{name}_logit_sd"] = float(sd.mean())
@@ -244,15 +248,15 @@ def one_run(size: int, seed: int, args) -> dict:
     la.optimize_prior_precision(method="marglik", prior_structure="layerwise")
     info["la_layerwise_prior_range"] = [float(la.prior_precision.min()),
                                         float(la.prior_precision.max())]
-    laplace_probs("la_layerwise", la)
+    laplace_probs("la_layerwise", la, splits=("test",))
     stage("layerwise")
 
-    la.optimize_prior_precision(method="gridsearch", val_loader=val_loader,
+    la.optimize_prior_precision(method="gridsearch", val_loader=grid_loader,
                                 pred_type="glm", link_approx="probit", grid_size=args.grid,
                                 log_prior_prec_min=-2, log_prior_prec_max=4,
                                 progress_bar=False)
     info["la_val_prior"] = float(la.prior_precision)
-    laplace_probs("la_val", la)
+    laplace_probs("la_val", la, splits=("test", "shift"))
     stage("gridsearch")
 
     llla = Laplace(clf, "classification", subset_of_weights="lora", hessian_structure="kron",
@@ -269,7 +273,7 @@ def one_run(size: int, seed: int, args) -> dict:
         lever.fit(fit_loader)
         lever.optimize_prior_precision(method="marglik")
         info[f"{name}_prior"] = float(lever.prior_precision)
-        laplace_probs(name, lever)
+        laplace_probs(name, lever, splits=("test",))
         stage(name)
 
     if size in args.laplace_torch_sizes:
@@ -343,12 +347,14 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[500, 2000])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--n-val", type=int, default=500)
     p.add_argument("--n-test", type=int, default=499)
     p.add_argument("--n-ood", type=int, default=300)
-    p.add_argument("--grid", type=int, default=13, help="prior values of la_val's gridsearch")
+    p.add_argument("--grid", type=int, default=7, help="prior values of la_val's gridsearch")
+    p.add_argument("--n-grid-val", type=int, default=200,
+                   help="validation questions la_val's gridsearch scores each prior on")
     p.add_argument("--laplace-torch-sizes", type=int, nargs="*", default=[500],
                    help="sizes at which laplace-torch's all/kron is measured (test split only)")
     p.add_argument("--levers", action="store_true",
@@ -360,7 +366,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.seeds, args.epochs = [64], [0], 2
-        args.n_val, args.n_test, args.n_ood, args.grid = 48, 48, 32, 4
+        args.n_val, args.n_test, args.n_ood, args.grid, args.n_grid_val = 48, 48, 32, 3, 48
         args.laplace_torch_sizes = [64]
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -377,6 +383,9 @@ def main(argv=None) -> dict:
             runs.append(r)
         summary[size] = summarise(runs)
         all_runs[size] = runs
+        partial = {str(k): [{kk: vv for kk, vv in r.items() if kk != "_probs"} for r in v]
+                   for k, v in all_runs.items()}
+        (args.out / "partial.json").write_text(json.dumps(partial, indent=1))
     first = all_runs[args.sizes[-1]][0]["_probs"]
     named = {METHOD_LABELS[m]: first[m][0] for m in ("map", "ts", "la_probit", "llla")}
     labels = first["map"][1]
