@@ -1,0 +1,52 @@
+"""The real-text calibration benchmark runs at its smallest size and writes what it reports."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from laplace_llm import metrics
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "real_text.py"
+
+
+@pytest.mark.slow
+def test_quick_run_writes_consistent_results(tmp_path):
+    """``--quick`` trains MiniLM on 64 TREC questions and scores every method; the JSON
+    summary equals its single run, metrics lie in their ranges, Laplace and temperature
+    scaling keep the MAP's ranking (probit with one scalar prior rarely changes the
+    argmax; temperature never does), and the table lists every method."""
+    spec = importlib.util.spec_from_file_location("real_text", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec.loader.exec_module(module)
+        payload = module.main(["--quick", "--out", str(tmp_path)])
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    run = saved["runs"]["64"][0]
+    summary = saved["summary"]["64"]
+    expected = {"map", "ts", "la_probit", "la_mc", "la_layerwise", "la_val", "llla", "lt_kron"}
+    assert set(run["methods"]) == expected == set(payload["summary"][64])
+    for method, values in run["methods"].items():
+        for key, value in values.items():
+            if math.isnan(value):
+                assert method in {"la_layerwise", "la_val", "lt_kron"}  # splits not scored
+                continue
+            assert summary[method][key]["mean"] == pytest.approx(value)
+            assert summary[method][key]["std"] == 0.0
+            if "nll" not in key:
+                assert 0.0 <= value <= 1.0, (method, key, value)
+    assert run["methods"]["ts"]["agrees_with_map"] == 1.0
+    assert run["info"]["temperature"] > 0 and run["info"]["la_prior"] > 0
+    # the TS row is the MAP logits divided by the fitted temperature
+    assert run["methods"]["ts"]["test_accuracy"] == run["methods"]["map"]["test_accuracy"]
+    table = (tmp_path / "table.md").read_text()
+    assert all(module.METHOD_LABELS[m] in table for m in expected)
+    for png in ("reliability.png", "risk_coverage.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert metrics.aurc([[0.9, 0.1]], [0]) == 0.0  # the metric the table's AURC uses
