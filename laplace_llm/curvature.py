@@ -236,7 +236,14 @@ class LoRAKFAC(CurvatureInterface):
         bad = ~torch.isfinite(f.detach()).all()
         per_module = _per_module_calls(rec, grads)
         dtype = self.factor_dtype()
+        if self.share_input_factors:
+            kron.share_(self._same_input_groups(per_module))
+        self._check_shared(kron, per_module)
+        a_done: set[int] = set()  # input factors already given this batch (shared ones)
         for b, F in zip(self.blocks, kron.kfacs):
+            add_a = b.kind == "weight" and id(F[1]) not in a_done
+            if add_a and per_module.get(b.module_name):
+                a_done.add(id(F[1]))
             for a, gs in per_module.get(b.module_name, []):
                 g_cols = torch.cat(
                     [self._g_columns(g, mask, dtype) * math.sqrt(w) for g, w in zip(gs, weights)],
@@ -244,7 +251,7 @@ class LoRAKFAC(CurvatureInterface):
                 )
                 bad |= ~torch.isfinite(g_cols).all()
                 _accumulate(F[0], g_cols)
-                if b.kind == "weight":
+                if add_a:
                     a_cols = self._a_columns(a, mask, N, dtype)
                     bad |= ~torch.isfinite(a_cols).all()
                     _accumulate(F[1], a_cols)
@@ -255,6 +262,35 @@ class LoRAKFAC(CurvatureInterface):
                 "bf16 or float32) and that the fine-tuned weights are finite."
             )
         return self.factor * loss.detach(), kron
+
+    def _same_input_groups(self, per_module) -> list[list[int]]:
+        """Weight blocks (indices, two or more) whose modules read the same input tensors.
+
+        Same storage, offset, shape and strides in every call of the batch, so the same
+        values: their input factors ``A`` are equal (the ``lora_A`` of ``q``/``k``/``v``).
+        """
+        groups: dict[tuple, list[int]] = {}
+        for i, b in enumerate(self.blocks):
+            calls = per_module.get(b.module_name)
+            if b.kind != "weight" or not calls:
+                continue
+            groups.setdefault(tuple(_tensor_identity(a) for a, _ in calls), []).append(i)
+        return [g for g in groups.values() if len(g) > 1]
+
+    def _check_shared(self, kron: LowRankKron, per_module) -> None:
+        """Refuse a batch in which blocks sharing an input factor read different inputs."""
+        owner: dict[int, tuple] = {}
+        for b, F in zip(self.blocks, kron.kfacs):
+            calls = per_module.get(b.module_name)
+            if b.kind != "weight" or not calls:
+                continue
+            key = tuple(_tensor_identity(a) for a, _ in calls)
+            if owner.setdefault(id(F[1]), key) != key:
+                raise ValueError(
+                    f"Block '{b.name}' shares its input factor with another block, but the "
+                    "two layers read different inputs in this batch. Fit with "
+                    "share_input_factors=False."
+                )
 
     def _a_columns(self, a, mask, N, dtype) -> torch.Tensor:
         """Input columns ``(n_cols, d_in)`` whose outer products sum to ``A``."""
@@ -360,6 +396,11 @@ def _per_module_calls(rec: ModuleRecorder, grads: list[list[torch.Tensor]]):
             per_module.setdefault(name, []).append((a, [g[j] for g in grads]))
             j += 1
     return per_module
+
+
+def _tensor_identity(t: torch.Tensor) -> tuple:
+    """Return what makes two live tensors views of the same values."""
+    return (t.device, t.dtype, t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
 
 
 def _accumulate(F, cols: torch.Tensor) -> None:

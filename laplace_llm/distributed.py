@@ -38,10 +38,15 @@ def all_reduce_kron(kron: LowRankKron, group=None) -> LowRankKron:
         ``kron``, now holding the sum.
     """
     world = dist.get_world_size(group)
+    done: dict[int, object] = {}  # a shared factor is reduced once (in place: not twice!)
     for F in kron.kfacs:
         for j, f in enumerate(F):
+            if id(f) in done:
+                F[j] = done[id(f)]
+                continue
             if not isinstance(f, LowRankFactor):
                 dist.all_reduce(f, op=dist.ReduceOp.SUM, group=group)
+                done[id(f)] = f
                 continue
             f.compress_()
             width = torch.tensor([f.root.shape[1]], device=f.device)
@@ -54,4 +59,5 @@ def all_reduce_kron(kron: LowRankKron, group=None) -> LowRankKron:
             roots = [torch.empty_like(padded) for _ in range(world)]
             dist.all_gather(roots, padded, group=group)
             F[j] = LowRankFactor(compress_root(torch.cat(roots, 1), f.rank), f.rank, f.chunk)
+            done[id(f)] = F[j]
     return kron

@@ -95,6 +95,10 @@ class KFACOptions:
         Sampled labels per example of ``fisher_type="mc"``.
     kfac_approx : KFACApprox, default "expand"
         How K-FAC treats the sequence axis.
+    share_input_factors : bool, default True
+        Layers that read the same input tensor (``q``/``k``/``v`` of one attention layer,
+        ``gate``/``up`` of one MLP) share one input factor ``A``: accumulated, stored and
+        decomposed once. The posterior is the same as with separate factors.
 
     Raises
     ------
@@ -122,6 +126,12 @@ class KFACOptions:
     kfac_approx: KFACApprox = dataclasses.field(
         default=KFACApprox.EXPAND,
         metadata=_option("how K-FAC treats the sequence axis"),
+    )
+    share_input_factors: bool = dataclasses.field(
+        default=True,
+        metadata=_option(
+            "one input factor for LoRA layers that read the same input (q/k/v, gate/up)"
+        ),
     )
 
     def __post_init__(self) -> None:

@@ -12,7 +12,9 @@ File format ``laplace-llm-posterior`` version 1 (a safetensors file):
   (:meth:`KFACOptions.to_dict <laplace_llm.options.KFACOptions.to_dict>`),
   ``likelihood``, ``temperature``, ``damping``, ``dict_key_x``/``dict_key_y``, the
   fitted scalars (``loss``, ``n_data``, ``n_outputs``, ``sigma_noise``), the LoRA block
-  names and shapes, the rank of each low-rank factor (``ranks``, keyed ``"i.j"``), and a
+  names and shapes, the rank of each low-rank factor (``ranks``, keyed ``"i.j"``), the
+  factors stored once for several blocks (``shared``: ``"i.j"`` to the ``[i', j']`` of the
+  stored factor; absent from files of earlier releases), and a
   SHA-256 of every tensor's bytes. ``sigma_noise``, ``enable_backprop`` and ``cls_name``
   are absent from files of earlier releases and then take laplace-torch's defaults.
 
@@ -69,9 +71,12 @@ def write_state(state: dict[str, Any], path: str | os.PathLike) -> None:
         "prior_precision": state["prior_precision"].detach(),
         "prior_mean": torch.as_tensor(state["prior_mean"]).detach().reshape(-1),
     }
-    ranks = {}
+    ranks, shared = {}, {}
     for i, F in enumerate(state["H"]):
         for j, f in enumerate(F):
+            if "same_as" in f:
+                shared[f"{i}.{j}"] = [int(v) for v in f["same_as"]]
+                continue
             for key, value in f.items():
                 if isinstance(value, torch.Tensor):
                     tensors[f"H.{i}.{j}.{key}"] = value
@@ -83,6 +88,7 @@ def write_state(state: dict[str, Any], path: str | os.PathLike) -> None:
         {k: _plain(v) for k, v in state.items() if k not in _TENSORS and k != "H"}
     )
     header["ranks"] = ranks
+    header["shared"] = shared
     header["sha256"] = {k: _digest(v) for k, v in tensors.items()}
     save_file(tensors, str(path), metadata={"laplace_llm": json.dumps(header)})
 
@@ -95,14 +101,17 @@ def read_state(path: str | os.PathLike) -> dict[str, Any]:
     """
     header, tensors = read_posterior(path)
     state = {**_DEFAULTS, **header}
-    for key in ("format", "version", "ranks", "sha256"):
-        del state[key]
+    for key in ("format", "version", "ranks", "sha256", "shared"):
+        state.pop(key, None)
+    shared = header.get("shared", {})
     for key in _TENSORS:
         state[key] = tensors[key]
     try:
         state["H"] = [
             [
-                {"root": tensors[f"H.{i}.{j}.root"], "rank": header["ranks"][f"{i}.{j}"]}
+                {"same_as": shared[f"{i}.{j}"]}
+                if f"{i}.{j}" in shared
+                else {"root": tensors[f"H.{i}.{j}.root"], "rank": header["ranks"][f"{i}.{j}"]}
                 if f"H.{i}.{j}.root" in tensors
                 else {"dense": tensors[f"H.{i}.{j}.dense"]}
                 for j in range(len(shape))
