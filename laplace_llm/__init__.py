@@ -13,7 +13,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     import laplace  # noqa: F401
 
-from laplace_llm import data, metrics
+from laplace_llm import data, memory, metrics
 from laplace_llm.classifier import LLMClassifier
 from laplace_llm.curvature import LoRAKFAC
 from laplace_llm.discovery import KronBlock, find_blocks
@@ -40,6 +40,7 @@ __all__ = [
     "find_blocks",
     "data",
     "metrics",
+    "memory",
     # errors
     "LoRAModelError",
     "NonFiniteError",
