@@ -74,7 +74,7 @@ def _get(config: Any, key: str, default: Any = None) -> Any:
 
 
 def llama_lora_linears(config: Any, target_modules: Iterable[str]) -> list[LoRALinear]:
-    """The LoRA-carrying linear layers of a Llama-shaped model.
+    """Return the LoRA-carrying linear layers of a Llama-shaped model.
 
     Parameters
     ----------
