@@ -37,6 +37,49 @@ def machine() -> dict:
     }
 
 
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(field)
+
+
+def peak_meter(device):
+    """``(start, stop)``: ``stop(start())`` is the peak bytes above the level at ``start()``.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (tensors
+    only, the allocator's cache excluded). CPU: the process's resident high-water mark
+    (``VmHWM``), reset to the current resident size by writing 5 to
+    ``/proc/self/clear_refs`` (Linux); memory that the allocator keeps from earlier steps
+    is reused and not counted. ``None`` where neither is available.
+    """
+    if torch.device(device).type == "cuda":
+        def start():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated()
+
+        def stop(base):
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - base
+
+        return start, stop
+
+    def start():
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")  # reset the high-water mark to the current RSS
+            return _rss("VmRSS")
+        except OSError:
+            return None
+
+    def stop(base):
+        return None if base is None else max(_rss("VmHWM") - base, 0)
+
+    return start, stop
+
+
 def write_results(path: str, rows: list[dict], table: str) -> None:
     """JSON with ``command``, ``machine`` (platform, cores, torch threads, load, GPU),
     ``versions``, ``rows`` and the printed ``table``."""

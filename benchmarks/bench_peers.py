@@ -38,7 +38,7 @@ import time
 import warnings
 
 import torch
-from _results import versions, write_results  # benchmarks/ is the script's folder
+from _results import peak_meter, versions, write_results  # benchmarks/: the script's folder
 from laplace import Laplace
 from laplace.curvature import AsdlGGN, CurvlinopsGGN
 from peft import LoraConfig, get_peft_model
@@ -101,42 +101,6 @@ def build(cfg: dict, device, seed: int = 0) -> LLMClassifier:
 
 
 # ----------------------------------------------------------------- measuring
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(field)
-
-
-def peak_meter(device):
-    """``(start, stop)``: ``stop()`` returns the peak bytes above the level at ``start()``."""
-    if device.type == "cuda":
-        def start():
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            return torch.cuda.memory_allocated()
-
-        def stop(base):
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - base
-
-        return start, stop
-
-    def start():
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")  # reset the high-water mark to the current RSS
-            return _rss("VmRSS")
-        except OSError:
-            return None
-
-    def stop(base):
-        return None if base is None else max(_rss("VmHWM") - base, 0)
-
-    return start, stop
-
-
 def measured(fn, device):
     """``(seconds, peak extra bytes, result)``: fastest of ``REPEAT``, memory of the first."""
     start, stop = peak_meter(device)

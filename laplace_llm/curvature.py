@@ -236,9 +236,10 @@ class LoRAKFAC(CurvatureInterface):
         bad = ~torch.isfinite(f.detach()).all()
         per_module = _per_module_calls(rec, grads)
         dtype = self.factor_dtype()
+        classes = self._input_classes(per_module)
         if self.share_input_factors:
-            kron.share_(self._same_input_groups(per_module))
-        self._check_shared(kron, per_module)
+            kron.share_(self._same_input_groups(classes))
+        self._check_shared(kron, classes)
         a_done: set[int] = set()  # input factors already given this batch (shared ones)
         for b, F in zip(self.blocks, kron.kfacs):
             add_a = b.kind == "weight" and id(F[1]) not in a_done
@@ -263,33 +264,49 @@ class LoRAKFAC(CurvatureInterface):
             )
         return self.factor * loss.detach(), kron
 
-    def _same_input_groups(self, per_module) -> list[list[int]]:
-        """Weight blocks (indices, two or more) whose modules read the same input tensors.
+    def _input_classes(self, per_module) -> dict[int, int]:
+        """Weight blocks (by index) mapped to the first block that read the same inputs.
 
-        Same storage, offset, shape and strides in every call of the batch, so the same
-        values: their input factors ``A`` are equal (the ``lora_A`` of ``q``/``k``/``v``).
+        Same inputs: in every call of the batch, the same tensor (storage, offset, shape,
+        strides) or an equal one. Equality is tested among sibling layers only (one
+        attention or MLP module), which is where it occurs: peft casts a bf16 input to
+        float32 adapters once per adapter, so q/k/v then read equal copies.
         """
-        groups: dict[tuple, list[int]] = {}
+        classes: dict[int, int] = {}
+        reps: dict[str, list[tuple[int, list[torch.Tensor]]]] = {}
         for i, b in enumerate(self.blocks):
             calls = per_module.get(b.module_name)
             if b.kind != "weight" or not calls:
                 continue
-            groups.setdefault(tuple(_tensor_identity(a) for a, _ in calls), []).append(i)
+            inputs = [a for a, _ in calls]
+            siblings = reps.setdefault(_parent_layer(b), [])
+            for j, theirs in siblings:
+                if _same_inputs(inputs, theirs):
+                    classes[i] = j
+                    break
+            else:
+                siblings.append((i, inputs))
+                classes[i] = i
+        return classes
+
+    def _same_input_groups(self, classes: dict[int, int]) -> list[list[int]]:
+        """Return the groups (two or more block indices) of weight blocks reading the same inputs."""
+        groups: dict[int, list[int]] = {}
+        for i, j in classes.items():
+            groups.setdefault(j, []).append(i)
         return [g for g in groups.values() if len(g) > 1]
 
-    def _check_shared(self, kron: LowRankKron, per_module) -> None:
+    def _check_shared(self, kron: LowRankKron, classes: dict[int, int]) -> None:
         """Refuse a batch in which blocks sharing an input factor read different inputs."""
-        owner: dict[int, tuple] = {}
-        for b, F in zip(self.blocks, kron.kfacs):
-            calls = per_module.get(b.module_name)
-            if b.kind != "weight" or not calls:
+        owner: dict[int, int] = {}
+        for i, F in enumerate(kron.kfacs):
+            if i not in classes:
                 continue
-            key = tuple(_tensor_identity(a) for a, _ in calls)
-            if owner.setdefault(id(F[1]), key) != key:
+            if owner.setdefault(id(F[1]), classes[i]) != classes[i]:
                 raise ValueError(
-                    f"Block '{b.name}' shares its input factor with another block, but the "
-                    "two layers read different inputs in this batch. Fit with "
-                    "share_input_factors=False."
+                    f"Block '{self.blocks[i].name}' shares its input factor with another "
+                    "block, but the two layers read different inputs in this batch. Fit "
+                    "with share_input_factors=False."
                 )
 
     def _a_columns(self, a, mask, N, dtype) -> torch.Tensor:
@@ -401,6 +418,26 @@ def _per_module_calls(rec: ModuleRecorder, grads: list[list[torch.Tensor]]):
 def _tensor_identity(t: torch.Tensor) -> tuple:
     """Return what makes two live tensors views of the same values."""
     return (t.device, t.dtype, t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+
+
+def _same_inputs(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Whether two modules' inputs, call by call, are the same tensors or equal ones."""
+    if len(a) != len(b):
+        return False
+    return all(
+        _tensor_identity(x) == _tensor_identity(y)
+        or (x.shape == y.shape and x.dtype == y.dtype and x.device == y.device
+            and torch.equal(x, y))
+        for x, y in zip(a, b)
+    )
+
+
+def _parent_layer(block: KronBlock) -> str:
+    """Name of the module holding the block's layer (``…layers.3.self_attn`` for q_proj)."""
+    layer = block.module_name
+    if block.role in ("lora_A", "lora_B"):
+        layer = layer.rsplit("." + block.role, 1)[0]
+    return layer.rpartition(".")[0]
 
 
 def _accumulate(F, cols: torch.Tensor) -> None:

@@ -233,3 +233,35 @@ def test_shared_input_factor_survives_save_load_and_adding_fits(tmp_path):
         for f, g in zip(F, G):
             torch.testing.assert_close(dense(f), dense(g), rtol=1e-12, atol=1e-14)
     assert shared.H_facs.kfacs[0][1] is shared.H_facs.kfacs[2][1]  # q.lora_A, k.lora_A
+
+
+def test_bf16_model_shares_the_input_factor_of_equal_float32_copies():
+    """peft casts a bf16 layer input to its float32 adapters once per adapter, so q/k/v
+    read *equal* copies, not one tensor: they still share one input factor, and the fit
+    is bit-equal to separate factors (the same columns in the same order)."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.models import tiny_causal_lm
+
+    base = tiny_causal_lm("llama", seed=5, dtype=torch.bfloat16)
+    torch.manual_seed(5)
+    config = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"], lora_dropout=0.0,
+                        init_lora_weights=False)
+    model = LLMClassifier(get_peft_model(base, config).eval(), TARGET_IDS)
+    lora_dtypes = {p.dtype for n, p in model.named_parameters() if "lora_A" in n}
+    assert lora_dtypes == {torch.float32}  # what makes the copies
+    loader = torch.utils.data.DataLoader(DictDataset(token_items(8, 6, seed=6)), batch_size=4)
+    fits = []
+    for share in (True, False):
+        la = LoRALaplace(model, "classification", n_kfac=64, lr_threshold=0, seed=0,
+                         share_input_factors=share)
+        la.fit(loader)
+        fits.append(la)
+    shared, separate = fits
+    kfacs = shared.H_facs.kfacs
+    a_blocks = [i for i, b in enumerate(shared.blocks) if b.role == "lora_A"]
+    assert len({id(kfacs[i][1]) for i in a_blocks}) == 2  # one per layer
+    for F, G in zip(kfacs, separate.H_facs.kfacs):
+        for f, g in zip(F, G):
+            assert torch.equal(dense(f), dense(g))
+    assert torch.equal(shared.log_marginal_likelihood(), separate.log_marginal_likelihood())
