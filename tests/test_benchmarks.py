@@ -118,3 +118,16 @@ def test_cuda_peak_meter_arithmetic_without_a_gpu(monkeypatch):
     x = torch.ones(16 * 2**20)  # 64 MiB, written so its pages are resident
     assert stop(base) >= 60 * 2**20
     del x
+
+
+def test_memory_model_script_checks_the_formula(tmp_path):
+    result, stdout = run_script("memory_model", "--tiny", tmp_path=tmp_path)
+    checks = result["rows"]["checks"]
+    assert len(checks) == 4 and all(c["measured_bytes"] == c["formula_bytes"] for c in checks)
+    seven_b = next(r for r in result["rows"]["rows"]
+                   if r["model"] == "LLaMA-2-7B" and r["lora_on"] == "q, v")
+    assert seven_b["lora_params"] == 4_194_304
+    # the dense Kronecker factors of laplace-torch: two 4096² factors (+ eigenvectors) per
+    # LoRA module, 64 modules
+    assert seven_b["laplace-torch kron"] > 64 * 2 * 2 * 4096**2 * 4
+    assert "LLaMA-2-70B" in stdout
