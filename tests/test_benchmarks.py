@@ -131,3 +131,12 @@ def test_memory_model_script_checks_the_formula(tmp_path):
     # LoRA module, 64 modules
     assert seven_b["laplace-torch kron"] > 64 * 2 * 2 * 4096**2 * 4
     assert "LLaMA-2-70B" in stdout
+
+
+def test_bench_fit_ratio_smallest(tmp_path):
+    result, _ = run_script("bench_fit_ratio", "--hidden", "256", "--n-fit", "8", "--seq", "8",
+                           "--batch-size", "4", "--n-kfac", "8", "--repeat", "2",
+                           tmp_path=tmp_path)
+    (row,) = result["rows"]
+    for k in ("floor", "shared", "separate"):
+        assert len(row["times"][k]) == 2 and row[f"{k}_min_s"] == min(row["times"][k])
