@@ -1,8 +1,9 @@
 """Laplace approximations over LoRA weights of fine-tuned language models.
 
 Importing this package registers ``subset_of_weights="lora"`` with laplace-torch's
-``Laplace`` factory. The command line, the demo and the evaluation helpers live in
-:mod:`laplace_llm.app`, which this core never imports.
+``Laplace`` factory, for ``hessian_structure`` "kron", "diag" and "full". The command
+line, the demo and the evaluation helpers live in :mod:`laplace_llm.app`, which this core
+never imports.
 """
 
 import warnings
@@ -13,32 +14,44 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     import laplace  # noqa: F401
 
-from laplace_llm import data, memory, metrics
+from laplace_llm import data, diagnostics, memory, metrics
+from laplace_llm.candidates import CandidateScorer
 from laplace_llm.classifier import LLMClassifier
 from laplace_llm.curvature import LoRAKFAC
 from laplace_llm.discovery import KronBlock, find_blocks
 from laplace_llm.errors import LoRAModelError, NonFiniteError, PosteriorFileError
 from laplace_llm.lora_laplace import LoRALaplace
 from laplace_llm.matrix import LowRankFactor, LowRankKron, LowRankKronDecomposed
+from laplace_llm.module_selection import select_blocks
 from laplace_llm.options import FisherType, KFACApprox, KFACOptions
+from laplace_llm.per_example import LoRAPerExampleCurvature
+from laplace_llm.regression import optimize_prior_and_noise
+from laplace_llm.structures import LoRADiagLaplace, LoRAFullLaplace
 
 __all__ = [
     # Laplace approximations
     "LoRALaplace",
+    "LoRADiagLaplace",
+    "LoRAFullLaplace",
+    "optimize_prior_and_noise",
     # options
     "KFACOptions",
     "FisherType",
     "KFACApprox",
     # curvature
     "LoRAKFAC",
+    "LoRAPerExampleCurvature",
     "LowRankFactor",
     "LowRankKron",
     "LowRankKronDecomposed",
     # models and data
     "LLMClassifier",
+    "CandidateScorer",
     "KronBlock",
     "find_blocks",
+    "select_blocks",
     "data",
+    "diagnostics",
     "metrics",
     "memory",
     # errors

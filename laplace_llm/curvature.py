@@ -19,8 +19,27 @@ probe is one vector ``v`` of output-logit cotangents; ``g = Jᵀ v``:
 - ``mc``: ``p − onehot(ŷ)``, ``ŷ ~ Cat(p)``, weight ``1/mc_samples``;
 - ``ef``: ``p − onehot(y)`` with the observed label, weight 1.
 
+For ``likelihood="regression"`` (outputs ``(B, k)``, Gaussian noise; laplace-torch's
+``MSELoss(reduction="sum")`` with factor ½, so the curvature is ``JᵀJ`` before the
+``1/σ²`` that the Laplace class applies):
+
+- ``ggn``: the k identity columns, weight 1;
+- ``mc``: ``ε ~ N(0, I_k)``, weight ``1/mc_samples`` (``E[εεᵀ] = I``);
+- ``ef``: the residual ``f − y``, weight 2 (laplace-torch's ``½ (2r)(2r)ᵀ``).
+
 Gradients are taken with respect to the hooked modules' outputs only, so no
 parameter ``.grad`` is touched and no weight gradient is computed.
+
+Call layouts. A model whose modules act on an example in several calls (a prompt call
+of batch ``B`` and a continuation call of batch ``B·C`` reusing its key/value cache, as
+:class:`laplace_llm.candidates.CandidateScorer` runs them) exposes an attribute
+``call_layout``: ``None``, or the :class:`CallLayout` of the calls running now, read by
+the hooks at each call. A layout gives each call's real-position mask ``(R, T)`` and the
+example each of its ``R`` rows belongs to; an example's positions are then the real
+positions of all its rows in all calls: ``T_n`` counts them, ``reduce`` averages ``a`` and
+sums ``g`` over them, and the GLM Jacobian sums ``g aᵀ`` over them. Without a layout,
+each call's rows are sequences of their own, masked by the batch's ``attention_mask``
+when the shapes match.
 """
 
 from __future__ import annotations
@@ -28,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from laplace.curvature import CurvatureInterface
@@ -39,20 +58,38 @@ from laplace_llm.errors import NonFiniteError
 from laplace_llm.matrix import LowRankFactor, LowRankKron, factor_dtype
 from laplace_llm.options import KFACOptions, expose_options
 
-__all__ = ["LoRAKFAC", "ModuleRecorder", "NonFiniteError"]
+__all__ = ["LoRAKFAC", "CallLayout", "ModuleRecorder", "NonFiniteError"]
+
+
+class CallLayout(NamedTuple):
+    """Which positions of a module call are real, and whose example each row is.
+
+    Attributes
+    ----------
+    mask : torch.Tensor
+        ``(R, T)``, 1 on real positions of the call's ``R`` rows of ``T`` positions (a
+        call on ``(R, d)`` inputs has ``T = 1``).
+    example : torch.Tensor
+        ``(R,)`` long, the index in the model's output batch of each row's example.
+    """
+
+    mask: torch.Tensor
+    example: torch.Tensor
 
 
 class ModuleRecorder:
     """Forward hooks that keep each watched module's inputs and outputs.
 
-    ``calls[module_name]`` is a list of ``(input, output)`` per call, inputs
+    ``calls[module_name]`` is a list of ``(input, output, layout)`` per call, inputs
     detached, outputs attached to the graph so that gradients can be taken
-    with respect to them.
+    with respect to them; ``layout`` is what ``layout()`` returned during the call
+    (a :class:`CallLayout` or ``None``).
     """
 
-    def __init__(self, modules: dict[str, nn.Module]):
+    def __init__(self, modules: dict[str, nn.Module], layout=None):
         self.modules = modules
-        self.calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.layout = layout
+        self.calls: dict[str, list[tuple[torch.Tensor, torch.Tensor, Any]]] = {}
         self._handles = []
 
     def __enter__(self) -> ModuleRecorder:
@@ -63,7 +100,8 @@ class ModuleRecorder:
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
-            self.calls.setdefault(name, []).append((inputs[0].detach(), output))
+            layout = self.layout() if self.layout is not None else None
+            self.calls.setdefault(name, []).append((inputs[0].detach(), output, layout))
 
         return hook
 
@@ -75,7 +113,7 @@ class ModuleRecorder:
 
     def outputs(self) -> list[torch.Tensor]:
         """Return every recorded output, module by module, call by call."""
-        return [out for calls in self.calls.values() for _, out in calls]
+        return [out for calls in self.calls.values() for _, out, _ in calls]
 
 
 def sequence_mask(x: Any, dict_key_mask: str = "attention_mask") -> torch.Tensor | None:
@@ -112,7 +150,7 @@ class LoRAKFAC(CurvatureInterface):
     ----------
     model : nn.Module
         returns logits ``(B, C)`` for a batch (e.g. :class:`laplace_llm.LLMClassifier`).
-    likelihood : {"classification"}
+    likelihood : {"classification", "regression"}
         reward modelling reaches the backend as classification.
     last_layer, subnetwork_indices, dict_key_x, dict_key_y
         as laplace-torch's ``CurvatureInterface``.
@@ -141,15 +179,19 @@ class LoRAKFAC(CurvatureInterface):
         **kfac_options,
     ):
         super().__init__(model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y)
-        if likelihood != "classification":
+        if likelihood not in ("classification", "regression"):
             raise ValueError(
-                "LoRA K-FAC fits the classification (and reward-modelling) likelihood of "
-                f"selected logits; got likelihood={likelihood!r}."
+                "LoRA curvature fits the classification (and reward-modelling) likelihood "
+                f"of selected logits or a Gaussian regression; got likelihood={likelihood!r}."
             )
         self.options = options if options is not None else KFACOptions(**kfac_options)
         self.generator = generator
         self.blocks = blocks if blocks is not None else find_blocks(model)
         self.modules = {b.module_name: b.module for b in self.blocks}
+        # a module selection (lora_modules) leaves the other trainable weights out of
+        # the posterior, also of the torch.func Jacobians
+        self.params_dict = {b.name: self.params_dict[b.name] for b in self.blocks}
+        self.params = list(self.params_dict.values())
 
     # ------------------------------------------------------------------ factors
     def factor_dtype(self) -> torch.dtype:
@@ -169,6 +211,8 @@ class LoRAKFAC(CurvatureInterface):
     # ------------------------------------------------------------------- probes
     def probes(self, f: torch.Tensor, y: torch.Tensor | None) -> list[tuple[torch.Tensor, float]]:
         """Output cotangents ``v (B, C)`` and weights whose ``Σ w JᵀvvᵀJ`` is the Fisher."""
+        if self.likelihood == "regression":
+            return self._regression_probes(f, y)
         p = torch.softmax(f.detach().to(self.factor_dtype()), dim=-1)
         if self.fisher_type == "ggn":
             sp = p.sqrt()
@@ -189,6 +233,21 @@ class LoRAKFAC(CurvatureInterface):
             for lab in labels
         ]
 
+    def _regression_probes(self, f, y) -> list[tuple[torch.Tensor, float]]:
+        B, k = f.shape
+        if self.fisher_type == "ggn":
+            eye = torch.eye(k, device=f.device, dtype=f.dtype)
+            return [(eye[c].expand(B, k), 1.0) for c in range(k)]
+        if self.fisher_type == "ef":
+            r = f.detach().to(self.factor_dtype()) - y.to(device=f.device, dtype=self.factor_dtype())
+            return [(r.to(f.dtype), 2.0)]
+        dtype = self.factor_dtype()
+        return [
+            (torch.randn(f.shape, generator=self.generator, device=f.device, dtype=dtype).to(f.dtype),
+             1.0 / self.mc_samples)
+            for _ in range(self.mc_samples)
+        ]
+
     def output_gradients(
         self, f: torch.Tensor, outputs: list[torch.Tensor], probes: list[torch.Tensor]
     ) -> list[list[torch.Tensor]]:
@@ -204,8 +263,9 @@ class LoRAKFAC(CurvatureInterface):
     # ------------------------------------------------------------------ capture
     @contextlib.contextmanager
     def recording(self) -> Iterator[ModuleRecorder]:
-        """Record the inputs and outputs of the blocks' modules while in this context."""
-        with ModuleRecorder(self.modules) as rec:
+        """Record the blocks' modules' inputs, outputs and call layouts while in this context."""
+        model = self.model
+        with ModuleRecorder(self.modules, lambda: getattr(model, "call_layout", None)) as rec:
             yield rec
 
     def kron(
@@ -242,18 +302,30 @@ class LoRAKFAC(CurvatureInterface):
         self._check_shared(kron, classes)
         a_done: set[int] = set()  # input factors already given this batch (shared ones)
         for b, F in zip(self.blocks, kron.kfacs):
+            calls = per_module.get(b.module_name, [])
             add_a = b.kind == "weight" and id(F[1]) not in a_done
-            if add_a and per_module.get(b.module_name):
+            if add_a and calls:
                 a_done.add(id(F[1]))
-            for a, gs in per_module.get(b.module_name, []):
-                g_cols = torch.cat(
-                    [self._g_columns(g, mask, dtype) * math.sqrt(w) for g, w in zip(gs, weights)],
-                    dim=0,
+            layouts = _has_layouts(calls)
+            if layouts:  # columns of A come ready: T_n needs every call of the batch
+                columns = self._layout_columns(calls, N, weights, dtype, f.shape[0])
+            else:
+                columns = (
+                    (
+                        torch.cat(
+                            [self._g_columns(g, mask, dtype) * math.sqrt(w)
+                             for g, w in zip(gs, weights)],
+                            dim=0,
+                        ),
+                        a,
+                    )
+                    for a, gs, _ in calls
                 )
+            for g_cols, a in columns:
                 bad |= ~torch.isfinite(g_cols).all()
                 _accumulate(F[0], g_cols)
                 if add_a:
-                    a_cols = self._a_columns(a, mask, N, dtype)
+                    a_cols = a if layouts else self._a_columns(a, mask, N, dtype)
                     bad |= ~torch.isfinite(a_cols).all()
                     _accumulate(F[1], a_cols)
         if bool(bad):
@@ -278,7 +350,7 @@ class LoRAKFAC(CurvatureInterface):
             calls = per_module.get(b.module_name)
             if b.kind != "weight" or not calls:
                 continue
-            inputs = [a for a, _ in calls]
+            inputs = [(a, layout) for a, _, layout in calls]
             siblings = reps.setdefault(_parent_layer(b), [])
             for j, theirs in siblings:
                 if _same_inputs(inputs, theirs):
@@ -325,6 +397,41 @@ class LoRAKFAC(CurvatureInterface):
             return (g * m.unsqueeze(-1)).sum(1)
         return g[m.bool()]
 
+    def _layout_columns(self, calls, N, weights, dtype, n_examples):
+        """``(G columns, A columns)`` of one module's calls that carry layouts.
+
+        An example's positions are the real positions of its rows in every call;
+        ``T_n`` counts them (see the module docstring). ``expand`` yields one pair per
+        call, ``reduce`` one pair for the batch (per-example sums need every call).
+        """
+        parts = [_layout_positions(a, gs, layout, dtype) for a, gs, layout in calls]
+        device = parts[0][0].device
+        T = torch.zeros(n_examples, device=device, dtype=dtype)
+        for _, _, m, example in parts:
+            T.index_add_(0, example, m.sum(1))
+        scale = (T.clamp(min=1) * N).sqrt()
+        if self.kfac_approx == "expand":
+            out = []
+            for a, gs, m, example in parts:
+                keep = m.bool()
+                g_cols = torch.cat([g[keep] * math.sqrt(w) for g, w in zip(gs, weights)], 0)
+                a_cols = (a * (m / scale[example].unsqueeze(-1)).unsqueeze(-1))[keep]
+                out.append((g_cols, a_cols))
+            return out
+        keep = T > 0
+        a_sum = torch.zeros(n_examples, parts[0][0].shape[-1], device=device, dtype=dtype)
+        g_sums = [
+            torch.zeros(n_examples, parts[0][1][0].shape[-1], device=device, dtype=dtype)
+            for _ in weights
+        ]
+        for a, gs, m, example in parts:
+            a_sum.index_add_(0, example, (a * m.unsqueeze(-1)).sum(1))
+            for g_sum, g in zip(g_sums, gs):
+                g_sum.index_add_(0, example, (g * m.unsqueeze(-1)).sum(1))
+        a_cols = (a_sum / (T.clamp(min=1) * math.sqrt(N)).unsqueeze(-1))[keep]
+        g_cols = torch.cat([g_sum[keep] * math.sqrt(w) for g_sum, w in zip(g_sums, weights)], 0)
+        return [(g_cols, a_cols)]
+
     # --------------------------------------------------------------- predictive
     def glm_moments(
         self, x: Any, precision, joint: bool = False
@@ -347,8 +454,9 @@ class LoRAKFAC(CurvatureInterface):
         Returns
         -------
         (f_mu, f_var) : ``(B, C)`` and ``(B, C, C)`` (or ``(B·C, B·C)``), or ``None``
-            when a hooked module saw another batch size than the logits (the caller
-            then falls back to explicit Jacobians).
+            when a hooked module without a call layout saw another batch size than
+            the logits (the caller then falls back to explicit Jacobians). Calls with a
+            layout add each row's Jacobian to its example's.
         """
         dtype = precision.deltas.dtype
         with torch.enable_grad(), self.recording() as rec:
@@ -357,7 +465,11 @@ class LoRAKFAC(CurvatureInterface):
             eye = torch.eye(C, device=f.device, dtype=f.dtype)
             outputs = rec.outputs()
             grads = self.output_gradients(f, outputs, [eye[c].expand(B, C) for c in range(C)])
-        if any(a.shape[0] != B for calls in rec.calls.values() for a, _ in calls):
+        if any(
+            a.shape[0] != B and layout is None
+            for calls in rec.calls.values()
+            for a, _, layout in calls
+        ):
             return None
         mask = sequence_mask(x)
         per_module = _per_module_calls(rec, grads)
@@ -367,11 +479,19 @@ class LoRAKFAC(CurvatureInterface):
             f_var = torch.zeros(B, C, C, device=f.device, dtype=dtype)
         for b, pb in zip(self.blocks, precision._blocks()):
             J = None
-            for a, gs in per_module.get(b.module_name, []):
-                a, m = as_positions(a.to(dtype), mask)
-                g = torch.stack([as_positions(gc.to(dtype), mask)[0] for gc in gs], 1)
-                g = g * m[:, None, :, None]  # (B, C, T, d_out), padding dropped
+            for a, gs, layout in per_module.get(b.module_name, []):
+                if layout is None:
+                    a, m = as_positions(a.to(dtype), mask)
+                    g = torch.stack([as_positions(gc.to(dtype), mask)[0] for gc in gs], 1)
+                else:
+                    a, g, m, example = _layout_positions(a, gs, layout, dtype)
+                    g = torch.stack(g, 1)
+                g = g * m[:, None, :, None]  # (rows, C, T, d_out), padding dropped
                 Jc = torch.einsum("bctd,bte->bcde", g, a) if b.kind == "weight" else g.sum(2)
+                if layout is not None:  # rows to their examples (B·C rows → B)
+                    Jc = torch.zeros(B, *Jc.shape[1:], device=Jc.device, dtype=Jc.dtype).index_add_(
+                        0, example, Jc
+                    )
                 J = Jc if J is None else J + Jc
             if J is None:  # the module did not act on this batch: zero Jacobian
                 continue
@@ -401,16 +521,16 @@ class LoRAKFAC(CurvatureInterface):
 
 
 def _per_module_calls(rec: ModuleRecorder, grads: list[list[torch.Tensor]]):
-    """Group the recorded inputs and probe gradients by module.
+    """Group the recorded inputs, probe gradients and call layouts by module.
 
-    Returns ``{module: [(input, [gradient of each probe]), ...]}``; ``grads`` follow
-    ``rec.outputs()``, i.e. module by module, call by call.
+    Returns ``{module: [(input, [gradient of each probe], layout), ...]}``; ``grads``
+    follow ``rec.outputs()``, i.e. module by module, call by call.
     """
     j = 0
-    per_module: dict[str, list[tuple[torch.Tensor, list[torch.Tensor]]]] = {}
+    per_module: dict[str, list[tuple[torch.Tensor, list[torch.Tensor], Any]]] = {}
     for name, calls in rec.calls.items():
-        for a, _ in calls:
-            per_module.setdefault(name, []).append((a, [g[j] for g in grads]))
+        for a, _, layout in calls:
+            per_module.setdefault(name, []).append((a, [g[j] for g in grads], layout))
             j += 1
     return per_module
 
@@ -420,16 +540,26 @@ def _tensor_identity(t: torch.Tensor) -> tuple:
     return (t.device, t.dtype, t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
 
 
-def _same_inputs(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    """Whether two modules' inputs, call by call, are the same tensors or equal ones."""
+def _same_tensor(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return _tensor_identity(x) == _tensor_identity(y) or (
+        x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y)
+    )
+
+
+def _same_inputs(a: list, b: list) -> bool:
+    """Whether two modules' ``(input, layout)`` calls are the same tensors or equal ones."""
     if len(a) != len(b):
         return False
-    return all(
-        _tensor_identity(x) == _tensor_identity(y)
-        or (x.shape == y.shape and x.dtype == y.dtype and x.device == y.device
-            and torch.equal(x, y))
-        for x, y in zip(a, b)
-    )
+    for (x, lx), (y, ly) in zip(a, b):
+        if not _same_tensor(x, y):
+            return False
+        if (lx is None) != (ly is None):
+            return False
+        if lx is not None and lx is not ly and not (
+            _same_tensor(lx.mask, ly.mask) and _same_tensor(lx.example, ly.example)
+        ):
+            return False
+    return True
 
 
 def _parent_layer(block: KronBlock) -> str:
@@ -438,6 +568,35 @@ def _parent_layer(block: KronBlock) -> str:
     if block.role in ("lora_A", "lora_B"):
         layer = layer.rsplit("." + block.role, 1)[0]
     return layer.rpartition(".")[0]
+
+
+def _has_layouts(calls) -> bool:
+    """Whether a module's calls carry layouts; all of them or none must."""
+    flags = {layout is not None for _, _, layout in calls}
+    if len(flags) > 1:
+        raise ValueError(
+            "Some calls of a LoRA module carried a call_layout and others did not: a model "
+            "that sets `call_layout` must set it around every call of its LoRA modules."
+        )
+    return flags == {True}
+
+
+def _layout_positions(a, gs, layout: CallLayout, dtype):
+    """Return the positions of one call with a layout.
+
+    That is ``a (R, T, d_in)``, ``[g (R, T, d_out)]``, mask ``(R, T)`` and example ``(R,)``.
+    """
+    a = a.to(dtype)
+    a = a.unsqueeze(1) if a.ndim == 2 else a.reshape(a.shape[0], -1, a.shape[-1])
+    if tuple(layout.mask.shape) != tuple(a.shape[:2]) or layout.example.shape != a.shape[:1]:
+        raise ValueError(
+            f"A call_layout of mask {tuple(layout.mask.shape)} and {layout.example.shape[0]} "
+            f"rows does not fit a module call on {tuple(a.shape[:2])} positions; the model "
+            "must describe exactly the calls it runs."
+        )
+    gs = [g.to(dtype).reshape(a.shape[0], a.shape[1], g.shape[-1]) for g in gs]
+    m = layout.mask.to(device=a.device, dtype=dtype)
+    return a, gs, m, layout.example.to(a.device)
 
 
 def _accumulate(F, cols: torch.Tensor) -> None:

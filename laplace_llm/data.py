@@ -4,9 +4,19 @@ Record kinds (one JSON object per line of a ``.jsonl`` file; extra keys are kept
 
 * ``"mcqa"``: ``{"question": str, "choices": [str, ...], "answer": int | "A" | "B" ...}``;
   ``answer`` is normalised to the 0-based index of the correct choice.
-* ``"text"``: ``{"text": str, "label": int}``, a labelled text (classification) or, without
-  ``label`` in a :class:`LLMDataset`, a text to score with a reward model.
+* ``"text"``: ``{"text": str, "label": int | str}``, a labelled text (classification) or,
+  without ``label`` in a :class:`LLMDataset`, a text to score with a reward model. A
+  string label names one of the answer strings (:func:`label_indices` turns it into an
+  index).
+
+Answers that are text (scored by :class:`~laplace_llm.CandidateScorer`): an ``"mcqa"``
+record's ``choices`` are then the candidates themselves, not lettered options;
+:class:`CandidateDataset` and :func:`collate_candidates` build batches that carry each
+question's candidates (``candidate_ids``, ``candidate_attention_mask``, ``(batch, C, L)``,
+and ``candidate_mask`` ``(batch, C)`` when questions have fewer than C candidates).
 * ``"preference"``: ``{"prompt": str, "chosen": str, "rejected": str}``, a reward-model pair.
+* ``"scores"``: ``{"text": str, "target": float | [float, ...]}``, a text with ``k`` real
+  targets for ``likelihood="regression"`` (a ``num_labels=k`` regression head).
 
 Batch format (what :func:`collate` returns and :class:`~laplace_llm.LLMClassifier` takes):
 a dict of LongTensors
@@ -15,7 +25,8 @@ a dict of LongTensors
   pairs; padding uses the tokenizer's pad id and padding side, mask 0 on padding;
 * ``token_type_ids``: same shape, only for tokenizers that produce them (BERT);
 * ``labels``: ``(batch,)``, the class index; for pairs the index (0 or 1) of the chosen
-  sequence, as laplace-torch's ``likelihood="reward_modeling"`` expects.
+  sequence, as laplace-torch's ``likelihood="reward_modeling"`` expects; for ``"scores"``
+  a float tensor ``(batch, k)``.
 """
 
 from __future__ import annotations
@@ -32,10 +43,15 @@ from torch.utils.data import DataLoader, Dataset
 __all__ = [
     "DEFAULT_MCQA_TEMPLATE",
     "DEFAULT_PAIR_TEMPLATE",
+    "DEFAULT_TEXT_ANSWER_TEMPLATE",
     "KINDS",
+    "CandidateDataset",
     "LLMDataset",
     "check_tokenizer",
     "collate",
+    "collate_candidates",
+    "label_indices",
+    "make_candidate_loader",
     "format_mcqa_prompt",
     "make_loader",
     "mcqa_choices",
@@ -44,7 +60,7 @@ __all__ = [
 ]
 
 #: Record kinds understood by :func:`read_jsonl` and :class:`LLMDataset`.
-KINDS = ("mcqa", "text", "preference")
+KINDS = ("mcqa", "text", "preference", "scores")
 
 #: Default prompt of a multiple-choice question; ``{options}`` becomes "A. …\nB. …".
 DEFAULT_MCQA_TEMPLATE = "{question}\n{options}\nAnswer:"
@@ -71,6 +87,7 @@ def _check_record(record: Any, kind: str) -> dict:
         "mcqa": ("question", "choices", "answer"),
         "text": ("text", "label"),
         "preference": ("prompt", "chosen", "rejected"),
+        "scores": ("text", "target"),
     }[kind]
     missing = [key for key in required if key not in record]
     if missing:
@@ -88,8 +105,22 @@ def _check_record(record: Any, kind: str) -> dict:
     elif kind == "text":
         if not isinstance(record["text"], str):
             raise ValueError(f"'text' must be a string, got {record['text']!r}")
-        if not _is_int(record["label"]) or record["label"] < 0:
-            raise ValueError(f"'label' must be a non-negative integer, got {record['label']!r}")
+        label = record["label"]
+        if not (isinstance(label, str) and label.strip()) and not (_is_int(label) and label >= 0):
+            raise ValueError(
+                f"'label' must be a non-negative integer or a label string, got {label!r}"
+            )
+    elif kind == "scores":
+        if not isinstance(record["text"], str):
+            raise ValueError(f"'text' must be a string, got {record['text']!r}")
+        target = record["target"]
+        target = target if isinstance(target, list) else [target]
+        if not target or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and t == t and abs(t) != float("inf")
+            for t in target
+        ):
+            raise ValueError(f"'target' must be a finite number or a list of them, got {record['target']!r}")
+        out["target"] = [float(t) for t in target]
     else:
         for key in required:
             if not isinstance(record[key], str):
@@ -287,6 +318,16 @@ class LLMDataset(Dataset):
         elif kind == "text":
             self.texts = [r["text"] for r in records]
             self.labels = None if unlabelled else [r["label"] for r in records]
+            if self.labels is not None and not all(_is_int(y) for y in self.labels):
+                raise ValueError(
+                    "some labels are strings: turn them into class indices with "
+                    "laplace_llm.data.label_indices(records, choices) first."
+                )
+        elif kind == "scores":
+            self.texts = [r["text"] for r in records]
+            self.labels = [r["target"] for r in records]
+            if len({len(t) for t in self.labels}) > 1:
+                raise ValueError("every 'target' must have the same number of values")
         else:
             template = DEFAULT_PAIR_TEMPLATE if template is None else template
             for field in ("{prompt}", "{response}"):
@@ -381,7 +422,9 @@ def collate(items: Sequence[Mapping[str, Any]], tokenizer: Any) -> dict[str, tor
     if pairs:
         batch = {key: value.reshape(len(items), 2, length) for key, value in batch.items()}
     if "label" in items[0]:
-        batch["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
+        regression = isinstance(items[0]["label"], list)  # "scores": (batch, k) floats
+        dtype = torch.float32 if regression else torch.long
+        batch["labels"] = torch.tensor([it["label"] for it in items], dtype=dtype)
     return batch
 
 
@@ -428,6 +471,208 @@ def make_loader(
     )
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=_Collator(tokenizer)
+    )
+
+
+# ------------------------------------------------------------ text answers
+#: Default prompt of a question whose answers are scored as text (no lettered options).
+DEFAULT_TEXT_ANSWER_TEMPLATE = "{question}\nAnswer:"
+
+
+def label_indices(records: Sequence[Mapping[str, Any]], choices: Sequence[str]) -> list[dict]:
+    """Return copies of ``"text"`` records whose string labels are replaced by their index.
+
+    A label matches the choice equal to it after stripping surrounding spaces
+    (``"very negative"`` names the choice ``" very negative"``); integer labels stay.
+
+    Raises
+    ------
+    ValueError
+        A string label that names no choice (the message lists them).
+    """
+    names = {c.strip(): i for i, c in enumerate(choices)}
+    out = []
+    for number, record in enumerate(records):
+        label = record.get("label")
+        if isinstance(label, str):
+            if label.strip() not in names:
+                raise ValueError(
+                    f"record {number}: label {label!r} is none of the choices "
+                    f"{[c.strip() for c in choices]}; use one of them or its index."
+                )
+            record = {**record, "label": names[label.strip()]}
+        out.append(record)
+    return out
+
+
+class CandidateDataset(Dataset):
+    r"""Questions whose answers are texts: the prompt and each question's own candidates.
+
+    Parameters
+    ----------
+    items : sequence of dict
+        ``"mcqa"`` records; ``choices`` are the candidate answers, ``answer`` the index
+        (or letter) of the right one.
+    tokenizer : PreTrainedTokenizerBase
+        Must have a pad token and a padding side.
+    template : str, optional
+        Prompt with the field ``{question}`` (default
+        :data:`DEFAULT_TEXT_ANSWER_TEMPLATE`, ``"{question}\nAnswer:"``).
+    answer_prefix : str, default " "
+        Put before every candidate so that it continues the prompt as a word would.
+    max_length : int, optional
+        Prompts keep their last ``max_length`` tokens.
+    add_special_tokens : bool, default True
+        For the prompt (candidates never get special tokens).
+
+    Attributes
+    ----------
+    n_candidates : int
+        The largest number of candidates of a question: the C of the classifier.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[Mapping[str, Any]],
+        tokenizer: Any,
+        template: str | None = None,
+        answer_prefix: str = " ",
+        max_length: int | None = None,
+        add_special_tokens: bool = True,
+    ):
+        check_tokenizer(tokenizer)
+        template = DEFAULT_TEXT_ANSWER_TEMPLATE if template is None else template
+        if "{question}" not in template:
+            raise ValueError(f"template {template!r} lacks the field {{question}}")
+        if max_length is not None and (not _is_int(max_length) or max_length < 1):
+            raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+        self.tokenizer = tokenizer
+        self.items = []
+        for index, item in enumerate(items):
+            try:
+                record = _check_record(dict(item), "mcqa")
+            except ValueError as err:
+                raise ValueError(f"item {index}: {err}") from None
+            prompt = list(tokenizer(
+                template.format(question=record["question"]),
+                add_special_tokens=add_special_tokens,
+            )["input_ids"])
+            if max_length is not None:
+                prompt = prompt[-max_length:]
+            candidates = []
+            for c, choice in enumerate(record["choices"]):
+                ids = list(tokenizer.encode(answer_prefix + choice, add_special_tokens=False))
+                if not ids:
+                    raise ValueError(
+                        f"item {index}: choice {c} ({choice!r}) encodes to no token; every "
+                        "answer needs at least one."
+                    )
+                candidates.append(ids)
+            self.items.append(
+                {"encoded": {"input_ids": prompt}, "candidates": candidates,
+                 "label": record["answer"]}
+            )
+        self.n_candidates = max((len(it["candidates"]) for it in self.items), default=0)
+
+    def __len__(self) -> int:
+        """Return the number of questions."""
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Return question ``index``: its prompt and candidates as token ids."""
+        return self.items[index]
+
+
+def collate_candidates(
+    items: Sequence[Mapping[str, Any]], tokenizer: Any, n_candidates: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Pad :class:`CandidateDataset` items into a batch for :class:`~laplace_llm.CandidateScorer`.
+
+    Parameters
+    ----------
+    items : sequence of dict
+        ``{"encoded": {"input_ids": [...]}, "candidates": [[...], ...], "label": int}``.
+    tokenizer : PreTrainedTokenizerBase
+        Gives the pad id and the prompts' padding side.
+    n_candidates : int, optional
+        Pad every question to this C, marking the added candidates missing in
+        ``candidate_mask``; ``None`` requires every question to have the same C.
+
+    Returns
+    -------
+    dict of torch.Tensor
+        ``input_ids``, ``attention_mask`` ``(B, T)``; ``candidate_ids``,
+        ``candidate_attention_mask`` ``(B, C, L)`` (right-padded); ``candidate_mask``
+        ``(B, C)`` when ``n_candidates`` is given; ``labels`` ``(B,)``.
+
+    Raises
+    ------
+    ValueError
+        Questions with different numbers of candidates and no ``n_candidates``, or more
+        candidates than ``n_candidates``.
+    """
+    batch = collate([{"encoded": it["encoded"]} for it in items], tokenizer)
+    counts = [len(it["candidates"]) for it in items]
+    if n_candidates is None:
+        if len(set(counts)) > 1:
+            raise ValueError(
+                f"the questions of this batch have {sorted(set(counts))} candidates: pass "
+                "n_candidates (the largest C) to pad them with a candidate_mask, so that the "
+                "missing ones get probability 0."
+            )
+        C = counts[0]
+    else:
+        C = n_candidates
+        if max(counts) > C:
+            raise ValueError(f"a question has {max(counts)} candidates, more than n_candidates={C}")
+    L = max(len(c) for it in items for c in it["candidates"])
+    ids = torch.full((len(items), C, L), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(items), C, L, dtype=torch.long)
+    for b, it in enumerate(items):
+        for c, tokens in enumerate(it["candidates"]):
+            ids[b, c, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
+            mask[b, c, : len(tokens)] = 1
+    batch.update(candidate_ids=ids, candidate_attention_mask=mask)
+    if n_candidates is not None:
+        present = torch.zeros(len(items), C, dtype=torch.long)
+        for b, count in enumerate(counts):
+            present[b, :count] = 1
+        batch["candidate_mask"] = present
+    if "label" in items[0]:
+        batch["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
+    return batch
+
+
+class _CandidateCollator:
+    """Picklable :func:`collate_candidates` with a fixed C."""
+
+    def __init__(self, tokenizer: Any, n_candidates: int | None):
+        self.tokenizer = tokenizer
+        self.n_candidates = n_candidates
+
+    def __call__(self, items):
+        return collate_candidates(items, self.tokenizer, self.n_candidates)
+
+
+def make_candidate_loader(
+    items: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    batch_size: int,
+    n_candidates: int | None = None,
+    shuffle: bool = False,
+    **dataset_kwargs: Any,
+) -> DataLoader:
+    """Return a ``DataLoader`` of :func:`collate_candidates` batches over ``"mcqa"`` records.
+
+    ``n_candidates`` defaults to the largest number of choices of a record, so questions
+    with fewer are padded with missing candidates; ``dataset_kwargs`` go to
+    :class:`CandidateDataset` (``template``, ``answer_prefix``, ``max_length``, …).
+    """
+    dataset = CandidateDataset(items, tokenizer, **dataset_kwargs)
+    C = dataset.n_candidates if n_candidates is None else n_candidates
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle,
+        collate_fn=_CandidateCollator(tokenizer, C),
     )
 
 

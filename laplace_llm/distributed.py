@@ -58,6 +58,10 @@ def all_reduce_kron(kron: LowRankKron, group=None) -> LowRankKron:
             padded[:, : f.root.shape[1]] = f.root
             roots = [torch.empty_like(padded) for _ in range(world)]
             dist.all_gather(roots, padded, group=group)
-            F[j] = LowRankFactor(compress_root(torch.cat(roots, 1), f.rank), f.rank, f.chunk)
+            trace = f.exact_trace
+            if trace is not None:  # the exact traces add up (low-rank diagnostics)
+                trace = trace.clone()
+                dist.all_reduce(trace, op=dist.ReduceOp.SUM, group=group)
+            F[j] = LowRankFactor(compress_root(torch.cat(roots, 1), f.rank), f.rank, f.chunk, trace)
             done[id(f)] = F[j]
     return kron

@@ -25,8 +25,9 @@ from torch.utils.data import DataLoader
 from laplace_llm import serialization
 from laplace_llm.curvature import LoRAKFAC
 from laplace_llm.discovery import find_blocks
-from laplace_llm.errors import PosteriorFileError
+from laplace_llm.errors import LoRAModelError, PosteriorFileError
 from laplace_llm.matrix import LowRankKron, LowRankKronDecomposed, factor_dtype
+from laplace_llm.module_selection import restrict_to_blocks, select_blocks
 from laplace_llm.options import KFACOptions, check_int, expose_options
 from laplace_llm.validation import check_batch, loader_size
 
@@ -50,7 +51,9 @@ class LoRALaplace(KronLaplace):
     ----------
     model : nn.Module
         returns logits ``(batch, C)`` for a batch, e.g. :class:`laplace_llm.LLMClassifier`.
-    likelihood : {"classification", "reward_modeling"}
+    likelihood : {"classification", "reward_modeling", "regression"}
+        ``"regression"``: ``k`` real outputs with Gaussian noise ``sigma_noise``
+        (targets ``(batch, k)`` floats; see :mod:`laplace_llm.regression`).
     sigma_noise, prior_precision, prior_mean, temperature, enable_backprop, dict_key_x, dict_key_y, damping, asdl_fisher_kwargs
         as laplace-torch's ``KronLaplace``.
     backend : type, optional
@@ -64,6 +67,10 @@ class LoRALaplace(KronLaplace):
         GLM predictive from hooked activations and ``C`` backward passes (no
         parameter-long Jacobian); ``False`` uses laplace-torch's ``torch.func``
         Jacobians. ``enable_backprop=True`` always uses the latter.
+    lora_modules : list of str or str, optional
+        layer names or glob patterns of the Bayesian LoRA layers (see
+        :mod:`laplace_llm.module_selection`; ``["lm_head"]`` is last-layer LoRA
+        Laplace); the others stay at their MAP values. ``None``: every LoRA layer.
     options : KFACOptions, optional
         the K-FAC options as one object; default ``KFACOptions(**kfac_options)``.
     **kfac_options
@@ -94,6 +101,7 @@ class LoRALaplace(KronLaplace):
         *,
         seed: int | None = None,
         jacobian_free: bool = True,
+        lora_modules: list[str] | str | None = None,
         options: KFACOptions | None = None,
         **kfac_options: Any,
     ):
@@ -101,30 +109,34 @@ class LoRALaplace(KronLaplace):
         if unknown:
             raise TypeError(
                 f"LoRALaplace got unexpected keyword arguments {unknown}; its own options are "
-                f"{list(KFACOptions.names())}, seed and jacobian_free, besides KronLaplace's."
+                f"{list(KFACOptions.names())}, seed, jacobian_free and lora_modules, besides "
+                "KronLaplace's."
             )
         self.options = options if options is not None else KFACOptions(**kfac_options)
         self.seed = None if seed is None else check_int("seed", seed, 0)
         self.jacobian_free = bool(jacobian_free)
-        if likelihood not in ("classification", "reward_modeling"):
+        if likelihood not in ("classification", "reward_modeling", "regression"):
             raise ValueError(
-                "LoRALaplace supports likelihood='classification' (selected logits) and "
-                f"'reward_modeling'; got {likelihood!r}."
+                "LoRALaplace supports likelihood='classification' (selected logits), "
+                f"'reward_modeling' and 'regression'; got {likelihood!r}."
             )
         if backend is not None and not (isinstance(backend, type) and issubclass(backend, LoRAKFAC)):
             raise ValueError(
                 "subset_of_weights='lora' computes its curvature with laplace_llm.LoRAKFAC; "
                 f"got backend={backend!r}. Leave `backend` unset."
             )
-        self.blocks = find_blocks(model)
+        self.lora_modules = None if lora_modules is None else list(
+            [lora_modules] if isinstance(lora_modules, str) else lora_modules
+        )
+        self.blocks = select_blocks(find_blocks(model), self.lora_modules)
         backend_kwargs = dict(backend_kwargs or {})
         backend_kwargs.update(options=self.options, blocks=self.blocks)
         super().__init__(
             model,
             likelihood,
             sigma_noise=sigma_noise,
-            prior_precision=prior_precision,
-            prior_mean=prior_mean,
+            prior_precision=1.0,
+            prior_mean=0.0,
             temperature=temperature,
             enable_backprop=enable_backprop,
             dict_key_x=dict_key_x,
@@ -134,6 +146,8 @@ class LoRALaplace(KronLaplace):
             backend_kwargs=backend_kwargs,
             asdl_fisher_kwargs=asdl_fisher_kwargs,
         )
+        # the prior refers to the selected blocks (lora_modules), set once they are known
+        restrict_to_blocks(self, self.blocks, prior_precision, prior_mean)
 
     # ------------------------------------------------------------ dtype/device
     @property
@@ -260,7 +274,8 @@ class LoRALaplace(KronLaplace):
                 if n_outputs is None:
                     n_outputs = self._n_outputs_of(data)
                 X, y = check_batch(
-                    data, i, n_outputs, self._device, self.dict_key_x, self.dict_key_y
+                    data, i, n_outputs, self._device, self.dict_key_x, self.dict_key_y,
+                    likelihood=self.likelihood, dtype=self._dtype,
                 )
                 if H_new is None:
                     H_new = backend.empty_kron()
@@ -330,6 +345,18 @@ class LoRALaplace(KronLaplace):
         self._check_H_init()
         return self.H_facs.nbytes() + self.H.nbytes()
 
+    def low_rank_report(self, n_leading: int = 5) -> list:
+        """Report how much of each large factor the rank ``n_kfac`` keeps.
+
+        Per large factor: the share of its exact trace kept at ``n_kfac``, its leading
+        eigenvalues and the ranks that would keep 90% / 99% (a list of
+        :class:`laplace_llm.diagnostics.FactorReport`; definitions there).
+        """
+        from laplace_llm.diagnostics import low_rank_report
+
+        self._check_H_init()
+        return low_rank_report(self.H_facs, self.blocks, n_leading)
+
     # ------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
         """laplace-torch's state plus the curvature factors, options and LoRA blocks.
@@ -345,6 +372,8 @@ class LoRALaplace(KronLaplace):
         state["damping"] = bool(self.damping)
         state["dict_key_x"] = self.dict_key_x
         state["dict_key_y"] = self.dict_key_y
+        state["hessian_structure"] = self._key[1]
+        state["lora_modules"] = self.lora_modules
         state["block_names"] = [b.name for b in self.blocks]
         state["block_shapes"] = [list(b.shape) for b in self.blocks]
         return state
@@ -365,6 +394,20 @@ class LoRALaplace(KronLaplace):
             the state was fitted on other LoRA blocks (names or shapes), or, with
             ``check_weights``, on other LoRA weights.
         """
+        self._check_state(state_dict, check_weights)
+        ParametricLaplace.load_state_dict(self, state_dict)
+        device = self._device
+        self.mean = self.mean.to(device)
+        self.prior_mean = self.prior_mean.to(device)
+        self.prior_precision = self.prior_precision.to(device)
+        self.loss = torch.as_tensor(self.loss, dtype=self._dtype)
+        self.H_facs = LowRankKron.from_state(
+            state_dict["H"], devices=[b.module.weight.device for b in self.blocks]
+        )
+        self.H = self.H_facs.decompose(damping=self.damping)
+
+    def _check_state(self, state_dict: dict[str, Any], check_weights: bool) -> None:
+        """Refuse a state fitted on other LoRA blocks (or, if asked, other weights)."""
         names = [b.name for b in self.blocks]
         shapes = [list(b.shape) for b in self.blocks]
         theirs = state_dict.get("block_names")
@@ -390,16 +433,6 @@ class LoRALaplace(KronLaplace):
                     "(same blocks, different values): load the adapter it was fitted on, or "
                     "pass check_weights=False if you changed the weights on purpose."
                 )
-        ParametricLaplace.load_state_dict(self, state_dict)
-        device = self._device
-        self.mean = self.mean.to(device)
-        self.prior_mean = self.prior_mean.to(device)
-        self.prior_precision = self.prior_precision.to(device)
-        self.loss = torch.as_tensor(self.loss, dtype=self._dtype)
-        self.H_facs = LowRankKron.from_state(
-            state_dict["H"], devices=[b.module.weight.device for b in self.blocks]
-        )
-        self.H = self.H_facs.decompose(damping=self.damping)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the fitted posterior to a safetensors file (no pickle).
@@ -414,7 +447,10 @@ class LoRALaplace(KronLaplace):
     ) -> LoRALaplace:
         """Read a posterior written by :meth:`save` for ``model``.
 
-        The posterior is built with the file's options, then :meth:`load_state_dict`.
+        The posterior is built with the file's options, as the class of its
+        ``hessian_structure`` (:class:`LoRALaplace`, :class:`~laplace_llm.LoRADiagLaplace`
+        or :class:`~laplace_llm.LoRAFullLaplace`, whichever class ``load`` is called on),
+        then :meth:`load_state_dict`.
 
         Parameters
         ----------
@@ -434,21 +470,38 @@ class LoRALaplace(KronLaplace):
             weights.
         """
         state = serialization.read_state(path)
-        options = {**state["options"], **kwargs}
-        la = cls(
-            model,
-            state["likelihood"],
-            temperature=state["temperature"],
-            damping=state["damping"],
-            dict_key_x=state["dict_key_x"],
-            dict_key_y=state["dict_key_y"],
-            **options,
-        )
+        structure = state["hessian_structure"]
+        la_cls = _lora_class(structure)
+        if la_cls is None:
+            raise PosteriorFileError(
+                f"'{path}' holds a hessian_structure={structure!r} posterior, which this "
+                "laplace-llm does not know; read it with the release that wrote it."
+            )
+        arguments = {**la_cls._load_arguments(state), **kwargs}
+        try:
+            la = la_cls(model, state["likelihood"], **arguments)
+        except LoRAModelError as err:  # e.g. its lora_modules match no layer of this model
+            raise PosteriorFileError(f"'{path}': {err}") from None
         try:
             la.load_state_dict(state, check_weights=check_weights)
         except ValueError as err:
             raise PosteriorFileError(f"'{path}': {err}") from None
         return la
+
+    @classmethod
+    def _load_arguments(cls, state: dict[str, Any]) -> dict[str, Any]:
+        """Return the constructor arguments of :meth:`load` from a state (besides model, likelihood)."""
+        kwargs = {
+            "temperature": state["temperature"],
+            "sigma_noise": state["sigma_noise"],
+            "dict_key_x": state["dict_key_x"],
+            "dict_key_y": state["dict_key_y"],
+            "lora_modules": state["lora_modules"],
+            **state["options"],
+        }
+        if "damping" in state:  # kron only
+            kwargs["damping"] = state["damping"]
+        return kwargs
 
     # ------------------------------------------------------------ predictives
     @torch.enable_grad()
@@ -475,6 +528,42 @@ class LoRALaplace(KronLaplace):
         if not self.enable_backprop:
             return f_mu.detach(), f_var.detach()
         return f_mu, f_var
+
+    def sample_adapters(self, n_samples: int, out_dir, seed: int = 0) -> list:
+        """Write ``n_samples`` posterior draws of the LoRA weights as peft adapter folders.
+
+        ``PeftModel.from_pretrained`` loads them; the draws are those of
+        ``self.sample(n_samples, torch.Generator().manual_seed(seed))``. See
+        :func:`laplace_llm.generation.sample_adapters`.
+        """
+        from laplace_llm.generation import sample_adapters
+
+        return sample_adapters(self, n_samples, out_dir, seed=seed)
+
+    def _glm_functional_samples(
+        self, f_mu, f_var, n_samples, diagonal_output=False, generator=None
+    ):
+        # laplace-torch draws through a Cholesky factor, which a covariance that is only
+        # semi-definite lacks (a missing candidate's constant logit of CandidateScorer has
+        # zero variance); such a batch element is drawn through its eigh square root,
+        # the same Gaussian. Definite covariances take laplace-torch's path unchanged.
+        if diagonal_output or f_var.ndim != 3:
+            return BaseLaplace._glm_functional_samples(
+                self, f_mu, f_var, n_samples, diagonal_output, generator
+            )
+        _, info = torch.linalg.cholesky_ex(f_var)
+        if not bool((info != 0).any()):
+            return BaseLaplace._glm_functional_samples(
+                self, f_mu, f_var, n_samples, False, generator
+            )
+        scale = torch.linalg.cholesky_ex(f_var)[0]
+        bad = info != 0
+        lam, vec = torch.linalg.eigh(f_var[bad])
+        scale[bad] = vec * lam.clamp(min=0).sqrt().unsqueeze(-2)
+        eps = torch.randn(
+            (f_mu.shape[1], n_samples), device=f_mu.device, dtype=f_mu.dtype, generator=generator
+        )
+        return (f_mu.unsqueeze(-1) + scale @ eps).permute(2, 0, 1)
 
     def _set_params(self, vector: torch.Tensor) -> None:
         start = 0
@@ -523,6 +612,7 @@ class LoRALaplace(KronLaplace):
         """Predict as laplace-torch does; a ``generator`` also seeds the Monte-Carlo samples."""
         self._check_H_init()
         self._warn_if_weights_changed()
+        _refuse_bridge_for_missing_candidates(x, pred_type, link_approx)
         classification = self.likelihood == "classification" or (
             self.likelihood == "reward_modeling" and fitting
         )
@@ -543,6 +633,32 @@ class LoRALaplace(KronLaplace):
             x, pred_type, joint, link_approx, n_samples, diagonal_output, generator, fitting,
             **model_kwargs,
         )
+
+
+def _refuse_bridge_for_missing_candidates(x: Any, pred_type: str, link_approx: str) -> None:
+    """Raise ValueError for a bridge link over a batch with missing candidates."""
+    missing = x.get("candidate_mask") if isinstance(x, Mapping) else None
+    if (pred_type == "glm" and str(link_approx).startswith("bridge")
+            and missing is not None and not bool(torch.as_tensor(missing).all())):
+        raise ValueError(
+            f"link_approx={link_approx!r} divides by each logit's variance, which is 0 "
+            "for a missing candidate (candidate_mask 0): use link_approx='probit' or 'mc'."
+        )
+
+
+def _lora_class(structure: str) -> type | None:
+    """Return the Laplace class registered as ``("lora", structure)`` (its ``_key``).
+
+    Found among the subclasses of ``ParametricLaplace``, as laplace-torch's ``Laplace``
+    does, so that this module needs no import of the other structures.
+    """
+    stack = [ParametricLaplace]
+    while stack:
+        c = stack.pop()
+        if c.__dict__.get("_key") == ("lora", structure):
+            return c
+        stack.extend(c.__subclasses__())
+    return None
 
 
 def _first_diff(a: list[str], b: list[str], a_shapes: list, b_shapes: list) -> str:

@@ -130,17 +130,34 @@ class LowRankFactor:
         per column is ``O(d·(rank + chunk)²/chunk + (rank + chunk)³/chunk)``; measured
         on a 2-core CPU at d = 1024, rank 16, the 64-column chunk cut the update time
         to a quarter of a 128-column one (eigh of the small Gram matrix dominates).
+    exact_trace : torch.Tensor, optional
+        trace of the exact (untruncated) factor: a scalar kept up to date by
+        ``append_``, ``+`` and ``*`` (the sum of squared norms of every column ever
+        appended), so that the share of the trace the rank-``k`` root keeps can be
+        reported (:mod:`laplace_llm.diagnostics`). ``None``: unknown (a root built by
+        hand, or read from a file written without traces); :meth:`zeros` starts it at 0.
     """
 
-    def __init__(self, root: torch.Tensor, rank: int, chunk: int | None = None):
+    def __init__(
+        self,
+        root: torch.Tensor,
+        rank: int,
+        chunk: int | None = None,
+        exact_trace: torch.Tensor | None = None,
+    ):
         self.root = root
         self.rank = int(rank)
         self.chunk = int(chunk) if chunk is not None else max(2 * self.rank, 64)
+        self.exact_trace = exact_trace
 
     @classmethod
     def zeros(cls, side: int, rank: int, device=None, dtype=torch.float32) -> LowRankFactor:
-        """Return an empty factor of side ``side`` (a root with no columns)."""
-        return cls(torch.zeros(side, 0, device=device, dtype=dtype), rank)
+        """Return an empty factor of side ``side`` (a root with no columns, exact trace 0)."""
+        return cls(
+            torch.zeros(side, 0, device=device, dtype=dtype),
+            rank,
+            exact_trace=torch.zeros((), device=device, dtype=dtype),
+        )
 
     @property
     def side(self) -> int:
@@ -168,6 +185,8 @@ class LowRankFactor:
     def append_(self, columns: torch.Tensor) -> LowRankFactor:
         """Add ``columns @ columns.T`` in place; ``columns`` is ``(d, c)``."""
         columns = columns.to(dtype=self.dtype, device=self.device)
+        if self.exact_trace is not None:
+            self.exact_trace = self.exact_trace + columns.square().sum()
         step = self.chunk
         for start in range(0, columns.shape[1], step):
             self.root = torch.cat([self.root, columns[:, start : start + step]], dim=1)
@@ -186,11 +205,15 @@ class LowRankFactor:
         if not isinstance(other, LowRankFactor) or other.side != self.side:
             raise ValueError("Can only add a LowRankFactor of the same side.")
         out = LowRankFactor(self.root.clone(), max(self.rank, other.rank), self.chunk)
-        return out.append_(other.root)
+        out.append_(other.root)
+        known = self.exact_trace is not None and other.exact_trace is not None
+        out.exact_trace = self.exact_trace + other.exact_trace if known else None
+        return out
 
     def __mul__(self, scalar: float) -> LowRankFactor:
         """Return the factor scaled by ``scalar ≥ 0`` (the root by its square root)."""
-        return LowRankFactor(self.root * math.sqrt(float(scalar)), self.rank, self.chunk)
+        trace = None if self.exact_trace is None else self.exact_trace * float(scalar)
+        return LowRankFactor(self.root * math.sqrt(float(scalar)), self.rank, self.chunk, trace)
 
     __rmul__ = __mul__
 
@@ -228,6 +251,23 @@ def _factor_dense(f: Factor) -> torch.Tensor:
 
 def _factor_matmul(f: Factor, x: torch.Tensor) -> torch.Tensor:
     return f.matmul(x) if isinstance(f, LowRankFactor) else f @ x
+
+
+def _factor_state(f: Factor) -> dict[str, torch.Tensor | int]:
+    if not isinstance(f, LowRankFactor):
+        return {"dense": f}
+    state = {"root": f.root, "rank": f.rank}
+    if f.exact_trace is not None:  # for low_rank_report() after loading
+        state["exact_trace"] = f.exact_trace.reshape(1)
+    return state
+
+
+def _factor_from_state(f: dict[str, torch.Tensor | int], device) -> Factor:
+    if "root" not in f:
+        return f["dense"].to(device)
+    trace = f.get("exact_trace")
+    trace = None if trace is None else trace.to(device).reshape(())
+    return LowRankFactor(f["root"].to(device), f["rank"], exact_trace=trace)
 
 
 def _factor_scale(f: Factor, c: float) -> Factor:
@@ -359,8 +399,10 @@ class LowRankKron:
         """Plain representation: per block, per factor ``{"dense": F}``, ``{"root": R, "rank": k}``.
 
         or ``{"same_as": [i, j]}`` for a factor shared with factor ``j`` of an earlier block
-        ``i``. Holds tensors and ints only, so ``torch.load(weights_only=True)`` reads it and
-        :mod:`laplace_llm.serialization` maps it to named tensors.
+        ``i``. A low-rank factor whose exact trace is known also holds ``"exact_trace"`` (a
+        ``(1,)`` tensor, see :class:`LowRankFactor`). Holds tensors and ints only, so
+        ``torch.load(weights_only=True)`` reads it and :mod:`laplace_llm.serialization`
+        maps it to named tensors.
         """
         first: dict[int, list[int]] = {}
         state = []
@@ -371,11 +413,7 @@ class LowRankKron:
                     row.append({"same_as": list(first[id(f)])})
                     continue
                 first[id(f)] = [i, j]
-                row.append(
-                    {"root": f.root, "rank": f.rank}
-                    if isinstance(f, LowRankFactor)
-                    else {"dense": f}
-                )
+                row.append(_factor_state(f))
             state.append(row)
         return state
 
@@ -395,10 +433,8 @@ class LowRankKron:
                             "stored factor."
                         )
                     row.append(kfacs[si][sj] if si < i else row[sj])
-                elif "root" in f:
-                    row.append(LowRankFactor(f["root"].to(device), f["rank"]))
                 else:
-                    row.append(f["dense"].to(device))
+                    row.append(_factor_from_state(f, device))
             kfacs.append(row)
         return cls(kfacs)
 

@@ -7,16 +7,21 @@ from the state is :meth:`LoRALaplace.load <laplace_llm.LoRALaplace.load>`.
 File format ``laplace-llm-posterior`` version 1 (a safetensors file):
 
 - tensors ``mean``, ``prior_precision``, ``prior_mean`` and, for block ``i`` factor
-  ``j``, ``H.i.j.dense`` (``d × d``) or ``H.i.j.root`` (``d × m``, ``F = R Rᵀ``);
+  ``j``, ``H.i.j.dense`` (``d × d``) or ``H.i.j.root`` (``d × m``, ``F = R Rᵀ``) with
+  ``H.i.j.exact_trace`` (``(1,)``, the untruncated factor's trace; optional); for
+  ``hessian_structure`` "diag" / "full" (header ``hessian_structure``, absent = "kron")
+  one tensor ``H`` (``(P,)`` / ``(P, P)``);
 - string metadata ``laplace_llm`` holding JSON: format name and version, the options
   (:meth:`KFACOptions.to_dict <laplace_llm.options.KFACOptions.to_dict>`),
-  ``likelihood``, ``temperature``, ``damping``, ``dict_key_x``/``dict_key_y``, the
-  fitted scalars (``loss``, ``n_data``, ``n_outputs``, ``sigma_noise``), the LoRA block
-  names and shapes, the rank of each low-rank factor (``ranks``, keyed ``"i.j"``), the
-  factors stored once for several blocks (``shared``: ``"i.j"`` to the ``[i', j']`` of the
-  stored factor; absent from files of earlier releases), and a
-  SHA-256 of every tensor's bytes. ``sigma_noise``, ``enable_backprop`` and ``cls_name``
-  are absent from files of earlier releases and then take laplace-torch's defaults.
+  ``hessian_structure`` (absent = "kron"), ``lora_modules``, ``likelihood``,
+  ``temperature``, ``damping``, ``dict_key_x``/``dict_key_y``, the fitted scalars
+  (``loss``, ``n_data``, ``n_outputs``, ``sigma_noise``), the LoRA block names and
+  shapes, the rank of each low-rank factor (``ranks``, keyed ``"i.j"``), the factors
+  stored once for several blocks (``shared``: ``"i.j"`` to the ``[i', j']`` of the
+  stored factor), and a SHA-256 of every tensor's bytes. ``sigma_noise``,
+  ``enable_backprop``, ``cls_name``, ``hessian_structure``, ``lora_modules`` and
+  ``shared`` are absent from files of earlier releases and then take their defaults
+  (laplace-torch's, "kron", every LoRA layer, nothing shared).
 
 safetensors parses only its header and raw buffers, so loading executes nothing; a
 truncated file fails its size check and a corrupted one its checksums.
@@ -43,7 +48,13 @@ VERSION = 1
 #: State entries stored as tensors; every other entry but ``H`` goes to the JSON header.
 _TENSORS = ("mean", "prior_precision", "prior_mean")
 #: Header entries that files of earlier releases lack, with the value they then take.
-_DEFAULTS = {"sigma_noise": 1.0, "enable_backprop": False, "cls_name": "LoRALaplace"}
+_DEFAULTS = {
+    "sigma_noise": 1.0,
+    "enable_backprop": False,
+    "cls_name": "LoRALaplace",
+    "hessian_structure": "kron",
+    "lora_modules": None,
+}
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -72,16 +83,19 @@ def write_state(state: dict[str, Any], path: str | os.PathLike) -> None:
         "prior_mean": torch.as_tensor(state["prior_mean"]).detach().reshape(-1),
     }
     ranks, shared = {}, {}
-    for i, F in enumerate(state["H"]):
-        for j, f in enumerate(F):
-            if "same_as" in f:
-                shared[f"{i}.{j}"] = [int(v) for v in f["same_as"]]
-                continue
-            for key, value in f.items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"H.{i}.{j}.{key}"] = value
-                else:
-                    ranks[f"{i}.{j}"] = value
+    if isinstance(state["H"], torch.Tensor):  # diag (P,) or full (P, P)
+        tensors["H"] = state["H"].detach()
+    else:  # LowRankKron.to_state()
+        for i, F in enumerate(state["H"]):
+            for j, f in enumerate(F):
+                if "same_as" in f:
+                    shared[f"{i}.{j}"] = [int(v) for v in f["same_as"]]
+                    continue
+                for key, value in f.items():
+                    if isinstance(value, torch.Tensor):
+                        tensors[f"H.{i}.{j}.{key}"] = value
+                    else:
+                        ranks[f"{i}.{j}"] = value
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     header = {"format": FORMAT, "version": VERSION}
     header.update(
@@ -107,19 +121,35 @@ def read_state(path: str | os.PathLike) -> dict[str, Any]:
     for key in _TENSORS:
         state[key] = tensors[key]
     try:
-        state["H"] = [
-            [
-                {"same_as": shared[f"{i}.{j}"]}
-                if f"{i}.{j}" in shared
-                else {"root": tensors[f"H.{i}.{j}.root"], "rank": header["ranks"][f"{i}.{j}"]}
-                if f"H.{i}.{j}.root" in tensors
-                else {"dense": tensors[f"H.{i}.{j}.dense"]}
-                for j in range(len(shape))
+        if state["hessian_structure"] != "kron":
+            state["H"] = tensors["H"]
+        else:
+            state["H"] = [
+                [
+                    {"same_as": shared[f"{i}.{j}"]}
+                    if f"{i}.{j}" in shared
+                    else _factor_state(tensors, header["ranks"], i, j)
+                    for j in range(len(shape))
+                ]
+                for i, shape in enumerate(header["block_shapes"])
             ]
-            for i, shape in enumerate(header["block_shapes"])
-        ]
     except KeyError as err:
         raise PosteriorFileError(f"'{path}' is corrupted: it lacks {err}.") from None
+    return state
+
+
+def _factor_state(
+    tensors: dict[str, torch.Tensor], ranks: dict[str, int], i: int, j: int
+) -> dict[str, torch.Tensor | int]:
+    """Factor ``j`` of block ``i`` in :meth:`LowRankKron.to_state` form; KeyError if absent."""
+    prefix = f"H.{i}.{j}."
+    state: dict[str, torch.Tensor | int] = {
+        k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)
+    }
+    if "root" in state:
+        state["rank"] = ranks[f"{i}.{j}"]
+    elif "dense" not in state:
+        raise KeyError(prefix + "dense")
     return state
 
 

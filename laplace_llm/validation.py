@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from laplace_llm.regression import check_regression_targets
+
 __all__ = ["loader_size", "check_batch"]
 
 
@@ -45,8 +47,10 @@ def check_batch(
     device: torch.device,
     dict_key_x: str = "input_ids",
     dict_key_y: str = "labels",
+    likelihood: str = "classification",
+    dtype: torch.dtype | None = None,
 ) -> tuple[Any, torch.Tensor]:
-    """Split batch ``i`` into inputs and integer labels, checked against the model.
+    """Split batch ``i`` into inputs and labels (or regression targets), checked against the model.
 
     Parameters
     ----------
@@ -60,20 +64,26 @@ def check_batch(
         the model's device; every tensor of the batch must be on its device type.
     dict_key_x, dict_key_y : str
         keys of the inputs and the labels in dict batches.
+    likelihood : str, default "classification"
+        ``"regression"`` checks real-valued targets ``(batch, n_outputs)``
+        (:func:`laplace_llm.regression.check_regression_targets`); any other likelihood
+        integer labels.
+    dtype : torch.dtype, optional
+        dtype of regression targets (the posterior's); default the targets' own.
 
     Returns
     -------
     X : dict or torch.Tensor
         what the model is called with (the whole dict for dict batches).
     y : torch.Tensor
-        ``(batch,)`` labels on ``device``.
+        ``(batch,)`` labels on ``device``, or ``(batch, n_outputs)`` regression targets.
 
     Raises
     ------
     KeyError
         a dict batch lacks ``dict_key_x`` or ``dict_key_y``.
     TypeError
-        labels that are not integers.
+        labels that are not integers (regression: targets that are not floats).
     ValueError
         a batch on another device, labels of the wrong shape or out of range.
     """
@@ -96,6 +106,10 @@ def check_batch(
                 f"Batch {i} is on {t.device} but the model is on {device}; move the "
                 "batch (or the model) so that both are on the same device."
             )
+    batch_size = x_main.shape[0] if isinstance(x_main, torch.Tensor) else len(x_main)
+    if likelihood == "regression":
+        y = check_regression_targets(y, batch_size, n_outputs, i, device, dtype)
+        return X, y
     if not isinstance(y, torch.Tensor):
         y = torch.as_tensor(y)
     if y.is_floating_point() or y.dtype == torch.bool:
@@ -103,7 +117,6 @@ def check_batch(
             f"Labels of batch {i} have dtype {y.dtype}; classification labels must be "
             "integer class indices (torch.long), not probabilities or floats."
         )
-    batch_size = x_main.shape[0] if isinstance(x_main, torch.Tensor) else len(x_main)
     if y.ndim != 1 or y.shape[0] != batch_size:
         raise ValueError(
             f"Labels of batch {i} have shape {tuple(y.shape)} but the batch has "

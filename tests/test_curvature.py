@@ -217,7 +217,8 @@ def test_shared_input_factor_survives_save_load_and_adding_fits(tmp_path):
 
     header, tensors = read_posterior(tmp_path / "p.safetensors")
     assert len(header["shared"]) == 2 * (2 + 1)  # per layer: k, v (to q) and up (to gate)
-    assert sum(k.startswith("H.") for k in tensors) == sum(len(F) for F in shared.H_facs.kfacs) - 6
+    stored = sum(k.startswith("H.") and k.endswith((".root", ".dense")) for k in tensors)
+    assert stored == sum(len(F) for F in shared.H_facs.kfacs) - 6
     for F, G in zip(back.H_facs.kfacs, shared.H_facs.kfacs):
         for f, g in zip(F, G):
             torch.testing.assert_close(dense(f), dense(g), rtol=1e-12, atol=1e-16)

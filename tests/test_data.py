@@ -246,3 +246,22 @@ def test_end_to_end_laplace_on_batches_from_the_data_helpers(tmp_path):
     Js, f_ref = la.backend.jacobians(batch)
     torch.testing.assert_close(f_mu, f_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(f_var, la.functional_variance(Js), rtol=1e-4, atol=1e-7)
+
+
+def test_scores_records_give_float_target_batches():
+    """kind "scores": a number or a list of k numbers per text; batches carry (batch, k)
+    float targets for likelihood="regression"; malformed targets are named."""
+    from laplace_llm.data import make_loader
+
+    items = [{"text": "cat dog", "target": [0.5, -1.0]}, {"text": "red", "target": [2, 3.25]}]
+    batch = next(iter(make_loader(items, tiny_tokenizer(), 2, "scores")))
+    assert batch["labels"].dtype == torch.float32
+    assert batch["labels"].tolist() == [[0.5, -1.0], [2.0, 3.25]]
+    one = next(iter(make_loader([{"text": "cat", "target": 1.5}], tiny_tokenizer(), 1, "scores")))
+    assert one["labels"].tolist() == [[1.5]]
+    for bad in ("high", [], [1.0, float("nan")], True):
+        with pytest.raises(ValueError, match="'target' must be a finite number"):
+            make_loader([{"text": "cat", "target": bad}], tiny_tokenizer(), 1, "scores")
+    with pytest.raises(ValueError, match="same number of values"):
+        make_loader([{"text": "a", "target": [1.0]}, {"text": "b", "target": [1.0, 2.0]}],
+                    tiny_tokenizer(), 2, "scores")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from laplace_llm import options as kfac_options
+from laplace_llm.structures import MAX_FULL_PARAMS
 
 __all__ = ["main", "build_parser"]
 
@@ -70,10 +71,11 @@ def _add_model_data(p: argparse.ArgumentParser) -> None:
         help="JSON-lines data, one record per line of the --kind format",
     )
     g.add_argument(
-        "--kind", choices=("mcqa", "text", "preference"), default="mcqa",
+        "--kind", choices=("mcqa", "text", "preference", "scores"), default="mcqa",
         help="record format: mcqa {question, choices, answer}; text {text, label}; "
-        "preference {prompt, chosen, rejected} (reward models, Bradley-Terry likelihood). "
-        "Default: mcqa",
+        "preference {prompt, chosen, rejected} (reward models, Bradley-Terry likelihood); "
+        "scores {text, target: number or list of k numbers} (regression, e.g. a "
+        "num_labels=k regression head). Default: mcqa",
     )
     g.add_argument(
         "--choices", nargs="+", metavar="STR",
@@ -81,6 +83,14 @@ def _add_model_data(p: argparse.ArgumentParser) -> None:
         "one token, e.g. --choices ' A' ' B' ' C' ' D' (mind the leading space). Default "
         "for --kind mcqa: ' A', ' B', ... as many as the records have options. Not used "
         "with sequence-classification models, whose head gives the classes",
+    )
+    g.add_argument(
+        "--answer-format", choices=("letter", "text"), default="letter",
+        help="--kind mcqa with a causal LM: 'letter' lists the choices as A., B., ... in the "
+        "prompt and scores the letters; 'text' scores each question's own choices by their "
+        "log-likelihood after the prompt (choices of any length, any number per question). "
+        "--kind text picks text scoring by itself when a --choices string is several "
+        "tokens. Default: letter",
     )
     g.add_argument(
         "--batch-size", type=_positive_int, default=8, metavar="N",
@@ -117,14 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
                       help="output folder (default: laplace-llm-out/)")
     demo.add_argument("--quick", action="store_true",
                       help="reduced sizes (about 20 s): for tests and smoke runs")
+    demo.add_argument("--llla", action="store_true",
+                      help="also put LoRA on lm_head and report last-layer LoRA Laplace "
+                      "(only lm_head's LoRA Bayesian) beside Laplace over all LoRA weights")
+    demo.add_argument("--answers", choices=("letters", "words"), default="letters",
+                      help="lettered options (A-D, one token each) or colours named by "
+                      "phrases of 1 to 3 tokens scored by their likelihood (default: letters)")
     _add_common(demo)
 
     fit = sub.add_parser(
         "fit",
         help="fit a Laplace posterior over the LoRA weights and save it",
-        description="Fit a Kronecker-factored Laplace posterior over the LoRA weights of "
-        "--model + --adapter on --data, optionally tune its prior precision by the "
-        "marginal likelihood, and save it to --posterior (safetensors).",
+        description="Fit a Laplace posterior (Kronecker-factored, diagonal or full) over the "
+        "LoRA weights of --model + --adapter on --data (classification, reward modelling "
+        "or regression), optionally tune its prior precision (and regression noise) by the "
+        "marginal likelihood, and save it to --posterior (safetensors). Kron fits print "
+        "how much of each large factor's trace --n-kfac keeps.",
     )
     _add_model_data(fit)
     g = fit.add_argument_group("Laplace options")
@@ -136,6 +154,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prior precision, or the start of its tuning (default: 1.0)")
     g.add_argument("--seed", type=_non_negative_int, default=0,
                    help="seed of the labels sampled by --fisher-type mc (default: 0)")
+    g.add_argument("--hessian-structure", choices=("kron", "diag", "full"), default="kron",
+                   help="posterior structure over the LoRA weights: Kronecker factors with "
+                   "low-rank large sides, diagonal, or dense (small selections only, see "
+                   "--max-params) (default: kron)")
+    g.add_argument("--max-params", type=_positive_int, default=MAX_FULL_PARAMS, metavar="N",
+                   help="--hessian-structure full refuses more LoRA weights than N "
+                   f"(default: {MAX_FULL_PARAMS}; the error states the memory it would take)")
+    g.add_argument("--lora-modules", nargs="+", metavar="PATTERN",
+                   help="only these LoRA layers are Bayesian (names, suffixes or globs, e.g. "
+                   "lm_head for last-layer LoRA Laplace, '*.q_proj'); the rest stay at their "
+                   "fine-tuned values (default: every LoRA layer)")
+    g.add_argument("--prior-structure", choices=("scalar", "layerwise"), default="scalar",
+                   help="one prior precision, or one per LoRA block (weight tensor), tuned by "
+                   "the marginal likelihood (default: scalar)")
+    g.add_argument("--likelihood", choices=("classification", "regression", "reward_modeling"),
+                   help="default: regression for --kind scores, reward_modeling for "
+                   "preference, classification otherwise; a different choice is refused")
+    g.add_argument("--sigma-noise", type=float, default=1.0, metavar="S",
+                   help="regression: observation noise standard deviation, or the start of "
+                   "its tuning (default: 1.0)")
+    g.add_argument("--tune-sigma-noise", action="store_true",
+                   help="regression: tune the noise together with the prior precision by "
+                   "the marginal likelihood (laplace-torch's regression recipe)")
+    g.add_argument("--min-trace-share", type=float, default=0.5, metavar="F",
+                   help="kron: warn when a large Kronecker factor keeps less than this share "
+                   "of its trace at --n-kfac (default: 0.5)")
     fit.add_argument("--posterior", required=True, metavar="FILE",
                      help="where to write the posterior (safetensors; folders are created)")
     _add_common(fit)
@@ -288,8 +332,23 @@ def load_classifier(args: argparse.Namespace):
             ) from None
     model.eval()
 
+    if not seq_cls and (args.kind == "text" and args.choices or args.kind == "mcqa"
+                        and args.answer_format == "text"):
+        from laplace_llm.candidates import text_answer_classifier
+
+        try:
+            clf, loader = text_answer_classifier(
+                model, tokenizer, records, args.kind, args.choices, args.batch_size,
+                max_length=args.max_length,
+            )
+        except (TypeError, ValueError) as err:
+            raise UserError(f"--data/--choices: {err}") from None
+        if clf is not None:
+            return clf, loader, "classification"
+    # regression outputs are not logits: no centring
+    center = args.kind != "scores"
     if seq_cls:
-        clf = LLMClassifier(model, None, center=True)
+        clf = LLMClassifier(model, None, center=center)
     else:
         choices = args.choices
         if not choices:
@@ -300,7 +359,7 @@ def load_classifier(args: argparse.Namespace):
                 )
             choices = mcqa_choices(max(len(r["choices"]) for r in records))
         try:
-            clf = LLMClassifier.from_choices(model, tokenizer, choices, center=True)
+            clf = LLMClassifier.from_choices(model, tokenizer, choices, center=center)
         except (TypeError, ValueError) as err:
             raise UserError(f"--choices: {err}") from None
     _check_labels(records, args.kind, clf.n_outputs)
@@ -311,7 +370,9 @@ def load_classifier(args: argparse.Namespace):
         )
     except ValueError as err:
         raise UserError(f"--data: {err}") from None
-    likelihood = "reward_modeling" if args.kind == "preference" else "classification"
+    likelihood = {"preference": "reward_modeling", "scores": "regression"}.get(
+        args.kind, "classification"
+    )
     return clf, loader, likelihood
 
 
@@ -321,6 +382,14 @@ def _check_labels(records: list[dict], kind: str, n_outputs: int) -> None:
             raise UserError(
                 f"--kind preference needs a reward model with one output (num_labels=1); "
                 f"this classifier has {n_outputs}"
+            )
+        return
+    if kind == "scores":
+        wrong = [r["target"] for r in records if len(r["target"]) != n_outputs]
+        if wrong:
+            raise UserError(
+                f"--data: target {wrong[0]} has {len(wrong[0])} values but the model has "
+                f"{n_outputs} outputs"
             )
         return
     key = "answer" if kind == "mcqa" else "label"
@@ -351,14 +420,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from laplace_llm.app.evaluation import format_table
 
     cfg = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
+    cfg.llla = args.llla
+    cfg.answers = args.answers
     log = None  # run_demo also logs each step through `logging`, shown at INFO here
     out = run_demo(cfg, out_dir=args.out, progress=not args.quiet, log=log)
-    print(f"laplace-llm demo (seed {cfg.seed}{', quick' if args.quick else ''})")
+    print(f"laplace-llm demo (seed {cfg.seed}{', quick' if args.quick else ''}"
+          f"{', answers in words' if cfg.answers == 'words' else ''})")
     print(f"training split: MAP NLL {out['train']['map']['nll']:.3f}, accuracy "
           f"{out['train']['map']['accuracy']:.3f}; best possible held-out NLL "
           f"{out['bayes_nll']:.3f}, accuracy {cfg.p_main:.3f}")
     print(f"prior precision (marglik) {out['prior_precision']:.3g}, "
           f"log marginal likelihood {out['log_marglik']:.1f}")
+    if out.get("llla"):
+        print(f"LLLA over {out['llla']['n_params']:,} lm_head LoRA weights: prior precision "
+              f"{out['llla']['prior_precision']:.3g}, log marginal likelihood "
+              f"{out['llla']['log_marglik']:.1f}")
     print()
     print(format_table(out["results"]))
     print()
@@ -385,22 +461,45 @@ def cmd_fit(args: argparse.Namespace) -> int:
     _check_paths(args, posterior_must_exist=False)
     if not args.prior_precision > 0:
         raise UserError(f"--prior-precision must be > 0, got {args.prior_precision}")
+    if not args.sigma_noise > 0:
+        raise UserError(f"--sigma-noise must be > 0, got {args.sigma_noise}")
     clf, loader, likelihood = load_classifier(args)
+    if args.likelihood is not None and args.likelihood != likelihood:
+        raise UserError(
+            f"--likelihood {args.likelihood} does not fit --kind {args.kind}, which gives "
+            f"{likelihood!r} (regression needs --kind scores)"
+        )
+    if (args.tune_sigma_noise or args.sigma_noise != 1.0) and likelihood != "regression":
+        raise UserError("--sigma-noise and --tune-sigma-noise are for regression (--kind scores)")
+    structure = args.hessian_structure
+    # diag and full use the K-FAC options' fisher_type and mc_samples only
+    kwargs: dict[str, Any] = dict(
+        prior_precision=args.prior_precision, options=kfac_options.from_arguments(args),
+        seed=args.seed, lora_modules=args.lora_modules,
+    )
+    if likelihood == "regression":
+        kwargs["sigma_noise"] = args.sigma_noise
+    if structure == "full":
+        kwargs["max_params"] = args.max_params
     started = time.perf_counter()
     try:
-        la = Laplace(
-            clf, likelihood, subset_of_weights="lora", hessian_structure="kron",
-            prior_precision=args.prior_precision, options=kfac_options.from_arguments(args),
-            seed=args.seed,
-        )
+        la = Laplace(clf, likelihood, subset_of_weights="lora", hessian_structure=structure,
+                     **kwargs)
     except LoRAModelError as err:
         raise _lora_error(err, args) from None
+    except ValueError as err:  # e.g. --max-params exceeded
+        raise UserError(_first_line(err)) from None
     logger.info("fitting %s over %d LoRA weights on %d records of %s", type(la).__name__,
                 la.n_params, len(loader.dataset), args.data)
     la.fit(loader, progress_bar=not args.quiet)
-    if args.prior_optimization == "marglik":
+    if args.tune_sigma_noise:
+        from laplace_llm.regression import optimize_prior_and_noise
+
+        optimize_prior_and_noise(la, prior_structure=args.prior_structure)
+    elif args.prior_optimization == "marglik":
         la.optimize_prior_precision(
-            method="marglik", init_prior_prec=args.prior_precision, progress_bar=not args.quiet
+            method="marglik", init_prior_prec=args.prior_precision,
+            prior_structure=args.prior_structure, progress_bar=not args.quiet,
         )
     lml = float(la.log_marginal_likelihood().item())
     posterior = Path(args.posterior)
@@ -408,11 +507,32 @@ def cmd_fit(args: argparse.Namespace) -> int:
         la.save(posterior)
     except OSError as err:
         raise UserError(f"--posterior {posterior}: cannot write it: {err.strerror or err}") from None
-    print(f"fitted on {len(loader.dataset)} records ({la.n_params} LoRA weights, "
+    print(f"fitted {structure} on {len(loader.dataset)} records ({la.n_params} LoRA weights, "
           f"{la.n_layers} blocks) in {time.perf_counter() - started:.1f} s")
-    print(f"prior precision {la.prior_precision.item():.4g}, log marginal likelihood {lml:.2f}")
+    prior = la.prior_precision.detach().reshape(-1)
+    prior_text = f"{prior.item():.4g}" if prior.numel() == 1 else (
+        f"{prior.numel()} values in [{prior.min().item():.4g}, {prior.max().item():.4g}]")
+    print(f"prior precision {prior_text}, log marginal likelihood {lml:.2f}")
+    if likelihood == "regression":
+        print(f"sigma_noise {float(la.sigma_noise):.4g}")
+    if structure == "kron":
+        _print_low_rank_summary(la, args.min_trace_share)
     print(f"wrote {posterior}")
     return 0
+
+
+def _print_low_rank_summary(la: Any, threshold: float) -> None:
+    from laplace_llm.diagnostics import format_low_rank_report
+
+    report = la.low_rank_report()
+    print(format_low_rank_report(report, threshold=threshold).splitlines()[0])
+    low = [r for r in report if r.share_kept is not None and r.share_kept < threshold]
+    for r in low:
+        print(f"warning: {r.block} factor {r.factor} (side {r.side}) keeps {r.share_kept:.3f} "
+              f"of its trace at --n-kfac {r.n_kfac} (< {threshold}); raise --n-kfac for a "
+              "closer posterior", file=sys.stderr)
+    if low:
+        logger.info("low-rank report:\n%s", format_low_rank_report(report, threshold=threshold))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -428,6 +548,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     _check_paths(args, posterior_must_exist=True)
     clf, loader, likelihood = load_classifier(args)
+    if likelihood == "regression":
+        raise UserError(
+            "evaluate reports classification metrics; for a regression posterior (--kind "
+            "scores) use the Python API: `la(batch)` returns the predictive mean and variance"
+        )
     try:
         la = LoRALaplace.load(args.posterior, clf)
     except LoRAModelError as err:

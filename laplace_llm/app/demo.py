@@ -87,6 +87,12 @@ class DemoConfig:
         Logit samples of the GLM Monte-Carlo predictive.
     batch_size : int
         Batch size of the Laplace fit and of prediction.
+    llla : bool
+        Also put LoRA on ``lm_head`` and report last-layer LoRA Laplace (LLLA:
+        ``lora_modules=["lm_head"]``, the rest at MAP) beside Laplace over all LoRA weights.
+    answers : {"letters", "words"}
+        Lettered options scored by their letter's token, or colours named by phrases of
+        1 to 3 tokens scored by likelihood (:mod:`laplace_llm.app.demo_words`).
     """
 
     seed: int = 0
@@ -111,6 +117,8 @@ class DemoConfig:
     kfac: KFACOptions = dataclasses.field(default_factory=KFACOptions)
     mc_samples: int = 1000
     batch_size: int = 64
+    llla: bool = False
+    answers: str = "letters"
 
     @classmethod
     def quick(cls, seed: int = 0) -> DemoConfig:
@@ -353,8 +361,12 @@ def finetune(
 
 
 # ------------------------------------------------------------------ Laplace
-def fit_laplace(clf: nn.Module, train_loader, cfg: DemoConfig, progress: bool = False):
-    """:class:`~laplace_llm.LoRALaplace` fitted at the current weights, prior by marglik.
+def fit_laplace(
+    clf: nn.Module, train_loader, cfg: DemoConfig, progress: bool = False, lora_modules=None
+):
+    """Fit a :class:`~laplace_llm.LoRALaplace` at the current weights, prior by marglik.
+
+    Over the LoRA layers ``lora_modules`` only, when given.
 
     Returns
     -------
@@ -368,7 +380,7 @@ def fit_laplace(clf: nn.Module, train_loader, cfg: DemoConfig, progress: bool = 
 
     la = Laplace(
         clf, "classification", subset_of_weights="lora", hessian_structure="kron",
-        options=cfg.kfac, seed=cfg.seed,
+        options=cfg.kfac, seed=cfg.seed, lora_modules=lora_modules,
     )
     la.fit(train_loader, progress_bar=progress)
     la.optimize_prior_precision(method="marglik", progress_bar=False)
@@ -423,7 +435,12 @@ def run_demo(
         seconds[stage] = round(time.perf_counter() - t0, 2)
         return time.perf_counter()
 
-    task = DemoTask(cfg.n_entities, cfg.n_distractors, cfg.seed, cfg.p_main)
+    task_class = DemoTask
+    if cfg.answers == "words":
+        from laplace_llm.app.demo_words import WordsDemoTask as task_class
+    elif cfg.answers != "letters":
+        raise ValueError(f"answers must be 'letters' or 'words', got {cfg.answers!r}")
+    task = task_class(cfg.n_entities, cfg.n_distractors, cfg.seed, cfg.p_main)
     tokenizer = build_tokenizer(task.words)
     model = build_model(cfg, len(task.words))
     n_params = sum(p.numel() for p in model.parameters())
@@ -437,16 +454,25 @@ def run_demo(
         p.requires_grad_(False)
     lora = LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-        target_modules=list(cfg.lora_targets),
+        target_modules=list(cfg.lora_targets) + (["lm_head"] if cfg.llla else []),
     )
     torch.manual_seed(cfg.seed + 3)
     peft_model = get_peft_model(model, lora)
-    clf = LLMClassifier.from_choices(
-        peft_model, tokenizer, mcqa_choices(len(COLOURS)), center=True
-    )
+    if cfg.answers == "words":
+        from laplace_llm.app.demo_words import words_classifier
 
-    def loader(records, shuffle=False, batch_size=cfg.batch_size):
-        return make_loader(records, tokenizer, batch_size, "mcqa", shuffle=shuffle)
+        clf = words_classifier(peft_model, tokenizer)
+
+        def loader(records, shuffle=False, batch_size=cfg.batch_size):
+            return make_loader(task.text_records(records), tokenizer, batch_size, "text",
+                               shuffle=shuffle)
+    else:
+        clf = LLMClassifier.from_choices(
+            peft_model, tokenizer, mcqa_choices(len(COLOURS)), center=True
+        )
+
+        def loader(records, shuffle=False, batch_size=cfg.batch_size):
+            return make_loader(records, tokenizer, batch_size, "mcqa", shuffle=shuffle)
 
     train = task.questions(cfg.n_train, seed=cfg.seed * 1000 + 11)
     splits = {
@@ -495,6 +521,20 @@ def run_demo(
         results[name] = {m: score(p, labels) for m, p in probs.items()}
     train_probs, train_labels = collect_probs(clf, None, fit_loader, ("map",))
     t0 = lap("predict", t0)
+    llla = None
+    if cfg.llla:
+        say("last-layer LoRA Laplace (LLLA): only lm_head's LoRA is Bayesian")
+        la_last, lml_last = fit_laplace(clf, fit_loader, cfg, progress, lora_modules=["lm_head"])
+        for name, test_loader in test_loaders.items():
+            probs, labels = collect_probs(
+                clf, la_last, test_loader, ("la_probit", "la_mc"), mc_samples=cfg.mc_samples,
+                seed=cfg.seed, progress=progress, desc=f"LLLA {name}",
+            )
+            results[name]["llla_probit"] = score(probs["la_probit"], labels)
+            results[name]["llla_mc"] = score(probs["la_mc"], labels)
+        llla = {"n_params": la_last.n_params, "log_marglik": lml_last,
+                "prior_precision": float(la_last.prior_precision.item())}
+        t0 = lap("llla", t0)
 
     out = {
         "config": dataclasses.asdict(cfg),
@@ -510,6 +550,7 @@ def run_demo(
         "evidence": evidence,
         "evidence_choice": max(evidence, key=lambda r: r["log_marglik"])["epoch"],
         "heldout_choice": min(evidence, key=lambda r: r["heldout_nll_la"])["epoch"],
+        "llla": llla,
         "seconds": seconds,
         "files": {},
     }

@@ -36,7 +36,8 @@ __all__ = [
 #: Prediction methods, in report order.
 METHODS = ("map", "la_probit", "la_mc")
 #: Display names of the methods.
-METHOD_LABELS = {"map": "MAP", "la_probit": "LA (GLM probit)", "la_mc": "LA (GLM MC)"}
+METHOD_LABELS = {"map": "MAP", "la_probit": "LA (GLM probit)", "la_mc": "LA (GLM MC)",
+                 "llla_probit": "LLLA (probit)", "llla_mc": "LLLA (MC)"}
 #: Metric names, in report order.
 METRICS = ("accuracy", "nll", "brier", "ece")
 #: Confidence bins of ECE and of the reliability diagrams.

@@ -225,3 +225,72 @@ def test_console_script_is_installed():
     proc = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     assert "demo" in proc.stdout and "evaluate" in proc.stdout
+
+
+def test_regression_fit_tunes_sigma_with_a_layerwise_prior(tmp_path, capsys):
+    """--kind scores on a num_labels=2 regression head: --tune-sigma-noise and a
+    layerwise prior reach the posterior file, and the saved posterior's evidence is the
+    maximum of laplace-torch's regression recipe run in Python on the same fit."""
+    import torch
+
+    from laplace_llm.regression import optimize_prior_and_noise
+
+    base = tiny_seqcls("bert", num_labels=2, seed=0)
+    base.save_pretrained(tmp_path / "m")
+    tiny_tokenizer(padding_side="right").save_pretrained(tmp_path / "m")
+    add_lora(base, seed=0, r=2, target_modules=("query", "value"),
+             modules_to_save=["classifier"], task_type="SEQ_CLS").save_pretrained(tmp_path / "ad")
+    rng = random.Random(0)
+    data = write_jsonl(tmp_path / "scores.jsonl", [
+        {"text": " ".join(rng.sample(WORDS, 3)), "target": [rng.gauss(0, 1), rng.gauss(2, 0.5)]}
+        for _ in range(12)
+    ])
+    post = tmp_path / "reg.post"
+    common = ["--model", tmp_path / "m", "--adapter", tmp_path / "ad", "--data", data,
+              "--kind", "scores", "--quiet"]
+    assert cli("fit", *common, "--likelihood", "regression", "--hessian-structure", "diag",
+               "--fisher-type", "ggn", "--tune-sigma-noise", "--prior-structure", "layerwise",
+               "--posterior", post) == 0
+    out = capsys.readouterr().out
+    assert "sigma_noise" in out
+    args = build_parser().parse_args(["fit", *map(str, common), "--posterior", str(post)])
+    from laplace_llm.app.cli import load_classifier
+
+    clf, loader, likelihood = load_classifier(args)
+    assert likelihood == "regression"
+    saved = LoRALaplace.load(post, clf)
+    assert saved.prior_precision.numel() == saved.n_layers > 1
+    ref = type(saved)(clf, "regression", fisher_type="ggn")
+    ref.fit(loader)
+    optimize_prior_and_noise(ref, prior_structure="layerwise")
+    torch.testing.assert_close(saved.sigma_noise, ref.sigma_noise)
+    torch.testing.assert_close(saved.prior_precision, ref.prior_precision)
+    # --likelihood that contradicts --kind, and evaluate on regression: one-line errors
+    assert cli("fit", *common, "--likelihood", "classification", "--posterior", post) == 2
+    assert cli("evaluate", *common, "--posterior", post, "--out", tmp_path / "o") == 2
+
+
+def test_fit_structures_module_selection_and_low_rank_warning(causal, tmp_path, capsys):
+    m, a, d = causal / "model", causal / "adapter", causal / "data.jsonl"
+    common = ["--model", m, "--adapter", a, "--data", d, "--quiet", "--fisher-type", "ggn"]
+    # n_kfac 1 keeps a small share of the hidden-size factors: a warning per factor
+    assert cli("fit", *common, "--n-kfac", 1, "--lr-threshold", 0, "--min-trace-share", 0.99,
+               "--posterior", tmp_path / "k.post") == 0
+    captured = capsys.readouterr()
+    assert "trace kept at n_kfac=1: min" in captured.out
+    assert "warning:" in captured.err and "raise --n-kfac" in captured.err
+    assert cli("fit", *common, "--hessian-structure", "full", "--lora-modules", "layers.0.*",
+               "--posterior", tmp_path / "f.post") == 0
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "f.post"), "pt") as fh:
+        header = json.loads(fh.metadata()["laplace_llm"])
+    assert header["hessian_structure"] == "full" and header["lora_modules"] == ["layers.0.*"]
+    assert all(".layers.0." in n for n in header["block_names"])
+    assert cli("evaluate", "--model", m, "--adapter", a, "--data", d, "--quiet",
+               "--posterior", tmp_path / "f.post", "--out", tmp_path / "o", "--mc-samples", 20) == 0
+    # full over every LoRA weight with a small limit: one line naming the memory
+    assert cli("fit", *common, "--hessian-structure", "full", "--max-params", 10,
+               "--posterior", tmp_path / "x.post") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "max_params=896" in err[0] and "3.1 MiB each" in err[0]
