@@ -336,10 +336,9 @@ def main(argv=None):
     for s in args.sizes:
         hidden, layers = (int(v) for v in s.lower().split("x"))
         rows.extend(run_size(hidden, layers, args, device))
-    table = fmt_table(rows)
-    print(table)
-    if args.out:
-        write_results(args.out, rows, table)
+        if args.out:  # after every size, so that an interrupted run keeps what it measured
+            write_results(args.out, rows, fmt_table(rows))
+    print(fmt_table(rows))
 
 
 if __name__ == "__main__":
