@@ -31,7 +31,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LoRALinear", "METHODS", "llama_lora_linears", "posterior_bytes"]
+__all__ = [
+    "LoRALinear",
+    "METHODS",
+    "llama_lora_linears",
+    "output_gradient_bytes",
+    "posterior_bytes",
+]
 
 METHODS = ("lora", "kron", "full", "diag", "bayesian-lora")
 
@@ -188,3 +194,40 @@ def posterior_bytes(
         else:  # bayesian-lora
             n += sum(s * n_kfac if s >= lr_threshold else s * s for s in (r, m.d_in, m.d_out, r))
     return n * element_bytes
+
+
+def output_gradient_bytes(
+    config: Any,
+    target_modules: Sequence[str],
+    r: int,
+    tokens: int,
+    n_probes: int = 1,
+    element_bytes: int = 4,
+    layers: Sequence[LoRALinear] | None = None,
+) -> int:
+    """Bytes of the output gradients that one batch of ``LoRAKFAC`` holds at once.
+
+    ``fit`` and the Jacobian-free GLM take the gradient of every probe with respect to
+    every hooked module's output in one ``autograd.grad`` call, so for a batch of
+    ``tokens`` positions (``B·T``) they hold, besides what a plain backward holds,
+    ``n_probes · tokens · Σ (r + d_out)`` numbers (the ``lora_A`` output of side ``r``
+    and the ``lora_B`` output of side ``d_out`` of every LoRA layer). ``n_probes`` is
+    ``mc_samples`` for the mc Fisher, ``C`` for the ggn and for the GLM predictive.
+
+    Parameters
+    ----------
+    config, target_modules, r, layers
+        as :func:`posterior_bytes`.
+    tokens : int
+        positions of one batch, ``B·T``.
+    n_probes : int, default 1
+    element_bytes : int, default 4
+        the adapters' dtype (peft keeps adapters in float32 on a bf16 model).
+
+    Returns
+    -------
+    int
+        bytes.
+    """
+    layers = list(layers) if layers is not None else llama_lora_linears(config, target_modules)
+    return n_probes * tokens * sum(r + m.d_out for m in layers) * element_bytes

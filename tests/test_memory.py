@@ -173,3 +173,12 @@ def test_llama_2_shapes_in_the_memory_model():
     small = 2 * 64 + 8
     per_layer = 2 * (2 * small) + 3 * lr  # q: A, G_B; v: G_B (A shared)
     assert memory.posterior_bytes(cfg, ["q_proj", "v_proj"], r=8) == 4 * 32 * per_layer
+
+
+def test_output_gradient_workspace_of_llama_2_7b():
+    """Hand count: q and v of 32 layers, lora_A output 8 + lora_B output 4096 each, for
+    2 sequences of 512 tokens, 4 probes, float32: 4·1024·64·4104·4 bytes = 4.0 GiB."""
+    cfg = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+               num_hidden_layers=32)
+    got = memory.output_gradient_bytes(cfg, ["q_proj", "v_proj"], r=8, tokens=1024, n_probes=4)
+    assert got == 4 * 1024 * 64 * (8 + 4096) * 4
