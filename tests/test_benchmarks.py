@@ -36,6 +36,7 @@ def run_script(name: str, *args: str, tmp_path: Path) -> tuple[dict, str]:
     return result, proc.stdout
 
 
+@pytest.mark.slow  # ~35 s: five methods, each in its own package
 def test_bench_peers_tiny_has_every_method_and_formula_bytes(tmp_path):
     result, stdout = run_script("bench_peers", "--tiny", tmp_path=tmp_path)
     rows = {r["method"]: r for r in result["rows"]}
