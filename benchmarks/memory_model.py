@@ -115,6 +115,16 @@ def main(argv=None):
             rows.append(row)
             lines.append(f"| {model} | {on} | {P / 1e6:.1f} M | "
                          + " | ".join(human(row[m]) for m, _ in METHODS) + " |")
+    lines += ["", "Output gradients a batch of LoRAKFAC holds at once (float32 adapters), fit with "
+              "the mc Fisher on 2 × 512 tokens and GLM (C = 4 probes) on 1 × 512 tokens:", "",
+              "| model | LoRA on | fit | GLM |", "|---|---|---|---|"]
+    for model, cfg in SHAPES.items():
+        for on, targets in PLACEMENTS.items():
+            fit = memory.output_gradient_bytes(cfg, targets, R, tokens=1024, n_probes=1)
+            glm = memory.output_gradient_bytes(cfg, targets, R, tokens=512, n_probes=4)
+            lines.append(f"| {model} | {on} | {human(fit)} | {human(glm)} |")
+            next(r for r in rows if r["model"] == model and r["lora_on"] == on).update(
+                fit_output_gradient_bytes=fit, glm_output_gradient_bytes=glm)
     table = "\n".join(lines)
     print(table)
     if args.out:
