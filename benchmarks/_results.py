@@ -26,7 +26,7 @@ def versions() -> dict[str, str]:
 
 
 def machine() -> dict:
-    """Platform, cores, torch threads, the load average at the start and the GPU, if any."""
+    """Platform, cores, torch threads, the load average (when called) and the GPU, if any."""
     return {
         "platform": platform.platform(),
         "processor": platform.processor(),
@@ -81,7 +81,7 @@ def peak_meter(device):
 
 
 def write_results(path: str, rows: list[dict], table: str) -> None:
-    """JSON with ``command``, ``machine`` (platform, cores, torch threads, load, GPU),
+    """JSON with ``command``, ``machine`` (platform, cores, torch threads, load when written, GPU),
     ``versions``, ``rows`` and the printed ``table``."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as fh:
