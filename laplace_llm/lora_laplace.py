@@ -11,6 +11,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -434,12 +435,33 @@ class LoRALaplace(KronLaplace):
                     "pass check_weights=False if you changed the weights on purpose."
                 )
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike) -> Path:
         """Write the fitted posterior to a safetensors file (no pickle).
 
         See :mod:`laplace_llm.serialization` for the format.
+
+        Parameters
+        ----------
+        path : str or PathLike
+            a file, or a folder (e.g. the peft adapter folder of the fitted weights),
+            which means its :data:`~laplace_llm.serialization.POSTERIOR_FILENAME`.
+
+        Returns
+        -------
+        Path
+            the file written.
+
+        Raises
+        ------
+        PosteriorFileError
+            ``path`` holds a file that is not a posterior of this model's LoRA blocks
+            (another model's posterior, an adapter's weights); nothing is written.
         """
-        serialization.write_state(self.state_dict(), path)
+        state = self.state_dict()
+        path = serialization.posterior_path(path)
+        serialization.check_overwrite(path, state["block_names"], state["block_shapes"])
+        serialization.write_state(state, path)
+        return path
 
     @classmethod
     def load(
@@ -455,6 +477,10 @@ class LoRALaplace(KronLaplace):
         Parameters
         ----------
         path : str or PathLike
+            a posterior file, or a folder holding one under
+            :data:`~laplace_llm.serialization.POSTERIOR_FILENAME` (the peft adapter
+            folder or ``Trainer`` checkpoint that :meth:`save` or
+            :class:`~laplace_llm.hf.LaplaceCallback` wrote it into).
         model : nn.Module
             the model (with the adapter) the posterior was fitted on.
         check_weights : bool, default True
@@ -469,6 +495,13 @@ class LoRALaplace(KronLaplace):
             damaged file, other format or version, or a model with other LoRA blocks or
             weights.
         """
+        path = serialization.posterior_path(path)
+        if path.parent.is_dir() and not path.exists() and path.name == serialization.POSTERIOR_FILENAME:
+            raise FileNotFoundError(
+                f"'{path.parent}' holds no posterior ('{path.name}'); write one there with "
+                "`la.save(folder)` or laplace_llm.hf.LaplaceCallback, or pass the posterior "
+                "file's path."
+            )
         state = serialization.read_state(path)
         structure = state["hessian_structure"]
         la_cls = _lora_class(structure)

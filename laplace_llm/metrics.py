@@ -9,6 +9,12 @@ of the confidence ``max_c probs[n, c]``, bin ``b`` holding ``b/n_bins < conf <= 
 (the first bin also holds 0), as in Guo et al. (2017), "On Calibration of Modern Neural
 Networks". A confidence exactly on an edge goes to the lower bin, up to float rounding of
 the edges (``numpy.linspace``).
+
+Uncertainty beyond calibration: :func:`risk_coverage` and :func:`aurc` score selective
+prediction (answer the most confident inputs first; Geifman & El-Yaniv, 2017), and
+:func:`ood_auroc` scores how well a confidence separates in-distribution from
+out-of-distribution inputs. A score for these is ``"max_prob"`` (``max_c p_c``, higher is
+more confident) or ``"entropy"`` (``-Σ_c p_c log p_c``, used negated).
 """
 
 from __future__ import annotations
@@ -19,7 +25,23 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["accuracy", "brier", "ece", "nll", "plot_reliability", "reliability_data"]
+__all__ = [
+    # accuracy and calibration
+    "accuracy",
+    "brier",
+    "ece",
+    "nll",
+    "reliability_data",
+    "plot_reliability",
+    # selective prediction and out-of-distribution detection
+    "confidence",
+    "risk_coverage",
+    "aurc",
+    "ood_auroc",
+    "plot_risk_coverage",
+]
+
+CONFIDENCES = ("max_prob", "entropy")
 
 
 def _as_arrays(probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -203,6 +225,183 @@ def plot_reliability(
         )
     axes[0].set_ylabel("accuracy")
     axes[0].legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100)
+    return path
+
+
+def _probs_only(probs: Any) -> np.ndarray:
+    p = probs.detach().cpu().double().numpy() if hasattr(probs, "detach") else np.asarray(probs)
+    p = p.astype(np.float64)
+    if p.ndim != 2 or p.shape[0] == 0:
+        raise ValueError(f"probs must be a non-empty (N, C) array, got shape {p.shape}")
+    return p
+
+
+def confidence(probs: Any, kind: str = "max_prob") -> np.ndarray:
+    """Per-row confidence of predictive probabilities; higher means more confident.
+
+    Parameters
+    ----------
+    probs : array_like, (N, C)
+    kind : {"max_prob", "entropy"}
+        ``max_c p_c``, or the negated entropy ``Σ_c p_c log p_c``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N,)`` float64.
+    """
+    if kind not in CONFIDENCES:
+        raise ValueError(f"kind must be one of {CONFIDENCES}, got {kind!r}")
+    p = _probs_only(probs)
+    if kind == "max_prob":
+        return p.max(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plogp = np.where(p > 0, p * np.log(p), 0.0)
+    return plogp.sum(1)
+
+
+def risk_coverage(probs: Any, labels: Any, kind: str = "max_prob") -> dict[str, np.ndarray]:
+    """Risk–coverage curve of selective prediction.
+
+    Inputs are answered in order of decreasing confidence; after the ``k`` most
+    confident, the coverage is ``k / N`` and the risk is the error rate among them. Ties
+    in confidence are answered together (the curve has one point per distinct
+    confidence), so the result does not depend on the order of the rows.
+
+    Parameters
+    ----------
+    probs : array_like, (N, C)
+    labels : array_like, (N,)
+    kind : {"max_prob", "entropy"}
+        Confidence that orders the inputs (see :func:`confidence`).
+
+    Returns
+    -------
+    dict of numpy.ndarray
+        ``"coverage"`` and ``"risk"``, each ``(M,)`` with ``M`` the number of distinct
+        confidences, coverage increasing to 1.
+    """
+    p, y = _as_arrays(probs, labels)
+    conf = confidence(p, kind)
+    wrong = (p.argmax(1) != y).astype(np.float64)
+    order = np.argsort(-conf, kind="stable")
+    conf, wrong = conf[order], wrong[order]
+    errors = np.cumsum(wrong)
+    # the last index of each group of equal confidences closes that group
+    last = np.r_[conf[1:] != conf[:-1], True]
+    k = np.arange(1, len(conf) + 1)[last]
+    return {"coverage": k / len(conf), "risk": errors[last] / k}
+
+
+def aurc(probs: Any, labels: Any, kind: str = "max_prob") -> float:
+    """Area under the risk–coverage curve (lower is better).
+
+    The mean over ``k = 1..N`` of the error rate among the ``k`` most confident inputs
+    (Geifman et al., 2019, "Bias-Reduced Uncertainty Estimation for Deep Neural
+    Classifiers"); inputs of equal confidence share the risk of their group. A perfect
+    ranking of a model with error rate ``e`` reaches ``e + (1 - e) log(1 - e)``; a
+    random ranking gives about ``e``.
+
+    Parameters
+    ----------
+    probs : array_like, (N, C)
+    labels : array_like, (N,)
+    kind : {"max_prob", "entropy"}
+
+    Returns
+    -------
+    float
+        In [0, 1].
+    """
+    curve = risk_coverage(probs, labels, kind)
+    N = _probs_only(probs).shape[0]
+    k_end = np.rint(curve["coverage"] * N).astype(np.int64)
+    k_start = np.r_[0, k_end[:-1]]
+    # each k inside a tie group gets the group's risk
+    return float(np.sum((k_end - k_start) * curve["risk"]) / N)
+
+
+def ood_auroc(probs_in: Any, probs_out: Any, kind: str = "max_prob") -> float:
+    """AUROC of telling in-distribution from out-of-distribution inputs by confidence.
+
+    The probability that a random in-distribution input is more confident than a random
+    out-of-distribution one, ties counting one half (the Mann–Whitney statistic). 0.5 is
+    chance, 1 perfect separation.
+
+    Parameters
+    ----------
+    probs_in : array_like, (N_in, C)
+        Predictive probabilities of in-distribution inputs.
+    probs_out : array_like, (N_out, C')
+        Of out-of-distribution inputs (``C'`` may differ from ``C``).
+    kind : {"max_prob", "entropy"}
+
+    Returns
+    -------
+    float
+        In [0, 1].
+    """
+    s_in = confidence(probs_in, kind)
+    s_out = confidence(probs_out, kind)
+    scores = np.r_[s_in, s_out]
+    ranks = _average_ranks(scores)
+    n_in, n_out = len(s_in), len(s_out)
+    u = ranks[:n_in].sum() - n_in * (n_in + 1) / 2
+    return float(u / (n_in * n_out))
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x`` with ties given their mean rank."""
+    order = np.argsort(x, kind="stable")
+    sorted_x = x[order]
+    ranks = np.empty(len(x), dtype=np.float64)
+    start = 0
+    for end in np.r_[np.nonzero(sorted_x[1:] != sorted_x[:-1])[0] + 1, len(x)]:
+        ranks[order[start:end]] = (start + 1 + end) / 2
+        start = end
+    return ranks
+
+
+def plot_risk_coverage(
+    named_probs: Mapping[str, Any], labels: Any, path: str | Path, kind: str = "max_prob"
+) -> Path:
+    """Write risk–coverage curves of several models into one PNG panel.
+
+    Parameters
+    ----------
+    named_probs : Mapping[str, array_like]
+        Model name -> probs ``(N, C)``, all for the same ``labels``.
+    labels : array_like, (N,)
+    path : str or Path
+        Output file; parent folders are created.
+    kind : {"max_prob", "entropy"}
+
+    Returns
+    -------
+    Path
+        ``path``; the legend gives each model's AURC.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not named_probs:
+        raise ValueError("named_probs is empty: give at least one model's probabilities")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(4.2, 3.4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for name, probs in named_probs.items():
+        curve = risk_coverage(probs, labels, kind)
+        ax.step(curve["coverage"], curve["risk"], where="post",
+                label=f"{name} (AURC {aurc(probs, labels, kind):.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("coverage")
+    ax.set_ylabel("risk (error rate)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
     return path

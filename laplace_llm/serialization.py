@@ -25,6 +25,13 @@ File format ``laplace-llm-posterior`` version 1 (a safetensors file):
 
 safetensors parses only its header and raw buffers, so loading executes nothing; a
 truncated file fails its size check and a corrupted one its checksums.
+
+Beside an adapter: a folder given as the path (a peft adapter folder, a Trainer
+checkpoint) means the file :data:`POSTERIOR_FILENAME` inside it (:func:`posterior_path`),
+so ``la.save(adapter_dir)``, ``LoRALaplace.load(adapter_dir, model)`` and ``laplace-llm
+evaluate --adapter DIR`` meet there. Writing goes to a temporary file that replaces the
+target only when complete, and :func:`check_overwrite` refuses to replace a file that is
+not a posterior of the same LoRA blocks.
 """
 
 from __future__ import annotations
@@ -41,10 +48,22 @@ from safetensors.torch import save_file
 
 from laplace_llm.errors import PosteriorFileError
 
-__all__ = ["write_state", "read_state", "read_posterior", "PosteriorFileError", "FORMAT", "VERSION"]
+__all__ = [
+    "write_state",
+    "read_state",
+    "read_posterior",
+    "PosteriorFileError",
+    "FORMAT",
+    "VERSION",
+    "POSTERIOR_FILENAME",
+    "posterior_path",
+    "check_overwrite",
+]
 
 FORMAT = "laplace-llm-posterior"
 VERSION = 1
+#: Name of the posterior file inside an adapter or checkpoint folder.
+POSTERIOR_FILENAME = "laplace_posterior.safetensors"
 #: State entries stored as tensors; every other entry but ``H`` goes to the JSON header.
 _TENSORS = ("mean", "prior_precision", "prior_mean")
 #: Header entries that files of earlier releases lack, with the value they then take.
@@ -104,7 +123,14 @@ def write_state(state: dict[str, Any], path: str | os.PathLike) -> None:
     header["ranks"] = ranks
     header["shared"] = shared
     header["sha256"] = {k: _digest(v) for k, v in tensors.items()}
-    save_file(tensors, str(path), metadata={"laplace_llm": json.dumps(header)})
+    # a complete file or none: an interrupted write leaves the previous posterior intact
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={"laplace_llm": json.dumps(header)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_state(path: str | os.PathLike) -> dict[str, Any]:
@@ -193,3 +219,63 @@ def read_posterior(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
                 f"'{path}' is corrupted: checksum mismatch in tensor '{name}'."
             )
     return header, tensors
+
+
+def posterior_path(path: str | os.PathLike) -> Path:
+    """Return the posterior file that ``path`` names.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        a posterior file, or a folder (a peft adapter folder, a ``Trainer`` checkpoint),
+        which means the file :data:`POSTERIOR_FILENAME` inside it.
+
+    Returns
+    -------
+    Path
+    """
+    path = Path(path)
+    return path / POSTERIOR_FILENAME if path.is_dir() else path
+
+
+def check_overwrite(path: str | os.PathLike, block_names: list[str], block_shapes: list) -> None:
+    """Refuse to replace ``path`` unless it is absent or a posterior of the same LoRA blocks.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        the file about to be written.
+    block_names : list of str
+        names of the LoRA blocks of the posterior about to be written.
+    block_shapes : list
+        their shapes, ``[[out, in], ...]``.
+
+    Raises
+    ------
+    PosteriorFileError
+        ``path`` exists and is not a readable laplace-llm posterior (e.g. an adapter's
+        weights), or it is the posterior of a model with other LoRA blocks.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise PosteriorFileError(f"'{path}' is a folder; pass the folder itself to `la.save`.")
+    if not path.exists():
+        return
+    try:
+        header, _ = read_posterior(path)
+    except PosteriorFileError as err:
+        raise PosteriorFileError(
+            f"Refusing to overwrite '{path}': it exists and is not a readable laplace-llm "
+            f"posterior ({err}). Write the posterior elsewhere (a folder means its "
+            f"'{POSTERIOR_FILENAME}'), or delete that file first."
+        ) from None
+    theirs = header.get("block_names")
+    their_shapes = [list(s) for s in header.get("block_shapes", [])]
+    if theirs != list(block_names) or their_shapes != [list(s) for s in block_shapes]:
+        n = len(theirs or [])
+        raise PosteriorFileError(
+            f"Refusing to overwrite '{path}': it holds the posterior of another model ({n} "
+            f"LoRA blocks, first {(theirs or [None])[0]!r}; this posterior has "
+            f"{len(block_names)}, first {block_names[0] if block_names else None!r}). Save this "
+            "posterior beside its own adapter, or delete the old file if it is obsolete."
+        )

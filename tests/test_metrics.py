@@ -132,3 +132,71 @@ def test_plot_reliability_writes_png_with_one_panel_per_model(tmp_path):
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert (width, height) == (640, 340)
     assert not math.isnan(ece(tempered, labels))
+
+
+# ---------------------------------------------------------------- selective prediction
+def test_risk_coverage_by_hand():
+    """Confidences .93 (right), .68 (wrong), .62 (right), .34 (wrong) in that order."""
+    from laplace_llm.metrics import risk_coverage
+
+    curve = risk_coverage(PROBS, LABELS)
+    np.testing.assert_allclose(curve["coverage"], [0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(curve["risk"], [0.0, 0.5, 1 / 3, 0.5])
+
+
+def test_aurc_by_hand_and_bounds():
+    """AURC is the mean risk over k = 1..N: (0 + 1/2 + 1/3 + 1/2) / 4."""
+    from laplace_llm.metrics import aurc
+
+    assert aurc(PROBS, LABELS) == pytest.approx((0 + 0.5 + 1 / 3 + 0.5) / 4, abs=1e-12)
+    # a ranking that puts every error last reaches the optimum e + (1 - e) log(1 - e)
+    # only in the limit; for N = 4 with 2 errors it is (0 + 0 + 1/3 + 1/2) / 4
+    perfect = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]])
+    assert aurc(perfect, [0, 0, 1, 1]) == pytest.approx((0 + 0 + 1 / 3 + 1 / 2) / 4)
+    assert aurc(perfect, [1, 1, 0, 0]) == pytest.approx((1 + 1 + 2 / 3 + 1 / 2) / 4)
+
+
+def test_risk_coverage_ties_do_not_depend_on_row_order():
+    """Equal confidences are answered together, so permuting rows changes nothing."""
+    from laplace_llm.metrics import aurc, risk_coverage
+
+    probs = np.array([[0.6, 0.4], [0.6, 0.4], [0.9, 0.1], [0.6, 0.4]])
+    labels = np.array([0, 1, 0, 1])
+    curve = risk_coverage(probs, labels)
+    np.testing.assert_allclose(curve["coverage"], [0.25, 1.0])
+    np.testing.assert_allclose(curve["risk"], [0.0, 0.5])
+    # k = 1: risk 0; k = 2, 3, 4 share the tie group's risk 1/2
+    assert aurc(probs, labels) == pytest.approx((0 + 0.5 * 3) / 4)
+    perm = [3, 1, 2, 0]
+    assert aurc(probs[perm], labels[perm]) == aurc(probs, labels)
+
+
+def test_entropy_confidence_orders_like_negated_entropy():
+    from laplace_llm.metrics import confidence
+
+    h = -(PROBS * np.log(PROBS)).sum(1)
+    np.testing.assert_allclose(confidence(PROBS, "entropy"), -h)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        confidence(PROBS, "margin")
+
+
+def test_ood_auroc_equals_pairwise_count():
+    """Mann–Whitney form against the O(n·m) count of ordered pairs (ties count 1/2)."""
+    from laplace_llm.metrics import confidence, ood_auroc
+
+    rng = np.random.default_rng(0)
+    p_in = rng.dirichlet([0.3] * 4, size=40)
+    p_out = rng.dirichlet([2.0] * 4, size=25)
+    p_out[:3] = p_in[:3]  # some exact ties
+    for kind in ("max_prob", "entropy"):
+        s_in, s_out = confidence(p_in, kind), confidence(p_out, kind)
+        pairs = (s_in[:, None] > s_out[None, :]) + 0.5 * (s_in[:, None] == s_out[None, :])
+        assert ood_auroc(p_in, p_out, kind) == pytest.approx(pairs.mean(), abs=1e-12)
+    assert ood_auroc(p_in, p_in) == pytest.approx(0.5)
+
+
+def test_plot_risk_coverage_writes_png(tmp_path):
+    from laplace_llm.metrics import plot_risk_coverage
+
+    out = plot_risk_coverage({"a": PROBS, "b": PROBS[::-1]}, LABELS, tmp_path / "rc.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

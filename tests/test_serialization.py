@@ -112,3 +112,47 @@ def test_files_of_the_first_release_still_load(fitted, tmp_path):
     batch = next(iter(token_loader(n=3, length=6, seed=2)))
     torch.testing.assert_close(loaded(batch), fitted(batch), rtol=0, atol=0)
     assert loaded.options == fitted.options
+
+
+def test_a_folder_means_its_posterior_file(fitted, tmp_path):
+    """save(folder) writes POSTERIOR_FILENAME inside; load(folder) finds it; an empty
+    folder is named in the error."""
+    from laplace_llm.serialization import POSTERIOR_FILENAME
+
+    path = fitted.save(tmp_path)
+    assert path == tmp_path / POSTERIOR_FILENAME and path.is_file()
+    loaded = LoRALaplace.load(tmp_path, fitted.model)
+    batch = next(iter(token_loader(n=3, length=6, seed=2)))
+    torch.testing.assert_close(loaded(batch), fitted(batch), rtol=0, atol=0)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no posterior"):
+        LoRALaplace.load(empty, fitted.model)
+
+
+def test_saving_over_another_models_posterior_or_an_adapter_is_refused(fitted, tmp_path):
+    """Nothing is written: the other file keeps its bytes. The same model's posterior is
+    replaced (a refit after more training)."""
+    other = LoRALaplace(LLMClassifier(tiny_gpt2_lora(seed=0), TARGET_IDS), "classification",
+                        n_kfac=3, lr_threshold=8)
+    other.fit(token_loader(n=4, length=6))
+    path = other.save(tmp_path)
+    before = path.read_bytes()
+    with pytest.raises(PosteriorFileError, match="posterior of another model"):
+        fitted.save(tmp_path)
+    assert path.read_bytes() == before
+
+    adapter = tmp_path / "adapter_model.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(adapter))
+    weights = adapter.read_bytes()
+    with pytest.raises(PosteriorFileError, match="not a readable laplace-llm posterior"):
+        fitted.save(adapter)
+    assert adapter.read_bytes() == weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, adapter.name])
+
+    mine = tmp_path / "mine.safetensors"
+    fitted.save(mine)
+    fitted.save(mine)  # same blocks: allowed
+    LoRALaplace.load(mine, fitted.model)

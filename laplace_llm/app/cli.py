@@ -180,8 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-trace-share", type=float, default=0.5, metavar="F",
                    help="kron: warn when a large Kronecker factor keeps less than this share "
                    "of its trace at --n-kfac (default: 0.5)")
-    fit.add_argument("--posterior", required=True, metavar="FILE",
-                     help="where to write the posterior (safetensors; folders are created)")
+    fit.add_argument("--posterior", metavar="FILE",
+                     help="where to write the posterior (safetensors; missing folders are "
+                     "created; an existing folder means its laplace_posterior.safetensors). "
+                     "Default: beside the adapter, --adapter/laplace_posterior.safetensors. "
+                     "Under torchrun or accelerate launch every process fits its share of "
+                     "--data and rank 0 writes")
     _add_common(fit)
 
     ev = sub.add_parser(
@@ -193,8 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
         "write metrics.json and reliability.png to --out.",
     )
     _add_model_data(ev)
-    ev.add_argument("--posterior", required=True, metavar="FILE",
-                    help="posterior file written by `laplace-llm fit` (or `la.save`)")
+    ev.add_argument("--posterior", metavar="FILE",
+                    help="posterior file written by `laplace-llm fit` (or `la.save`), or a "
+                    "folder holding laplace_posterior.safetensors. Default: the one beside "
+                    "the adapter, --adapter/laplace_posterior.safetensors")
     ev.add_argument("--out", default="laplace-llm-out", metavar="DIR",
                     help="output folder (default: laplace-llm-out/)")
     ev.add_argument("--mc-samples", type=_positive_int, default=1000, metavar="N",
@@ -245,8 +251,19 @@ def _check_paths(args: argparse.Namespace, posterior_must_exist: bool) -> None:
     data = Path(args.data)
     if not data.is_file():
         raise UserError(f"--data {data}: no such file")
+    from laplace_llm.serialization import POSTERIOR_FILENAME, posterior_path
+
+    if args.posterior is None:
+        if args.adapter is None:
+            raise UserError("--posterior is required without --adapter (the posterior is "
+                            f"otherwise kept beside the adapter, as {POSTERIOR_FILENAME})")
+        args.posterior = args.adapter
+    args.posterior = str(posterior_path(args.posterior))
     if posterior_must_exist and not Path(args.posterior).is_file():
-        raise UserError(f"--posterior {args.posterior}: no such file")
+        beside = Path(args.posterior).name == POSTERIOR_FILENAME
+        raise UserError(f"--posterior {args.posterior}: no such file" + (
+            " (fit one there with `laplace-llm fit --adapter DIR`, or pass --posterior)"
+            if beside else ""))
     if not posterior_must_exist:
         # fail before fitting, not after
         try:
@@ -452,17 +469,67 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def launcher_group() -> tuple[int, int, bool]:
+    """Join the process group of ``torchrun`` / ``accelerate launch``, if launched by one.
+
+    Launchers set ``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; without
+    an initialised group one is created (gloo: the CLI fits on the CPU).
+
+    Returns
+    -------
+    rank, world : int
+        ``(0, 1)`` outside a launcher.
+    created : bool
+        whether this call initialised the group (and should destroy it).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return 0, 1, False
+    import torch.distributed as dist
+
+    created = False
+    if not dist.is_initialized():
+        missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+        if missing:
+            raise UserError(f"WORLD_SIZE={world} but {', '.join(missing)} unset: start several "
+                            "processes with torchrun or accelerate launch, or unset WORLD_SIZE")
+        dist.init_process_group("gloo")
+        created = True
+    return dist.get_rank(), dist.get_world_size(), created
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and args.hessian_structure != "kron":
+        # diag/full fits have no sum across processes
+        raise UserError(f"--hessian-structure {args.hessian_structure} fits in one process "
+                        "only; run it without torchrun/accelerate launch, or use kron")
+    rank, world, created = launcher_group()
+    if rank:  # one voice: the other processes report only warnings and errors
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        return _fit(args, rank, world)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _fit(args: argparse.Namespace, rank: int, world: int) -> int:
     from laplace import Laplace
+    from torch.utils.data import DataLoader, Subset
 
     import laplace_llm  # noqa: F401  (registers subset_of_weights="lora")
-    from laplace_llm.errors import LoRAModelError
+    from laplace_llm.errors import LoRAModelError, PosteriorFileError
+    from laplace_llm.serialization import check_overwrite
 
     _check_paths(args, posterior_must_exist=False)
     if not args.prior_precision > 0:
         raise UserError(f"--prior-precision must be > 0, got {args.prior_precision}")
     if not args.sigma_noise > 0:
         raise UserError(f"--sigma-noise must be > 0, got {args.sigma_noise}")
+    main_process = rank == 0
+    quiet = args.quiet or not main_process
     clf, loader, likelihood = load_classifier(args)
     if args.likelihood is not None and args.likelihood != likelihood:
         raise UserError(
@@ -472,10 +539,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if (args.tune_sigma_noise or args.sigma_noise != 1.0) and likelihood != "regression":
         raise UserError("--sigma-noise and --tune-sigma-noise are for regression (--kind scores)")
     structure = args.hessian_structure
+    n_records = len(loader.dataset)
+    if world > 1:
+        if n_records < world:
+            raise UserError(f"--data has {n_records} records for {world} processes; each "
+                            "process needs at least one")
+        # every rank takes records rank, rank + world, …; fit(distributed=True) sums them
+        loader = DataLoader(Subset(loader.dataset, range(rank, n_records, world)),
+                            batch_size=args.batch_size, collate_fn=loader.collate_fn)
     # diag and full use the K-FAC options' fisher_type and mc_samples only
     kwargs: dict[str, Any] = dict(
         prior_precision=args.prior_precision, options=kfac_options.from_arguments(args),
-        seed=args.seed, lora_modules=args.lora_modules,
+        seed=args.seed + rank,  # independent Monte-Carlo labels on every process
+        lora_modules=args.lora_modules,
     )
     if likelihood == "regression":
         kwargs["sigma_noise"] = args.sigma_noise
@@ -489,9 +565,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise _lora_error(err, args) from None
     except ValueError as err:  # e.g. --max-params exceeded
         raise UserError(_first_line(err)) from None
-    logger.info("fitting %s over %d LoRA weights on %d records of %s", type(la).__name__,
-                la.n_params, len(loader.dataset), args.data)
-    la.fit(loader, progress_bar=not args.quiet)
+    posterior = Path(args.posterior)
+    try:  # before fitting, on every process: a refusal leaves nobody waiting
+        check_overwrite(posterior, [b.name for b in la.blocks], [list(b.shape) for b in la.blocks])
+    except PosteriorFileError as err:
+        raise UserError(f"--posterior: {err}") from None
+    if main_process:
+        logger.info("fitting %s over %d LoRA weights on %d records of %s%s", type(la).__name__,
+                    la.n_params, n_records, args.data,
+                    f" in {world} processes" if world > 1 else "")
+    if world > 1:
+        la.fit(loader, progress_bar=not quiet, distributed=True)
+    else:
+        la.fit(loader, progress_bar=not quiet)
     if args.tune_sigma_noise:
         from laplace_llm.regression import optimize_prior_and_noise
 
@@ -499,16 +585,20 @@ def cmd_fit(args: argparse.Namespace) -> int:
     elif args.prior_optimization == "marglik":
         la.optimize_prior_precision(
             method="marglik", init_prior_prec=args.prior_precision,
-            prior_structure=args.prior_structure, progress_bar=not args.quiet,
+            prior_structure=args.prior_structure, progress_bar=not quiet,
         )
     lml = float(la.log_marginal_likelihood().item())
-    posterior = Path(args.posterior)
+    if not main_process:
+        return 0
     try:
         la.save(posterior)
     except OSError as err:
         raise UserError(f"--posterior {posterior}: cannot write it: {err.strerror or err}") from None
-    print(f"fitted {structure} on {len(loader.dataset)} records ({la.n_params} LoRA weights, "
-          f"{la.n_layers} blocks) in {time.perf_counter() - started:.1f} s")
+    except PosteriorFileError as err:
+        raise UserError(f"--posterior: {err}") from None
+    print(f"fitted {structure} on {la.n_data} records ({la.n_params} LoRA weights, "
+          f"{la.n_layers} blocks) in {time.perf_counter() - started:.1f} s"
+          + (f" by {world} processes" if world > 1 else ""))
     prior = la.prior_precision.detach().reshape(-1)
     prior_text = f"{prior.item():.4g}" if prior.numel() == 1 else (
         f"{prior.numel()} values in [{prior.min().item():.4g}, {prior.max().item():.4g}]")

@@ -294,3 +294,57 @@ def test_fit_structures_module_selection_and_low_rank_warning(causal, tmp_path, 
                "--posterior", tmp_path / "x.post") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "max_params=896" in err[0] and "3.1 MiB each" in err[0]
+
+
+def test_posterior_beside_the_adapter_by_default(causal, tmp_path, capsys):
+    """fit --adapter DIR without --posterior writes DIR/laplace_posterior.safetensors, and
+    evaluate --adapter DIR finds it: the same report as naming the file."""
+    import shutil
+
+    from laplace_llm.serialization import POSTERIOR_FILENAME
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(causal / "adapter", adapter)
+    common = ["--model", causal / "model", "--adapter", adapter,
+              "--data", causal / "data.jsonl", "--batch-size", 4, "--quiet"]
+    assert cli("fit", *common, "--fisher-type", "ggn") == 0
+    assert (adapter / POSTERIOR_FILENAME).is_file()
+    assert cli("evaluate", *common, "--out", tmp_path / "a", "--mc-samples", 20) == 0
+    assert cli("evaluate", *common, "--posterior", adapter / POSTERIOR_FILENAME,
+               "--out", tmp_path / "b", "--mc-samples", 20) == 0
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())["results"]
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())["results"]
+    assert a == b
+    capsys.readouterr()
+    # without --adapter there is nowhere to look
+    assert cli("evaluate", "--model", causal / "model", "--data", causal / "data.jsonl",
+               "--quiet") == 2
+    assert "--posterior is required without --adapter" in capsys.readouterr().err
+
+
+def test_fit_keeps_another_models_posterior(causal, tmp_path, capsys):
+    """A posterior of other LoRA blocks at --posterior is refused before fitting, unchanged."""
+    other = tmp_path / "other.safetensors"
+    base = tiny_causal_lm("llama", seed=0)
+    add_lora(base, seed=0, r=2).save_pretrained(tmp_path / "r2")  # other shapes
+    assert cli("fit", "--model", causal / "model", "--adapter", tmp_path / "r2",
+               "--data", causal / "data.jsonl", "--posterior", other, "--quiet") == 0
+    before = other.read_bytes()
+    capsys.readouterr()
+    assert cli("fit", "--model", causal / "model", "--adapter", causal / "adapter",
+               "--data", causal / "data.jsonl", "--posterior", other, "--quiet") == 2
+    assert "posterior of another model" in capsys.readouterr().err
+    assert other.read_bytes() == before
+
+
+def test_an_incomplete_launcher_environment_is_a_user_error(causal, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    assert cli("fit", "--model", causal / "model", "--adapter", causal / "adapter",
+               "--data", causal / "data.jsonl", "--posterior", tmp_path / "p", "--quiet") == 2
+    assert "torchrun or accelerate launch" in capsys.readouterr().err
+    assert cli("fit", "--model", causal / "model", "--adapter", causal / "adapter",
+               "--data", causal / "data.jsonl", "--posterior", tmp_path / "p",
+               "--hessian-structure", "diag", "--quiet") == 2
+    assert "fits in one process only" in capsys.readouterr().err

@@ -1,0 +1,106 @@
+"""``laplace-llm fit`` under ``torchrun`` and ``accelerate launch``: 2 CPU processes (gloo).
+
+Each process fits its share of the JSONL records (``rank::2``), the curvature is summed
+across processes, and rank 0 writes the posterior once; it must equal the
+single-process fit. The model is float32, so factors summed in another order differ by
+float32 rounding (measured: 1.4e-6 of a factor's largest entry); the bounds below are
+1e-5. ``--n-kfac 64`` exceeds every factor side (32) while ``--lr-threshold 8`` keeps
+the hidden-size factors low-rank, so the gathered roots are truncated exactly.
+
+``accelerate launch``'s own CPU multi-process mode (``--cpu``) needs ``mpirun``; its
+``--multi_gpu`` mode starts processes through ``torch.distributed.run`` and works on a
+machine without GPUs, which is what runs here.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from laplace_llm.app.cli import main
+from laplace_llm.classifier import LLMClassifier
+from laplace_llm.data import make_loader, read_jsonl
+from laplace_llm.lora_laplace import LoRALaplace
+from laplace_llm.serialization import POSTERIOR_FILENAME, read_state
+from tests.app.test_cli import mcqa_records, write_jsonl
+from tests.models import add_lora, tiny_causal_lm, tiny_tokenizer
+from tests.test_distributed import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+FIT = ["--batch-size", "4", "--fisher-type", "ggn", "--n-kfac", "64", "--lr-threshold", "8",
+       "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("launch")
+    base = tiny_causal_lm("llama", seed=0)
+    base.save_pretrained(root / "model")
+    tiny_tokenizer(padding_side="left").save_pretrained(root / "model")
+    add_lora(base, seed=0, r=4).save_pretrained(root / "adapter")
+    write_jsonl(root / "data.jsonl", mcqa_records(11))  # odd: shards of 6 and 5
+    return root
+
+
+def launch(launcher: list[str], folders: Path, adapter: Path, *extra: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [*launcher, "-m", "laplace_llm.app.cli", "fit", "--model", str(folders / "model"),
+           "--adapter", str(adapter), "--data", str(folders / "data.jsonl"), *extra, *FIT]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("wrote ") == 1 and "by 2 processes" in proc.stdout
+
+
+def dense(f):
+    return f["dense"] if "dense" in f else f["root"] @ f["root"].T
+
+
+def assert_same_posterior(path: Path, single_path: Path, folders: Path) -> None:
+    a, b = read_state(single_path), read_state(path)
+    assert b["n_data"] == a["n_data"] == 11
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    torch.testing.assert_close(b["mean"], a["mean"], rtol=0, atol=0)
+    torch.testing.assert_close(b["prior_precision"], a["prior_precision"], rtol=1e-5, atol=0)
+    for Fa, Fb in zip(a["H"], b["H"], strict=True):
+        for fa, fb in zip(Fa, Fb, strict=True):
+            scale = dense(fa).abs().max()
+            torch.testing.assert_close(dense(fb) / scale, dense(fa) / scale, rtol=0, atol=1e-5)
+    # and the loaded posteriors predict alike
+    from peft import PeftModel
+
+    tok = AutoTokenizer.from_pretrained(folders / "model")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folders / "model"),
+                                      folders / "adapter", is_trainable=True).eval()
+    clf = LLMClassifier.from_choices(model, tok, [" A", " B", " C", " D"], center=True)
+    batch = next(iter(make_loader(read_jsonl(folders / "data.jsonl", "mcqa"), tok, 11, "mcqa")))
+    single, multi = LoRALaplace.load(single_path, clf), LoRALaplace.load(path, clf)
+    torch.testing.assert_close(multi(batch), single(batch), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow  # two launches of two processes importing torch + transformers: ~40 s
+def test_torchrun_and_accelerate_launch_fit_equals_one_process(folders, tmp_path):
+    single = tmp_path / "single.safetensors"
+    args = ["fit", "--model", folders / "model", "--adapter", folders / "adapter",
+            "--data", folders / "data.jsonl", "--posterior", single, *FIT]
+    assert main([str(a) for a in args]) == 0
+
+    launch([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2"], folders,
+           folders / "adapter", "--posterior", str(tmp_path / "torchrun.safetensors"))
+    assert_same_posterior(tmp_path / "torchrun.safetensors", single, folders)
+
+    accelerate = shutil.which("accelerate", path=str(BIN)) or shutil.which("accelerate")
+    assert accelerate, "accelerate is a dependency of the hf extra (pip install -e '.[hf]')"
+    # without --posterior: written beside the adapter, where LoRALaplace.load(folder) looks
+    adapter = tmp_path / "adapter_copy"
+    shutil.copytree(folders / "adapter", adapter)
+    launch([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port())], folders, adapter)
+    assert (adapter / POSTERIOR_FILENAME).is_file()
+    assert_same_posterior(adapter / POSTERIOR_FILENAME, single, folders)
