@@ -14,7 +14,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     import laplace  # noqa: F401
 
-from laplace_llm import data, diagnostics, metrics
+from laplace_llm import data, diagnostics, memory, metrics
 from laplace_llm.candidates import CandidateScorer
 from laplace_llm.classifier import LLMClassifier
 from laplace_llm.curvature import LoRAKFAC
@@ -54,6 +54,7 @@ __all__ = [
     "data",
     "diagnostics",
     "metrics",
+    "memory",
     # errors
     "LoRAModelError",
     "NonFiniteError",

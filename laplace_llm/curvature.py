@@ -296,8 +296,16 @@ class LoRAKFAC(CurvatureInterface):
         bad = ~torch.isfinite(f.detach()).all()
         per_module = _per_module_calls(rec, grads)
         dtype = self.factor_dtype()
+        classes = self._input_classes(per_module)
+        if self.share_input_factors:
+            kron.share_(self._same_input_groups(classes))
+        self._check_shared(kron, classes)
+        a_done: set[int] = set()  # input factors already given this batch (shared ones)
         for b, F in zip(self.blocks, kron.kfacs):
             calls = per_module.get(b.module_name, [])
+            add_a = b.kind == "weight" and id(F[1]) not in a_done
+            if add_a and calls:
+                a_done.add(id(F[1]))
             layouts = _has_layouts(calls)
             if layouts:  # columns of A come ready: T_n needs every call of the batch
                 columns = self._layout_columns(calls, N, weights, dtype, f.shape[0])
@@ -316,7 +324,7 @@ class LoRAKFAC(CurvatureInterface):
             for g_cols, a in columns:
                 bad |= ~torch.isfinite(g_cols).all()
                 _accumulate(F[0], g_cols)
-                if b.kind == "weight":
+                if add_a:
                     a_cols = a if layouts else self._a_columns(a, mask, N, dtype)
                     bad |= ~torch.isfinite(a_cols).all()
                     _accumulate(F[1], a_cols)
@@ -327,6 +335,51 @@ class LoRAKFAC(CurvatureInterface):
                 "bf16 or float32) and that the fine-tuned weights are finite."
             )
         return self.factor * loss.detach(), kron
+
+    def _input_classes(self, per_module) -> dict[int, int]:
+        """Weight blocks (by index) mapped to the first block that read the same inputs.
+
+        Same inputs: in every call of the batch, the same tensor (storage, offset, shape,
+        strides) or an equal one. Equality is tested among sibling layers only (one
+        attention or MLP module), which is where it occurs: peft casts a bf16 input to
+        float32 adapters once per adapter, so q/k/v then read equal copies.
+        """
+        classes: dict[int, int] = {}
+        reps: dict[str, list[tuple[int, list[torch.Tensor]]]] = {}
+        for i, b in enumerate(self.blocks):
+            calls = per_module.get(b.module_name)
+            if b.kind != "weight" or not calls:
+                continue
+            inputs = [(a, layout) for a, _, layout in calls]
+            siblings = reps.setdefault(_parent_layer(b), [])
+            for j, theirs in siblings:
+                if _same_inputs(inputs, theirs):
+                    classes[i] = j
+                    break
+            else:
+                siblings.append((i, inputs))
+                classes[i] = i
+        return classes
+
+    def _same_input_groups(self, classes: dict[int, int]) -> list[list[int]]:
+        """Return the groups (two or more block indices) of weight blocks reading the same inputs."""
+        groups: dict[int, list[int]] = {}
+        for i, j in classes.items():
+            groups.setdefault(j, []).append(i)
+        return [g for g in groups.values() if len(g) > 1]
+
+    def _check_shared(self, kron: LowRankKron, classes: dict[int, int]) -> None:
+        """Refuse a batch in which blocks sharing an input factor read different inputs."""
+        owner: dict[int, int] = {}
+        for i, F in enumerate(kron.kfacs):
+            if i not in classes:
+                continue
+            if owner.setdefault(id(F[1]), classes[i]) != classes[i]:
+                raise ValueError(
+                    f"Block '{self.blocks[i].name}' shares its input factor with another "
+                    "block, but the two layers read different inputs in this batch. Fit "
+                    "with share_input_factors=False."
+                )
 
     def _a_columns(self, a, mask, N, dtype) -> torch.Tensor:
         """Input columns ``(n_cols, d_in)`` whose outer products sum to ``A``."""
@@ -480,6 +533,41 @@ def _per_module_calls(rec: ModuleRecorder, grads: list[list[torch.Tensor]]):
             per_module.setdefault(name, []).append((a, [g[j] for g in grads], layout))
             j += 1
     return per_module
+
+
+def _tensor_identity(t: torch.Tensor) -> tuple:
+    """Return what makes two live tensors views of the same values."""
+    return (t.device, t.dtype, t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+
+
+def _same_tensor(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return _tensor_identity(x) == _tensor_identity(y) or (
+        x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y)
+    )
+
+
+def _same_inputs(a: list, b: list) -> bool:
+    """Whether two modules' ``(input, layout)`` calls are the same tensors or equal ones."""
+    if len(a) != len(b):
+        return False
+    for (x, lx), (y, ly) in zip(a, b):
+        if not _same_tensor(x, y):
+            return False
+        if (lx is None) != (ly is None):
+            return False
+        if lx is not None and lx is not ly and not (
+            _same_tensor(lx.mask, ly.mask) and _same_tensor(lx.example, ly.example)
+        ):
+            return False
+    return True
+
+
+def _parent_layer(block: KronBlock) -> str:
+    """Name of the module holding the block's layer (``…layers.3.self_attn`` for q_proj)."""
+    layer = block.module_name
+    if block.role in ("lora_A", "lora_B"):
+        layer = layer.rsplit("." + block.role, 1)[0]
+    return layer.rpartition(".")[0]
 
 
 def _has_layouts(calls) -> bool:

@@ -38,10 +38,15 @@ def all_reduce_kron(kron: LowRankKron, group=None) -> LowRankKron:
         ``kron``, now holding the sum.
     """
     world = dist.get_world_size(group)
+    done: dict[int, object] = {}  # a shared factor is reduced once (in place: not twice!)
     for F in kron.kfacs:
         for j, f in enumerate(F):
+            if id(f) in done:
+                F[j] = done[id(f)]
+                continue
             if not isinstance(f, LowRankFactor):
                 dist.all_reduce(f, op=dist.ReduceOp.SUM, group=group)
+                done[id(f)] = f
                 continue
             f.compress_()
             width = torch.tensor([f.root.shape[1]], device=f.device)
@@ -58,4 +63,5 @@ def all_reduce_kron(kron: LowRankKron, group=None) -> LowRankKron:
                 trace = trace.clone()
                 dist.all_reduce(trace, op=dist.ReduceOp.SUM, group=group)
             F[j] = LowRankFactor(compress_root(torch.cat(roots, 1), f.rank), f.rank, f.chunk, trace)
+            done[id(f)] = F[j]
     return kron

@@ -316,7 +316,11 @@ class LoRALaplace(KronLaplace):
 
     @staticmethod
     def _rescale_A(kron: LowRankKron, factor: float) -> LowRankKron:
-        return LowRankKron([[F[0], F[1] * factor] if len(F) == 2 else list(F) for F in kron.kfacs])
+        # map each distinct A once, so that a shared input factor stays shared
+        scaled = kron.map_factors(lambda f, n: f * factor)
+        return LowRankKron(
+            [[F[0], S[1]] if len(F) == 2 else list(F) for F, S in zip(kron.kfacs, scaled.kfacs)]
+        )
 
     # -------------------------------------------------------------- posterior
     @property
@@ -340,14 +344,13 @@ class LoRALaplace(KronLaplace):
         return delta @ self.posterior_precision.bmm(delta, exponent=1)
 
     def posterior_nbytes(self) -> int:
-        """Bytes held by the fitted curvature factors and their eigendecomposition."""
+        """Bytes held by the fitted curvature factors and their eigendecomposition.
+
+        A shared input factor (``share_input_factors``) and its eigenpairs count once;
+        :func:`laplace_llm.memory.posterior_bytes` predicts this number from the shapes.
+        """
         self._check_H_init()
-        eig = sum(
-            t.numel() * t.element_size()
-            for qs, ls in zip(self.H.eigenvectors, self.H.eigenvalues)
-            for t in (*qs, *ls)
-        )
-        return self.H_facs.nbytes() + eig
+        return self.H_facs.nbytes() + self.H.nbytes()
 
     def low_rank_report(self, n_leading: int = 5) -> list:
         """Report how much of each large factor the rank ``n_kfac`` keeps.

@@ -32,6 +32,13 @@ with remainders, ``G ⊗ A`` has the four eigenspaces kept ⊗ kept, kept ⊗ re
 rest ⊗ kept and rest ⊗ rest (eigenvalues ``λ_G λ_A``, ``λ_G ρ_A``, ``ρ_G λ_A``,
 ``ρ_G ρ_A``) and the same formulas hold space by space. :class:`LowRankKronDecomposed`
 evaluates them in ``O(d·k·r)`` per block.
+
+*Shared factors.* Blocks whose layers read the same input (the ``lora_A`` of ``q``,
+``k`` and ``v`` of one attention layer) have the same input factor ``A``. They may hold
+the very same factor object: it is accumulated, stored, eigendecomposed and counted
+once. Every operation of :class:`LowRankKron` keeps such sharing (it maps each distinct
+factor object once), and :meth:`LowRankKron.to_state` writes a shared factor once and
+``{"same_as": [i, j]}`` (block ``i``, factor ``j``, an earlier entry) for the others.
 """
 
 from __future__ import annotations
@@ -125,10 +132,12 @@ class LowRankFactor:
     rank : int
         rank ``k`` kept (``n_kfac``); ``rank ≥ d`` keeps the factor exact.
     chunk : int, optional
-        columns gathered before a truncation; default ``max(2·rank, 64)``. The cost
-        per column is ``O(d·(rank + chunk)²/chunk + (rank + chunk)³/chunk)``; measured
-        on a 2-core CPU at d = 1024, rank 16, the 64-column chunk cut the update time
-        to a quarter of a 128-column one (eigh of the small Gram matrix dominates).
+        columns gathered before a truncation; default ``max(2·rank, 32)``. The cost
+        per column is ``O(d·(rank + chunk)²/chunk + (rank + chunk)³/chunk)`` plus a
+        fixed cost per truncation (one small ``eigh``), smallest near ``chunk ≈ 2·rank``:
+        measured on a 2-core CPU at d = 512, rank 16, streaming 8 × 256 columns took
+        31 ms with 32-column chunks, 61 ms with 64 and 45 ms with 16 (at d = 1024, 64
+        columns took a quarter of the time of 128).
     exact_trace : torch.Tensor, optional
         trace of the exact (untruncated) factor: a scalar kept up to date by
         ``append_``, ``+`` and ``*`` (the sum of squared norms of every column ever
@@ -146,7 +155,7 @@ class LowRankFactor:
     ):
         self.root = root
         self.rank = int(rank)
-        self.chunk = int(chunk) if chunk is not None else max(2 * self.rank, 64)
+        self.chunk = int(chunk) if chunk is not None else max(2 * self.rank, 32)
         self.exact_trace = exact_trace
 
     @classmethod
@@ -309,6 +318,12 @@ def _factor_eigh(f: Factor) -> tuple[torch.Tensor, torch.Tensor]:
     return lam.clamp(min=0.0), q
 
 
+def _is_empty(f: Factor) -> bool:
+    if isinstance(f, LowRankFactor):
+        return f.root.shape[1] == 0
+    return not bool(f.any())
+
+
 def _block_numel(block: Sequence[Factor]) -> int:
     n = 1
     for f in block:
@@ -368,23 +383,96 @@ class LowRankKron:
             )
         return cls(kfacs)
 
-    def to_state(self) -> list[list[dict[str, torch.Tensor | int]]]:
-        """Plain representation: per block, per factor ``{"dense": F}`` or ``{"root": R, "rank": k}``.
+    def map_factors(self, fn) -> LowRankKron:
+        """Return a new curvature with ``fn(factor, n_factors_of_block)`` per factor.
 
-        A low-rank factor whose exact trace is known also holds ``"exact_trace"`` (a
+        Each distinct factor object is mapped once, so shared factors stay shared.
+        """
+        memo: dict[int, Factor] = {}
+        out = []
+        for F in self.kfacs:
+            row = []
+            for f in F:
+                key = id(f)
+                if key not in memo:
+                    memo[key] = fn(f, len(F))
+                row.append(memo[key])
+            out.append(row)
+        return LowRankKron(out)
+
+    def unique_factors(self) -> list[Factor]:
+        """Every distinct factor object once, in block order."""
+        seen: dict[int, Factor] = {}
+        for F in self.kfacs:
+            for f in F:
+                seen.setdefault(id(f), f)
+        return list(seen.values())
+
+    def share_(self, groups: Sequence[Sequence[int]], j: int = 1) -> LowRankKron:
+        """Make factor ``j`` of the blocks of each group one object, in place.
+
+        Only empty factors are linked (nothing accumulated yet): a group whose factors
+        already hold different objects with data is left as it is, which stays correct,
+        merely not shared.
+
+        Parameters
+        ----------
+        groups : sequence of sequence of int
+            block indices whose factor ``j`` is the same matrix (e.g. the input factor
+            of layers that read the same input).
+        j : int, default 1
+            which factor (1: the input side ``A`` of ``G ⊗ A``).
+        """
+        for group in groups:
+            first = self.kfacs[group[0]][j]
+            others = [b for b in group[1:] if self.kfacs[b][j] is not first]
+            if others and all(_is_empty(self.kfacs[b][j]) for b in [group[0], *others]):
+                for b in others:
+                    self.kfacs[b][j] = first
+        return self
+
+    def to_state(self) -> list[list[dict[str, torch.Tensor | int]]]:
+        """Plain representation: per block, per factor ``{"dense": F}``, ``{"root": R, "rank": k}``.
+
+        or ``{"same_as": [i, j]}`` for a factor shared with factor ``j`` of an earlier block
+        ``i``. A low-rank factor whose exact trace is known also holds ``"exact_trace"`` (a
         ``(1,)`` tensor, see :class:`LowRankFactor`). Holds tensors and ints only, so
         ``torch.load(weights_only=True)`` reads it and :mod:`laplace_llm.serialization`
         maps it to named tensors.
         """
-        return [[_factor_state(f) for f in F] for F in self.kfacs]
+        first: dict[int, list[int]] = {}
+        state = []
+        for i, F in enumerate(self.kfacs):
+            row = []
+            for j, f in enumerate(F):
+                if id(f) in first:
+                    row.append({"same_as": list(first[id(f)])})
+                    continue
+                first[id(f)] = [i, j]
+                row.append(_factor_state(f))
+            state.append(row)
+        return state
 
     @classmethod
     def from_state(cls, state: list[list[dict[str, torch.Tensor | int]]], devices=None) -> LowRankKron:
         """Inverse of :meth:`to_state`; ``devices`` (one per block) moves the factors."""
         devices = [None] * len(state) if devices is None else devices
-        return cls(
-            [[_factor_from_state(f, device) for f in F] for F, device in zip(state, devices)]
-        )
+        kfacs: list[list[Factor]] = []
+        for i, (F, device) in enumerate(zip(state, devices)):
+            row: list[Factor] = []
+            for j, f in enumerate(F):
+                if "same_as" in f:
+                    si, sj = (int(v) for v in f["same_as"])
+                    if (si, sj) >= (i, j) or "same_as" in state[si][sj]:
+                        raise ValueError(
+                            f"Factor {i}.{j} refers to {si}.{sj}, which is not an earlier "
+                            "stored factor."
+                        )
+                    row.append(kfacs[si][sj] if si < i else row[sj])
+                else:
+                    row.append(_factor_from_state(f, device))
+            kfacs.append(row)
+        return cls(kfacs)
 
     def __len__(self) -> int:
         """Return the number of blocks."""
@@ -394,17 +482,23 @@ class LowRankKron:
         """Return the blockwise sum (low-rank factors truncated)."""
         if not isinstance(other, LowRankKron) or len(other) != len(self):
             raise ValueError("Can only add a LowRankKron with the same blocks.")
-        return LowRankKron(
-            [[f + g for f, g in zip(F, G)] for F, G in zip(self.kfacs, other.kfacs)]
-        )
+        memo: dict[tuple[int, int], Factor] = {}
+        out = []
+        for F, G in zip(self.kfacs, other.kfacs):
+            row = []
+            for f, g in zip(F, G):
+                key = (id(f), id(g))
+                if key not in memo:
+                    memo[key] = f + g
+                row.append(memo[key])
+            out.append(row)
+        return LowRankKron(out)
 
     def __mul__(self, scalar: float | torch.Tensor) -> LowRankKron:
         """Return the curvature scaled by ``scalar``."""
         # spread the scalar over the factors so that each block is scaled once
         scalar = float(scalar)
-        return LowRankKron(
-            [[_factor_scale(f, scalar ** (1 / len(F))) for f in F] for F in self.kfacs]
-        )
+        return self.map_factors(lambda f, n: _factor_scale(f, scalar ** (1 / n)))
 
     __radd__ = __add__
     __rmul__ = __mul__
@@ -416,10 +510,9 @@ class LowRankKron:
 
     def compress_(self) -> LowRankKron:
         """Truncate every low-rank factor to its rank now (in place)."""
-        for F in self.kfacs:
-            for f in F:
-                if isinstance(f, LowRankFactor):
-                    f.compress_()
+        for f in self.unique_factors():
+            if isinstance(f, LowRankFactor):
+                f.compress_()
         return self
 
     def decompose(self, damping: bool = False, remainder: bool = False) -> LowRankKronDecomposed:
@@ -435,8 +528,12 @@ class LowRankKron:
             zero. Dense factors are exact and have no complement.
         """
         eigvecs, eigvals, sides, rests = [], [], [], []
+        memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for F in self.kfacs:
-            ls, qs = zip(*(_factor_eigh(f) for f in F))
+            for f in F:
+                if id(f) not in memo:  # a shared factor is decomposed once
+                    memo[id(f)] = _factor_eigh(f)
+            ls, qs = zip(*(memo[id(f)] for f in F))
             eigvals.append(list(ls))
             eigvecs.append(list(qs))
             sides.append([f.shape[0] for f in F])
@@ -479,12 +576,11 @@ class LowRankKron:
         return torch.block_diag(*blocks)
 
     def nbytes(self) -> int:
-        """Return the bytes held by the factors."""
-        total = 0
-        for F in self.kfacs:
-            for f in F:
-                total += f.nbytes() if isinstance(f, LowRankFactor) else f.numel() * f.element_size()
-        return total
+        """Return the bytes held by the factors (a shared factor counted once)."""
+        return sum(
+            f.nbytes() if isinstance(f, LowRankFactor) else f.numel() * f.element_size()
+            for f in self.unique_factors()
+        )
 
 
 def _kron_apply(F: list[Factor], W: torch.Tensor) -> torch.Tensor:
@@ -745,6 +841,14 @@ class LowRankKronDecomposed:
         self.deltas = self.deltas.detach()
         self.tau = self.tau.detach()
         return self
+
+    def nbytes(self) -> int:
+        """Return the bytes of the eigenpairs (those of a shared factor counted once)."""
+        seen: dict[int, torch.Tensor] = {}
+        for qs, ls in zip(self.eigenvectors, self.eigenvalues):
+            for t in (*qs, *ls):
+                seen.setdefault(id(t), t)
+        return sum(t.numel() * t.element_size() for t in seen.values())
 
     def logdet(self) -> torch.Tensor:
         """``log det P`` summed over blocks."""

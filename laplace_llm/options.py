@@ -110,9 +110,17 @@ class KFACOptions:
         Sampled labels per example of ``fisher_type="mc"``.
     kfac_approx : KFACApprox, default "expand"
         How K-FAC treats the sequence axis.
-    truncation : Truncation, default "isotropic"
-        What a low-rank factor keeps of the directions beyond its rank: the mean of
-        the discarded eigenvalues (``"isotropic"``) or nothing (``"prior"``).
+    truncation: Truncation = dataclasses.field(
+        default=Truncation.ISOTROPIC,
+        metadata=_option(
+            "directions a low-rank factor discards: keep their mean eigenvalue "
+            "(isotropic) or leave them to the prior"
+        ),
+    )
+    share_input_factors: bool = dataclasses.field(
+        default=True,
+        metadata=_option(
+            "one input factor for LoRA layers that read the same input (q/k/v, gate/up)"
 
     Raises
     ------
@@ -146,6 +154,12 @@ class KFACOptions:
         metadata=_option(
             "directions a low-rank factor discards: keep their mean eigenvalue "
             "(isotropic) or leave them to the prior"
+        ),
+    )
+    share_input_factors: bool = dataclasses.field(
+        default=True,
+        metadata=_option(
+            "one input factor for LoRA layers that read the same input (q/k/v, gate/up)"
         ),
     )
 

@@ -16,10 +16,12 @@ File format ``laplace-llm-posterior`` version 1 (a safetensors file):
   ``hessian_structure`` (absent = "kron"), ``lora_modules``, ``likelihood``,
   ``temperature``, ``damping``, ``dict_key_x``/``dict_key_y``, the fitted scalars
   (``loss``, ``n_data``, ``n_outputs``, ``sigma_noise``), the LoRA block names and
-  shapes, the rank of each low-rank factor (``ranks``, keyed ``"i.j"``), and a SHA-256
-  of every tensor's bytes. ``sigma_noise``, ``enable_backprop``, ``cls_name``,
-  ``hessian_structure`` and ``lora_modules`` are absent from files of earlier releases
-  and then take their defaults (laplace-torch's, "kron", every LoRA layer).
+  shapes, the rank of each low-rank factor (``ranks``, keyed ``"i.j"``), the factors
+  stored once for several blocks (``shared``: ``"i.j"`` to the ``[i', j']`` of the
+  stored factor), and a SHA-256 of every tensor's bytes. ``sigma_noise``,
+  ``enable_backprop``, ``cls_name``, ``hessian_structure``, ``lora_modules`` and
+  ``shared`` are absent from files of earlier releases and then take their defaults
+  (laplace-torch's, "kron", every LoRA layer, nothing shared).
 
 safetensors parses only its header and raw buffers, so loading executes nothing; a
 truncated file fails its size check and a corrupted one its checksums.
@@ -99,12 +101,15 @@ def write_state(state: dict[str, Any], path: str | os.PathLike) -> None:
         "prior_precision": state["prior_precision"].detach(),
         "prior_mean": torch.as_tensor(state["prior_mean"]).detach().reshape(-1),
     }
-    ranks = {}
+    ranks, shared = {}, {}
     if isinstance(state["H"], torch.Tensor):  # diag (P,) or full (P, P)
         tensors["H"] = state["H"].detach()
     else:  # LowRankKron.to_state()
         for i, F in enumerate(state["H"]):
             for j, f in enumerate(F):
+                if "same_as" in f:
+                    shared[f"{i}.{j}"] = [int(v) for v in f["same_as"]]
+                    continue
                 for key, value in f.items():
                     if isinstance(value, torch.Tensor):
                         tensors[f"H.{i}.{j}.{key}"] = value
@@ -116,6 +121,7 @@ def write_state(state: dict[str, Any], path: str | os.PathLike) -> None:
         {k: _plain(v) for k, v in state.items() if k not in _TENSORS and k != "H"}
     )
     header["ranks"] = ranks
+    header["shared"] = shared
     header["sha256"] = {k: _digest(v) for k, v in tensors.items()}
     # a complete file or none: an interrupted write leaves the previous posterior intact
     path = Path(path)
@@ -135,8 +141,9 @@ def read_state(path: str | os.PathLike) -> dict[str, Any]:
     """
     header, tensors = read_posterior(path)
     state = {**_DEFAULTS, **header}
-    for key in ("format", "version", "ranks", "sha256"):
-        del state[key]
+    for key in ("format", "version", "ranks", "sha256", "shared"):
+        state.pop(key, None)
+    shared = header.get("shared", {})
     for key in _TENSORS:
         state[key] = tensors[key]
     try:
@@ -144,7 +151,12 @@ def read_state(path: str | os.PathLike) -> dict[str, Any]:
             state["H"] = tensors["H"]
         else:
             state["H"] = [
-                [_factor_state(tensors, header["ranks"], i, j) for j in range(len(shape))]
+                [
+                    {"same_as": shared[f"{i}.{j}"]}
+                    if f"{i}.{j}" in shared
+                    else _factor_state(tensors, header["ranks"], i, j)
+                    for j in range(len(shape))
+                ]
                 for i, shape in enumerate(header["block_shapes"])
             ]
     except KeyError as err:

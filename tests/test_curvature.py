@@ -145,3 +145,124 @@ def test_padding_does_not_change_the_fit():
     for F, G in zip(fits[0].H_facs.kfacs, fits[1].H_facs.kfacs):
         for f, g in zip(F, G):
             torch.testing.assert_close(dense(f), dense(g))
+
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def shared_and_separate(lr_threshold, n_kfac, **fit_kwargs):
+    model = LLMClassifier(tiny_llama_lora(seed=3, dtype=DT, target_modules=ALL_LINEAR), TARGET_IDS)
+    loader = torch.utils.data.DataLoader(
+        DictDataset(token_items(9, 7, seed=4, min_length=3)), batch_size=4
+    )
+    fits = []
+    for share in (True, False):
+        la = LoRALaplace(model, "classification", fisher_type="ggn", n_kfac=n_kfac,
+                         lr_threshold=lr_threshold, share_input_factors=share, **fit_kwargs)
+        la.fit(loader)
+        fits.append(la)
+    return model, loader, fits
+
+
+@pytest.mark.parametrize("lr_threshold", [0, 128], ids=["lowrank", "dense"])
+def test_shared_input_factor_equals_separate_factors_at_full_rank(lr_threshold):
+    """q/k/v (and gate/up) lora_A read one input: one A factor object serves them all.
+
+    The shared factor receives the very same columns as each separate one, in the same
+    order, so factors, log det, evidence and GLM predictive must be *bit-equal*, not
+    merely close; the bytes drop by exactly the duplicated factors and eigenpairs.
+    """
+    _, _, (shared, separate) = shared_and_separate(lr_threshold, n_kfac=64)
+    blocks = shared.blocks
+    reads = {"q_proj": "x", "k_proj": "x", "v_proj": "x", "o_proj": "attn", "gate_proj": "h",
+             "up_proj": "h", "down_proj": "act"}  # which input each projection reads
+    groups = {}
+    for i, b in enumerate(blocks):
+        if b.role == "lora_A" and b.kind == "weight":
+            proj = b.module_name.split(".")[-3]
+            layer = b.module_name.split(".layers.")[1].split(".")[0]
+            groups.setdefault((layer, reads[proj]), []).append(i)
+    # 2 layers × {q,k,v}, {gate,up}, {o}, {down}
+    assert sorted(len(g) for g in groups.values()) == [1, 1, 1, 1, 2, 2, 3, 3]
+    for g in groups.values():
+        objs = {id(shared.H_facs.kfacs[i][1]) for i in g}
+        assert len(objs) == 1
+        assert len({id(separate.H_facs.kfacs[i][1]) for i in g}) == len(g)
+    for F, G in zip(shared.H_facs.kfacs, separate.H_facs.kfacs, strict=True):
+        for f, g in zip(F, G):
+            assert torch.equal(dense(f), dense(g))
+    assert torch.equal(shared.log_marginal_likelihood(), separate.log_marginal_likelihood())
+    batch = next(iter(torch.utils.data.DataLoader(DictDataset(token_items(3, 7, seed=8)), batch_size=3)))
+    assert torch.equal(shared(batch), separate(batch))
+    f_s, v_s = shared._glm_predictive_distribution(batch)
+    f_p, v_p = separate._glm_predictive_distribution(batch)
+    assert torch.equal(v_s, v_p)
+    # bytes: each group of g members saves (g − 1) input factors and their eigenpairs
+    d = blocks[0].shape[1]
+    per_A = (d * min(64, d) * 8) if lr_threshold == 0 else d * d * 8  # root / dense
+    per_eig = (d * d + d) * 8  # full rank: Q (d × d) and λ (d)
+    saved = sum(len(g) - 1 for g in groups.values()) * (per_A + per_eig)
+    assert separate.posterior_nbytes() - shared.posterior_nbytes() == saved
+
+
+def test_shared_input_factor_survives_save_load_and_adding_fits(tmp_path):
+    """The file stores a shared factor once; loading and ``fit(override=False)`` keep it
+    shared and the posterior equal. Tolerance 1e-12 relative (float64): the file holds
+    contiguous copies of the roots, and a matmul of a contiguous root rounds differently
+    from one of the strided original."""
+    model, loader, (shared, separate) = shared_and_separate(0, n_kfac=64)
+    shared.save(tmp_path / "p.safetensors")
+    back = LoRALaplace.load(tmp_path / "p.safetensors", model)
+    from laplace_llm.serialization import read_posterior
+
+    header, tensors = read_posterior(tmp_path / "p.safetensors")
+    assert len(header["shared"]) == 2 * (2 + 1)  # per layer: k, v (to q) and up (to gate)
+    stored = sum(k.startswith("H.") and k.endswith((".root", ".dense")) for k in tensors)
+    assert stored == sum(len(F) for F in shared.H_facs.kfacs) - 6
+    for F, G in zip(back.H_facs.kfacs, shared.H_facs.kfacs):
+        for f, g in zip(F, G):
+            torch.testing.assert_close(dense(f), dense(g), rtol=1e-12, atol=1e-16)
+    assert len({id(F[1]) for F in back.H_facs.kfacs if len(F) == 2}) == len(
+        {id(F[1]) for F in shared.H_facs.kfacs if len(F) == 2}
+    )
+    torch.testing.assert_close(
+        back.log_marginal_likelihood(), shared.log_marginal_likelihood(), rtol=1e-12, atol=0
+    )
+    for la in (shared, separate):
+        la.fit(loader, override=False)
+    for F, G in zip(shared.H_facs.kfacs, separate.H_facs.kfacs):
+        for f, g in zip(F, G):
+            torch.testing.assert_close(dense(f), dense(g), rtol=1e-12, atol=1e-14)
+    assert shared.H_facs.kfacs[0][1] is shared.H_facs.kfacs[2][1]  # q.lora_A, k.lora_A
+
+
+def test_bf16_model_shares_the_input_factor_of_equal_float32_copies():
+    """peft casts a bf16 layer input to its float32 adapters once per adapter, so q/k/v
+    read *equal* copies, not one tensor: they still share one input factor, and the fit
+    is bit-equal to separate factors (the same columns in the same order)."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.models import tiny_causal_lm
+
+    base = tiny_causal_lm("llama", seed=5, dtype=torch.bfloat16)
+    torch.manual_seed(5)
+    config = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"], lora_dropout=0.0,
+                        init_lora_weights=False)
+    model = LLMClassifier(get_peft_model(base, config).eval(), TARGET_IDS)
+    lora_dtypes = {p.dtype for n, p in model.named_parameters() if "lora_A" in n}
+    assert lora_dtypes == {torch.float32}  # what makes the copies
+    loader = torch.utils.data.DataLoader(DictDataset(token_items(8, 6, seed=6)), batch_size=4)
+    fits = []
+    for share in (True, False):
+        la = LoRALaplace(model, "classification", n_kfac=64, lr_threshold=0, seed=0,
+                         share_input_factors=share)
+        la.fit(loader)
+        fits.append(la)
+    shared, separate = fits
+    kfacs = shared.H_facs.kfacs
+    a_blocks = [i for i, b in enumerate(shared.blocks) if b.role == "lora_A"]
+    assert len({id(kfacs[i][1]) for i in a_blocks}) == 2  # one per layer
+    for F, G in zip(kfacs, separate.H_facs.kfacs):
+        for f, g in zip(F, G):
+            assert torch.equal(dense(f), dense(g))
+    assert torch.equal(shared.log_marginal_likelihood(), separate.log_marginal_likelihood())

@@ -2,7 +2,7 @@
 
 A fit with ``lr_threshold`` above every side keeps every factor dense and exact: its
 trace and eigenvalues are the reference. When all of a factor's columns arrive in one
-chunk (``≤ n_kfac + max(2·n_kfac, 64)`` columns) the kept root is the best rank-k
+chunk (``≤ n_kfac + max(2·n_kfac, 32)`` columns) the kept root is the best rank-k
 truncation, so the kept eigenvalues and ranks equal the dense ones (1e-8 relative,
 float64 eigh of a Gram matrix); with many chunks they are bounded by them (Weyl).
 """

@@ -20,7 +20,14 @@ from laplace_llm.matrix import LowRankFactor
 from tests.batches import TARGET_IDS, DictDataset, token_items, token_loader
 from tests.models import tiny_gpt2_lora, tiny_llama_lora
 
-BUILDERS = {"llama": tiny_llama_lora, "gpt2": tiny_gpt2_lora}
+BUILDERS = {
+    "llama": tiny_llama_lora,
+    "gpt2": tiny_gpt2_lora,
+    # q/k/v and gate/up read one input each: their lora_A share one input factor
+    "llama-all-linear": lambda **kw: tiny_llama_lora(
+        target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                        "down_proj"), **kw),
+}
 
 
 def classifier(family="llama", dtype=torch.float64, seed=0, **kwargs):
@@ -71,7 +78,7 @@ def test_registered_with_laplace_factory():
     assert laplace_llm.LoRALaplace is LoRALaplace
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "llama-all-linear"])
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 @pytest.mark.parametrize("lr_threshold", [0, 128], ids=["lowrank", "dense"])
 def test_full_rank_equals_laplace_torch_kron(family, approx, lr_threshold):

@@ -58,3 +58,127 @@ def test_posterior_of_a_4096_lora_pair_holds_under_one_percent_of_dense_factors(
     # just before a truncation, 4096 × (16 + 2·128) = 1114112 elements (measured), a
     # fifteenth of 4096²; the frozen base weight existed before fit and is not counted
     assert probe.largest <= D * (16 + 2 * 128) < D * D / 15
+
+
+# ---------------------------------------------------------------- memory model
+# laplace_llm.memory.posterior_bytes against the bytes the posteriors really hold, on
+# a small Llama with grouped-query attention (k/v narrower than q) and every factor
+# kind: hidden 256 > lr_threshold (low-rank), intermediate 384, r = 4 (dense).
+
+import pytest  # noqa: E402
+from laplace import Laplace  # noqa: E402
+from transformers import LlamaConfig  # noqa: E402
+
+from laplace_llm import LLMClassifier, memory  # noqa: E402
+from tests.batches import TARGET_IDS, token_loader  # noqa: E402
+from tests.models import add_lora  # noqa: E402
+
+SMALL = dict(hidden_size=256, intermediate_size=384, num_attention_heads=4,
+             num_key_value_heads=2, num_hidden_layers=2, vocab_size=100)
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def small_llama(targets):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMALL)).eval()
+    return LLMClassifier(add_lora(model, r=4, target_modules=targets), TARGET_IDS)
+
+
+def tensor_bytes(ts):
+    seen = {id(t): t for t in ts}
+    return sum(t.numel() * t.element_size() for t in seen.values())
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ALL_LINEAR], ids=["qv", "all"])
+@pytest.mark.parametrize("share", [True, False])
+def test_posterior_bytes_formula_equals_measured_lora_laplace(targets, share):
+    """Exact integer equality: the formula counts the tensors the fit keeps.
+
+    The formula assumes the data span ``n_kfac`` directions of every factor. The last
+    layer's query gradients are non-zero at the last position only (one column per
+    sequence under ``fisher_type="mc"``), so the data set has more sequences (24) than
+    ``n_kfac``."""
+    clf = small_llama(targets)
+    loader = token_loader(n=24, length=6, batch_size=8)
+    for n_kfac in (8, 16):
+        la = LoRALaplace(clf, "classification", n_kfac=n_kfac, share_input_factors=share)
+        la.fit(loader)
+        predicted = memory.posterior_bytes(SMALL, targets, r=4, n_kfac=n_kfac,
+                                           share_input_factors=share)
+        assert la.posterior_nbytes() == predicted
+
+
+@pytest.mark.parametrize("structure", ["kron", "full", "diag"])
+def test_posterior_bytes_formula_equals_measured_laplace_torch(structure):
+    clf = small_llama(["q_proj", "v_proj"]) if structure != "full" else None
+    if structure == "full":  # P² floats: a one-layer model keeps this small (P = 2048);
+        # eager attention: the GGN of "full" uses forward-mode AD, which SDPA lacks on CPU
+        from transformers import LlamaForCausalLM
+
+        torch.manual_seed(0)
+        cfg = {**SMALL, "num_hidden_layers": 1}
+        clf = LLMClassifier(
+            add_lora(LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="eager")).eval(),
+                     r=4, target_modules=["q_proj"]),
+            TARGET_IDS,
+        )
+    la = Laplace(clf, "classification", subset_of_weights="all", hessian_structure=structure)
+    la.fit(token_loader(n=8, length=6, batch_size=4))
+    if structure == "kron":
+        ts = [t for F in la.H_facs.kfacs for t in F]
+        ts += [t for qs, ls in zip(la.H.eigenvectors, la.H.eigenvalues) for t in (*qs, *ls)]
+        predicted = memory.posterior_bytes(SMALL, ["q_proj", "v_proj"], r=4, method="kron")
+    elif structure == "full":
+        la.posterior_scale  # noqa: B018  (cached by the first prediction)
+        ts = [la.H, la._posterior_scale]
+        predicted = memory.posterior_bytes(cfg, ["q_proj"], r=4, method="full")
+    else:
+        ts = [la.H]
+        predicted = memory.posterior_bytes(SMALL, ["q_proj", "v_proj"], r=4, method="diag")
+    assert tensor_bytes(ts) == predicted
+
+
+def test_posterior_bytes_formula_equals_measured_bayesian_lora():
+    """bayesian-lora (the ``bench`` and ``dev`` extras) keeps roots ``s × n_kfac`` for
+    sides ``≥ lr_threshold`` and Cholesky factors otherwise."""
+    try:
+        import bayesian_lora as bl
+    except ImportError:
+        pytest.fail("bayesian-lora is part of the dev extra: pip install -e '.[dev]'")
+    clf = small_llama(["q_proj", "v_proj"])
+    loader = token_loader(n=8, length=6, batch_size=4)
+    factors = bl.calculate_kronecker_factors(
+        clf, lambda m, b: m(b), loader, n_kfac=8, lr_threshold=128,
+        target_module_keywords=["lora"],
+    )
+    factors = bl.cholesky_decompose_small_factors(factors, 128, "cpu", torch.float32)
+    measured = tensor_bytes([t for pair in factors.values() for t in pair])
+    assert measured == memory.posterior_bytes(
+        SMALL, ["q_proj", "v_proj"], r=4, method="bayesian-lora", n_kfac=8
+    )
+
+
+def test_llama_2_shapes_in_the_memory_model():
+    """LLaMA-2-7B, q and v, r = 8: 32 layers × 2 modules × 2·8·4096 = 4 194 304 LoRA
+    parameters; LoRALaplace at n_kfac 16 holds per module 2·(4096·16·2 + 16) + 2·(2·64 + 8)
+    floats with the q/v input factor shared."""
+    cfg = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+               num_hidden_layers=32)
+    layers = memory.llama_lora_linears(cfg, ["q_proj", "v_proj"])
+    assert sum(8 * (m.d_in + m.d_out) for m in layers) == 4_194_304
+    assert memory.posterior_bytes(cfg, ["q_proj", "v_proj"], r=8, method="diag") == 4 * 4_194_304
+    lr = 4096 * 16 * 2 + 16
+    small = 2 * 64 + 8
+    per_layer = 2 * (2 * small) + 3 * lr  # q: A, G_B; v: G_B (A shared)
+    assert memory.posterior_bytes(cfg, ["q_proj", "v_proj"], r=8) == 4 * 32 * per_layer
+
+
+def test_output_gradient_workspace_of_llama_2_7b():
+    """Hand count: q and v of 32 layers, lora_A output 8 + lora_B output 4096 each, for
+    2 sequences of 512 tokens, 4 probes, float32: 4·1024·64·4104·4 bytes = 4.0 GiB."""
+    cfg = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+               num_hidden_layers=32)
+    got = memory.output_gradient_bytes(cfg, ["q_proj", "v_proj"], r=8, tokens=1024, n_probes=4)
+    assert got == 4 * 1024 * 64 * (8 + 4096) * 4

@@ -14,7 +14,7 @@ from tests.batches import TARGET_IDS, token_loader
 from tests.models import tiny_llama_lora
 
 DEFAULTS = {"n_kfac": 16, "lr_threshold": 128, "fisher_type": "mc", "mc_samples": 1,
-            "kfac_approx": "expand", "truncation": "isotropic"}
+            "kfac_approx": "expand", "truncation": "isotropic", "share_input_factors": True}
 
 
 def test_defaults_are_the_documented_ones_and_plain_json():
@@ -24,7 +24,7 @@ def test_defaults_are_the_documented_ones_and_plain_json():
     assert options.fisher_type == "mc" and options.fisher_type is FisherType.MC
     assert options.kfac_approx == "expand" and options.kfac_approx is KFACApprox.EXPAND
     assert json.loads(json.dumps(options.to_dict())) == DEFAULTS
-    assert all(type(v) in (int, str) for v in options.to_dict().values())
+    assert all(type(v) in (bool, int, str) for v in options.to_dict().values())
     assert KFACOptions.from_dict({**DEFAULTS, "not an option": 1}) == options
 
 

@@ -1,0 +1,112 @@
+"""Fit time over the floor, with shared and with separate input factors, interleaved.
+
+On a loaded machine a single timing says little, so this script alternates the three
+measurements ``--repeat`` times — the floor (plain forward + backward of the LoRA
+weights over the fit data), ``LoRALaplace.fit`` with ``share_input_factors=True`` and
+with ``False`` — and reports the minimum and the median of each, and the ratios of the
+minima. Model and data are those of ``bench_lora_laplace.py`` (Llama-shaped, 2 layers,
+LoRA r=8 on ``--targets``, 64 sequences of 32 tokens in batches of 8, mc Fisher,
+``n_kfac`` 16).
+
+Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_fit_ratio.py --hidden 512 1024 --repeat 7
+--out benchmarks/results/fit-ratio-cpu.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+
+import torch
+from _results import write_results  # benchmarks/ is the script's folder
+from bench_peers import Items, llama_config
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from laplace_llm import LLMClassifier, LoRALaplace
+
+warnings.filterwarnings("ignore")
+
+
+def build(hidden, layers, targets):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**llama_config(hidden, layers))).eval()
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets,
+                                             lora_dropout=0.0))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            nn.init.normal_(p, std=0.02)
+    return LLMClassifier(model, [10, 11, 12, 13]).eval()
+
+
+def floor(clf, loader):
+    for batch in loader:
+        f = clf(batch)
+        nn.functional.cross_entropy(f, batch["labels"], reduction="sum").backward()
+    clf.zero_grad(set_to_none=True)
+
+
+def run(hidden, args) -> dict:
+    clf = build(hidden, args.layers, args.targets)
+    loader = DataLoader(Items(args.n_fit, args.seq, 1024, 0), batch_size=args.batch_size)
+    steps = {
+        "floor": lambda: floor(clf, loader),
+        "shared": lambda: LoRALaplace(clf, "classification", n_kfac=args.n_kfac, seed=0).fit(loader),
+        "separate": lambda: LoRALaplace(clf, "classification", n_kfac=args.n_kfac, seed=0,
+                                        share_input_factors=False).fit(loader),
+    }
+    for fn in steps.values():  # warm-up
+        fn()
+    times = {k: [] for k in steps}
+    for _ in range(args.repeat):
+        for k, fn in steps.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    row = {"hidden": hidden, "layers": args.layers, "targets": args.targets, "times": times}
+    for k in steps:
+        row[f"{k}_min_s"] = min(times[k])
+        row[f"{k}_median_s"] = statistics.median(times[k])
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, nargs="+", default=[512, 1024])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"])
+    ap.add_argument("--n-fit", type=int, default=64)
+    ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--n-kfac", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    rows = []
+    for h in args.hidden:
+        rows.append(run(h, args))
+        print(json.dumps(rows[-1]), flush=True)
+    lines = [f"LoRA r=8 on {', '.join(args.targets)}, {args.layers} layers, {args.n_fit}×{args.seq} "
+             f"tokens, mc, n_kfac {args.n_kfac}; min (median) of {args.repeat} interleaved runs",
+             "", "| hidden | floor s | shared A: fit s (× floor) | separate A: fit s (× floor) |",
+             "|---|---|---|---|"]
+    for r in rows:
+        f = r["floor_min_s"]
+        lines.append(
+            f"| {r['hidden']} | {f:.2f} ({r['floor_median_s']:.2f}) | {r['shared_min_s']:.2f} "
+            f"({r['shared_median_s']:.2f}) {r['shared_min_s'] / f:.2f}× | {r['separate_min_s']:.2f} "
+            f"({r['separate_median_s']:.2f}) {r['separate_min_s'] / f:.2f}× |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        write_results(args.out, rows, table)
+
+
+if __name__ == "__main__":
+    main()

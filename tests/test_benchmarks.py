@@ -1,0 +1,143 @@
+"""Every benchmark script runs at its smallest size, so that none can rot.
+
+No timing is asserted (times belong to the benchmark tables, not to tests); the tests
+check that each script finishes, writes its JSON with the machine, versions and command,
+and that its figures agree with each other: every posterior's bytes equal the memory
+model's formula (the tiny runs fit more sequences than ``n_kfac``, so the data span
+every kept direction), every peer the package's extras install has a measured row, and
+the GPU script's factors are float32 on the layer's device for a bf16 model.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run_script(name: str, *args: str, tmp_path: Path) -> tuple[dict, str]:
+    out = tmp_path / f"{name}.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(BENCH.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / f"{name}.py"), *args, "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=600, cwd=BENCH.parent,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["command"].startswith("python ") and name in result["command"]
+    assert result["machine"]["cpu_count"] >= 1 and len(result["machine"]["load_average_1_5_15min"]) == 3
+    assert result["versions"]["laplace-torch"] == "0.3"
+    assert result["table"] in proc.stdout
+    return result, proc.stdout
+
+
+@pytest.mark.slow  # ~35 s: five methods, each in its own package
+def test_bench_peers_tiny_has_every_method_and_formula_bytes(tmp_path):
+    result, stdout = run_script("bench_peers", "--tiny", tmp_path=tmp_path)
+    rows = {r["method"]: r for r in result["rows"]}
+    expected = ["floor", "LoRALaplace mc k=8", "LoRALaplace ggn k=8",
+                "LoRALaplace mc k=8, separate A factors",
+                "laplace-torch all/kron CurvlinopsGGN", "laplace-torch all/kron AsdlGGN",
+                "bayesian-lora 0.0.6 K-FAC + variance"]
+    assert list(rows) == expected
+    # the dev extra installs bayesian-lora: its row must hold measurements, not a note
+    for name in expected:
+        assert rows[name]["fit_s"] > 0 and rows[name]["glm_s_per_seq"] > 0, rows[name]
+    for name in expected[1:]:
+        assert rows[name]["posterior_bytes"] == rows[name]["formula_bytes"], name
+    # shared q/v input factor: exactly one d_in-side factor (root 256×8 + eigenpairs) less
+    # per layer than separate factors
+    saved = rows["LoRALaplace mc k=8, separate A factors"]["posterior_bytes"] - rows[
+        "LoRALaplace mc k=8"]["posterior_bytes"]
+    assert saved == 4 * (256 * 8 * 2 + 8)
+    assert rows["bayesian-lora 0.0.6 K-FAC + variance"]["note"].startswith("last token only")
+    assert "| floor |" in stdout
+
+
+def test_gpu_script_tiny_on_cpu_bf16(tmp_path):
+    result, stdout = run_script("gpu", "--tiny", "--device", "cpu", "--dtype", "bfloat16",
+                                tmp_path=tmp_path)
+    rows = result["rows"]
+    assert [r["variant"] for r in rows] == ["qv", "all"]
+    for r in rows:
+        assert r["posterior_bytes"] == r["formula_bytes"]
+        assert r["factor_dtypes"] == ["float32"] and r["factors_on_layer_device"]
+        assert r["fit_s"] > 0 and r["floor_fit_s"] > 0 and r["glm_s"] > 0
+    # the table comes last
+    assert stdout.rstrip().endswith(result["table"].splitlines()[-1])
+
+
+def test_gpu_script_stops_at_its_budget(tmp_path):
+    result, _ = run_script("gpu", "--tiny", "--device", "cpu", "--budget-s", "0",
+                           tmp_path=tmp_path)
+    assert [r.get("note", "") for r in result["rows"]] == ["not run: past --budget-s 0"] * 2
+
+
+def test_bench_lora_laplace_smallest(tmp_path):
+    result, _ = run_script("bench_lora_laplace", "--hidden", "256", "--n-fit", "8",
+                           "--n-pred", "2", "--seq", "8", "--batch-size", "4", "--repeat", "1",
+                           "--n-kfac", "8", tmp_path=tmp_path)
+    (row,) = result["rows"]
+    assert row["hidden"] == 256 and row["lora_posterior_bytes"] < row["laplace_torch_posterior_bytes"]
+
+
+@pytest.mark.slow
+def test_choose_n_kfac_smallest(tmp_path):
+    result, _ = run_script("choose_n_kfac", "--n-train", "16", "--ranks", "2", "4",
+                           tmp_path=tmp_path)
+    assert [r["n_kfac"] for r in result["rows"]][:2] == [2, 4]
+
+
+def test_cuda_peak_meter_arithmetic_without_a_gpu(monkeypatch):
+    """The CUDA branch of the benchmarks' meter, with torch.cuda's counters stubbed: the
+    peak is the allocator's maximum since the reset minus the level at the start."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from _results import peak_meter
+    finally:
+        sys.path.remove(str(BENCH))
+    state = {"allocated": 100, "max": 100, "resets": 0}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda *a: state.update(max=state["allocated"], resets=state["resets"] + 1))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: state["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: state["max"])
+    start, stop = peak_meter(torch.device("cuda"))
+    base = start()
+    state.update(max=350, allocated=120)
+    assert stop(base) == 250 and state["resets"] == 1
+    # CPU branch: a 64 MiB allocation shows in the resident high-water mark
+    start, stop = peak_meter(torch.device("cpu"))
+    base = start()
+    x = torch.ones(16 * 2**20)  # 64 MiB, written so its pages are resident
+    assert stop(base) >= 60 * 2**20
+    del x
+
+
+def test_memory_model_script_checks_the_formula(tmp_path):
+    result, stdout = run_script("memory_model", "--tiny", tmp_path=tmp_path)
+    checks = result["rows"]["checks"]
+    assert len(checks) == 4 and all(c["measured_bytes"] == c["formula_bytes"] for c in checks)
+    seven_b = next(r for r in result["rows"]["rows"]
+                   if r["model"] == "LLaMA-2-7B" and r["lora_on"] == "q, v")
+    assert seven_b["lora_params"] == 4_194_304
+    # the dense Kronecker factors of laplace-torch: two 4096² factors (+ eigenvectors) per
+    # LoRA module, 64 modules
+    assert seven_b["laplace-torch kron"] > 64 * 2 * 2 * 4096**2 * 4
+    assert "LLaMA-2-70B" in stdout
+
+
+def test_bench_fit_ratio_smallest(tmp_path):
+    result, _ = run_script("bench_fit_ratio", "--hidden", "256", "--n-fit", "8", "--seq", "8",
+                           "--batch-size", "4", "--n-kfac", "8", "--repeat", "2",
+                           tmp_path=tmp_path)
+    (row,) = result["rows"]
+    for k in ("floor", "shared", "separate"):
+        assert len(row["times"][k]) == 2 and row[f"{k}_min_s"] == min(row["times"][k])
