@@ -325,14 +325,14 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
-def markdown(summary: dict[int, dict], seeds: list[int]) -> str:
+def markdown(summary: dict[int, dict], seeds: list[int], n_val: int) -> str:
     cols = [("test_accuracy", "acc"), ("test_nll", "NLL"), ("test_ece", "ECE"),
             ("test_brier", "Brier"), ("test_aurc", "AURC"), ("shift_nll", "shift NLL"),
             ("shift_ece", "shift ECE"), ("ood_auroc", "OOD AUROC")]
     lines = []
     for size, table in summary.items():
         lines.append(f"\n**{size} training questions** (mean ± std over seeds {seeds}; "
-                     "† uses the 500-question validation split)\n")
+                     f"† uses the {n_val}-question validation split)\n")
         lines.append("| method | " + " | ".join(c for _, c in cols) + " |")
         lines.append("|---|" + "---|" * len(cols))
         for method, m in table.items():
@@ -394,7 +394,7 @@ def main(argv=None) -> dict:
     for runs in all_runs.values():
         for r in runs:
             del r["_probs"]
-    table = markdown(summary, args.seeds)
+    table = markdown(summary, args.seeds, args.n_val)
     payload = {
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
