@@ -142,7 +142,7 @@ def _answer_index(answer: Any, n_choices: int) -> int:
     return index
 
 
-def read_jsonl(path: str | Path, kind: str) -> list[dict]:
+def read_jsonl(path: str | Path, kind: str, labelled: bool = True) -> list[dict]:
     """Read and validate a JSON-lines file of records of one kind.
 
     Parameters
@@ -150,6 +150,10 @@ def read_jsonl(path: str | Path, kind: str) -> list[dict]:
     path : str or Path
     kind : {"mcqa", "text", "preference"}
         Record format, see the module docstring.
+    labelled : bool
+        ``False`` for inputs whose labels are not used (e.g. out-of-distribution data):
+        the ``answer`` (mcqa) or ``label`` (text) key may be missing, and whatever it
+        holds is replaced by the placeholder ``0``.
 
     Returns
     -------
@@ -175,6 +179,8 @@ def read_jsonl(path: str | Path, kind: str) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{number}: invalid JSON: {err.msg}") from err
+            if not labelled and isinstance(record, dict) and kind in ("mcqa", "text"):
+                record = {**record, "answer" if kind == "mcqa" else "label": 0}
             try:
                 records.append(_check_record(record, kind))
             except ValueError as err:

@@ -88,6 +88,25 @@ def test_read_jsonl_rejects_empty_file_and_unknown_kind(tmp_path):
 
 
 # ------------------------------------------------------------------ prompts
+def test_read_jsonl_unlabelled_records_get_placeholder_labels(tmp_path):
+    """labelled=False (out-of-distribution inputs): a missing or any given label becomes 0;
+    everything else is still validated."""
+    path = tmp_path / "ood.jsonl"
+    path.write_text(json.dumps({"question": "q", "choices": ["a", "b"]}) + "\n"
+                    + json.dumps({"question": "r", "choices": ["a", "b"], "answer": "Z"}) + "\n")
+    assert [r["answer"] for r in read_jsonl(path, "mcqa", labelled=False)] == [0, 0]
+    with pytest.raises(ValueError, match="missing key"):
+        read_jsonl(path, "mcqa")
+    text = tmp_path / "t.jsonl"
+    text.write_text(json.dumps({"text": "x", "label": "unknown words"}) + "\n"
+                    + json.dumps({"text": "y"}) + "\n")
+    assert [r["label"] for r in read_jsonl(text, "text", labelled=False)] == [0, 0]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "choices": "ab"}) + "\n")
+    with pytest.raises(ValueError, match="'choices' must be a list"):
+        read_jsonl(bad, "mcqa", labelled=False)
+
+
 def test_mcqa_choices_are_spaced_letters():
     assert mcqa_choices(4) == [" A", " B", " C", " D"]
     assert mcqa_choices(2) == [" A", " B"]

@@ -193,14 +193,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="report MAP vs Laplace metrics of a saved posterior on data",
         description="Load --posterior for --model + --adapter (refused if it was fitted on "
         "other LoRA weights), predict --data with the MAP model and the Laplace GLM "
-        "predictive (probit and Monte Carlo), print accuracy, NLL, Brier score and ECE, and "
-        "write metrics.json and reliability.png to --out.",
+        "predictive (probit and Monte Carlo), print accuracy, NLL, Brier score, ECE and "
+        "AURC (area under the risk-coverage curve), and write metrics.json, "
+        "reliability.png and risk_coverage.png to --out. With --ood-data, also the AUROC "
+        "of telling --data from --ood-data by each method's confidence; with --val-data, "
+        "also temperature scaling fitted on those labelled records (the baseline).",
     )
     _add_model_data(ev)
     ev.add_argument("--posterior", metavar="FILE",
                     help="posterior file written by `laplace-llm fit` (or `la.save`), or a "
                     "folder holding laplace_posterior.safetensors. Default: the one beside "
                     "the adapter, --adapter/laplace_posterior.safetensors")
+    ev.add_argument("--ood-data", metavar="FILE.jsonl",
+                    help="out-of-distribution inputs, JSON lines of the --kind format whose "
+                    "labels may be missing (any are ignored): report each method's AUROC of "
+                    "telling --data from them by max probability and by entropy")
+    ev.add_argument("--val-data", metavar="FILE.jsonl",
+                    help="labelled validation records of the --kind format, apart from "
+                    "--data: fit temperature scaling on them and report it as the 'ts' row "
+                    "(the baseline that needs validation data, which Laplace does not)")
     ev.add_argument("--out", default="laplace-llm-out", metavar="DIR",
                     help="output folder (default: laplace-llm-out/)")
     ev.add_argument("--mc-samples", type=_positive_int, default=1000, metavar="N",
@@ -290,6 +301,12 @@ def load_classifier(args: argparse.Namespace):
     likelihood : str
         ``"reward_modeling"`` for preference data, else ``"classification"``.
     """
+    clf, loader, likelihood, _ = _load_classifier(args)
+    return clf, loader, likelihood
+
+
+def _load_classifier(args: argparse.Namespace):
+    """:func:`load_classifier`, and the tokenizer as a fourth result (for more files)."""
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
@@ -361,7 +378,7 @@ def load_classifier(args: argparse.Namespace):
         except (TypeError, ValueError) as err:
             raise UserError(f"--data/--choices: {err}") from None
         if clf is not None:
-            return clf, loader, "classification"
+            return clf, loader, "classification", tokenizer
     # regression outputs are not logits: no centring
     center = args.kind != "scores"
     if seq_cls:
@@ -390,7 +407,75 @@ def load_classifier(args: argparse.Namespace):
     likelihood = {"preference": "reward_modeling", "scores": "regression"}.get(
         args.kind, "classification"
     )
-    return clf, loader, likelihood
+    return clf, loader, likelihood, tokenizer
+
+
+def load_extra_loader(
+    args: argparse.Namespace, clf: Any, tokenizer: Any, path: str, option: str, labelled: bool
+):
+    """Load another JSONL file of ``--kind`` as batches ``clf`` can predict.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The command's arguments (``kind``, ``choices``, ``batch_size``, ``max_length``).
+    clf : LLMClassifier or CandidateScorer
+        The classifier that :func:`load_classifier` built for ``--data``.
+    tokenizer
+        Its tokenizer.
+    path : str
+        The file.
+    option : str
+        The option that named it, for error messages (``"--ood-data"``).
+    labelled : bool
+        Whether labels are needed; without, any label is ignored (see
+        :func:`laplace_llm.data.read_jsonl`).
+
+    Returns
+    -------
+    DataLoader
+        Dict batches in the layout of ``--data``'s loader.
+    """
+    from laplace_llm.candidates import CandidateScorer
+    from laplace_llm.data import label_indices, make_candidate_loader, make_loader, read_jsonl
+
+    if not Path(path).is_file():
+        raise UserError(f"{option} {path}: no such file")
+    try:
+        records = read_jsonl(path, args.kind, labelled=labelled)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{option}: {err}") from None
+    C = clf.n_outputs
+    try:
+        if isinstance(clf, CandidateScorer) and args.kind == "mcqa":
+            most = max(len(r["choices"]) for r in records)
+            if most > C:
+                raise UserError(
+                    f"{option}: a question has {most} choices but the questions of --data "
+                    f"have at most {C}; give {option} questions with at most {C} choices"
+                )
+            return make_candidate_loader(records, tokenizer, args.batch_size, n_candidates=C,
+                                         max_length=args.max_length)
+        if isinstance(clf, CandidateScorer):  # --kind text with several-token --choices
+            if labelled:
+                records = label_indices(records, args.choices)
+                _check_labels(records, args.kind, C)
+            return make_loader(records, tokenizer, args.batch_size, "text",
+                               max_length=args.max_length)
+        if args.kind == "mcqa":
+            most = max(len(r["choices"]) for r in records)
+            if most > C:
+                raise UserError(
+                    f"{option}: a question has {most} choices but the classifier scores "
+                    f"only {C} answer letters; pass --choices for {most} letters or give "
+                    f"{option} questions with at most {C} choices"
+                )
+        if labelled:
+            _check_labels(records, args.kind, C)
+        return make_loader(records, tokenizer, args.batch_size, args.kind,
+                           max_length=args.max_length, pair_order="random", seed=0)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{option}: {err}") from None
 
 
 def _check_labels(records: list[dict], kind: str, n_outputs: int) -> None:
@@ -448,12 +533,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{out['bayes_nll']:.3f}, accuracy {cfg.p_main:.3f}")
     print(f"prior precision (marglik) {out['prior_precision']:.3g}, "
           f"log marginal likelihood {out['log_marglik']:.1f}")
+    if out.get("temperature") is not None:
+        print(f"temperature scaling (baseline): T = {out['temperature']:.4g} fitted on "
+              f"{out['config']['n_val']} labelled validation questions")
     if out.get("llla"):
         print(f"LLLA over {out['llla']['n_params']:,} lm_head LoRA weights: prior precision "
               f"{out['llla']['prior_precision']:.3g}, log marginal likelihood "
               f"{out['llla']['log_marglik']:.1f}")
     print()
     print(format_table(out["results"]))
+    print("aurc: area under the risk-coverage curve (lower is better); ood_auroc*: AUROC of "
+          "telling id from shift questions by max probability / entropy (higher is better)")
     print()
     print("evidence across fine-tuning checkpoints (held-out = id split):")
     print(f"{'epoch':>6} {'log marglik':>12} {'prior prec':>11} {'NLL MAP':>9} {'NLL LA':>9}")
@@ -630,14 +720,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         METHODS,
         collect_probs,
         format_table,
+        ood_score,
         score,
         write_reliability,
+        write_risk_coverage,
     )
+    from laplace_llm.baselines import TemperatureScaling
     from laplace_llm.errors import LoRAModelError, PosteriorFileError
     from laplace_llm.lora_laplace import LoRALaplace
 
     _check_paths(args, posterior_must_exist=True)
-    clf, loader, likelihood = load_classifier(args)
+    for option, path in (("--ood-data", args.ood_data), ("--val-data", args.val_data)):
+        if path is not None and not Path(path).is_file():  # fail before loading the model
+            raise UserError(f"{option} {path}: no such file")
+    clf, loader, likelihood, tokenizer = _load_classifier(args)
     if likelihood == "regression":
         raise UserError(
             "evaluate reports classification metrics; for a regression posterior (--kind "
@@ -654,15 +750,42 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"--posterior was fitted with likelihood {la.likelihood!r} but --kind {args.kind} "
             f"needs {likelihood!r}"
         )
+    fitting = likelihood == "reward_modeling"
+    ood_loader = val_loader = None
+    if args.ood_data is not None:
+        ood_loader = load_extra_loader(args, clf, tokenizer, args.ood_data, "--ood-data",
+                                       labelled=False)
+    if args.val_data is not None:
+        val_loader = load_extra_loader(args, clf, tokenizer, args.val_data, "--val-data",
+                                       labelled=True)
+    methods = list(METHODS)
+    ts = None
+    if val_loader is not None:
+        ts = TemperatureScaling(clf)
+        try:
+            ts.fit(val_loader)
+        except ValueError as err:
+            raise UserError(f"--val-data: {err}") from None
+        methods.insert(1, "ts")
     probs, labels = collect_probs(
-        clf, la, loader, METHODS, mc_samples=args.mc_samples, seed=args.seed,
-        progress=not args.quiet, fitting=likelihood == "reward_modeling",
+        clf, la, loader, methods, mc_samples=args.mc_samples, seed=args.seed,
+        progress=not args.quiet, fitting=fitting, ts=ts,
     )
     results = {"data": {m: score(p, labels) for m, p in probs.items()}}
+    n_ood = None
+    if ood_loader is not None:
+        ood_probs, ood_labels = collect_probs(
+            clf, la, ood_loader, methods, mc_samples=args.mc_samples, seed=args.seed,
+            progress=not args.quiet, desc="predict OOD", fitting=fitting, ts=ts,
+        )
+        n_ood = len(ood_labels)
+        for m in methods:
+            results["data"][m].update(ood_score(probs[m], ood_probs[m]))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = write_reliability({m: probs[m] for m in ("map", "la_probit")}, labels,
                             out_dir / "reliability.png")
+    rc_png = write_risk_coverage(probs, labels, out_dir / "risk_coverage.png")
     metrics_path = out_dir / "metrics.json"
     report = {
         "results": results,
@@ -673,16 +796,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "adapter": None if args.adapter is None else str(args.adapter),
         "posterior": str(args.posterior),
         "prior_precision": la.prior_precision.detach().cpu().reshape(-1).tolist(),
-        "files": {"metrics": str(metrics_path), "reliability": str(png)},
+        "ood_data": None if args.ood_data is None else str(args.ood_data),
+        "n_ood": n_ood,
+        "val_data": None if args.val_data is None else str(args.val_data),
+        "temperature": None if ts is None else ts.temperature,
+        "files": {"metrics": str(metrics_path), "reliability": str(png),
+                  "risk_coverage": str(rc_png)},
     }
     with open(metrics_path, "w", encoding="utf-8") as fh:
         json.dump(report, fh, indent=2)
     print(f"{len(labels)} records of {args.data}" + (
         " (preference pairs: probability that the chosen answer wins)"
         if likelihood == "reward_modeling" else ""))
+    if ts is not None:
+        print(f"temperature scaling: T = {ts.temperature:.4g} fitted on {args.val_data}")
     print(format_table(results))
+    print("aurc: area under the risk-coverage curve (lower is better)" + (
+        f"; ood_auroc*: AUROC of telling --data from the {n_ood} records of --ood-data by "
+        "max probability / entropy (higher is better)" if n_ood is not None else ""))
     print(f"wrote {metrics_path}")
     print(f"wrote {png}")
+    print(f"wrote {rc_png}")
     return 0
 
 

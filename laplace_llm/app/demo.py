@@ -19,6 +19,10 @@ Everything is generated, offline and seeded:
 4. **Evidence.** The same is done at earlier fine-tuning checkpoints; the log marginal
    likelihood of each is reported beside its held-out NLL, showing which checkpoint the
    evidence would pick without a validation set.
+5. **Baseline and uncertainty.** Temperature scaling fitted on a held-out labelled split
+   of in-distribution questions (``n_val``, apart from training and test) is reported
+   beside MAP and Laplace; every method also gets its AURC (selective prediction) and
+   the AUROC of telling the in-distribution split from the shifted one by confidence.
 
 :func:`run_demo` returns every number; the CLI (``laplace-llm demo``) prints and saves them.
 """
@@ -38,7 +42,15 @@ import torch
 import tqdm
 from torch import nn
 
-from laplace_llm.app.evaluation import METHODS, collect_probs, score, write_reliability
+from laplace_llm.app.evaluation import (
+    METHODS,
+    collect_probs,
+    ood_score,
+    score,
+    write_reliability,
+    write_risk_coverage,
+)
+from laplace_llm.baselines import TemperatureScaling
 from laplace_llm.classifier import LLMClassifier
 from laplace_llm.data import format_mcqa_prompt, make_loader, mcqa_choices
 from laplace_llm.options import KFACOptions
@@ -75,6 +87,9 @@ class DemoConfig:
     lora_r, lora_alpha, lora_targets : LoRA configuration.
     n_train, n_test : int
         Fine-tuning questions; held-out questions per evaluation split.
+    n_val : int
+        Labelled in-distribution questions that temperature scaling is fitted on (the
+        baseline's validation split; Laplace does not use them).
     epochs : int
         Fine-tuning epochs; the final model is the one compared in the main table.
     checkpoints : tuple of int
@@ -110,6 +125,7 @@ class DemoConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     n_train: int = 256
     n_test: int = 1000
+    n_val: int = 200
     epochs: int = 40
     checkpoints: tuple[int, ...] = (10, 20)
     finetune_batch: int = 16
@@ -124,8 +140,8 @@ class DemoConfig:
     def quick(cls, seed: int = 0) -> DemoConfig:
         """Return a reduced configuration that runs in well under a minute (tests, smoke runs)."""
         return cls(
-            seed=seed, n_entities=24, pretrain_steps=500, n_train=128, n_test=256, epochs=30,
-            checkpoints=(8, 15), mc_samples=200,
+            seed=seed, n_entities=24, pretrain_steps=500, n_train=128, n_test=256, n_val=64,
+            epochs=30, checkpoints=(8, 15), mc_samples=200,
         )
 
 
@@ -401,8 +417,9 @@ def run_demo(
     cfg : DemoConfig, optional
         Defaults to ``DemoConfig()``.
     out_dir : str or Path, optional
-        Folder for ``metrics.json``, ``reliability_id.png`` and ``reliability_shift.png``
-        (created if needed); nothing is written when ``None``.
+        Folder for ``metrics.json``, ``reliability_id.png``, ``reliability_shift.png``,
+        ``risk_coverage_id.png`` and ``risk_coverage_shift.png`` (created if needed);
+        nothing is written when ``None``.
     progress : bool
         tqdm bars for each stage.
     log : callable, optional
@@ -412,8 +429,12 @@ def run_demo(
     Returns
     -------
     dict
-        ``config``; ``results[split][method][metric]`` for splits ``"id"``, ``"shift"``
-        and methods :data:`~laplace_llm.app.evaluation.METHODS`; ``train`` (final training NLL
+        ``config``; ``results[split][method][metric]`` for splits ``"id"``, ``"shift"``,
+        methods ``"map"``, ``"ts"`` and the Laplace ones of
+        :data:`~laplace_llm.app.evaluation.METHODS`, metrics
+        :data:`~laplace_llm.app.evaluation.METRICS` (the ``"id"`` rows also
+        :data:`~laplace_llm.app.evaluation.OOD_METRICS`, against ``"shift"``);
+        ``temperature`` (fitted on ``n_val`` validation questions); ``train`` (final training NLL
         and accuracy, pretraining loss); ``bayes_nll`` (the best possible held-out NLL); ``history`` (per-epoch NLLs); ``prior_precision``
         and ``log_marglik`` of the final model; ``evidence`` (one row per checkpoint:
         ``epoch``, ``log_marglik``, ``prior_precision``, ``heldout_nll_map``,
@@ -479,6 +500,9 @@ def run_demo(
         "id": task.questions(cfg.n_test, seed=cfg.seed * 1000 + 12),
         "shift": task.questions(cfg.n_test, seed=cfg.seed * 1000 + 13, shifted=True),
     }
+    # the baseline's validation split: same distribution, its own seed (train and test
+    # questions are unchanged by it)
+    val = task.questions(cfg.n_val, seed=cfg.seed * 1000 + 14)
     train_loader = loader(train, shuffle=True, batch_size=cfg.finetune_batch)
     fit_loader = loader(train)
     test_loaders = {name: loader(records) for name, records in splits.items()}
@@ -509,29 +533,42 @@ def run_demo(
     t0 = lap("laplace_checkpoints", t0)
     final = evidence[-1]
 
+    say(f"temperature scaling on {cfg.n_val} validation questions (the baseline)")
+    ts = TemperatureScaling(clf)
+    temperature = ts.fit(loader(val))
+    methods = ("map", "ts", *METHODS[1:])
+
     say("predicting on the held-out (id) and shifted splits")
     results: dict[str, dict[str, dict[str, float]]] = {}
     all_probs = {}
     for name, test_loader in test_loaders.items():
         probs, labels = collect_probs(
-            clf, la, test_loader, METHODS, mc_samples=cfg.mc_samples, seed=cfg.seed,
-            progress=progress, desc=name,
+            clf, la, test_loader, methods, mc_samples=cfg.mc_samples, seed=cfg.seed,
+            progress=progress, desc=name, ts=ts,
         )
         all_probs[name] = (probs, labels)
         results[name] = {m: score(p, labels) for m, p in probs.items()}
+    # the shifted questions as foreign inputs: does a method's confidence tell them apart?
+    for m in methods:
+        results["id"][m].update(ood_score(all_probs["id"][0][m], all_probs["shift"][0][m]))
     train_probs, train_labels = collect_probs(clf, None, fit_loader, ("map",))
     t0 = lap("predict", t0)
     llla = None
     if cfg.llla:
         say("last-layer LoRA Laplace (LLLA): only lm_head's LoRA is Bayesian")
         la_last, lml_last = fit_laplace(clf, fit_loader, cfg, progress, lora_modules=["lm_head"])
+        last_probs = {}
         for name, test_loader in test_loaders.items():
             probs, labels = collect_probs(
                 clf, la_last, test_loader, ("la_probit", "la_mc"), mc_samples=cfg.mc_samples,
                 seed=cfg.seed, progress=progress, desc=f"LLLA {name}",
             )
+            last_probs[name] = probs
             results[name]["llla_probit"] = score(probs["la_probit"], labels)
             results[name]["llla_mc"] = score(probs["la_mc"], labels)
+        for m in ("la_probit", "la_mc"):
+            results["id"][f"llla_{m[3:]}"].update(
+                ood_score(last_probs["id"][m], last_probs["shift"][m]))
         llla = {"n_params": la_last.n_params, "log_marglik": lml_last,
                 "prior_precision": float(la_last.prior_precision.item())}
         t0 = lap("llla", t0)
@@ -546,6 +583,7 @@ def run_demo(
         "bayes_nll": task.bayes_nll(),
         "history": history,
         "prior_precision": final["prior_precision"],
+        "temperature": temperature,
         "log_marglik": final["log_marglik"],
         "evidence": evidence,
         "evidence_choice": max(evidence, key=lambda r: r["log_marglik"])["epoch"],
@@ -563,6 +601,10 @@ def run_demo(
                 out_dir / f"reliability_{name}.png",
             )
             out["files"][f"reliability_{name}"] = str(png)
+            png = write_risk_coverage(
+                {m: probs[m] for m in methods}, labels, out_dir / f"risk_coverage_{name}.png"
+            )
+            out["files"][f"risk_coverage_{name}"] = str(png)
         out["files"]["metrics"] = str(out_dir / "metrics.json")
     seconds["total"] = round(time.perf_counter() - started, 2)
     if out_dir is not None:

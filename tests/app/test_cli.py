@@ -11,8 +11,10 @@ import sys
 
 import pytest
 
+from laplace_llm import metrics
 from laplace_llm.app.cli import build_parser, main
-from laplace_llm.app.evaluation import collect_probs, score
+from laplace_llm.app.evaluation import METHODS, METRICS, OOD_METRICS, collect_probs, score
+from laplace_llm.baselines import TemperatureScaling
 from laplace_llm.classifier import LLMClassifier
 from laplace_llm.data import make_loader, read_jsonl
 from laplace_llm.lora_laplace import LoRALaplace
@@ -68,7 +70,7 @@ def test_fit_then_evaluate_round_trip(causal, tmp_path, capsys):
     results = report["results"]["data"]
     assert set(results) == {"map", "la_probit", "la_mc"}
     for values in results.values():
-        assert set(values) == {"accuracy", "nll", "brier", "ece"}
+        assert set(values) == set(METRICS)
     assert report["n"] == 14
 
     # The same numbers through the Python API: the CLI's model, data and posterior.
@@ -348,3 +350,114 @@ def test_an_incomplete_launcher_environment_is_a_user_error(causal, tmp_path, ca
                "--data", causal / "data.jsonl", "--posterior", tmp_path / "p",
                "--hessian-structure", "diag", "--quiet") == 2
     assert "fits in one process only" in capsys.readouterr().err
+
+
+# ------------------------------------------------- evaluate: --ood-data, --val-data
+@pytest.fixture(scope="module")
+def evaluated(causal, tmp_path_factory):
+    """A posterior of the tiny Llama, then `evaluate` with OOD and validation files: OOD
+    questions (other words, no answers) and labelled validation questions."""
+    root = tmp_path_factory.mktemp("eval")
+    post = root / "posterior.safetensors"
+    common = ["--model", causal / "model", "--adapter", causal / "adapter",
+              "--data", causal / "data.jsonl", "--batch-size", 4, "--quiet"]
+    assert cli("fit", *common, "--posterior", post, "--fisher-type", "ggn") == 0
+    rng = random.Random(7)
+    ood = write_jsonl(root / "ood.jsonl", [
+        {"question": " ".join(rng.choices(WORDS, k=6)) + " ?", "choices": rng.sample(WORDS, 4)}
+        for _ in range(9)
+    ])
+    val = write_jsonl(root / "val.jsonl", mcqa_records(12, seed=3))
+    out = root / "report"
+    assert cli("evaluate", *common, "--posterior", post, "--out", out, "--mc-samples", 50,
+               "--ood-data", ood, "--val-data", val) == 0
+    return {"root": root, "post": post, "common": common, "ood": ood, "val": val, "out": out,
+            "report": json.loads((out / "metrics.json").read_text())}
+
+
+def _python_api(causal, post):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(causal / "model")
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(causal / "model"), causal / "adapter",
+        is_trainable=True,
+    ).eval()
+    clf = LLMClassifier.from_choices(model, tok, [" A", " B", " C", " D"], center=True)
+    return clf, LoRALaplace.load(post, clf), tok
+
+
+def test_evaluate_reports_aurc_ood_auroc_and_temperature_scaling(causal, evaluated):
+    """The JSON's AURC, OOD AUROC and temperature-scaling row equal `metrics.aurc` /
+    `metrics.ood_auroc` / `TemperatureScaling` recomputed through the Python API on the
+    same model, posterior and files (MC with the CLI's seed, so exactly the same draws)."""
+    report = evaluated["report"]
+    results = report["results"]["data"]
+    assert list(results) == ["map", "ts", "la_probit", "la_mc"]
+    for values in results.values():
+        assert set(values) == set(METRICS) | set(OOD_METRICS)
+    assert report["n_ood"] == 9 and report["ood_data"] == str(evaluated["ood"])
+
+    clf, la, tok = _python_api(causal, evaluated["post"])
+    loader = make_loader(read_jsonl(causal / "data.jsonl", "mcqa"), tok, 4, "mcqa")
+    val_loader = make_loader(read_jsonl(evaluated["val"], "mcqa"), tok, 4, "mcqa")
+    ood_loader = make_loader(read_jsonl(evaluated["ood"], "mcqa", labelled=False), tok, 4, "mcqa")
+    ts = TemperatureScaling(clf)
+    assert report["temperature"] == pytest.approx(ts.fit(val_loader), rel=1e-9)
+    methods = ("map", "ts", *METHODS[1:])
+    probs, labels = collect_probs(clf, la, loader, methods, mc_samples=50, seed=0, ts=ts)
+    ood_probs, _ = collect_probs(clf, la, ood_loader, methods, mc_samples=50, seed=0, ts=ts)
+    for m in methods:
+        assert results[m]["aurc"] == pytest.approx(metrics.aurc(probs[m], labels), abs=1e-12)
+        assert results[m]["ood_auroc"] == pytest.approx(
+            metrics.ood_auroc(probs[m], ood_probs[m], "max_prob"), abs=1e-12)
+        assert results[m]["ood_auroc_entropy"] == pytest.approx(
+            metrics.ood_auroc(probs[m], ood_probs[m], "entropy"), abs=1e-12)
+        assert 0 <= results[m]["aurc"] <= 1 and 0 <= results[m]["ood_auroc"] <= 1
+    # temperature scaling keeps each input's predicted class (MAP's accuracy) but not the
+    # order of confidences across inputs, so its AURC may differ from MAP's
+    assert results["ts"]["accuracy"] == results["map"]["accuracy"]
+    assert results["ts"]["nll"] != results["map"]["nll"]
+
+
+def test_evaluate_writes_the_risk_coverage_plot_and_prints_the_new_columns(
+        causal, evaluated, capsys):
+    out = evaluated["out"]
+    for name in ("reliability.png", "risk_coverage.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    assert evaluated["report"]["files"]["risk_coverage"] == str(out / "risk_coverage.png")
+    # without --ood-data the table has AURC but no OOD columns; without --val-data no ts row
+    assert cli("evaluate", *evaluated["common"], "--posterior", evaluated["post"],
+               "--out", evaluated["root"] / "plain", "--mc-samples", 20) == 0
+    text = capsys.readouterr().out
+    assert "aurc" in text and "ood_auroc" not in text.split("\n")[1]
+    assert "Temperature scaling" not in text
+    plain = json.loads((evaluated["root"] / "plain" / "metrics.json").read_text())
+    assert list(plain["results"]["data"]) == list(METHODS)
+    assert plain["results"]["data"]["map"]["aurc"] == evaluated["report"]["results"]["data"]["map"]["aurc"]
+
+
+@pytest.mark.parametrize("case", [
+    "missing ood file", "empty ood file", "missing val file", "val without labels",
+    "ood with more choices",
+])
+def test_evaluate_bad_ood_or_val_data_exits_2_with_one_line(evaluated, tmp_path, capsys, case):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    unlabelled = write_jsonl(tmp_path / "unlabelled.jsonl",
+                             [{"question": "cat ?", "choices": WORDS[:4]}])
+    wide = write_jsonl(tmp_path / "wide.jsonl", [{"question": "cat ?", "choices": WORDS[:6]}])
+    option, path, expected = {
+        "missing ood file": ("--ood-data", tmp_path / "none.jsonl", "no such file"),
+        "empty ood file": ("--ood-data", empty, "the file is empty"),
+        "missing val file": ("--val-data", tmp_path / "none.jsonl", "no such file"),
+        "val without labels": ("--val-data", unlabelled, "missing key(s) ['answer']"),
+        "ood with more choices": ("--ood-data", wide, "has 6 choices"),
+    }[case]
+    assert cli("evaluate", *evaluated["common"], "--posterior", evaluated["post"],
+               "--out", tmp_path / "o", option, path) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"laplace-llm evaluate: error: {option}") and expected in err[0]

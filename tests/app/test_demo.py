@@ -14,7 +14,7 @@ import pytest
 
 from laplace_llm.app.cli import main
 from laplace_llm.app.demo import COLOURS, DemoConfig, DemoTask, build_tokenizer
-from laplace_llm.app.evaluation import METHODS, METRICS
+from laplace_llm.app.evaluation import METHODS, METRICS, OOD_METRICS
 from laplace_llm.data import format_mcqa_prompt
 
 
@@ -28,12 +28,15 @@ def quick_run(tmp_path_factory):
 def test_quick_demo_writes_every_metric_and_the_diagrams(quick_run):
     out, report = quick_run
     for split in ("id", "shift"):
-        assert set(report["results"][split]) == set(METHODS)
+        assert list(report["results"][split]) == ["map", "ts", *METHODS[1:]]
         for values in report["results"][split].values():
-            assert set(values) == set(METRICS)
+            # the id rows also carry the AUROC of telling id from shift questions
+            assert set(values) == set(METRICS) | (set(OOD_METRICS) if split == "id" else set())
             assert all(math.isfinite(v) for v in values.values())
-        png = out / f"reliability_{split}.png"
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        for name in ("reliability", "risk_coverage"):
+            png = out / f"{name}_{split}.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert report["files"][f"{name}_{split}"] == str(png)
     assert report["config"] == {**report["config"], "seed": 0, "n_train": 128}
 
 
@@ -45,6 +48,27 @@ def test_quick_demo_laplace_is_better_calibrated_in_distribution(quick_run):
     assert abs(la["accuracy"] - map_["accuracy"]) < 0.02
     # over-confident fine-tune: train NLL well below held-out NLL
     assert report["train"]["map"]["nll"] < 0.5 * map_["nll"]
+
+
+def test_quick_demo_reports_aurc_ood_auroc_and_temperature_scaling_in_range(quick_run):
+    """AURC lies between its perfect-ranking bound ``e + (1 - e) log(1 - e)`` (``e`` the
+    error rate) and 1; OOD AUROCs in [0, 1], and above chance for Laplace (the shifted
+    prompts are longer and less certain; quick seed 0: MAP 0.546, LA probit 0.612);
+    temperature scaling keeps MAP's predictions and lowers its NLL (T = 2.005 there)."""
+    _, report = quick_run
+    for by_method in report["results"].values():
+        for values in by_method.values():
+            e = 1 - values["accuracy"]
+            assert e + (1 - e) * math.log(1 - e) - 1e-12 <= values["aurc"] <= 1
+    for values in report["results"]["id"].values():
+        assert all(0 <= values[m] <= 1 for m in OOD_METRICS)
+    id_ = report["results"]["id"]
+    assert id_["la_probit"]["ood_auroc"] > max(0.5, id_["map"]["ood_auroc"])
+    assert report["temperature"] > 1  # an over-confident MAP is cooled
+    for split in ("id", "shift"):
+        ts, map_ = report["results"][split]["ts"], report["results"][split]["map"]
+        assert ts["accuracy"] == map_["accuracy"]
+        assert ts["nll"] < map_["nll"]
 
 
 def test_quick_demo_reports_the_evidence_of_each_checkpoint(quick_run):
