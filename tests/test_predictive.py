@@ -93,3 +93,25 @@ def test_jacobian_free_can_be_switched_off():
     slow.fit(loader)
     batch = next(iter(token_loader(n=3, length=5, seed=4)))
     torch.testing.assert_close(fast(batch), slow(batch), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("truncation", ["isotropic", "prior"])
+def test_sequence_classifier_head_covariance_equals_explicit_jacobians(truncation):
+    """A BERT sequence classifier with LoRA on query/value and its head trained in full
+    (peft ``modules_to_save``: a weight and a bias block): the Jacobian-free GLM
+    covariance, with low-rank factors of either truncation, equals the explicit
+    ``torch.func`` Jacobians contracted with the same posterior, block by block."""
+    from tests.models import tiny_bert_seqcls_lora
+
+    clf = LLMClassifier(tiny_bert_seqcls_lora(num_labels=3, seed=0).double())
+    la = LoRALaplace(clf, "classification", fisher_type="ggn", prior_precision=0.5,
+                     n_kfac=3, lr_threshold=4, truncation=truncation)
+    la.fit(token_loader(n=10, length=7, min_length=2, n_classes=3, vocab=64))
+    roles = [b.role for b in la.blocks]
+    assert roles.count("linear") == 2  # the head's weight and bias
+    batch = padded_batch(seed=5)
+    batch["input_ids"] = batch["input_ids"] % 64
+    f_mu, f_var = la._glm_predictive_distribution(batch)
+    Js, f_ref = la.backend.jacobians(batch)
+    assert rel(f_mu, f_ref) < 1e-10
+    assert rel(f_var, la.functional_variance(Js)) < 1e-5
