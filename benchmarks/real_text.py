@@ -343,6 +343,42 @@ def markdown(summary: dict[int, dict], seeds: list[int], n_val: int) -> str:
     return "\n".join(lines)
 
 
+def posterior_table(runs_by_size: dict, seeds: list[int]) -> str:
+    """Per size: the prior each posterior chose, its mean predictive logit standard
+    deviation on the test split, and how often MC and probit pick the same class."""
+    lines = ["\n| size | seed | T (TS) | δ marglik | mean logit sd | δ layerwise (min–max) | "
+             "δ validation | δ LLLA | MC = probit argmax |", "|---" * 9 + "|"]
+    for size, runs in runs_by_size.items():
+        for seed, r in zip(seeds, runs):
+            i = r["info"]
+            lo, hi = i["la_layerwise_prior_range"]
+            lines.append(
+                f"| {size} | {seed} | {i['temperature']:.2f} | {i['la_prior']:.3g} | "
+                f"{i['la_probit_logit_sd']:.2f} | {lo:.3g}–{hi:.3g} | {i['la_val_prior']:.3g} | "
+                f"{i['llla_prior']:.3g} | {i['mc_probit_agreement']:.3f} |"
+            )
+    levers = [k for k in LEVERS if f"{k}_prior" in next(iter(runs_by_size.values()))[0]["info"]]
+    if levers:
+        lines.append("\n| lever (one change from the default) | δ marglik per seed | "
+                     "mean logit sd per seed |")
+        lines.append("|---|---|---|")
+        for k in levers:
+            for size, runs in runs_by_size.items():
+                priors = ", ".join(f"{r['info'][f'{k}_prior']:.3g}" for r in runs)
+                sds = ", ".join(f"{r['info'][f'{k}_logit_sd']:.2f}" for r in runs)
+                lines.append(f"| {METHOD_LABELS[k]} ({size}) | {priors} | {sds} |")
+    return "\n".join(lines)
+
+
+def render(payload: dict) -> str:
+    """Both markdown tables of a results payload (also for ``--from-json``)."""
+    summary = {int(k): v for k, v in payload["summary"].items()}
+    runs = {int(k): v for k, v in payload["runs"].items()}
+    seeds = payload["settings"]["seeds"]
+    return (markdown(summary, seeds, payload["settings"]["n_val"]) + "\n"
+            + posterior_table(runs, seeds))
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[500, 2000])
@@ -363,7 +399,13 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true",
                    help="the smallest run (the test suite's): 64 questions, 1 seed, small sets")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/real_text"))
+    p.add_argument("--from-json", type=Path, default=None,
+                   help="print the tables of an earlier run's results.json and exit")
     args = p.parse_args(argv)
+    if args.from_json is not None:
+        payload = json.loads(args.from_json.read_text())
+        print(render(payload))
+        return payload
     if args.quick:
         args.sizes, args.seeds, args.epochs = [64], [0], 2
         args.n_val, args.n_test, args.n_ood, args.grid, args.n_grid_val = 48, 48, 32, 3, 48
@@ -394,7 +436,6 @@ def main(argv=None) -> dict:
     for runs in all_runs.values():
         for r in runs:
             del r["_probs"]
-    table = markdown(summary, args.seeds, args.n_val)
     payload = {
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
@@ -406,6 +447,7 @@ def main(argv=None) -> dict:
         "runs": {str(k): v for k, v in all_runs.items()},
         "seconds": time.time() - t0,
     }
+    table = render(payload)
     (args.out / "results.json").write_text(json.dumps(payload, indent=1))
     (args.out / "table.md").write_text(table + "\n")
     print(table)

@@ -47,6 +47,7 @@ def test_quick_run_writes_consistent_results(tmp_path):
     assert run["methods"]["ts"]["test_accuracy"] == run["methods"]["map"]["test_accuracy"]
     table = (tmp_path / "table.md").read_text()
     assert all(module.METHOD_LABELS[m] in table for m in expected)
+    assert module.render(saved).strip() == table.strip()  # --from-json prints the same
     for png in ("reliability.png", "risk_coverage.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert metrics.aurc([[0.9, 0.1]], [0]) == 0.0  # the metric the table's AURC uses
