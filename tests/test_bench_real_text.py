@@ -31,7 +31,7 @@ def test_quick_run_writes_consistent_results(tmp_path):
     run = saved["runs"]["64"][0]
     summary = saved["summary"]["64"]
     expected = {"map", "ts", "la_probit", "la_mc", "la_layerwise", "la_val", "llla", "lt_kron"}
-    assert set(run["methods"]) == expected == set(payload["summary"][64])
+    assert set(run["methods"]) == expected == set(payload["summary"]["64"])
     for method, values in run["methods"].items():
         for key, value in values.items():
             if math.isnan(value):

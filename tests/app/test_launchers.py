@@ -57,7 +57,12 @@ def launch(launcher: list[str], folders: Path, adapter: Path, *extra: str) -> No
     assert proc.stdout.count("wrote ") == 1 and "by 2 processes" in proc.stdout
 
 
-def dense(f):
+def dense(f, H):
+    """A factor of a state's ``H`` as a matrix; a shared factor (``same_as``, see
+    ``share_input_factors``) is the one it points to."""
+    if "same_as" in f:
+        i, j = f["same_as"]
+        f = H[i][j]
     return f["dense"] if "dense" in f else f["root"] @ f["root"].T
 
 
@@ -69,8 +74,9 @@ def assert_same_posterior(path: Path, single_path: Path, folders: Path) -> None:
     torch.testing.assert_close(b["prior_precision"], a["prior_precision"], rtol=1e-5, atol=0)
     for Fa, Fb in zip(a["H"], b["H"], strict=True):
         for fa, fb in zip(Fa, Fb, strict=True):
-            scale = dense(fa).abs().max()
-            torch.testing.assert_close(dense(fb) / scale, dense(fa) / scale, rtol=0, atol=1e-5)
+            scale = dense(fa, a["H"]).abs().max()
+            torch.testing.assert_close(dense(fb, b["H"]) / scale, dense(fa, a["H"]) / scale,
+                                       rtol=0, atol=1e-5)
     # and the loaded posteriors predict alike
     from peft import PeftModel
 
