@@ -371,11 +371,21 @@ def posterior_table(runs_by_size: dict, seeds: list[int]) -> str:
 
 
 def render(payload: dict) -> str:
-    """Both markdown tables of a results payload (also for ``--from-json``)."""
-    summary = {int(k): v for k, v in payload["summary"].items()}
+    """Both markdown tables of a results payload (also for ``--from-json``).
+
+    ``payload`` is a ``results.json``, or the ``partial.json`` written after each size
+    (runs only): its summary is computed here, with the default seeds and validation size
+    of the command unless it records its own settings.
+    """
+    if "runs" not in payload:  # partial.json: {size: [run, ...]}
+        payload = {"runs": payload}
     runs = {int(k): v for k, v in payload["runs"].items()}
-    seeds = payload["settings"]["seeds"]
-    return (markdown(summary, seeds, payload["settings"]["n_val"]) + "\n"
+    settings = payload.get("settings") or {
+        "seeds": list(range(len(next(iter(runs.values()))))), "n_val": 500}
+    summary = ({int(k): v for k, v in payload["summary"].items()} if "summary" in payload
+               else {k: summarise(v) for k, v in runs.items()})
+    seeds = settings["seeds"]
+    return (markdown(summary, seeds, settings["n_val"]) + "\n"
             + posterior_table(runs, seeds))
 
 
