@@ -651,29 +651,51 @@ class LoRALaplace(KronLaplace):
         **model_kwargs,
     ):
         """Predict as laplace-torch does; a ``generator`` also seeds the Monte-Carlo samples."""
-        self._check_H_init()
-        self._warn_if_weights_changed()
-        _refuse_bridge_for_missing_candidates(x, pred_type, link_approx)
-        classification = self.likelihood == "classification" or (
-            self.likelihood == "reward_modeling" and fitting
-        )
-        if generator is not None and classification and link_approx == "mc":
-            # laplace-torch 0.3 validates `generator` but samples from the global
-            # generator; pass it on so that seeded predictions reproduce
-            if not isinstance(generator, torch.Generator) or generator.device != self._device:
-                raise ValueError("Invalid random generator (check type and device).")
-            if pred_type == "glm":
-                f_mu, f_var = self._glm_predictive_distribution(x)
-                return self._glm_predictive_samples(
-                    f_mu, f_var, n_samples, diagonal_output, generator
-                ).mean(0)
-            if pred_type == "nn":
-                fs = self._nn_functional_samples(x, n_samples, generator, **model_kwargs)
-                return torch.softmax(fs, dim=-1).mean(0)
-        return super().__call__(
-            x, pred_type, joint, link_approx, n_samples, diagonal_output, generator, fitting,
-            **model_kwargs,
-        )
+        return predict(self, super().__call__, x, pred_type, joint, link_approx, n_samples,
+                       diagonal_output, generator, fitting, **model_kwargs)
+
+
+def predict(
+    la,
+    parent_call,
+    x,
+    pred_type,
+    joint,
+    link_approx,
+    n_samples,
+    diagonal_output,
+    generator,
+    fitting,
+    **model_kwargs,
+):
+    """Predict for every LoRA Laplace class, around its laplace-torch parent's ``__call__``.
+
+    Checks that the posterior is fitted and still centred on the model's weights,
+    refuses bridge links for batches with missing candidates, and passes ``generator``
+    on to the Monte-Carlo samples, which laplace-torch 0.3 validates but then draws from
+    torch's global generator; everything else is ``parent_call``.
+    """
+    la._check_H_init()
+    la._warn_if_weights_changed()
+    _refuse_bridge_for_missing_candidates(x, pred_type, link_approx)
+    classification = la.likelihood == "classification" or (
+        la.likelihood == "reward_modeling" and fitting
+    )
+    if generator is not None and classification and link_approx == "mc":
+        if not isinstance(generator, torch.Generator) or generator.device != la._device:
+            raise ValueError("Invalid random generator (check type and device).")
+        if pred_type == "glm":
+            f_mu, f_var = la._glm_predictive_distribution(x)
+            return la._glm_predictive_samples(
+                f_mu, f_var, n_samples, diagonal_output, generator
+            ).mean(0)
+        if pred_type == "nn":
+            fs = la._nn_functional_samples(x, n_samples, generator, **model_kwargs)
+            return torch.softmax(fs, dim=-1).mean(0)
+    return parent_call(
+        x, pred_type, joint, link_approx, n_samples, diagonal_output, generator, fitting,
+        **model_kwargs,
+    )
 
 
 def _refuse_bridge_for_missing_candidates(x: Any, pred_type: str, link_approx: str) -> None:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from laplace_llm.curvature import LoRAKFAC
 from laplace_llm.discovery import find_blocks
-from laplace_llm.lora_laplace import LoRALaplace, _refuse_bridge_for_missing_candidates
+from laplace_llm.lora_laplace import LoRALaplace, predict
 from laplace_llm.module_selection import restrict_to_blocks, select_blocks
 from laplace_llm.options import KFACOptions, check_int
 from laplace_llm.per_example import LoRAPerExampleCurvature
@@ -258,28 +258,8 @@ class _LoRAParametric:
         fitting=False,
         **model_kwargs,
     ):
-        self._check_H_init()
-        self._warn_if_weights_changed()
-        _refuse_bridge_for_missing_candidates(x, pred_type, link_approx)
-        classification = self.likelihood == "classification" or (
-            self.likelihood == "reward_modeling" and fitting
-        )
-        if generator is not None and classification and link_approx == "mc":
-            # laplace-torch 0.3 ignores `generator` here; pass it on (as LoRALaplace)
-            if not isinstance(generator, torch.Generator) or generator.device != self._device:
-                raise ValueError("Invalid random generator (check type and device).")
-            if pred_type == "glm":
-                f_mu, f_var = self._glm_predictive_distribution(x)
-                return self._glm_predictive_samples(
-                    f_mu, f_var, n_samples, diagonal_output, generator
-                ).mean(0)
-            if pred_type == "nn":
-                fs = self._nn_functional_samples(x, n_samples, generator, **model_kwargs)
-                return torch.softmax(fs, dim=-1).mean(0)
-        return super().__call__(
-            x, pred_type, joint, link_approx, n_samples, diagonal_output, generator, fitting,
-            **model_kwargs,
-        )
+        return predict(self, super().__call__, x, pred_type, joint, link_approx, n_samples,
+                       diagonal_output, generator, fitting, **model_kwargs)
 
     # ------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
