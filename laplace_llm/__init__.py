@@ -23,7 +23,7 @@ from laplace_llm.errors import LoRAModelError, NonFiniteError, PosteriorFileErro
 from laplace_llm.lora_laplace import LoRALaplace
 from laplace_llm.matrix import LowRankFactor, LowRankKron, LowRankKronDecomposed
 from laplace_llm.module_selection import select_blocks
-from laplace_llm.options import FisherType, KFACApprox, KFACOptions, Truncation
+from laplace_llm.options import Evidence, FisherType, KFACApprox, KFACOptions, Truncation
 from laplace_llm.per_example import LoRAPerExampleCurvature
 from laplace_llm.regression import optimize_prior_and_noise
 from laplace_llm.structures import LoRADiagLaplace, LoRAFullLaplace
@@ -39,6 +39,7 @@ __all__ = [
     "FisherType",
     "KFACApprox",
     "Truncation",
+    "Evidence",
     # curvature
     "LoRAKFAC",
     "LoRAPerExampleCurvature",

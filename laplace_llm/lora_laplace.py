@@ -27,9 +27,10 @@ from laplace_llm import serialization
 from laplace_llm.curvature import LoRAKFAC
 from laplace_llm.discovery import find_blocks
 from laplace_llm.errors import LoRAModelError, PosteriorFileError
+from laplace_llm.evidence import linearised_scatter
 from laplace_llm.matrix import LowRankKron, LowRankKronDecomposed, factor_dtype
 from laplace_llm.module_selection import restrict_to_blocks, select_blocks
-from laplace_llm.options import KFACOptions, Truncation, check_int, expose_options
+from laplace_llm.options import Evidence, KFACOptions, Truncation, check_int, expose_options
 from laplace_llm.validation import check_batch, loader_size
 
 __all__ = ["LoRALaplace"]
@@ -336,6 +337,19 @@ class LoRALaplace(KronLaplace):
             return self.prior_precision_diag.log().sum()
         return self.posterior_precision.logdet()
 
+    @property
+    def scatter(self) -> torch.Tensor:
+        """The prior's term of the evidence, per ``options.evidence``.
+
+        ``"linearised"`` (default): the linearised model's, at its own mode (see
+        :mod:`laplace_llm.evidence`); ``"map"``: laplace-torch's ``dᵀΛ₀d``.
+        """
+        if self.evidence == Evidence.MAP or getattr(self, "H_facs", None) is None:
+            return super().scatter
+        precision = self.posterior_precision
+        return linearised_scatter(self.mean - self.prior_mean, self.prior_precision_diag,
+                                  lambda v: precision.bmm(v, exponent=-1))
+
     def square_norm(self, value: torch.Tensor) -> torch.Tensor:
         """Return ``(θ − μ)ᵀ P (θ − μ)`` for the posterior precision ``P``."""
         delta = value - self.mean
@@ -538,6 +552,9 @@ class LoRALaplace(KronLaplace):
             "lora_modules": state["lora_modules"],
             **state["options"],
         }
+        # files written before the option existed hold a prior chosen by laplace-torch's
+        # evidence
+        kwargs.setdefault("evidence", Evidence.MAP)
         if "damping" in state:  # kron only
             kwargs["damping"] = state["damping"]
             # files written before the option existed left truncated directions to the prior

@@ -28,6 +28,7 @@ __all__ = [
     "FisherType",
     "KFACApprox",
     "Truncation",
+    "Evidence",
     "KFACOptions",
     "add_arguments",
     "check_int",
@@ -79,6 +80,29 @@ class Truncation(str, enum.Enum):
         return self.value
 
 
+class Evidence(str, enum.Enum):
+    """Which model's evidence ``log_marginal_likelihood`` (and so ``marglik``) returns.
+
+    Both share the data fit at the fine-tuned weights ``θ*`` and ``log det`` of the
+    posterior precision ``P = τH + Λ₀``; they differ in the prior's scatter term.
+    """
+
+    #: The evidence of the Gaussian (linearised) model the posterior describes, at that
+    #: model's own mode: the scatter is ``min_θ (θ−θ*)ᵀτH(θ−θ*) + (θ−μ₀)ᵀΛ₀(θ−μ₀)
+    #: = dᵀΛ₀d − (Λ₀d)ᵀP⁻¹(Λ₀d)`` with ``d = θ* − μ₀``. Weights the data do not determine
+    #: (where ``τH ≪ Λ₀``) are not charged to the prior: fine-tuning never pulled them
+    #: towards ``μ₀``, so their size says nothing about the prior's width.
+    LINEARISED = "linearised"
+    #: laplace-torch's evidence: the scatter ``dᵀΛ₀d`` at the fine-tuned weights, exact
+    #: when ``θ*`` is the mode under the prior being scored (training with that weight
+    #: decay).
+    MAP = "map"
+
+    def __str__(self) -> str:
+        """Return the plain value (``"linearised"``)."""
+        return self.value
+
+
 def _option(help: str, minimum: int | None = None, cli: bool = True) -> dict[str, Any]:
     """Metadata of one :class:`KFACOptions` field.
 
@@ -110,17 +134,12 @@ class KFACOptions:
         Sampled labels per example of ``fisher_type="mc"``.
     kfac_approx : KFACApprox, default "expand"
         How K-FAC treats the sequence axis.
-    truncation: Truncation = dataclasses.field(
-        default=Truncation.ISOTROPIC,
-        metadata=_option(
-            "directions a low-rank factor discards: keep their mean eigenvalue "
-            "(isotropic) or leave them to the prior"
-        ),
-    )
-    share_input_factors: bool = dataclasses.field(
-        default=True,
-        metadata=_option(
-            "one input factor for LoRA layers that read the same input (q/k/v, gate/up)"
+    truncation : Truncation, default "isotropic"
+        What a low-rank factor keeps of the directions it discards.
+    share_input_factors : bool, default True
+        One input factor for LoRA layers that read the same input.
+    evidence : Evidence, default "linearised"
+        The evidence ``log_marginal_likelihood`` returns (see :class:`Evidence`).
 
     Raises
     ------
@@ -160,6 +179,14 @@ class KFACOptions:
         default=True,
         metadata=_option(
             "one input factor for LoRA layers that read the same input (q/k/v, gate/up)"
+        ),
+    )
+    evidence: Evidence = dataclasses.field(
+        default=Evidence.LINEARISED,
+        metadata=_option(
+            "the evidence marglik maximises: that of the linearised model at its own mode "
+            "(linearised) or laplace-torch's, with the prior charged at the fine-tuned "
+            "weights (map)"
         ),
     )
 

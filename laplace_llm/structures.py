@@ -27,9 +27,10 @@ from torch.utils.data import DataLoader
 
 from laplace_llm.curvature import LoRAKFAC
 from laplace_llm.discovery import find_blocks
+from laplace_llm.evidence import linearised_scatter
 from laplace_llm.lora_laplace import LoRALaplace, predict
 from laplace_llm.module_selection import restrict_to_blocks, select_blocks
-from laplace_llm.options import KFACOptions, check_int
+from laplace_llm.options import Evidence, KFACOptions, check_int
 from laplace_llm.per_example import LoRAPerExampleCurvature
 from laplace_llm.validation import check_batch, loader_size
 
@@ -37,8 +38,8 @@ __all__ = ["LoRADiagLaplace", "LoRAFullLaplace", "LIKELIHOODS", "MAX_FULL_PARAMS
 
 LIKELIHOODS = ("classification", "regression", "reward_modeling")
 #: The :class:`~laplace_llm.options.KFACOptions` fields that diag and full use (their
-#: probes); the others only shape Kronecker factors.
-OPTIONS = ("fisher_type", "mc_samples")
+#: probes and the evidence); the others only shape Kronecker factors.
+OPTIONS = ("fisher_type", "mc_samples", "evidence")
 #: Default of :class:`LoRAFullLaplace`'s ``max_params`` (and of ``laplace-llm fit
 #: --max-params``): a ``P × P`` float32 matrix at ``P = 10⁴`` is 400 MB.
 MAX_FULL_PARAMS = 10_000
@@ -160,6 +161,14 @@ class _LoRAParametric:
         if getattr(self, "H", None) is None:  # before fit: the prior
             return self.prior_precision_diag.log().sum()
         return super().log_det_posterior_precision
+
+    @property
+    def scatter(self) -> torch.Tensor:
+        """The prior's term of the evidence, per ``options.evidence`` (as LoRALaplace's)."""
+        if self.options.evidence == Evidence.MAP or getattr(self, "H", None) is None:
+            return super().scatter
+        return linearised_scatter(self.mean - self.prior_mean, self.prior_precision_diag,
+                                  self._solve_posterior)
 
     def square_norm(self, value: torch.Tensor) -> torch.Tensor:
         if getattr(self, "H", None) is None:
@@ -330,9 +339,10 @@ class LoRADiagLaplace(_LoRAParametric, DiagLaplace):
         laplace-torch's ``torch.func`` ones.
     options : KFACOptions, optional
         the options object of :class:`LoRALaplace`; only ``fisher_type`` (``"mc"``,
-        ``"ggn"`` or ``"ef"``) and ``mc_samples`` matter here.
+        ``"ggn"`` or ``"ef"``), ``mc_samples`` and ``evidence`` matter here.
     **kfac_options
-        ``fisher_type`` and ``mc_samples`` as keywords, when ``options`` is not given
+        ``fisher_type``, ``mc_samples`` and ``evidence`` as keywords, when ``options`` is
+        not given
         (defaults those of :class:`~laplace_llm.options.KFACOptions`).
     **kwargs
         laplace-torch's arguments (``sigma_noise``, ``prior_precision``, ``prior_mean``,
@@ -341,6 +351,9 @@ class LoRADiagLaplace(_LoRAParametric, DiagLaplace):
 
     _key = ("lora", "diag")
     _structure = "diag"
+
+    def _solve_posterior(self, v: torch.Tensor) -> torch.Tensor:
+        return v / self.posterior_precision
 
 
 class LoRAFullLaplace(_LoRAParametric, FullLaplace):
@@ -379,6 +392,10 @@ class LoRAFullLaplace(_LoRAParametric, FullLaplace):
         kwargs = super()._load_arguments(state)
         kwargs["max_params"] = state.get("max_params", MAX_FULL_PARAMS)
         return kwargs
+
+    def _solve_posterior(self, v: torch.Tensor) -> torch.Tensor:
+        L = torch.linalg.cholesky(self.posterior_precision)
+        return torch.cholesky_solve(v.unsqueeze(-1), L).squeeze(-1)
 
     def _check_size(self, n_params: int, model: nn.Module) -> None:
         if n_params <= self.max_params:

@@ -86,7 +86,7 @@ def llama_loader(likelihood, n=9, length=5, batch_size=4, seed=0):
 
 def fit_both(model, loader, likelihood, structure, fisher, ref_structure=None, **kw):
     la = Laplace(model, likelihood, subset_of_weights="lora", hessian_structure=structure,
-                 fisher_type=fisher, **kw)
+                 fisher_type=fisher, evidence="map", **kw)
     la.fit(loader)
     ref = Laplace(model, likelihood, subset_of_weights="all",
                   hessian_structure=ref_structure or structure,
@@ -197,7 +197,7 @@ def test_regression_evidence_and_its_gradients_equal_laplace_torch(structure):
     loader = mlp_loader("regression")
     extra = dict(n_kfac=64) if structure == "kron" else {}
     la = Laplace(model, "regression", subset_of_weights="lora", hessian_structure=structure,
-                 fisher_type="ggn", **extra)
+                 fisher_type="ggn", evidence="map", **extra)
     la.fit(loader)
     ref = Laplace(model, "regression", subset_of_weights="all", hessian_structure=structure,
                   backend=CurvlinopsGGN)
@@ -322,7 +322,7 @@ def test_last_layer_lora_is_llla():
     loader = llama_loader("classification")
     model = llama(target_modules=targets)
     la = Laplace(model, "classification", subset_of_weights="lora", hessian_structure="kron",
-                 lora_modules=["lm_head"], fisher_type="ggn", n_kfac=128)
+                 lora_modules=["lm_head"], fisher_type="ggn", n_kfac=128, evidence="map")
     la.fit(loader)
     assert [b.role for b in la.blocks] == ["lora_A", "lora_B"]
     assert all("lm_head" in b.name for b in la.blocks)
@@ -430,7 +430,8 @@ def test_plain_head_alone_is_last_layer_laplace():
     loader = token_loader(n=9, length=5, batch_size=4, n_classes=3, vocab=64)
     model = LLMClassifier(tiny_bert_seqcls_lora(num_labels=3, seed=0).double())
     la = Laplace(model, "classification", subset_of_weights="lora", hessian_structure="kron",
-                 lora_modules=["classifier"], fisher_type="ggn", n_kfac=512, prior_precision=0.7)
+                 lora_modules=["classifier"], fisher_type="ggn", n_kfac=512, prior_precision=0.7,
+                 evidence="map")
     la.fit(loader)
     assert [b.role for b in la.blocks] == ["linear", "linear"]
     frozen = LLMClassifier(tiny_bert_seqcls_lora(num_labels=3, seed=0).double())
