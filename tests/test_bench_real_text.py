@@ -30,7 +30,8 @@ def test_quick_run_writes_consistent_results(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     run = saved["runs"]["64"][0]
     summary = saved["summary"]["64"]
-    expected = {"map", "ts", "la_probit", "la_mc", "la_layerwise", "la_val", "llla", "lt_kron"}
+    expected = {"map", "ts", "la_probit", "la_mc", "la_map_evidence", "la_layerwise", "la_val",
+                "llla", "lt_kron"}
     assert set(run["methods"]) == expected == set(payload["summary"]["64"])
     for method, values in run["methods"].items():
         for key, value in values.items():
@@ -43,6 +44,9 @@ def test_quick_run_writes_consistent_results(tmp_path):
                 assert 0.0 <= value <= 1.0, (method, key, value)
     assert run["methods"]["ts"]["agrees_with_map"] == 1.0
     assert run["info"]["temperature"] > 0 and run["info"]["la_prior"] > 0
+    # the linearised evidence never charges the prior more than laplace-torch's, so its
+    # prior is at least as tight (the same curvature, loaded, not refitted)
+    assert run["info"]["la_prior"] >= run["info"]["la_map_evidence_prior"]
     # the TS row is the MAP logits divided by the fitted temperature
     assert run["methods"]["ts"]["test_accuracy"] == run["methods"]["map"]["test_accuracy"]
     table = (tmp_path / "table.md").read_text()
