@@ -141,6 +141,33 @@ def test_files_without_truncation_option_keep_their_meaning(tmp_path):
     assert not torch.equal(isotropic(batch), la(batch))
 
 
+def test_files_without_evidence_option_keep_their_meaning(tmp_path):
+    """Files written before ``evidence`` existed hold a prior chosen by laplace-torch's
+    evidence; they load as ``evidence="map"``, to the same evidence."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    clf = LLMClassifier(tiny_llama_lora(seed=0), TARGET_IDS)
+    la = LoRALaplace(clf, "classification", n_kfac=3, lr_threshold=8, fisher_type="ggn",
+                     evidence="map", prior_precision=0.5)
+    la.fit(token_loader(n=10, length=6))
+    path = tmp_path / "post.safetensors"
+    la.save(path)
+    with safe_open(str(path), "pt") as fh:
+        header = json.loads(fh.metadata()["laplace_llm"])
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    del header["options"]["evidence"]
+    save_file(tensors, str(path), metadata={"laplace_llm": json.dumps(header)})
+    loaded = LoRALaplace.load(path, clf)
+    assert loaded.evidence == "map"
+    torch.testing.assert_close(loaded.log_marginal_likelihood(), la.log_marginal_likelihood(),
+                               rtol=0, atol=0)
+    linearised = LoRALaplace.load(path, clf, evidence="linearised")
+    assert linearised.log_marginal_likelihood() > la.log_marginal_likelihood()
+
+
 def test_a_folder_means_its_posterior_file(fitted, tmp_path):
     """save(folder) writes POSTERIOR_FILENAME inside; load(folder) finds it; an empty
     folder is named in the error."""
