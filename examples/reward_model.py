@@ -66,7 +66,9 @@ def scrambled(rng: random.Random) -> str:
 def main(quick: bool = False) -> dict:
     torch.manual_seed(0)
     transformers.logging.set_verbosity_error()
-    n_train, epochs = (64, 10) if quick else (96, 10)
+    # quick (the test's) runs the documented configuration too: with 64 pairs the
+    # default evidence's prior leaves other domains only 1.08x the in-domain variance
+    n_train, epochs = 96, 10
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)

@@ -21,11 +21,13 @@ model the predictive uses. The mean of the predictive stays ``θ*``.
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Callable
 
 import torch
 
-__all__ = ["linearised_scatter"]
+__all__ = ["linearised_scatter", "optimize_prior_until_converged"]
 
 
 def linearised_scatter(
@@ -46,4 +48,51 @@ def linearised_scatter(
         precision, so ``marglik`` can follow its gradient.
     """
     weighted = prior_precision_diag * delta
-    return weighted @ delta - weighted @ solve(weighted)
+    solved = solve(weighted)
+    # the two terms nearly cancel where the data determine little (the result can be a
+    # tenth of either), so the long sums are taken in float64: float32 sums over ~10⁵
+    # weights would otherwise leave errors of 1e-5 relative, ten times larger after the
+    # cancellation, and move the marglik optimum by as much
+    w = weighted.double()
+    return (w @ delta.double() - w @ solved.double()).to(weighted.dtype)
+
+
+#: Restarts of laplace-torch's Adam loop (100 steps each by default) before giving up.
+MAX_ROUNDS = 20
+#: Converged when no prior precision moves by more than this fraction in a round (1%:
+#: well inside what moves a predictive; on the real MiniLM the slope of the evidence in
+#: log δ is then below 1, against 38 after laplace-torch's single loop).
+RTOL = 1e-2
+
+
+def optimize_prior_until_converged(la, parent: Callable[..., None], args, kwargs) -> None:
+    """Run laplace-torch's ``optimize_prior_precision`` (``parent``) until marglik converges.
+
+    laplace-torch takes a fixed number of Adam steps on ``log δ`` from ``init_prior_prec``.
+    Adam's step shrinks once the first, steep gradients have filled its second-moment
+    estimate, and the linearised evidence is flat in ``log δ`` far from the data's
+    curvature scale, so 100 steps can stop well short of the optimum (measured on the
+    real MiniLM: δ 50.8, evidence gradient 38 per unit of ``log δ``, against the
+    optimum 140.5). The loop is restarted from where it stopped, with fresh Adam state,
+    until a round moves no prior precision by more than ``RTOL``; a warning says when
+    ``MAX_ROUNDS`` rounds did not get there. Other methods, and ``evidence="map"``
+    (laplace-torch's own evidence, kept step for step as laplace-torch runs it), call
+    ``parent`` once.
+    """
+    bound = inspect.signature(parent).bind(*args, **kwargs)
+    bound.apply_defaults()
+    call = dict(bound.arguments)
+    parent(**call)
+    if str(call["method"]) != "marglik" or la.options.evidence != "linearised":
+        return
+    for _ in range(MAX_ROUNDS - 1):
+        before = la.prior_precision.detach().clone()
+        parent(**{**call, "init_prior_prec": before})
+        if ((la.prior_precision - before).abs() <= RTOL * before).all():
+            return
+    warnings.warn(
+        f"marglik did not converge in {MAX_ROUNDS} rounds of {call['n_steps']} steps: the "
+        f"prior precision still moved by more than {RTOL:.0e} relative in the last round. "
+        "Pass a larger n_steps or lr, or check the fit.",
+        stacklevel=3,
+    )

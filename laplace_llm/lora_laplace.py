@@ -27,7 +27,7 @@ from laplace_llm import serialization
 from laplace_llm.curvature import LoRAKFAC
 from laplace_llm.discovery import find_blocks
 from laplace_llm.errors import LoRAModelError, PosteriorFileError
-from laplace_llm.evidence import linearised_scatter
+from laplace_llm.evidence import linearised_scatter, optimize_prior_until_converged
 from laplace_llm.matrix import LowRankKron, LowRankKronDecomposed, factor_dtype
 from laplace_llm.module_selection import restrict_to_blocks, select_blocks
 from laplace_llm.options import Evidence, KFACOptions, Truncation, check_int, expose_options
@@ -336,6 +336,15 @@ class LoRALaplace(KronLaplace):
         if getattr(self, "H_facs", None) is None:  # before fit: the prior
             return self.prior_precision_diag.log().sum()
         return self.posterior_precision.logdet()
+
+    def optimize_prior_precision(self, *args: Any, **kwargs: Any) -> None:
+        """Tune the prior as laplace-torch does; marglik runs until it converges.
+
+        With the linearised evidence, laplace-torch's fixed-step ``marglik`` loop is
+        repeated until it converges (see
+        :func:`~laplace_llm.evidence.optimize_prior_until_converged`).
+        """
+        optimize_prior_until_converged(self, super().optimize_prior_precision, args, kwargs)
 
     @property
     def scatter(self) -> torch.Tensor:

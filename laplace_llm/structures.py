@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from laplace_llm.curvature import LoRAKFAC
 from laplace_llm.discovery import find_blocks
-from laplace_llm.evidence import linearised_scatter
+from laplace_llm.evidence import linearised_scatter, optimize_prior_until_converged
 from laplace_llm.lora_laplace import LoRALaplace, predict
 from laplace_llm.module_selection import restrict_to_blocks, select_blocks
 from laplace_llm.options import Evidence, KFACOptions, check_int
@@ -161,6 +161,13 @@ class _LoRAParametric:
         if getattr(self, "H", None) is None:  # before fit: the prior
             return self.prior_precision_diag.log().sum()
         return super().log_det_posterior_precision
+
+    def optimize_prior_precision(self, *args: Any, **kwargs: Any) -> None:
+        """Tune the prior as :meth:`LoRALaplace.optimize_prior_precision` does.
+
+        With the linearised evidence ``marglik`` runs until it converges.
+        """
+        optimize_prior_until_converged(self, super().optimize_prior_precision, args, kwargs)
 
     @property
     def scatter(self) -> torch.Tensor:

@@ -92,11 +92,26 @@ def test_marglik_picks_a_tighter_prior_than_laplace_torchs_evidence():
     """The linearised scatter is below laplace-torch's at every δ, so the evidence's slope
     is higher everywhere and its maximiser lies above laplace-torch's."""
     lin, at_map = fitted(), fitted(evidence="map")
-    lin.optimize_prior_precision(method="marglik")
+    with pytest.warns(UserWarning, match="did not converge"):  # its maximum is at δ → ∞
+        lin.optimize_prior_precision(method="marglik")
     at_map.optimize_prior_precision(method="marglik")
     assert lin.prior_precision.item() > at_map.prior_precision.item()
-    # and each is a stationary point of its own evidence
-    for la in (lin, at_map):
-        log_delta = la.prior_precision.log().clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(la.log_marginal_likelihood(log_delta.exp()), log_delta)
-        assert abs(g.item()) < 1e-2 * la.n_params ** 0.5
+
+
+def test_marglik_restarts_until_converged_and_warns_when_it_cannot():
+    """On these random labels the linearised evidence rises all the way to δ → ∞ (under
+    the quadratic model, no fine-tuning explains the data best): laplace-torch's single
+    loop of 100 Adam steps stops early, the restarted loop climbs much further without
+    ever lowering the evidence, and warns that it did not converge. With
+    ``evidence="map"`` the loop is laplace-torch's, step for step."""
+    one = fitted()
+    super(LoRALaplace, one).optimize_prior_precision(method="marglik")
+    la = fitted()
+    with pytest.warns(UserWarning, match="did not converge"):
+        la.optimize_prior_precision(method="marglik")
+    assert la.prior_precision.item() > 100 * one.prior_precision.item()
+    assert la.log_marginal_likelihood().item() >= one.log_marginal_likelihood().item()
+    at_map, reference = fitted(evidence="map"), fitted(evidence="map")
+    at_map.optimize_prior_precision(method="marglik")
+    super(LoRALaplace, reference).optimize_prior_precision(method="marglik")
+    assert torch.equal(at_map.prior_precision, reference.prior_precision)
