@@ -19,7 +19,7 @@ Then, on the 499 TREC test questions:
 - ``la_layerwise``: the same with one prior precision per block (marglik), probit
   (test split only);
 - ``la_val``: the default posterior with the prior chosen on the validation split
-  (laplace-torch's gridsearch of the NLL of 64 validation questions over 5 priors
+  (laplace-torch's gridsearch of the NLL of 48 validation questions over 4 priors
   10^-2…10^4), probit (test and shifted splits);
 - ``llla``: last-layer Laplace, the head alone (``lora_modules=["classifier"]``), probit;
 - ``lt_kron``: laplace-torch's own ``Laplace(model, "classification", "all", "kron")``
@@ -419,8 +419,8 @@ def main(argv=None) -> dict:
     p.add_argument("--n-val", type=int, default=500)
     p.add_argument("--n-test", type=int, default=499)
     p.add_argument("--n-ood", type=int, default=300)
-    p.add_argument("--grid", type=int, default=5, help="prior values of la_val's gridsearch")
-    p.add_argument("--n-grid-val", type=int, default=64,
+    p.add_argument("--grid", type=int, default=4, help="prior values of la_val's gridsearch")
+    p.add_argument("--n-grid-val", type=int, default=48,
                    help="validation questions la_val's gridsearch scores each prior on")
     p.add_argument("--laplace-torch-sizes", type=int, nargs="*", default=[],
                    help="sizes at which laplace-torch's all/kron is measured (test split only)")
