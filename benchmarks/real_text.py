@@ -15,7 +15,8 @@ Then, on the 499 TREC test questions:
   probit link or 1000 Monte-Carlo logit samples; the default evidence is the linearised
   model's at its own mode (``evidence="linearised"``, :mod:`laplace_llm.evidence`);
 - ``la_map_evidence``: the same posterior with laplace-torch's evidence
-  (``evidence="map"``: the prior charged at the fine-tuned weights), probit;
+  (``evidence="map"``: the prior charged at the fine-tuned weights), probit (test and
+  shifted splits);
 - ``la_layerwise``: the same with one prior precision per block (marglik), probit
   (test split only);
 - ``la_val``: the default posterior with the prior chosen on the validation split
@@ -257,7 +258,7 @@ def one_run(size: int, seed: int, args) -> dict:
     la_map.load_state_dict(la.state_dict())
     la_map.optimize_prior_precision(method="marglik")
     info["la_map_evidence_prior"] = float(la_map.prior_precision)
-    laplace_probs("la_map_evidence", la_map)
+    laplace_probs("la_map_evidence", la_map, splits=("test", "shift"))
     stage("laplace-torch's evidence")
 
     # per-block priors start from the scalar optimum (fewer marglik rounds)
@@ -418,7 +419,7 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--n-val", type=int, default=500)
     p.add_argument("--n-test", type=int, default=499)
-    p.add_argument("--n-ood", type=int, default=300)
+    p.add_argument("--n-ood", type=int, default=200)
     p.add_argument("--grid", type=int, default=4, help="prior values of la_val's gridsearch")
     p.add_argument("--n-grid-val", type=int, default=48,
                    help="validation questions la_val's gridsearch scores each prior on")
