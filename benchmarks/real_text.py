@@ -20,7 +20,7 @@ Then, on the 499 TREC test questions:
 - ``la_layerwise``: the same with one prior precision per block (marglik), probit
   (test split only);
 - ``la_val``: the default posterior with the prior chosen on the validation split
-  (laplace-torch's gridsearch of the NLL of 48 validation questions over 4 priors
+  (laplace-torch's gridsearch criterion, the NLL of 100 validation questions, over 7 priors
   10^-2…10^4), probit (test and shifted splits);
 - ``llla``: last-layer Laplace, the head alone (``lora_modules=["classifier"]``), probit;
 - ``lt_kron``: laplace-torch's own ``Laplace(model, "classification", "all", "kron")``
@@ -219,6 +219,7 @@ def one_run(size: int, seed: int, args) -> dict:
                for name, recs in (("test", test), ("shift", shift), ("ood", foreign))}
     val_loader = make_loader(val, tok, 32, "text")
     grid_loader = make_loader(val[: args.n_grid_val], tok, 32, "text")
+    grid_labels = torch.cat([b["labels"] for b in grid_loader])
     t_train = time.time() - t0
     stage("fine-tuned")
 
@@ -269,10 +270,16 @@ def one_run(size: int, seed: int, args) -> dict:
     laplace_probs("la_layerwise", la, splits=("test",))
     stage("layerwise")
 
-    la.optimize_prior_precision(method="gridsearch", val_loader=grid_loader,
-                                pred_type="glm", link_approx="probit", grid_size=args.grid,
-                                log_prior_prec_min=-2, log_prior_prec_max=4,
-                                progress_bar=False)
+    # laplace-torch's gridsearch criterion (the NLL of the GLM probit predictive on the
+    # validation questions, lowest wins), on this package's GLM moments: laplace-torch's
+    # own loop took ~6 s per prior for 48 questions here; its result on the same grid is
+    # tested equal in tests/test_lora_laplace.py
+    grid_nll = []
+    for prior in torch.logspace(-2, 4, args.grid).tolist():
+        la.prior_precision = prior
+        mu, cov = glm_moments(la, grid_loader)
+        grid_nll.append((metrics.nll(probit(mu, cov), grid_labels), prior))
+    la.prior_precision = min(grid_nll)[1]
     info["la_val_prior"] = float(la.prior_precision)
     laplace_probs("la_val", la, splits=("test", "shift"))
     stage("gridsearch")
@@ -420,8 +427,8 @@ def main(argv=None) -> dict:
     p.add_argument("--n-val", type=int, default=500)
     p.add_argument("--n-test", type=int, default=499)
     p.add_argument("--n-ood", type=int, default=200)
-    p.add_argument("--grid", type=int, default=4, help="prior values of la_val's gridsearch")
-    p.add_argument("--n-grid-val", type=int, default=48,
+    p.add_argument("--grid", type=int, default=7, help="prior values of la_val's gridsearch")
+    p.add_argument("--n-grid-val", type=int, default=100,
                    help="validation questions la_val's gridsearch scores each prior on")
     p.add_argument("--laplace-torch-sizes", type=int, nargs="*", default=[],
                    help="sizes at which laplace-torch's all/kron is measured (test split only)")

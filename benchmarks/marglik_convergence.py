@@ -1,0 +1,68 @@
+"""Does marglik converge? laplace-torch's single Adam loop against the restarted one.
+
+On the real-text setting of ``benchmarks/real_text.py`` (MiniLM + LoRA fine-tuned on 500
+TREC-6 questions, seed 0), fits the default posterior once and tunes its prior by the
+linearised evidence twice: with laplace-torch's ``optimize_prior_precision`` loop alone
+(100 Adam steps on log δ from δ = 1) and with :class:`~laplace_llm.LoRALaplace`'s, which
+restarts that loop until it converges. For each it prints δ, the log evidence and the
+evidence's slope in log δ, then the log evidence on a grid of δ.
+
+Run: ``python benchmarks/marglik_convergence.py`` (about a minute on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import real_text as rt  # noqa: E402  (the benchmark's data, model and training)
+from laplace import Laplace  # noqa: E402
+
+from laplace_llm import LoRALaplace  # noqa: E402
+from laplace_llm.data import make_loader  # noqa: E402
+from laplace_llm.training import train_lora  # noqa: E402
+
+
+def slope(la) -> float:
+    log_delta = la.prior_precision.log().detach().clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(la.log_marginal_likelihood(log_delta.exp()), log_delta)
+    return g.item()
+
+
+def main(size: int = 500, seed: int = 0) -> dict:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    records = rt.read_jsonl(rt.DATA / "train.jsonl")
+    random.Random(seed).shuffle(records)
+    clf, tok = rt.build_model(seed)
+    loader = make_loader(records[:size], tok, 16, "text", shuffle=True)
+    torch.manual_seed(seed)
+    train_lora(clf, loader, epochs=5, lr=2e-3)
+    la = Laplace(clf, "classification", subset_of_weights="lora", hessian_structure="kron",
+                 seed=seed)
+    la.fit(make_loader(records[:size], tok, 16, "text"))
+    out = {}
+    for name, optimise in [
+        ("laplace-torch's loop (100 steps)",
+         lambda: super(LoRALaplace, la).optimize_prior_precision(method="marglik")),
+        ("restarted until converged", lambda: la.optimize_prior_precision(method="marglik")),
+    ]:
+        la.prior_precision = 1.0
+        optimise()
+        with torch.no_grad():
+            lml = la.log_marginal_likelihood().item()
+        out[name] = {"delta": la.prior_precision.item(), "log_marglik": lml, "slope": slope(la)}
+        print(f"{name:34s} δ {out[name]['delta']:8.1f}  log marglik {lml:9.2f}  "
+              f"slope in log δ {out[name]['slope']:8.3f}")
+    with torch.no_grad():
+        for d in (20, 50, 100, 150, 300, 1000, 10000):
+            print(f"  δ {d:6d}: log marglik "
+                  f"{la.log_marginal_likelihood(torch.tensor(float(d))).item():9.2f}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
