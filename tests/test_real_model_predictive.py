@@ -8,9 +8,8 @@ marglik prior was so weak (δ ≈ 6 against ≈ 140 with the default) that the l
 predictive standard deviations (≈ 2.6) rivalled their spread: Monte-Carlo averaging then moved the predicted
 class on 3–5% of the questions and cost 1.3 accuracy points on the benchmark
 (``benchmarks/real_text.py``). With the linearised evidence (the default) the two links
-agree on ≥ 97% of the questions (98.2–98.8% over the benchmark's seeds; at 300 training
-questions, a broader posterior, 96.5% on 200 test questions) and MC loses at most one
-point against the MAP.
+agree on ≥ 97% of the questions (98.8–99.4% over the benchmark's seeds) and MC loses
+at most one point against the MAP.
 """
 
 import json
