@@ -114,25 +114,30 @@ def test_files_of_the_first_release_still_load(fitted, tmp_path):
     assert loaded.options == fitted.options
 
 
-def test_files_without_truncation_option_keep_their_meaning(tmp_path):
-    """Files written before ``truncation`` existed were fitted with truncated directions
-    left to the prior; they load as ``truncation="prior"``, to the same predictions."""
+def _without_option(path, name):
+    """Rewrite a posterior file as one written before option ``name`` existed."""
     import json
 
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    with safe_open(str(path), "pt") as fh:
+        header = json.loads(fh.metadata()["laplace_llm"])
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    del header["options"][name]
+    save_file(tensors, str(path), metadata={"laplace_llm": json.dumps(header)})
+
+
+def test_files_without_truncation_option_keep_their_meaning(tmp_path):
+    """Files written before ``truncation`` existed were fitted with truncated directions
+    left to the prior; they load as ``truncation="prior"``, to the same predictions."""
     clf = LLMClassifier(tiny_llama_lora(seed=0), TARGET_IDS)
     la = LoRALaplace(clf, "classification", n_kfac=3, lr_threshold=8, fisher_type="ggn",
                      truncation="prior", prior_precision=0.5)
     la.fit(token_loader(n=10, length=6))
     path = tmp_path / "post.safetensors"
     la.save(path)
-    with safe_open(str(path), "pt") as fh:
-        header = json.loads(fh.metadata()["laplace_llm"])
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    del header["options"]["truncation"]
-    save_file(tensors, str(path), metadata={"laplace_llm": json.dumps(header)})
+    _without_option(path, "truncation")
     loaded = LoRALaplace.load(path, clf)
     assert loaded.truncation == "prior"
     batch = next(iter(token_loader(n=3, length=6, seed=2)))
@@ -144,22 +149,13 @@ def test_files_without_truncation_option_keep_their_meaning(tmp_path):
 def test_files_without_evidence_option_keep_their_meaning(tmp_path):
     """Files written before ``evidence`` existed hold a prior chosen by laplace-torch's
     evidence; they load as ``evidence="map"``, to the same evidence."""
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     clf = LLMClassifier(tiny_llama_lora(seed=0), TARGET_IDS)
     la = LoRALaplace(clf, "classification", n_kfac=3, lr_threshold=8, fisher_type="ggn",
                      evidence="map", prior_precision=0.5)
     la.fit(token_loader(n=10, length=6))
     path = tmp_path / "post.safetensors"
     la.save(path)
-    with safe_open(str(path), "pt") as fh:
-        header = json.loads(fh.metadata()["laplace_llm"])
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    del header["options"]["evidence"]
-    save_file(tensors, str(path), metadata={"laplace_llm": json.dumps(header)})
+    _without_option(path, "evidence")
     loaded = LoRALaplace.load(path, clf)
     assert loaded.evidence == "map"
     torch.testing.assert_close(loaded.log_marginal_likelihood(), la.log_marginal_likelihood(),
