@@ -435,7 +435,7 @@ class LoRAKFAC(CurvatureInterface):
     # --------------------------------------------------------------- predictive
     def glm_moments(
         self, x: Any, precision, joint: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    ) -> tuple[torch.Tensor, torch.Tensor] | list | None:
         """GLM mean and covariance of the logits without a parameter-long Jacobian.
 
         One forward and ``C`` backward passes give, per block, the activations ``a``
@@ -446,8 +446,10 @@ class LoRAKFAC(CurvatureInterface):
         Parameters
         ----------
         x : batch (dict or tensor) of ``B`` inputs.
-        precision : LowRankKronDecomposed
-            posterior precision ``P`` over the blocks.
+        precision : LowRankKronDecomposed or a sequence of them
+            posterior precision ``P`` over the blocks. A sequence (e.g. one per prior
+            precision of a grid) contracts the same Jacobians with each, so ``K``
+            precisions cost one forward and ``C`` backward passes, not ``K`` of each.
         joint : bool
             ``(B·C, B·C)`` covariance across the batch instead of ``(B, C, C)``.
 
@@ -456,9 +458,14 @@ class LoRAKFAC(CurvatureInterface):
         (f_mu, f_var) : ``(B, C)`` and ``(B, C, C)`` (or ``(B·C, B·C)``), or ``None``
             when a hooked module without a call layout saw another batch size than
             the logits (the caller then falls back to explicit Jacobians). Calls with a
-            layout add each row's Jacobian to its example's.
+            layout add each row's Jacobian to its example's. For a sequence of
+            precisions, a list of such pairs in the same order.
         """
-        dtype = precision.deltas.dtype
+        several = isinstance(precision, (list, tuple))
+        precisions = list(precision) if several else [precision]
+        if not precisions:
+            raise ValueError("glm_moments needs at least one posterior precision.")
+        dtype = precisions[0].deltas.dtype
         with torch.enable_grad(), self.recording() as rec:
             f = self.model(x)
             B, C = f.shape
@@ -473,11 +480,9 @@ class LoRAKFAC(CurvatureInterface):
             return None
         mask = sequence_mask(x)
         per_module = _per_module_calls(rec, grads)
-        if joint:
-            f_var = torch.zeros(B * C, B * C, device=f.device, dtype=dtype)
-        else:
-            f_var = torch.zeros(B, C, C, device=f.device, dtype=dtype)
-        for b, pb in zip(self.blocks, precision._blocks()):
+        shape = (B * C, B * C) if joint else (B, C, C)
+        f_vars = [torch.zeros(shape, device=f.device, dtype=dtype) for _ in precisions]
+        for b, *pbs in zip(self.blocks, *(p._blocks() for p in precisions)):
             J = None
             for a, gs, layout in per_module.get(b.module_name, []):
                 if layout is None:
@@ -496,13 +501,19 @@ class LoRAKFAC(CurvatureInterface):
             if J is None:  # the module did not act on this batch: zero Jacobian
                 continue
             J = J.reshape(B * C, *b.shape)
-            PJ = pb.apply(J, -1).reshape(B * C, -1).to(f_var.device)
-            J = J.reshape(B * C, -1).to(f_var.device)
-            if joint:
-                f_var += J @ PJ.T
-            else:
-                f_var += torch.einsum("bcp,bdp->bcd", J.reshape(B, C, -1), PJ.reshape(B, C, -1))
-        return f.detach().to(dtype), f_var
+            J_flat = J.reshape(B * C, -1).to(f.device)
+            for pb, f_var in zip(pbs, f_vars):
+                PJ = pb.apply(J, -1).reshape(B * C, -1).to(f.device)
+                if joint:
+                    f_var += J_flat @ PJ.T
+                else:
+                    f_var += torch.einsum(
+                        "bcp,bdp->bcd", J_flat.reshape(B, C, -1), PJ.reshape(B, C, -1)
+                    )
+        f = f.detach().to(dtype)
+        if several:
+            return [(f, f_var) for f_var in f_vars]
+        return f, f_vars[0]
 
     # ----------------------------------------------------------- laplace-torch
     def full(self, x, y, **kwargs):

@@ -31,6 +31,7 @@ from laplace_llm.evidence import linearised_scatter, optimize_prior_until_conver
 from laplace_llm.matrix import LowRankKron, LowRankKronDecomposed, factor_dtype
 from laplace_llm.module_selection import restrict_to_blocks, select_blocks
 from laplace_llm.options import Evidence, KFACOptions, Truncation, check_int, expose_options
+from laplace_llm.prior_grid import glm_moments_over_priors, one_pass_gridsearch, replayed_moments
 from laplace_llm.validation import check_batch, loader_size
 
 __all__ = ["LoRALaplace"]
@@ -571,9 +572,15 @@ class LoRALaplace(KronLaplace):
         return kwargs
 
     # ------------------------------------------------------------ predictives
+    # the backend contracts Jacobians with the K-FAC posterior block by block
+    _moments_without_jacobians = True
+
     @torch.enable_grad()
     def _glm_predictive_distribution(self, X, joint: bool = False, diagonal_output: bool = False):
         self._check_H_init()
+        replayed = replayed_moments(self, X, joint, diagonal_output)
+        if replayed is not None:
+            return replayed
         if self.jacobian_free and not self.enable_backprop:
             moments = self.backend.glm_moments(X, self.posterior_precision, joint=joint)
             if moments is not None:
@@ -583,8 +590,7 @@ class LoRALaplace(KronLaplace):
                 elif diagonal_output:
                     f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
                 return f_mu, f_var.detach()
-        Js, f_mu = self.backend.jacobians(X, enable_backprop=self.enable_backprop)
-        Js, f_mu = Js.to(self._dtype), f_mu.to(self._dtype)
+        f_mu, Js = self._glm_jacobians(X)
         if joint:
             f_mu = f_mu.flatten()
             f_var = self.functional_covariance(Js)
@@ -595,6 +601,27 @@ class LoRALaplace(KronLaplace):
         if not self.enable_backprop:
             return f_mu.detach(), f_var.detach()
         return f_mu, f_var
+
+    def _glm_jacobians(self, X) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(B, C)`` and their Jacobians ``(B, C, P)`` in the posterior's dtype."""
+        Js, f_mu = self.backend.jacobians(X, enable_backprop=self.enable_backprop)
+        return f_mu.to(self._dtype), Js.to(self._dtype)
+
+    def glm_moments_over_priors(self, X, prior_precisions, joint: bool = False) -> list:
+        """GLM moments ``(f_mu, f_var)`` of the logits of batch ``X`` under each prior.
+
+        The Jacobians are computed once and contracted with each posterior, so a grid
+        of ``K`` priors costs about one predictive, not ``K``. Each entry of
+        ``prior_precisions`` is what ``prior_precision`` accepts; the current prior is
+        left unchanged. See :func:`laplace_llm.prior_grid.glm_moments_over_priors`.
+        """
+        return glm_moments_over_priors(self, X, prior_precisions, joint=joint)
+
+    def _gridsearch(self, loss, interval, val_loader, pred_type, link_approx="probit",
+                    n_samples=100, progress_bar=False):
+        # laplace-torch's contract, on moments of every prior from one pass
+        return one_pass_gridsearch(self, loss, interval, val_loader, pred_type, link_approx,
+                                   n_samples, progress_bar)
 
     def sample_adapters(self, n_samples: int, out_dir, seed: int = 0) -> list:
         """Write ``n_samples`` posterior draws of the LoRA weights as peft adapter folders.

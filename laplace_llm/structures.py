@@ -32,6 +32,7 @@ from laplace_llm.lora_laplace import LoRALaplace, predict
 from laplace_llm.module_selection import restrict_to_blocks, select_blocks
 from laplace_llm.options import Evidence, KFACOptions, check_int
 from laplace_llm.per_example import LoRAPerExampleCurvature
+from laplace_llm.prior_grid import one_pass_gridsearch, replayed_moments
 from laplace_llm.validation import check_batch, loader_size
 
 __all__ = ["LoRADiagLaplace", "LoRAFullLaplace", "LIKELIHOODS", "MAX_FULL_PARAMS", "OPTIONS"]
@@ -241,8 +242,8 @@ class _LoRAParametric:
 
     # ------------------------------------------------------------- predictive
     @torch.enable_grad()
-    def _glm_predictive_distribution(self, X, joint: bool = False, diagonal_output: bool = False):
-        self._check_H_init()
+    def _glm_jacobians(self, X) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(B, C)`` and their Jacobians ``(B, C, P)`` in the posterior's dtype."""
         out = None
         if self.jacobian_free and not self.enable_backprop:
             out = self.backend.block_jacobians(X)
@@ -250,7 +251,23 @@ class _LoRAParametric:
             Js, f_mu = self.backend.jacobians(X, enable_backprop=self.enable_backprop)
         else:
             f_mu, Js = out
-        Js, f_mu = Js.to(self._dtype), f_mu.to(self._dtype)
+        return f_mu.to(self._dtype), Js.to(self._dtype)
+
+    glm_moments_over_priors = LoRALaplace.glm_moments_over_priors
+
+    def _gridsearch(self, loss, interval, val_loader, pred_type, link_approx="probit",
+                    n_samples=100, progress_bar=False):
+        # laplace-torch's contract, on moments of every prior from one pass
+        return one_pass_gridsearch(self, loss, interval, val_loader, pred_type, link_approx,
+                                   n_samples, progress_bar)
+
+    @torch.enable_grad()
+    def _glm_predictive_distribution(self, X, joint: bool = False, diagonal_output: bool = False):
+        self._check_H_init()
+        replayed = replayed_moments(self, X, joint, diagonal_output)
+        if replayed is not None:
+            return replayed
+        f_mu, Js = self._glm_jacobians(X)
         if joint:
             f_mu = f_mu.flatten()
             f_var = self.functional_covariance(Js)
