@@ -20,8 +20,11 @@ Then, on the 499 TREC test questions:
 - ``la_layerwise``: the same with one prior precision per block (marglik), probit
   (test split only);
 - ``la_val``: the default posterior with the prior chosen on the validation split
-  (laplace-torch's gridsearch criterion, the NLL of 100 validation questions, over 7 priors
-  10^-2…10^4), probit (test and shifted splits);
+  (``optimize_prior_precision(method="gridsearch")``: the probit predictive's NLL on 100
+  validation questions, over 7 priors 10^-2…10^4), probit (test and shifted splits);
+
+All LoRALaplace rows but the last-layer one share one curvature, so each split is
+predicted in one pass for all their priors (``LoRALaplace.glm_moments_over_priors``).
 - ``llla``: last-layer Laplace, the head alone (``lora_modules=["classifier"]``), probit;
 - ``lt_kron``: laplace-torch's own ``Laplace(model, "classification", "all", "kron")``
   (CurvlinopsGGN) on the same LoRA parameters, marglik, probit; its GLM predictive
@@ -157,14 +160,13 @@ def map_logits(clf, loader) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(fs), torch.cat(ys)
 
 
-def glm_moments(la, loader) -> tuple[torch.Tensor, torch.Tensor]:
-    """GLM mean ``(N, C)`` and covariance ``(N, C, C)`` of the logits."""
-    mus, covs = [], []
-    for batch in loader:
-        mu, cov = la._glm_predictive_distribution(batch)
-        mus.append(mu.double())
-        covs.append(cov.double())
-    return torch.cat(mus), torch.cat(covs)
+def glm_moments(la, loader, priors=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """GLM mean ``(N, C)`` and covariance ``(N, C, C)`` of the logits under each prior
+    (the current one when ``priors`` is None), from one pass over ``loader``."""
+    priors = [la.prior_precision.clone()] if priors is None else priors
+    per_batch = [la.glm_moments_over_priors(batch, priors) for batch in loader]
+    return [(torch.cat([b[k][0] for b in per_batch]).double(),
+             torch.cat([b[k][1] for b in per_batch]).double()) for k in range(len(priors))]
 
 
 def probit(mu: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
@@ -219,7 +221,6 @@ def one_run(size: int, seed: int, args) -> dict:
                for name, recs in (("test", test), ("shift", shift), ("ood", foreign))}
     val_loader = make_loader(val, tok, 32, "text")
     grid_loader = make_loader(val[: args.n_grid_val], tok, 32, "text")
-    grid_labels = torch.cat([b["labels"] for b in grid_loader])
     t_train = time.time() - t0
     stage("fine-tuned")
 
@@ -233,8 +234,7 @@ def one_run(size: int, seed: int, args) -> dict:
     info = {"temperature": T, "train_seconds": t_train}
     stage("temperature scaling")
 
-    def laplace_probs(name, la, mc=False, splits=("test", "shift", "ood")):
-        moments = {k: glm_moments(la, loaders[k]) for k in splits}
+    def laplace_probs(name, moments, mc=False):
         probs[name] = {k: probit(*m) for k, m in moments.items()}
         sd = moments["test"][1].diagonal(dim1=-2, dim2=-1).sqrt()
         info[f"{name}_logit_sd"] = float(sd.mean())
@@ -249,47 +249,52 @@ def one_run(size: int, seed: int, args) -> dict:
                  seed=seed)
     la.fit(fit_loader)
     la.optimize_prior_precision(method="marglik")
-    info["la_prior"] = float(la.prior_precision)
-    laplace_probs("la_probit", la, mc=True)
-    stage("LoRALaplace marglik")
+    prior = la.prior_precision.clone()
+    info["la_prior"] = float(prior)
+    stage("LoRALaplace fit and marglik")
 
     # the same curvature, laplace-torch's evidence (no second fit)
     la_map = Laplace(clf, "classification", subset_of_weights="lora",
                      hessian_structure="kron", options=la.options.replace(evidence="map"))
     la_map.load_state_dict(la.state_dict())
     la_map.optimize_prior_precision(method="marglik")
-    info["la_map_evidence_prior"] = float(la_map.prior_precision)
-    laplace_probs("la_map_evidence", la_map, splits=("test", "shift"))
-    stage("laplace-torch's evidence")
+    map_prior = la_map.prior_precision.clone()
+    info["la_map_evidence_prior"] = float(map_prior)
 
     # per-block priors start from the scalar optimum (fewer marglik rounds)
     la.optimize_prior_precision(method="marglik", prior_structure="layerwise",
-                                init_prior_prec=la.prior_precision.clone())
-    info["la_layerwise_prior_range"] = [float(la.prior_precision.min()),
-                                        float(la.prior_precision.max())]
-    laplace_probs("la_layerwise", la, splits=("test",))
-    stage("layerwise")
+                                init_prior_prec=prior.clone())
+    layerwise_prior = la.prior_precision.clone()
+    info["la_layerwise_prior_range"] = [float(layerwise_prior.min()),
+                                        float(layerwise_prior.max())]
 
-    # laplace-torch's gridsearch criterion (the NLL of the GLM probit predictive on the
-    # validation questions, lowest wins), on this package's GLM moments: laplace-torch's
-    # own loop took ~6 s per prior for 48 questions here; its result on the same grid is
-    # tested equal in tests/test_lora_laplace.py
-    grid_nll = []
-    for prior in torch.logspace(-2, 4, args.grid).tolist():
-        la.prior_precision = prior
-        mu, cov = glm_moments(la, grid_loader)
-        grid_nll.append((metrics.nll(probit(mu, cov), grid_labels), prior))
-    la.prior_precision = min(grid_nll)[1]
-    info["la_val_prior"] = float(la.prior_precision)
-    laplace_probs("la_val", la, splits=("test", "shift"))
-    stage("gridsearch")
+    # gridsearch on validation questions (laplace-torch's API: the probit predictive's
+    # NLL, lowest wins), its priors' moments from one pass over the questions
+    la.prior_precision = prior
+    la.optimize_prior_precision(method="gridsearch", val_loader=grid_loader,
+                                grid_size=args.grid, log_prior_prec_min=-2,
+                                log_prior_prec_max=4, link_approx="probit")
+    val_prior = la.prior_precision.clone()
+    info["la_val_prior"] = float(val_prior)
+    la.prior_precision = prior
+    stage("marglik (map evidence, layerwise) and gridsearch")
+
+    # every prior of this one curvature, predicted from one pass over each split
+    test = glm_moments(la, loaders["test"], [prior, map_prior, layerwise_prior, val_prior])
+    shift = glm_moments(la, loaders["shift"], [prior, map_prior, val_prior])
+    ood = glm_moments(la, loaders["ood"], [prior])
+    laplace_probs("la_probit", {"test": test[0], "shift": shift[0], "ood": ood[0]}, mc=True)
+    laplace_probs("la_map_evidence", {"test": test[1], "shift": shift[1]})
+    laplace_probs("la_layerwise", {"test": test[2]})
+    laplace_probs("la_val", {"test": test[3], "shift": shift[2]})
+    stage("LoRALaplace predictions")
 
     llla = Laplace(clf, "classification", subset_of_weights="lora", hessian_structure="kron",
                    lora_modules=["classifier"], seed=seed)
     llla.fit(fit_loader)
     llla.optimize_prior_precision(method="marglik")
     info["llla_prior"] = float(llla.prior_precision)
-    laplace_probs("llla", llla)
+    laplace_probs("llla", {k: glm_moments(llla, v)[0] for k, v in loaders.items()})
     stage("last layer")
 
     for name, kw in LEVERS.items() if args.levers else ():
@@ -298,7 +303,7 @@ def one_run(size: int, seed: int, args) -> dict:
         lever.fit(fit_loader)
         lever.optimize_prior_precision(method="marglik")
         info[f"{name}_prior"] = float(lever.prior_precision)
-        laplace_probs(name, lever, splits=("test",))
+        laplace_probs(name, {"test": glm_moments(lever, loaders["test"])[0]})
         stage(name)
 
     if size in args.laplace_torch_sizes:
