@@ -40,7 +40,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from laplace_llm import LLMClassifier, LoRALaplace, memory
+from laplace_llm import LLMClassifier, LoRALaplace, matrix, memory
 from laplace_llm.matrix import LowRankFactor
 
 warnings.filterwarnings("ignore")
@@ -222,6 +222,8 @@ def main(argv=None):
     ap.add_argument("--mc-samples", type=int, default=1)
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="start no new variant after this many seconds")
+    ap.add_argument("--eigh-device", default=matrix.EIGH_DEVICE, choices=["same", "cpu"],
+                    help="where the truncations' small eighs run (laplace_llm.matrix.EIGH_DEVICE)")
     ap.add_argument("--tiny", action="store_true", help="2 layers, hidden 256, 8 sequences")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -230,6 +232,7 @@ def main(argv=None):
         cfg = TINY
         args.n_fit, args.seq, args.n_pred, args.batch_size, args.pred_batch_size = 8, 16, 4, 4, 2
         args.n_kfac = 8
+    matrix.EIGH_DEVICE = args.eigh_device
     t0 = time.perf_counter()
     device = torch.device(args.device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -244,6 +247,7 @@ def main(argv=None):
             continue
         row, base = run_variant(name, base, cfg, args, device, t0)
         row["model_bytes"] = model_bytes
+        row["eigh_device"] = args.eigh_device
         rows.append(row)
         print(json.dumps(row), flush=True)
     table = fmt_table(rows, device_name)

@@ -313,3 +313,66 @@ def test_low_rank_logdet_approaches_exact_monotonically_with_remainder():
     # and the remainder is the closer approximation at every truncated rank
     assert all(abs(a - exact_ld.item()) < abs(b - exact_ld.item())
                for a, b in zip(with_rest[:-1], without[:-1]))
+
+
+# ------------------------------------------------- truncating many factors together
+def _factor_set(gen):
+    """Factors of two sides and ranks, one listed twice, and their column blocks."""
+    spec = [(40, 4, 8), (40, 4, 8), (25, 3, 5), (40, 6, 8)]  # side, rank, chunk
+    factors = [LowRankFactor.zeros(d, k, dtype=DT) for d, k, _ in spec]
+    for f, (_, _, c) in zip(factors, spec):
+        f.chunk = c  # several truncations per block of columns
+    items = []
+    for f, n in zip(factors, (37, 20, 44, 9)):
+        items.append((f, rand_psd_root(f.side, n, gen)))
+    items.append((factors[0], rand_psd_root(40, 23, gen)))  # factor 0 again, after
+    return factors, items
+
+
+def _copies(factors, items):
+    twins = {id(f): LowRankFactor(f.root.clone(), f.rank, f.chunk, f.exact_trace.clone())
+             for f in factors}
+    return [twins[id(f)] for f in factors], [(twins[id(f)], c) for f, c in items]
+
+
+def test_append_many_equals_each_factor_appended_on_its_own():
+    from laplace_llm.matrix import append_many
+
+    gen = torch.Generator().manual_seed(21)
+    factors, items = _factor_set(gen)
+    for f, cols in items[:4]:  # start from roots that already hold columns
+        f.append_(cols[:, :3])
+    ref, ref_items = _copies(factors, items)
+    append_many(items)
+    for f, cols in ref_items:
+        f.append_(cols)
+    for f, g in zip(factors, ref):
+        assert f.root.shape == g.root.shape
+        # float64 LAPACK: the batched eigh runs the same routine per matrix
+        torch.testing.assert_close(f.to_dense(), g.to_dense(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(f.exact_trace, g.exact_trace, rtol=1e-14, atol=0)
+    assert factors[0].root.shape[1] <= factors[0].rank + factors[0].chunk
+
+
+def test_append_many_survives_a_failing_batched_eigh(monkeypatch):
+    from laplace_llm.matrix import append_many
+
+    gen = torch.Generator().manual_seed(22)
+    factors, items = _factor_set(gen)
+    ref, ref_items = _copies(factors, items)
+    for f, cols in ref_items:
+        f.append_(cols)
+    real = torch.linalg.eigh
+    batched = {"n": 0}
+
+    def fails_when_batched(M):
+        if M.ndim == 3:
+            batched["n"] += 1
+            raise torch.linalg.LinAlgError("did not converge")
+        return real(M)
+
+    monkeypatch.setattr(torch.linalg, "eigh", fails_when_batched)
+    append_many(items)
+    assert batched["n"] > 0  # the batched path was taken, and fell back per matrix
+    for f, g in zip(factors, ref):
+        torch.testing.assert_close(f.to_dense(), g.to_dense(), rtol=1e-12, atol=1e-12)

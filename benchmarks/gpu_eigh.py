@@ -1,0 +1,93 @@
+"""Latency of the small symmetric eigendecompositions that truncate low-rank factors.
+
+Each truncation of a low-rank K-FAC factor (``laplace_llm.matrix.compress_root``)
+eigendecomposes an ``m × m`` float64 Gram matrix, ``m = n_kfac + chunk`` (48 at the
+defaults ``n_kfac`` 16, chunk 32), and a fit truncates every large factor
+``positions / chunk`` times per batch. On a CPU one such eigh takes tens of µs; on a GPU
+it is a kernel launch plus a synchronisation. ``laplace_llm.matrix.append_many`` batches
+the truncations due at the same step into one ``eigh`` call, and this script measures
+what that buys on the machine it runs on: for each size ``m`` and batch ``n``, the
+milliseconds per ``torch.linalg.eigh`` call (synchronised) on the GPU, on the CPU, and
+on the CPU for Grams that live on the GPU (copied over and the eigenvectors back).
+
+Run::
+
+    python benchmarks/gpu_eigh.py --out benchmarks/results/gpu-eigh.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from _results import machine, versions  # benchmarks/ is the script's folder
+
+
+def grams(n: int, m: int, device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    R = torch.randn(n, 4 * m, m, generator=g, dtype=torch.float64)
+    return (R.transpose(1, 2) @ R).to(device)
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def per_call_ms(fn, device, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+        sync(device)
+    return 1e3 * (time.perf_counter() - t0) / repeats
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[32, 48, 80, 144])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 96])
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    rows = []
+    for m in args.sizes:
+        for n in args.batches:
+            row = {"m": m, "n": n}
+            cpu = grams(n, m, "cpu")
+            row["cpu_ms"] = per_call_ms(lambda x=cpu: torch.linalg.eigh(x), "cpu", args.repeats)
+            if cuda:
+                gpu = grams(n, m, "cuda")
+                row["gpu_ms"] = per_call_ms(lambda x=gpu: torch.linalg.eigh(x), "cuda",
+                                            args.repeats)
+
+                def round_trip(x=gpu):
+                    _, w = torch.linalg.eigh(x.cpu())
+                    return w.to("cuda", non_blocking=True)
+
+                row["gpu_to_cpu_ms"] = per_call_ms(round_trip, "cuda", args.repeats)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    lines = ["| m | n | CPU ms/call | GPU ms/call | GPU Grams, CPU eigh ms/call |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['m']} | {r['n']} | {r['cpu_ms']:.3f} | "
+                     f"{r.get('gpu_ms', float('nan')):.3f} | "
+                     f"{r.get('gpu_to_cpu_ms', float('nan')):.3f} |")
+    table = "\n".join(lines)
+    print(table)
+    payload = {"command": "python benchmarks/gpu_eigh.py", "machine": machine(),
+               "versions": versions(), "rows": rows, "table": table}
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(payload, fh, indent=1)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
