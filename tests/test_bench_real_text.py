@@ -52,7 +52,44 @@ def test_quick_run_writes_consistent_results(tmp_path):
     assert run["methods"]["ts"]["test_accuracy"] == run["methods"]["map"]["test_accuracy"]
     table = (tmp_path / "table.md").read_text()
     assert all(module.METHOD_LABELS[m] in table for m in expected)
+    assert "**Goal check**" in table and table.count("| 64 | ") == 2 + 1  # probit, MC; seed row
     assert module.render(saved).strip() == table.strip()  # --from-json prints the same
     for png in ("reliability.png", "risk_coverage.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert metrics.aurc([[0.9, 0.1]], [0]) == 0.0  # the metric the table's AURC uses
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("real_text_goal", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return module
+
+
+def test_goal_table_checks_each_condition():
+    """The goal row says "met" only when NLL and ECE are at most TS's with ≤ 1 point of
+    accuracy lost (in distribution), and below TS's under shift."""
+    module = _load_script()
+
+    def row(acc, nll, ece, s_nll, s_ece):
+        values = {"test_accuracy": acc, "test_nll": nll, "test_ece": ece,
+                  "shift_nll": s_nll, "shift_ece": s_ece}
+        return {k: {"mean": v, "std": 0.0} for k, v in values.items()}
+
+    summary = {500: {
+        "map": row(0.90, 0.40, 0.10, 1.0, 0.20),
+        "ts": row(0.90, 0.30, 0.05, 0.9, 0.10),
+        "la_probit": row(0.895, 0.30, 0.04, 0.8, 0.11),  # in: met (−0.5 pt); shift ECE above
+        "la_mc": row(0.885, 0.29, 0.03, 0.8, 0.09),  # in: 1.5 points lost; shift: met
+    }}
+    lines = module.goal_table(summary).splitlines()
+    probit = next(line for line in lines if "| probit |" in line)
+    mc = next(line for line in lines if "| MC |" in line)
+    assert probit.endswith("| met | 0.800 vs 0.900 | 0.110 vs 0.100 | not met |")
+    assert "| -0.5 |" in probit
+    assert mc.endswith("| not met | 0.800 vs 0.900 | 0.090 vs 0.100 | met |")
+    assert "| -1.5 |" in mc
