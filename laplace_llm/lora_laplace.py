@@ -581,7 +581,7 @@ class LoRALaplace(KronLaplace):
         replayed = replayed_moments(self, X, joint, diagonal_output)
         if replayed is not None:
             return replayed
-        if self.jacobian_free and not self.enable_backprop:
+        if self._moments_without_jacobians and self.jacobian_free and not self.enable_backprop:
             moments = self.backend.glm_moments(X, self.posterior_precision, joint=joint)
             if moments is not None:
                 f_mu, f_var = moments

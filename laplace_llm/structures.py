@@ -32,7 +32,6 @@ from laplace_llm.lora_laplace import LoRALaplace, predict
 from laplace_llm.module_selection import restrict_to_blocks, select_blocks
 from laplace_llm.options import Evidence, KFACOptions, check_int
 from laplace_llm.per_example import LoRAPerExampleCurvature
-from laplace_llm.prior_grid import one_pass_gridsearch, replayed_moments
 from laplace_llm.validation import check_batch, loader_size
 
 __all__ = ["LoRADiagLaplace", "LoRAFullLaplace", "LIKELIHOODS", "MAX_FULL_PARAMS", "OPTIONS"]
@@ -253,31 +252,11 @@ class _LoRAParametric:
             f_mu, Js = out
         return f_mu.to(self._dtype), Js.to(self._dtype)
 
+    # the predictive and gridsearch of LoRALaplace; the GLM goes through Jacobians here
+    _moments_without_jacobians = False
+    _glm_predictive_distribution = LoRALaplace._glm_predictive_distribution
     glm_moments_over_priors = LoRALaplace.glm_moments_over_priors
-
-    def _gridsearch(self, loss, interval, val_loader, pred_type, link_approx="probit",
-                    n_samples=100, progress_bar=False):
-        # laplace-torch's contract, on moments of every prior from one pass
-        return one_pass_gridsearch(self, loss, interval, val_loader, pred_type, link_approx,
-                                   n_samples, progress_bar)
-
-    @torch.enable_grad()
-    def _glm_predictive_distribution(self, X, joint: bool = False, diagonal_output: bool = False):
-        self._check_H_init()
-        replayed = replayed_moments(self, X, joint, diagonal_output)
-        if replayed is not None:
-            return replayed
-        f_mu, Js = self._glm_jacobians(X)
-        if joint:
-            f_mu = f_mu.flatten()
-            f_var = self.functional_covariance(Js)
-        else:
-            f_var = self.functional_variance(Js)
-            if diagonal_output:
-                f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
-        if not self.enable_backprop:
-            return f_mu.detach(), f_var.detach()
-        return f_mu, f_var
+    _gridsearch = LoRALaplace._gridsearch
 
     def __call__(
         self,
