@@ -1,9 +1,10 @@
 """Latency of the small symmetric eigendecompositions that truncate low-rank factors.
 
 Each truncation of a low-rank K-FAC factor (``laplace_llm.matrix.compress_root``)
-eigendecomposes an ``m × m`` float64 Gram matrix, ``m = n_kfac + chunk`` (48 at the
-defaults ``n_kfac`` 16, chunk 32), and a fit truncates every large factor
-``positions / chunk`` times per batch. On a CPU one such eigh takes tens of µs; on a GPU
+eigendecomposes an ``m × m`` float64 Gram matrix: the root grows by ``chunk`` columns
+and is truncated once it holds more than ``n_kfac + chunk``, so ``m`` is up to
+``n_kfac + 2·chunk`` (80 at the defaults ``n_kfac`` 16, chunk 32), and a fit truncates
+every large factor about ``positions / (2·chunk)`` times per batch. On a CPU one such eigh takes tens of µs; on a GPU
 it is a kernel launch plus a synchronisation. ``laplace_llm.matrix.append_many`` batches
 the truncations due at the same step into one ``eigh`` call, and this script measures
 what that buys on the machine it runs on: for each size ``m`` and batch ``n``, the
@@ -22,7 +23,7 @@ import json
 import time
 
 import torch
-from _results import machine, versions  # benchmarks/ is the script's folder
+from _results import write_results  # benchmarks/ is the script's folder
 
 
 def grams(n: int, m: int, device) -> torch.Tensor:
@@ -81,12 +82,9 @@ def main(argv=None) -> dict:
                      f"{r.get('gpu_to_cpu_ms', float('nan')):.3f} |")
     table = "\n".join(lines)
     print(table)
-    payload = {"command": "python benchmarks/gpu_eigh.py", "machine": machine(),
-               "versions": versions(), "rows": rows, "table": table}
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(payload, fh, indent=1)
-    return payload
+        write_results(args.out, rows, table)
+    return {"rows": rows, "table": table}
 
 
 if __name__ == "__main__":

@@ -99,10 +99,10 @@ def compress_root(root: torch.Tensor, rank: int) -> torch.Tensor:
 
 #: where :func:`compress_roots_` eigendecomposes the Gram matrices of factors on an
 #: accelerator: ``"cpu"`` (copied to the host and back) or ``"same"`` (their device).
-#: Measured on an H200 (``benchmarks/gpu_eigh.py``): the GPU runs a batch of 48 × 48
-#: eighs one matrix at a time, ~0.7 ms each, the host 0.2 ms each; the LLaMA-2-7B-shaped
-#: fit of ``benchmarks/gpu.py`` (q, v) took 20.0 s with ``"cpu"`` and 37.6 s with
-#: ``"same"`` (floor 2.3 s and 1.9 s)
+#: Measured on an H200 (``benchmarks/gpu_eigh.py``): the GPU runs a batch of 80 × 80
+#: eighs (the defaults' size) one matrix at a time, ~1.1 ms each, the host ~0.45 ms
+#: each with the copies; the LLaMA-2-7B-shaped fit of ``benchmarks/gpu.py`` (q, v) took
+#: 20.0 s with ``"cpu"`` and 37.6 s with ``"same"`` (floor 2.3 s and 1.9 s)
 EIGH_DEVICE = "cpu"
 
 

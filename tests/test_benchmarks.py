@@ -72,6 +72,15 @@ def test_gpu_script_tiny_on_cpu_bf16(tmp_path):
     assert stdout.rstrip().endswith(result["table"].splitlines()[-1])
 
 
+def test_gpu_eigh_script_smallest(tmp_path):
+    """Without a GPU it times the CPU column only; the table has a row per (m, n)."""
+    result, stdout = run_script("gpu_eigh", "--sizes", "8", "16", "--batches", "1", "3",
+                                "--repeats", "1", tmp_path=tmp_path)
+    assert [(r["m"], r["n"]) for r in result["rows"]] == [(8, 1), (8, 3), (16, 1), (16, 3)]
+    assert all(r["cpu_ms"] > 0 for r in result["rows"])
+    assert stdout.rstrip().endswith(result["table"].splitlines()[-1])
+
+
 def test_gpu_script_stops_at_its_budget(tmp_path):
     result, _ = run_script("gpu", "--tiny", "--device", "cpu", "--budget-s", "0",
                            tmp_path=tmp_path)
