@@ -231,7 +231,7 @@ def one_run(size: int, seed: int, args) -> dict:
     ts = TemperatureScaling(clf)
     T = ts.fit(val_loader)
     probs["ts"] = {k: ts(f) for k, (f, _) in logits.items()}
-    info = {"temperature": T, "train_seconds": t_train}
+    info = {"temperature": T, "train_seconds": t_train, "marglik_not_converged": []}
     stage("temperature scaling")
 
     def laplace_probs(name, moments, mc=False):
@@ -245,10 +245,19 @@ def one_run(size: int, seed: int, args) -> dict:
                 .double().mean()
             )
 
+    def marglik(name, la, **kwargs):
+        """marglik, noting in ``info`` when it warned that it did not converge (the
+        script silences warnings otherwise)."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            la.optimize_prior_precision(method="marglik", **kwargs)
+        if any("did not converge" in str(w.message) for w in caught):
+            info.setdefault("marglik_not_converged", []).append(name)
+
     la = Laplace(clf, "classification", subset_of_weights="lora", hessian_structure="kron",
                  seed=seed)
     la.fit(fit_loader)
-    la.optimize_prior_precision(method="marglik")
+    marglik("la_probit", la)
     prior = la.prior_precision.clone()
     info["la_prior"] = float(prior)
     stage("LoRALaplace fit and marglik")
@@ -257,13 +266,12 @@ def one_run(size: int, seed: int, args) -> dict:
     la_map = Laplace(clf, "classification", subset_of_weights="lora",
                      hessian_structure="kron", options=la.options.replace(evidence="map"))
     la_map.load_state_dict(la.state_dict())
-    la_map.optimize_prior_precision(method="marglik")
+    marglik("la_map_evidence", la_map)
     map_prior = la_map.prior_precision.clone()
     info["la_map_evidence_prior"] = float(map_prior)
 
     # per-block priors start from the scalar optimum (fewer marglik rounds)
-    la.optimize_prior_precision(method="marglik", prior_structure="layerwise",
-                                init_prior_prec=prior.clone())
+    marglik("la_layerwise", la, prior_structure="layerwise", init_prior_prec=prior.clone())
     layerwise_prior = la.prior_precision.clone()
     info["la_layerwise_prior_range"] = [float(layerwise_prior.min()),
                                         float(layerwise_prior.max())]
@@ -292,7 +300,7 @@ def one_run(size: int, seed: int, args) -> dict:
     llla = Laplace(clf, "classification", subset_of_weights="lora", hessian_structure="kron",
                    lora_modules=["classifier"], seed=seed)
     llla.fit(fit_loader)
-    llla.optimize_prior_precision(method="marglik")
+    marglik("llla", llla)
     info["llla_prior"] = float(llla.prior_precision)
     laplace_probs("llla", {k: glm_moments(llla, v)[0] for k, v in loaders.items()})
     stage("last layer")
@@ -301,7 +309,7 @@ def one_run(size: int, seed: int, args) -> dict:
         lever = Laplace(clf, "classification", subset_of_weights="lora",
                         hessian_structure="kron", seed=seed, **kw)
         lever.fit(fit_loader)
-        lever.optimize_prior_precision(method="marglik")
+        marglik(name, lever)
         info[f"{name}_prior"] = float(lever.prior_precision)
         laplace_probs(name, {"test": glm_moments(lever, loaders["test"])[0]})
         stage(name)
@@ -312,7 +320,7 @@ def one_run(size: int, seed: int, args) -> dict:
         lt = Laplace(clf, "classification", subset_of_weights="all", hessian_structure="kron",
                      backend=CurvlinopsGGN)
         lt.fit(fit_loader)
-        lt.optimize_prior_precision(method="marglik")
+        marglik("lt_kron", lt)
         info["lt_kron_prior"] = float(lt.prior_precision)
         moments = {"test": _laplace_torch_moments(lt, loaders["test"])}
         probs["lt_kron"] = {k: probit(*m) for k, m in moments.items()}
@@ -420,6 +428,13 @@ def posterior_table(runs_by_size: dict, seeds: list[int]) -> str:
                 f"{i['la_val_prior']:.3g} | "
                 f"{i['llla_prior']:.3g} | {i['mc_probit_agreement']:.3f} |"
             )
+    unconverged = [f"{METHOD_LABELS[m]} ({size}, seed {seed})"
+                   for size, runs in runs_by_size.items() for seed, r in zip(seeds, runs)
+                   for m in r["info"].get("marglik_not_converged", [])]
+    if any("marglik_not_converged" in r["info"] for runs in runs_by_size.values() for r in runs):
+        lines.append("\nmarglik did not converge (its warning after "
+                     "`laplace_llm.evidence.MAX_ROUNDS` rounds) for: "
+                     + ("; ".join(unconverged) if unconverged else "none") + ".")
     levers = [k for k in LEVERS if f"{k}_prior" in next(iter(runs_by_size.values()))[0]["info"]]
     if levers:
         lines.append("\n| lever (one change from the default) | δ marglik per seed | "
