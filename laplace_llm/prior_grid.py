@@ -60,9 +60,10 @@ def glm_moments_over_priors(
     la : a fitted LoRA Laplace object (``LoRALaplace``, ``LoRADiagLaplace``,
         ``LoRAFullLaplace``).
     X : one batch, as the predictive takes it.
-    prior_precisions : sequence (or 1-d tensor of scalars)
+    prior_precisions : sequence, or a 1-d tensor
         each entry anything ``la.prior_precision`` accepts: a positive scalar or one
-        value per LoRA block.
+        value per LoRA block. A 1-d tensor is a grid of scalar priors (as laplace-torch's
+        gridsearch interval); per-block priors go in a list, ``[tensor_of_n_layers]``.
     joint : bool
         the ``(B·C, B·C)`` covariance across the batch instead of ``(B, C, C)``.
 
