@@ -301,7 +301,7 @@ class LoRAKFAC(CurvatureInterface):
             kron.share_(self._same_input_groups(classes))
         self._check_shared(kron, classes)
         a_done: set[int] = set()  # input factors already given this batch (shared ones)
-        low_rank: list = []  # (factor, columns), truncated together below
+        low_rank = _ColumnQueue()  # low-rank factors' columns, truncated together
         for b, F in zip(self.blocks, kron.kfacs):
             calls = per_module.get(b.module_name, [])
             add_a = b.kind == "weight" and id(F[1]) not in a_done
@@ -329,7 +329,7 @@ class LoRAKFAC(CurvatureInterface):
                     a_cols = a if layouts else self._a_columns(a, mask, N, dtype)
                     bad |= ~torch.isfinite(a_cols).all()
                     _accumulate(F[1], a_cols, low_rank)
-        append_many(low_rank)
+        low_rank.flush()
         if bool(bad):
             raise NonFiniteError(
                 "NaN or Inf in the logits or in the LoRA layers' activations/gradients of this "
@@ -619,19 +619,36 @@ def _layout_positions(a, gs, layout: CallLayout, dtype):
 QUEUE_BYTES = 256 * 2**20
 
 
-def _accumulate(F, cols: torch.Tensor, low_rank: list) -> None:
+class _ColumnQueue:
+    """Low-rank factors' columns waiting for :func:`append_many`.
+
+    Appended once they hold :data:`QUEUE_BYTES`, and at :meth:`flush`.
+    """
+
+    def __init__(self) -> None:
+        self.items: list[tuple[LowRankFactor, torch.Tensor]] = []
+        self.nbytes = 0
+
+    def add(self, F: LowRankFactor, columns: torch.Tensor) -> None:
+        self.items.append((F, columns))
+        self.nbytes += columns.numel() * columns.element_size()
+        if self.nbytes >= QUEUE_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        append_many(self.items)
+        self.items, self.nbytes = [], 0
+
+
+def _accumulate(F, cols: torch.Tensor, low_rank: _ColumnQueue) -> None:
     """Add ``colsᵀ cols`` (``cols``: ``(n, d)``) to a dense or low-rank factor.
 
-    Dense: in place, now. Low-rank: ``(F, colsᵀ)`` is queued on ``low_rank``; the queue
-    is appended (:func:`append_many`) once it holds :data:`QUEUE_BYTES`, and the
-    caller appends the rest.
+    Dense: in place, now. Low-rank: ``colsᵀ`` is queued on ``low_rank``, which the
+    caller flushes.
     """
     if cols.shape[0] == 0:
         return
-    if not isinstance(F, LowRankFactor):
+    if isinstance(F, LowRankFactor):
+        low_rank.add(F, cols.T)
+    else:
         F.addmm_(cols.T, cols)
-        return
-    low_rank.append((F, cols.T))
-    if sum(c.numel() * c.element_size() for _, c in low_rank) >= QUEUE_BYTES:
-        append_many(low_rank)
-        low_rank.clear()

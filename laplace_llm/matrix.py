@@ -91,10 +91,16 @@ def compress_root(root: torch.Tensor, rank: int) -> torch.Tensor:
     # 1e-7 of the largest) are lost to rounding; the prior precision dominates those
     # directions of the posterior anyway. The small eigh runs in float64.
     gram = (root.T @ root).double()
-    lam, w = _robust_eigh(gram)
-    t = min(rank, root.shape[0], lam.numel())
-    w = w[:, -t:].flip(1).to(root.dtype)
-    return root @ w
+    return _leading(root, _robust_eigh(gram)[1], rank)
+
+
+def _leading(root: torch.Tensor, w: torch.Tensor, rank: int) -> torch.Tensor:
+    """Project ``root`` on the leading eigenvectors of its Gram matrix.
+
+    ``w``: the eigenvectors, ascending; the last ``min(rank, d, m)`` are kept, largest first.
+    """
+    t = min(rank, root.shape[0], w.shape[-1])
+    return root @ w[:, -t:].flip(1).to(root.dtype)
 
 
 #: where :func:`compress_roots_` eigendecomposes the Gram matrices of factors on an
@@ -132,8 +138,7 @@ def compress_roots_(factors: list[LowRankFactor]) -> None:
         if on_host:
             w_b = w_b.to(device, non_blocking=True)
         for (f, _), w in zip(members, w_b):
-            t = min(f.rank, f.root.shape[0], w.shape[-1])
-            f.root = f.root @ w[:, -t:].flip(1).to(f.root.dtype)
+            f.root = _leading(f.root, w, f.rank)
 
 
 def append_many(items: list[tuple[LowRankFactor, torch.Tensor]]) -> None:
