@@ -108,3 +108,8 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="hf-trainer-out")
     cli = parser.parse_args()
     main(quick=cli.quick, out=cli.out)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # under torchrun the other ranks return before rank 0 has scored the held-out
+        # set; leaving the process group to interpreter exit can abort in gloo's threads
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
