@@ -335,3 +335,34 @@ def tiny_bert_seqcls_lora(
     return add_lora(
         model, seed=seed, r=r, target_modules=target_modules, task_type="SEQ_CLS", **kwargs
     )
+
+
+class MLP(torch.nn.Module):
+    """Two linear layers ``l1``, ``l2``, with a tanh between them unless ``linear``."""
+
+    def __init__(self, d_in: int = 5, hidden: int = 7, d_out: int = 3, linear: bool = False):
+        super().__init__()
+        self.l1 = torch.nn.Linear(d_in, hidden)
+        self.l2 = torch.nn.Linear(hidden, d_out)
+        self.linear = linear
+
+    def forward(self, x):
+        h = self.l1(x)
+        return self.l2(h if self.linear else torch.tanh(h))
+
+
+def lora_mlp(
+    seed: int = 0, d_in: int = 5, hidden: int = 7, d_out: int = 3, r: int = 2, alpha: int = 4,
+    target_modules: Sequence[str] = ("l1",), modules_to_save: Sequence[str] | None = ("l2",),
+    linear: bool = False,
+) -> PeftModel:
+    """A float64 peft :class:`MLP` with random LoRA weights (``init_lora_weights=False``).
+
+    By default LoRA r=2 on ``l1`` and ``l2`` trained in full (``modules_to_save``); the
+    same arguments give the same weights bit for bit.
+    """
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules),
+                     modules_to_save=None if modules_to_save is None else list(modules_to_save),
+                     init_lora_weights=False)
+    return get_peft_model(MLP(d_in, hidden, d_out, linear).double(), cfg)
