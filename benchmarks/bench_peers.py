@@ -16,7 +16,7 @@ answer logits, this script measures in one run:
 
 Columns: fit time, GLM predictive time per sequence (probit for the Laplace classes; the
 logit covariance for bayesian-lora, whose package has no predictive), posterior bytes
-(measured, and from :func:`laplace_llm.memory.posterior_bytes`), and the peak extra
+(measured, and from :func:`laplace_llm.tools.memory.posterior_bytes`), and the peak extra
 process memory of fit and of the GLM: the high-water mark of the process's resident
 memory above what it held before the step (Linux ``/proc/self/clear_refs`` resets the
 mark; on CUDA ``torch.cuda.max_memory_allocated``). Times are the fastest of
@@ -46,7 +46,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from laplace_llm import LLMClassifier, LoRALaplace, memory
+from laplace_llm import LLMClassifier, LoRALaplace
+from laplace_llm.tools import memory
 
 warnings.filterwarnings("ignore")
 TARGETS = [10, 11, 12, 13]

@@ -34,7 +34,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from laplace_llm import LLMClassifier, LoRALaplace
 from laplace_llm.data import make_loader, minilm_path
 from laplace_llm.matrix import LowRankFactor
-from laplace_llm.training import train_lora
+from laplace_llm.tools.training import train_lora
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -10,11 +10,11 @@ weights: the cost does not depend on them), adds LoRA r=8 on q_proj, v_proj (var
   backward passes of the LoRA weights (cross-entropy of the 4 answer logits);
 - **GLM**: the probit GLM predictive on ``--n-pred`` sequences against its floor, one
   forward + C backward passes;
-- the posterior bytes, beside :func:`laplace_llm.memory.posterior_bytes`;
+- the posterior bytes, beside :func:`laplace_llm.tools.memory.posterior_bytes`;
 - the peak memory beyond the model's (``torch.cuda.max_memory_allocated`` minus what
   was allocated before the step), for the floor and for the Laplace step; their
   difference is what the Laplace step adds, beside the output gradients that
-  ``LoRAKFAC`` holds at once for one batch (:func:`laplace_llm.memory.output_gradient_bytes`,
+  ``LoRAKFAC`` holds at once for one batch (:func:`laplace_llm.tools.memory.output_gradient_bytes`,
   the reason for the default batches of 2 sequences for fit and 1 for the GLM).
 
 Goals: fit ≤ 1.3× its floor, GLM ≤ 1.5× its floor, extra peak ≤ 2 GiB over the floor's.
@@ -40,8 +40,9 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from laplace_llm import LLMClassifier, LoRALaplace, matrix, memory
+from laplace_llm import LLMClassifier, LoRALaplace, matrix
 from laplace_llm.matrix import LowRankFactor
+from laplace_llm.tools import memory
 
 warnings.filterwarnings("ignore")
 TARGETS = [319, 350, 315, 360]  # " A", " B", " C", " D" in LLaMA-2's vocabulary

@@ -24,7 +24,7 @@ from laplace import Laplace  # noqa: E402
 
 from laplace_llm import LoRALaplace  # noqa: E402
 from laplace_llm.data import make_loader  # noqa: E402
-from laplace_llm.training import train_lora  # noqa: E402
+from laplace_llm.tools.training import train_lora  # noqa: E402
 
 
 def slope(la) -> float:

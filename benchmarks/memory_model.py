@@ -1,6 +1,6 @@
 """Posterior bytes of every method at LLaMA-2 7B, 13B and 70B shapes, and the check.
 
-The bytes come from :func:`laplace_llm.memory.posterior_bytes`, the formulas of the
+The bytes come from :func:`laplace_llm.tools.memory.posterior_bytes`, the formulas of the
 tensors each posterior keeps (float32 numbers; LoRA r=8). Before printing them the
 script checks the formula against the bytes measured on fitted posteriors
 (``LoRALaplace.posterior_nbytes``) at Llama shapes that run on a CPU, for both
@@ -21,7 +21,8 @@ from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from laplace_llm import LLMClassifier, LoRALaplace, memory
+from laplace_llm import LLMClassifier, LoRALaplace
+from laplace_llm.tools import memory
 
 warnings.filterwarnings("ignore")
 R = 8

@@ -13,7 +13,7 @@ Then, on the 499 TREC test questions:
 - ``la_probit`` / ``la_mc``: :class:`laplace_llm.LoRALaplace` with its defaults, prior
   precision by the marginal likelihood (no validation data), GLM predictive with the
   probit link or 1000 Monte-Carlo logit samples; the default evidence is the linearised
-  model's at its own mode (``evidence="linearised"``, :mod:`laplace_llm.evidence`);
+  model's at its own mode (``evidence="linearised"``, :mod:`laplace_llm.prior.evidence`);
 - ``la_map_evidence``: the same posterior with laplace-torch's evidence
   (``evidence="map"``: the prior charged at the fine-tuned weights), probit (test and
   shifted splits);
@@ -71,10 +71,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer  # no
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import laplace_llm  # noqa: E402
-from laplace_llm import metrics  # noqa: E402
-from laplace_llm.baselines import TemperatureScaling  # noqa: E402
 from laplace_llm.data import make_loader, minilm_path  # noqa: E402
-from laplace_llm.training import train_lora  # noqa: E402
+from laplace_llm.tools import metrics  # noqa: E402
+from laplace_llm.tools.baselines import TemperatureScaling  # noqa: E402
+from laplace_llm.tools.training import train_lora  # noqa: E402
 
 hf_logging.set_verbosity_error()
 
@@ -433,7 +433,7 @@ def posterior_table(runs_by_size: dict, seeds: list[int]) -> str:
                    for m in r["info"].get("marglik_not_converged", [])]
     if any("marglik_not_converged" in r["info"] for runs in runs_by_size.values() for r in runs):
         lines.append("\nmarglik did not converge (its warning after "
-                     "`laplace_llm.evidence.MAX_ROUNDS` rounds) for: "
+                     "`laplace_llm.prior.evidence.MAX_ROUNDS` rounds) for: "
                      + ("; ".join(unconverged) if unconverged else "none") + ".")
     levers = [k for k in LEVERS if f"{k}_prior" in next(iter(runs_by_size.values()))[0]["info"]]
     if levers:

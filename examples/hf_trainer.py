@@ -2,7 +2,7 @@
 
 A tiny Llama sequence classifier (built from a config, nothing downloaded) with LoRA is
 fine-tuned by ``transformers.Trainer`` on a 4-way task (the answer is the last token's id
-mod 4, 80 % of the time). :class:`laplace_llm.hf.LaplaceCallback` fits the LoRA Laplace
+mod 4, 80 % of the time). :class:`laplace_llm.callback.LaplaceCallback` fits the LoRA Laplace
 posterior at every epoch's checkpoint and at the end, tunes its prior by the marginal
 likelihood, logs the evidence through the trainer, and writes
 ``laplace_posterior.safetensors`` into each checkpoint folder and the output folder,
@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from laplace_llm import LLMClassifier, LoRALaplace
-from laplace_llm.hf import LaplaceCallback
+from laplace_llm.callback import LaplaceCallback
 
 CONFIG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=4, num_labels=4, pad_token_id=0)

@@ -14,19 +14,20 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     import laplace  # noqa: F401
 
-from laplace_llm import data, diagnostics, memory, metrics
-from laplace_llm.candidates import CandidateScorer
-from laplace_llm.classifier import LLMClassifier
-from laplace_llm.curvature import LoRAKFAC
-from laplace_llm.discovery import KronBlock, find_blocks
+from laplace_llm import data
+from laplace_llm.curvature.kfac import LoRAKFAC
+from laplace_llm.curvature.per_example import LoRAPerExampleCurvature
 from laplace_llm.errors import LoRAModelError, NonFiniteError, PosteriorFileError
-from laplace_llm.lora_laplace import LoRALaplace
 from laplace_llm.matrix import LowRankFactor, LowRankKron, LowRankKronDecomposed
-from laplace_llm.module_selection import select_blocks
+from laplace_llm.models.candidates import CandidateScorer
+from laplace_llm.models.classifier import LLMClassifier
+from laplace_llm.models.discovery import KronBlock, find_blocks
+from laplace_llm.models.selection import select_blocks
 from laplace_llm.options import Evidence, FisherType, KFACApprox, KFACOptions, Truncation
-from laplace_llm.per_example import LoRAPerExampleCurvature
-from laplace_llm.regression import optimize_prior_and_noise
-from laplace_llm.structures import LoRADiagLaplace, LoRAFullLaplace
+from laplace_llm.posterior.base import LoRADiagLaplace, LoRAFullLaplace
+from laplace_llm.posterior.kron import LoRALaplace
+from laplace_llm.prior.regression import optimize_prior_and_noise
+from laplace_llm.tools import diagnostics, memory, metrics
 
 __all__ = [
     # Laplace approximations

@@ -210,7 +210,7 @@ class LowRankFactor:
         trace of the exact (untruncated) factor: a scalar kept up to date by
         ``append_``, ``+`` and ``*`` (the sum of squared norms of every column ever
         appended), so that the share of the trace the rank-``k`` root keeps can be
-        reported (:mod:`laplace_llm.diagnostics`). ``None``: unknown (a root built by
+        reported (:mod:`laplace_llm.tools.diagnostics`). ``None``: unknown (a root built by
         hand, or read from a file written without traces); :meth:`zeros` starts it at 0.
     """
 

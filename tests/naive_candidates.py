@@ -8,7 +8,7 @@ tokens' log-probabilities. No key/value cache, no padding, no hooks.
 
 :func:`position_jacobians` gives, for one example and one module, the Jacobian of the C
 scores with respect to that module's output at each of the example's positions as
-defined in :mod:`laplace_llm.candidates` (the prompt positions, shared by the C full
+defined in :mod:`laplace_llm.models.candidates` (the prompt positions, shared by the C full
 forwards, then for each candidate its positions but the last), by adding a perturbation
 ``ε`` to the module's output in the naive forwards.
 """
@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from laplace_llm.candidates import MISSING_LOGIT
-from laplace_llm.classifier import _unwrap_peft
+from laplace_llm.models.candidates import MISSING_LOGIT
+from laplace_llm.models.classifier import _unwrap_peft
 
 
 def _pieces(x, b):

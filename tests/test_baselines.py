@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from laplace_llm.baselines import TemperatureScaling
+from laplace_llm.tools.baselines import TemperatureScaling
 
 
 def _nll(logits, labels, T):

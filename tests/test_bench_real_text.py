@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from laplace_llm import metrics
+from laplace_llm.tools import metrics
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "real_text.py"
 

@@ -4,7 +4,7 @@ References, all independent of the key/value cache and of the call-layout hooks:
 
 * scores: :class:`tests.naive_candidates.NaiveScorer`, one full forward of the unpadded
   prompt + candidate per candidate with the full-vocabulary log-softmax;
-* K-FAC factors: their definitions (module docstring of ``laplace_llm.candidates``)
+* K-FAC factors: their definitions (module docstring of ``laplace_llm.models.candidates``)
   computed example by example from ``torch.func`` Jacobians of the naive scores with
   respect to a perturbation of each module's output at the example's positions;
 * evidence and GLM covariance: laplace-torch's own ``KronLaplace`` on the naive model with
@@ -28,8 +28,8 @@ from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader
 
 from laplace_llm import CandidateScorer, LLMClassifier, LoRALaplace
-from laplace_llm.candidates import MISSING_LOGIT
 from laplace_llm.matrix import LowRankFactor
+from laplace_llm.models.candidates import MISSING_LOGIT
 from tests.batches import DictDataset
 from tests.models import CAUSAL_LORA_BUILDERS, tiny_tokenizer
 from tests.naive_candidates import NaiveScorer, candidate_batch, position_jacobians, split
@@ -402,7 +402,7 @@ def test_candidate_ids_outside_the_vocabulary_and_strings_are_refused():
     model = CAUSAL_LORA_BUILDERS["gpt2"](seed=0, dtype=DT)
     with pytest.raises(ValueError, match=r"candidate token ids \[100\] are outside"):
         CandidateScorer(model, torch.tensor([[5, 100], [6, 7]]))
-    from laplace_llm.candidates import encode_candidates
+    from laplace_llm.models.candidates import encode_candidates
 
     with pytest.raises(TypeError, match="got the string"):
         encode_candidates(tiny_tokenizer(), " good")

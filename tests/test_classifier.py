@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from laplace_llm.classifier import LLMClassifier, last_token_index, position_ids_from_mask
 from laplace_llm.matrix import LowRankFactor
+from laplace_llm.models.classifier import LLMClassifier, last_token_index, position_ids_from_mask
 from tests.batches import TARGET_IDS, DictDataset, token_items
 from tests.models import (
     CAUSAL_LORA_BUILDERS,

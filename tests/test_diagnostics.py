@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from laplace_llm import LoRALaplace
-from laplace_llm.diagnostics import format_low_rank_report
 from laplace_llm.matrix import LowRankFactor
+from laplace_llm.tools.diagnostics import format_low_rank_report
 from tests.batches import token_loader
 from tests.test_structures import llama
 

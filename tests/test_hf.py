@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 from laplace_llm import LLMClassifier, LoRALaplace, PosteriorFileError
-from laplace_llm.hf import EVIDENCE_FILENAME, LaplaceCallback
+from laplace_llm.callback import EVIDENCE_FILENAME, LaplaceCallback
 from laplace_llm.serialization import POSTERIOR_FILENAME
 from tests.batches import DictDataset, token_items
 from tests.models import (

@@ -29,7 +29,7 @@ from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader, TensorDataset
 
 from laplace_llm import LoRADiagLaplace, LoRAFullLaplace, LoRALaplace
-from laplace_llm.discovery import LoRAModelError
+from laplace_llm.models.discovery import LoRAModelError
 
 FLAVORS = [LoRAFullLaplace, LoRALaplace, LoRADiagLaplace]
 

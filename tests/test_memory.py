@@ -61,7 +61,7 @@ def test_posterior_of_a_4096_lora_pair_holds_under_one_percent_of_dense_factors(
 
 
 # ---------------------------------------------------------------- memory model
-# laplace_llm.memory.posterior_bytes against the bytes the posteriors really hold, on
+# laplace_llm.tools.memory.posterior_bytes against the bytes the posteriors really hold, on
 # a small Llama with grouped-query attention (k/v narrower than q) and every factor
 # kind: hidden 256 > lr_threshold (low-rank), intermediate 384, r = 4 (dense).
 
@@ -69,7 +69,8 @@ import pytest  # noqa: E402
 from laplace import Laplace  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
-from laplace_llm import LLMClassifier, memory  # noqa: E402
+from laplace_llm import LLMClassifier  # noqa: E402
+from laplace_llm.tools import memory  # noqa: E402
 from tests.batches import TARGET_IDS, token_loader  # noqa: E402
 from tests.models import add_lora  # noqa: E402
 

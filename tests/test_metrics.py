@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from laplace_llm.metrics import accuracy, brier, ece, nll, plot_reliability, reliability_data
+from laplace_llm.tools.metrics import accuracy, brier, ece, nll, plot_reliability, reliability_data
 
 # Four examples, three classes. Confidence (max prob), prediction, correct?
 #   row 0: conf .62, pred 0, label 0 -> correct
@@ -137,7 +137,7 @@ def test_plot_reliability_writes_png_with_one_panel_per_model(tmp_path):
 # ---------------------------------------------------------------- selective prediction
 def test_risk_coverage_by_hand():
     """Confidences .93 (right), .68 (wrong), .62 (right), .34 (wrong) in that order."""
-    from laplace_llm.metrics import risk_coverage
+    from laplace_llm.tools.metrics import risk_coverage
 
     curve = risk_coverage(PROBS, LABELS)
     np.testing.assert_allclose(curve["coverage"], [0.25, 0.5, 0.75, 1.0])
@@ -146,7 +146,7 @@ def test_risk_coverage_by_hand():
 
 def test_aurc_by_hand_and_bounds():
     """AURC is the mean risk over k = 1..N: (0 + 1/2 + 1/3 + 1/2) / 4."""
-    from laplace_llm.metrics import aurc
+    from laplace_llm.tools.metrics import aurc
 
     assert aurc(PROBS, LABELS) == pytest.approx((0 + 0.5 + 1 / 3 + 0.5) / 4, abs=1e-12)
     # a ranking that puts every error last reaches the optimum e + (1 - e) log(1 - e)
@@ -158,7 +158,7 @@ def test_aurc_by_hand_and_bounds():
 
 def test_risk_coverage_ties_do_not_depend_on_row_order():
     """Equal confidences are answered together, so permuting rows changes nothing."""
-    from laplace_llm.metrics import aurc, risk_coverage
+    from laplace_llm.tools.metrics import aurc, risk_coverage
 
     probs = np.array([[0.6, 0.4], [0.6, 0.4], [0.9, 0.1], [0.6, 0.4]])
     labels = np.array([0, 1, 0, 1])
@@ -172,7 +172,7 @@ def test_risk_coverage_ties_do_not_depend_on_row_order():
 
 
 def test_entropy_confidence_orders_like_negated_entropy():
-    from laplace_llm.metrics import confidence
+    from laplace_llm.tools.metrics import confidence
 
     h = -(PROBS * np.log(PROBS)).sum(1)
     np.testing.assert_allclose(confidence(PROBS, "entropy"), -h)
@@ -182,7 +182,7 @@ def test_entropy_confidence_orders_like_negated_entropy():
 
 def test_ood_auroc_equals_pairwise_count():
     """Mann–Whitney form against the O(n·m) count of ordered pairs (ties count 1/2)."""
-    from laplace_llm.metrics import confidence, ood_auroc
+    from laplace_llm.tools.metrics import confidence, ood_auroc
 
     rng = np.random.default_rng(0)
     p_in = rng.dirichlet([0.3] * 4, size=40)
@@ -196,7 +196,7 @@ def test_ood_auroc_equals_pairwise_count():
 
 
 def test_plot_risk_coverage_writes_png(tmp_path):
-    from laplace_llm.metrics import plot_risk_coverage
+    from laplace_llm.tools.metrics import plot_risk_coverage
 
     out = plot_risk_coverage({"a": PROBS, "b": PROBS[::-1]}, LABELS, tmp_path / "rc.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

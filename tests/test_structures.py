@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import laplace_llm
 from laplace_llm import LLMClassifier, LoRADiagLaplace, LoRAFullLaplace, LoRALaplace
-from laplace_llm.discovery import LoRAModelError
+from laplace_llm.models.discovery import LoRAModelError
 from tests.batches import TARGET_IDS, DictDataset, token_items
 from tests.models import tiny_llama_lora
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from laplace_llm import options as kfac_options
-from laplace_llm.structures import MAX_FULL_PARAMS
+from laplace_llm.posterior.base import MAX_FULL_PARAMS
 
 KFAC_DEFAULTS = kfac_options.KFACOptions()
 
@@ -321,8 +321,8 @@ def _load_classifier(args: argparse.Namespace):
         AutoTokenizer,
     )
 
-    from laplace_llm.classifier import LLMClassifier
     from laplace_llm.data import make_loader, mcqa_choices, read_jsonl
+    from laplace_llm.models.classifier import LLMClassifier
 
     try:
         records = read_jsonl(args.data, args.kind)
@@ -375,7 +375,7 @@ def _load_classifier(args: argparse.Namespace):
 
     if not seq_cls and (args.kind == "text" and args.choices or args.kind == "mcqa"
                         and args.answer_format == "text"):
-        from laplace_llm.candidates import text_answer_classifier
+        from laplace_llm.models.candidates import text_answer_classifier
 
         try:
             clf, loader = text_answer_classifier(
@@ -443,8 +443,8 @@ def load_extra_loader(
     DataLoader
         Dict batches in the layout of ``--data``'s loader.
     """
-    from laplace_llm.candidates import CandidateScorer
     from laplace_llm.data import label_indices, make_candidate_loader, make_loader, read_jsonl
+    from laplace_llm.models.candidates import CandidateScorer
 
     if not Path(path).is_file():
         raise UserError(f"{option} {path}: no such file")
@@ -678,7 +678,7 @@ def _fit(args: argparse.Namespace, rank: int, world: int) -> int:
     else:
         la.fit(loader, progress_bar=not quiet)
     if args.tune_sigma_noise:
-        from laplace_llm.regression import optimize_prior_and_noise
+        from laplace_llm.prior.regression import optimize_prior_and_noise
 
         optimize_prior_and_noise(la, prior_structure=args.prior_structure)
     elif args.prior_optimization == "marglik":
@@ -711,7 +711,7 @@ def _fit(args: argparse.Namespace, rank: int, world: int) -> int:
 
 
 def _print_low_rank_summary(la: Any, threshold: float) -> None:
-    from laplace_llm.diagnostics import format_low_rank_report
+    from laplace_llm.tools.diagnostics import format_low_rank_report
 
     report = la.low_rank_report()
     print(format_low_rank_report(report, threshold=threshold).splitlines()[0])
@@ -734,9 +734,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         write_reliability,
         write_risk_coverage,
     )
-    from laplace_llm.baselines import TemperatureScaling
     from laplace_llm.errors import LoRAModelError, PosteriorFileError
-    from laplace_llm.lora_laplace import LoRALaplace
+    from laplace_llm.posterior.kron import LoRALaplace
+    from laplace_llm.tools.baselines import TemperatureScaling
 
     _check_paths(args, posterior_must_exist=True)
     for option, path in (("--ood-data", args.ood_data), ("--val-data", args.val_data)):

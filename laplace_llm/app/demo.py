@@ -50,11 +50,11 @@ from laplace_llm.app.evaluation import (
     write_reliability,
     write_risk_coverage,
 )
-from laplace_llm.baselines import TemperatureScaling
-from laplace_llm.classifier import LLMClassifier
 from laplace_llm.data import format_mcqa_prompt, make_loader, mcqa_choices
+from laplace_llm.models.classifier import LLMClassifier
 from laplace_llm.options import KFACOptions
-from laplace_llm.training import train_lora
+from laplace_llm.tools.baselines import TemperatureScaling
+from laplace_llm.tools.training import train_lora
 
 __all__ = ["DemoConfig", "DemoTask", "build_model", "build_tokenizer", "run_demo"]
 

@@ -16,8 +16,8 @@ from typing import Any
 from torch import nn
 
 from laplace_llm.app.demo import _FORMAT_WORDS, _SPECIALS, COLOURS, DemoTask
-from laplace_llm.candidates import CandidateScorer
 from laplace_llm.data import DEFAULT_TEXT_ANSWER_TEMPLATE
+from laplace_llm.models.candidates import CandidateScorer
 
 __all__ = ["PHRASES", "WordsDemoTask", "words_classifier"]
 

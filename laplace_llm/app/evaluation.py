@@ -7,11 +7,11 @@ batch into class probabilities ``(batch, C)``:
 * ``"la_probit"``: the Laplace GLM predictive with the probit approximation;
 * ``"la_mc"``: the Laplace GLM predictive averaged over Monte-Carlo logit samples;
 * ``"ts"``: the baseline, softmax of the logits divided by a temperature fitted on labelled
-  validation data (:class:`~laplace_llm.baselines.TemperatureScaling`).
+  validation data (:class:`~laplace_llm.tools.baselines.TemperatureScaling`).
 
 Metrics per method and split (:func:`score`) are ``accuracy``, ``nll``, ``brier``, ``ece``
 (15 bins) and ``aurc`` (area under the risk–coverage curve, max-probability confidence)
-from :mod:`laplace_llm.metrics`. Between an in-distribution split and out-of-distribution
+from :mod:`laplace_llm.tools.metrics`. Between an in-distribution split and out-of-distribution
 inputs, :func:`ood_score` gives ``ood_auroc`` (max-probability confidence) and
 ``ood_auroc_entropy`` (negated entropy); reports add them to the in-distribution rows.
 """
@@ -26,7 +26,7 @@ import torch
 import tqdm
 from torch import nn
 
-from laplace_llm import metrics
+from laplace_llm.tools import metrics
 
 __all__ = [
     "METHODS",

@@ -11,13 +11,13 @@ import sys
 
 import pytest
 
-from laplace_llm import metrics
 from laplace_llm.app.cli import build_parser, main
 from laplace_llm.app.evaluation import METHODS, METRICS, OOD_METRICS, collect_probs, score
-from laplace_llm.baselines import TemperatureScaling
-from laplace_llm.classifier import LLMClassifier
 from laplace_llm.data import make_loader, read_jsonl
-from laplace_llm.lora_laplace import LoRALaplace
+from laplace_llm.models.classifier import LLMClassifier
+from laplace_llm.posterior.kron import LoRALaplace
+from laplace_llm.tools import metrics
+from laplace_llm.tools.baselines import TemperatureScaling
 from tests.models import add_lora, tiny_causal_lm, tiny_seqcls, tiny_tokenizer
 
 WORDS = ["cat", "dog", "red", "blue", "good", "bad", "yes", "no"]
@@ -235,7 +235,7 @@ def test_regression_fit_tunes_sigma_with_a_layerwise_prior(tmp_path, capsys):
     maximum of laplace-torch's regression recipe run in Python on the same fit."""
     import torch
 
-    from laplace_llm.regression import optimize_prior_and_noise
+    from laplace_llm.prior.regression import optimize_prior_and_noise
 
     base = tiny_seqcls("bert", num_labels=2, seed=0)
     base.save_pretrained(tmp_path / "m")

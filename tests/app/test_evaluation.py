@@ -8,7 +8,7 @@ from laplace import Laplace
 from torch.utils.data import DataLoader
 
 import laplace_llm  # noqa: F401
-from laplace_llm import LLMClassifier, metrics
+from laplace_llm import LLMClassifier
 from laplace_llm.app.evaluation import (
     METHODS,
     METRICS,
@@ -18,7 +18,8 @@ from laplace_llm.app.evaluation import (
     ood_score,
     score,
 )
-from laplace_llm.baselines import TemperatureScaling
+from laplace_llm.tools import metrics
+from laplace_llm.tools.baselines import TemperatureScaling
 from tests.batches import TARGET_IDS, DictDataset, token_items
 from tests.models import tiny_llama_lora
 

@@ -23,9 +23,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from laplace_llm.app.cli import main
-from laplace_llm.classifier import LLMClassifier
 from laplace_llm.data import make_loader, read_jsonl
-from laplace_llm.lora_laplace import LoRALaplace
+from laplace_llm.models.classifier import LLMClassifier
+from laplace_llm.posterior.kron import LoRALaplace
 from laplace_llm.serialization import POSTERIOR_FILENAME, read_state
 from tests.app.test_cli import mcqa_records, write_jsonl
 from tests.models import add_lora, tiny_causal_lm, tiny_tokenizer

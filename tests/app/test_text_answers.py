@@ -38,7 +38,7 @@ def api_map_metrics(root, loader_records, kind):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from laplace_llm.candidates import text_answer_classifier
+    from laplace_llm.models.candidates import text_answer_classifier
 
     tok = AutoTokenizer.from_pretrained(root / "model")
     model = PeftModel.from_pretrained(

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from laplace_llm.discovery import KronBlock
 from laplace_llm.matrix import LowRankFactor, LowRankKron
+from laplace_llm.models.discovery import KronBlock
 
 __all__ = ["FactorReport", "low_rank_report", "format_low_rank_report", "SHARES"]
 

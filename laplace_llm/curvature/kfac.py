@@ -32,7 +32,7 @@ parameter ``.grad`` is touched and no weight gradient is computed.
 
 Call layouts. A model whose modules act on an example in several calls (a prompt call
 of batch ``B`` and a continuation call of batch ``B·C`` reusing its key/value cache, as
-:class:`laplace_llm.candidates.CandidateScorer` runs them) exposes an attribute
+:class:`laplace_llm.models.candidates.CandidateScorer` runs them) exposes an attribute
 ``call_layout``: ``None``, or the :class:`CallLayout` of the calls running now, read by
 the hooks at each call. A layout gives each call's real-position mask ``(R, T)`` and the
 example each of its ``R`` rows belongs to; an example's positions are then the real
@@ -53,9 +53,9 @@ import torch
 from laplace.curvature import CurvatureInterface
 from torch import nn
 
-from laplace_llm.discovery import KronBlock, find_blocks
 from laplace_llm.errors import NonFiniteError
 from laplace_llm.matrix import LowRankFactor, LowRankKron, append_many, factor_dtype
+from laplace_llm.models.discovery import KronBlock, find_blocks
 from laplace_llm.options import KFACOptions, expose_options
 
 __all__ = ["LoRAKFAC", "CallLayout", "ModuleRecorder", "NonFiniteError"]

@@ -7,7 +7,7 @@ gives :class:`LoRADiagLaplace` (laplace-torch's ``DiagLaplace``, ``_key = ("lora
 the LoRA discovery (:func:`laplace_llm.find_blocks`), the module selection
 (``lora_modules``), the probes and hooks of :class:`laplace_llm.LoRAKFAC` and the batch
 checks; their curvature is the sum of squared (diag) or outer products (full) of
-per-example LoRA gradients (:mod:`laplace_llm.per_example`), so with
+per-example LoRA gradients (:mod:`laplace_llm.curvature.per_example`), so with
 ``fisher_type="ggn"`` or ``"ef"`` they equal laplace-torch's ``DiagLaplace`` /
 ``FullLaplace`` over the same parameters with its GGN / EF backends.
 """
@@ -25,14 +25,14 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader
 
-from laplace_llm.curvature import LoRAKFAC
-from laplace_llm.discovery import find_blocks
-from laplace_llm.evidence import linearised_scatter, optimize_prior_until_converged
-from laplace_llm.lora_laplace import LoRALaplace, predict
-from laplace_llm.module_selection import restrict_to_blocks, select_blocks
+from laplace_llm.checks import check_batch, loader_size
+from laplace_llm.curvature.kfac import LoRAKFAC
+from laplace_llm.curvature.per_example import LoRAPerExampleCurvature
+from laplace_llm.models.discovery import find_blocks
+from laplace_llm.models.selection import restrict_to_blocks, select_blocks
 from laplace_llm.options import Evidence, KFACOptions, check_int
-from laplace_llm.per_example import LoRAPerExampleCurvature
-from laplace_llm.validation import check_batch, loader_size
+from laplace_llm.posterior.kron import LoRALaplace, predict
+from laplace_llm.prior.evidence import linearised_scatter, optimize_prior_until_converged
 
 __all__ = ["LoRADiagLaplace", "LoRAFullLaplace", "LIKELIHOODS", "MAX_FULL_PARAMS", "OPTIONS"]
 
@@ -334,7 +334,7 @@ class LoRADiagLaplace(_LoRAParametric, DiagLaplace):
     likelihood : {"classification", "regression", "reward_modeling"}
     lora_modules : list of str, optional
         layer names or glob patterns of the Bayesian LoRA layers (see
-        :mod:`laplace_llm.module_selection`); the others stay at their MAP values.
+        :mod:`laplace_llm.models.selection`); the others stay at their MAP values.
     seed : int, optional
         seed of the samples of ``fisher_type="mc"``.
     jacobian_free : bool, default True

@@ -35,7 +35,7 @@ With single-token candidates there is no continuation call and the scores are th
 log-softmax of the selected next-token logits, so their softmax is that of
 :class:`~laplace_llm.LLMClassifier` over the same token ids.
 
-Curvature (see :mod:`laplace_llm.curvature`, "call layouts"). The scorer tells the hooks,
+Curvature (see :mod:`laplace_llm.curvature.kfac`, "call layouts"). The scorer tells the hooks,
 for every call of a LoRA module, which positions are real and which example each row
 belongs to. An example's positions for a module are those where the module acts on it and
 its output reaches a score. For the transformer body these are its real prompt positions
@@ -60,7 +60,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from laplace_llm.classifier import (
+from laplace_llm.curvature.kfac import CallLayout
+from laplace_llm.models.classifier import (
     _accepts,
     _model_device,
     _output_vocab_size,
@@ -70,7 +71,6 @@ from laplace_llm.classifier import (
     last_token_index,
     position_ids_from_mask,
 )
-from laplace_llm.curvature import CallLayout
 
 __all__ = ["CandidateScorer", "MISSING_LOGIT", "encode_candidates"]
 
@@ -260,7 +260,7 @@ class CandidateScorer(nn.Module):
             raise ValueError(
                 f"a classifier over candidates needs at least 2 of them, got {C}: with one "
                 "candidate its probability is always 1. To score one answer's likelihood "
-                "use laplace_llm.generation.answer_log_likelihood."
+                "use laplace_llm.models.generation.answer_log_likelihood."
             )
         self.n_outputs = int(C)
 

@@ -45,9 +45,9 @@ from torch.utils.data import DataLoader, Subset
 from transformers import TrainerCallback
 
 from laplace_llm import serialization
-from laplace_llm.classifier import LLMClassifier
-from laplace_llm.lora_laplace import LoRALaplace
+from laplace_llm.models.classifier import LLMClassifier
 from laplace_llm.options import KFACOptions
+from laplace_llm.posterior.kron import LoRALaplace
 
 __all__ = ["LaplaceCallback", "EVIDENCE_FILENAME", "process_shard"]
 

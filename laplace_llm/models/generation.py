@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from laplace_llm.candidates import CandidateScorer, encode_candidates
-from laplace_llm.curvature import LoRAKFAC
+from laplace_llm.curvature.kfac import LoRAKFAC
+from laplace_llm.models.candidates import CandidateScorer, encode_candidates
 
 __all__ = ["answer_log_likelihood", "sample_adapters"]
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
 
-from laplace_llm.discovery import KronBlock, LoRAModelError
+from laplace_llm.models.discovery import KronBlock, LoRAModelError
 
 __all__ = ["layer_name", "select_blocks", "restrict_to_blocks"]
 

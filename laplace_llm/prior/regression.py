@@ -3,7 +3,7 @@
 ``likelihood="regression"`` is laplace-torch's: outputs ``f (batch, k)`` (e.g. a
 ``num_labels=k`` regression head), targets ``y (batch, k)``, ``p(y | f) = N(f, σ² I)``.
 The curvature is the GGN ``JᵀJ`` (or its Monte-Carlo / empirical-Fisher variants, see
-:mod:`laplace_llm.curvature`) and the posterior precision ``JᵀJ/σ² + P₀``, so the log
+:mod:`laplace_llm.curvature.kfac`) and the posterior precision ``JᵀJ/σ² + P₀``, so the log
 marginal likelihood is differentiable in both the prior precision and ``σ``.
 """
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from laplace_llm.regression import check_regression_targets
+from laplace_llm.prior.regression import check_regression_targets
 
 __all__ = ["loader_size", "check_batch"]
 
@@ -66,7 +66,7 @@ def check_batch(
         keys of the inputs and the labels in dict batches.
     likelihood : str, default "classification"
         ``"regression"`` checks real-valued targets ``(batch, n_outputs)``
-        (:func:`laplace_llm.regression.check_regression_targets`); any other likelihood
+        (:func:`laplace_llm.prior.regression.check_regression_targets`); any other likelihood
         integer labels.
     dtype : torch.dtype, optional
         dtype of regression targets (the posterior's); default the targets' own.

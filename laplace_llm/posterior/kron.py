@@ -24,15 +24,15 @@ from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader
 
 from laplace_llm import serialization
-from laplace_llm.curvature import LoRAKFAC
-from laplace_llm.discovery import find_blocks
+from laplace_llm.checks import check_batch, loader_size
+from laplace_llm.curvature.kfac import LoRAKFAC
 from laplace_llm.errors import LoRAModelError, PosteriorFileError
-from laplace_llm.evidence import linearised_scatter, optimize_prior_until_converged
 from laplace_llm.matrix import LowRankKron, LowRankKronDecomposed, factor_dtype
-from laplace_llm.module_selection import restrict_to_blocks, select_blocks
+from laplace_llm.models.discovery import find_blocks
+from laplace_llm.models.selection import restrict_to_blocks, select_blocks
 from laplace_llm.options import Evidence, KFACOptions, Truncation, check_int, expose_options
-from laplace_llm.prior_grid import glm_moments_over_priors, one_pass_gridsearch, replayed_moments
-from laplace_llm.validation import check_batch, loader_size
+from laplace_llm.prior.evidence import linearised_scatter, optimize_prior_until_converged
+from laplace_llm.prior.grid import glm_moments_over_priors, one_pass_gridsearch, replayed_moments
 
 __all__ = ["LoRALaplace"]
 
@@ -56,7 +56,7 @@ class LoRALaplace(KronLaplace):
         returns logits ``(batch, C)`` for a batch, e.g. :class:`laplace_llm.LLMClassifier`.
     likelihood : {"classification", "reward_modeling", "regression"}
         ``"regression"``: ``k`` real outputs with Gaussian noise ``sigma_noise``
-        (targets ``(batch, k)`` floats; see :mod:`laplace_llm.regression`).
+        (targets ``(batch, k)`` floats; see :mod:`laplace_llm.prior.regression`).
     sigma_noise, prior_precision, prior_mean, temperature, enable_backprop, dict_key_x, dict_key_y, damping, asdl_fisher_kwargs
         as laplace-torch's ``KronLaplace``.
     backend : type, optional
@@ -72,7 +72,7 @@ class LoRALaplace(KronLaplace):
         Jacobians. ``enable_backprop=True`` always uses the latter.
     lora_modules : list of str or str, optional
         layer names or glob patterns of the Bayesian LoRA layers (see
-        :mod:`laplace_llm.module_selection`; ``["lm_head"]`` is last-layer LoRA
+        :mod:`laplace_llm.models.selection`; ``["lm_head"]`` is last-layer LoRA
         Laplace); the others stay at their MAP values. ``None``: every LoRA layer.
     options : KFACOptions, optional
         the K-FAC options as one object; default ``KFACOptions(**kfac_options)``.
@@ -343,7 +343,7 @@ class LoRALaplace(KronLaplace):
 
         With the linearised evidence, laplace-torch's fixed-step ``marglik`` loop is
         repeated until it converges (see
-        :func:`~laplace_llm.evidence.optimize_prior_until_converged`).
+        :func:`~laplace_llm.prior.evidence.optimize_prior_until_converged`).
         """
         optimize_prior_until_converged(self, super().optimize_prior_precision, args, kwargs)
 
@@ -352,7 +352,7 @@ class LoRALaplace(KronLaplace):
         """The prior's term of the evidence, per ``options.evidence``.
 
         ``"linearised"`` (default): the linearised model's, at its own mode (see
-        :mod:`laplace_llm.evidence`); ``"map"``: laplace-torch's ``dᵀΛ₀d``.
+        :mod:`laplace_llm.prior.evidence`); ``"map"``: laplace-torch's ``dᵀΛ₀d``.
         """
         if self.evidence == Evidence.MAP or getattr(self, "H_facs", None) is None:
             return super().scatter
@@ -371,7 +371,7 @@ class LoRALaplace(KronLaplace):
         """Bytes held by the fitted curvature factors and their eigendecomposition.
 
         A shared input factor (``share_input_factors``) and its eigenpairs count once;
-        :func:`laplace_llm.memory.posterior_bytes` predicts this number from the shapes.
+        :func:`laplace_llm.tools.memory.posterior_bytes` predicts this number from the shapes.
         """
         self._check_H_init()
         return self.H_facs.nbytes() + self.H.nbytes()
@@ -381,9 +381,9 @@ class LoRALaplace(KronLaplace):
 
         Per large factor: the share of its exact trace kept at ``n_kfac``, its leading
         eigenvalues and the ranks that would keep 90% / 99% (a list of
-        :class:`laplace_llm.diagnostics.FactorReport`; definitions there).
+        :class:`laplace_llm.tools.diagnostics.FactorReport`; definitions there).
         """
-        from laplace_llm.diagnostics import low_rank_report
+        from laplace_llm.tools.diagnostics import low_rank_report
 
         self._check_H_init()
         return low_rank_report(self.H_facs, self.blocks, n_leading)
@@ -510,7 +510,7 @@ class LoRALaplace(KronLaplace):
             a posterior file, or a folder holding one under
             :data:`~laplace_llm.serialization.POSTERIOR_FILENAME` (the peft adapter
             folder or ``Trainer`` checkpoint that :meth:`save` or
-            :class:`~laplace_llm.hf.LaplaceCallback` wrote it into).
+            :class:`~laplace_llm.callback.LaplaceCallback` wrote it into).
         model : nn.Module
             the model (with the adapter) the posterior was fitted on.
         check_weights : bool, default True
@@ -529,7 +529,7 @@ class LoRALaplace(KronLaplace):
         if path.parent.is_dir() and not path.exists() and path.name == serialization.POSTERIOR_FILENAME:
             raise FileNotFoundError(
                 f"'{path.parent}' holds no posterior ('{path.name}'); write one there with "
-                "`la.save(folder)` or laplace_llm.hf.LaplaceCallback, or pass the posterior "
+                "`la.save(folder)` or laplace_llm.callback.LaplaceCallback, or pass the posterior "
                 "file's path."
             )
         state = serialization.read_state(path)
@@ -613,7 +613,7 @@ class LoRALaplace(KronLaplace):
         The Jacobians are computed once and contracted with each posterior, so a grid
         of ``K`` priors costs about one predictive, not ``K``. Each entry of
         ``prior_precisions`` is what ``prior_precision`` accepts; the current prior is
-        left unchanged. See :func:`laplace_llm.prior_grid.glm_moments_over_priors`.
+        left unchanged. See :func:`laplace_llm.prior.grid.glm_moments_over_priors`.
         """
         return glm_moments_over_priors(self, X, prior_precisions, joint=joint)
 
@@ -628,9 +628,9 @@ class LoRALaplace(KronLaplace):
 
         ``PeftModel.from_pretrained`` loads them; the draws are those of
         ``self.sample(n_samples, torch.Generator().manual_seed(seed))``. See
-        :func:`laplace_llm.generation.sample_adapters`.
+        :func:`laplace_llm.models.generation.sample_adapters`.
         """
-        from laplace_llm.generation import sample_adapters
+        from laplace_llm.models.generation import sample_adapters
 
         return sample_adapters(self, n_samples, out_dir, seed=seed)
 

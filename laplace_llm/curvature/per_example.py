@@ -4,7 +4,7 @@ For one example ``n`` and one output cotangent (*probe*) ``v_n``, the gradient o
 ``⟨f_n, v_n⟩`` with respect to a weight block is ``Σ_t g_{n,t} a_{n,t}ᵀ`` (``d_out × d_in``)
 and with respect to a bias ``Σ_t g_{n,t}``, where ``a`` is the module's input and
 ``g = Jᵀv`` its output gradient, both caught by the hooks of :class:`LoRAKFAC` in one
-forward and one backward per probe (see :mod:`laplace_llm.curvature` for the probes
+forward and one backward per probe (see :mod:`laplace_llm.curvature.kfac` for the probes
 of each ``fisher_type`` and likelihood). The sum runs over every position, padding
 included: a padding position that does not reach the output has ``g = 0``, and one
 that does belongs to the exact gradient. One LoRA side is the rank ``r``, so a block
@@ -21,8 +21,8 @@ Stacking them gives
 
 A module may see more rows than the batch has examples (preference pairs: ``(B, 2, T)``
 inputs run as ``2B`` sequences); rows ``j·B'/B … (j+1)·B'/B`` then belong to example
-``j`` (row-major flattening). Calls that carry a :class:`~laplace_llm.curvature.CallLayout`
-(text candidates of :class:`~laplace_llm.candidates.CandidateScorer`: a prompt call and a
+``j`` (row-major flattening). Calls that carry a :class:`~laplace_llm.curvature.kfac.CallLayout`
+(text candidates of :class:`~laplace_llm.models.candidates.CandidateScorer`: a prompt call and a
 continuation call per batch) say themselves which example each row belongs to and which
 positions are real; an example's gradient sums its rows of every call.
 """
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from laplace_llm.curvature import (
+from laplace_llm.curvature.kfac import (
     LoRAKFAC,
     NonFiniteError,
     _layout_positions,

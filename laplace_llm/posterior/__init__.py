@@ -1,0 +1,1 @@
+"""The Laplace approximations over LoRA weights, one module per Hessian structure."""
