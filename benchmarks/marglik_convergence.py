@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_text as rt  # noqa: E402  (the benchmark's data, model and training)
 from laplace import Laplace  # noqa: E402
 
-from laplace_llm import LoRALaplace  # noqa: E402
 from laplace_llm.data import make_loader  # noqa: E402
+from laplace_llm.posterior.base import LoRALaplaceBase  # noqa: E402
 from laplace_llm.tools.training import train_lora  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def main(size: int = 500, seed: int = 0) -> dict:
     out = {}
     for name, optimise in [
         ("laplace-torch's loop (100 steps)",
-         lambda: super(LoRALaplace, la).optimize_prior_precision(method="marglik")),
+         lambda: super(LoRALaplaceBase, la).optimize_prior_precision(method="marglik")),
         ("restarted until converged", lambda: la.optimize_prior_precision(method="marglik")),
     ]:
         la.prior_precision = 1.0

@@ -1,9 +1,12 @@
 """Laplace approximations over LoRA weights of fine-tuned language models.
 
 Importing this package registers ``subset_of_weights="lora"`` with laplace-torch's
-``Laplace`` factory, for ``hessian_structure`` "kron", "diag" and "full". The command
-line, the demo and the evaluation helpers live in :mod:`laplace_llm.app`, which this core
-never imports.
+``Laplace`` factory, for ``hessian_structure`` "kron", "diag" and "full". The names below
+are what a user calls; everything else stays at its module path (the curvature in
+:mod:`laplace_llm.curvature`, the prior in :mod:`laplace_llm.prior`, the model side in
+:mod:`laplace_llm.models`, metrics and other tools in :mod:`laplace_llm.tools`). The
+command line, the demo and the evaluation helpers live in :mod:`laplace_llm.app`, which
+this core never imports.
 """
 
 import warnings
@@ -14,26 +17,23 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     import laplace  # noqa: F401
 
-from laplace_llm import data
-from laplace_llm.curvature.kfac import LoRAKFAC
-from laplace_llm.curvature.per_example import LoRAPerExampleCurvature
 from laplace_llm.errors import LoRAModelError, NonFiniteError, PosteriorFileError
-from laplace_llm.matrix import LowRankFactor, LowRankKron, LowRankKronDecomposed
 from laplace_llm.models.candidates import CandidateScorer
 from laplace_llm.models.classifier import LLMClassifier
-from laplace_llm.models.discovery import KronBlock, find_blocks
-from laplace_llm.models.selection import select_blocks
 from laplace_llm.options import Evidence, FisherType, KFACApprox, KFACOptions, Truncation
-from laplace_llm.posterior.base import LoRADiagLaplace, LoRAFullLaplace
+from laplace_llm.posterior.base import load
+from laplace_llm.posterior.diag import LoRADiagLaplace
+from laplace_llm.posterior.full import LoRAFullLaplace
 from laplace_llm.posterior.kron import LoRALaplace
 from laplace_llm.prior.regression import optimize_prior_and_noise
-from laplace_llm.tools import diagnostics, memory, metrics
+from laplace_llm.tools.baselines import TemperatureScaling
 
 __all__ = [
-    # Laplace approximations
+    # Laplace approximations over LoRA weights, and reading their files
     "LoRALaplace",
     "LoRADiagLaplace",
     "LoRAFullLaplace",
+    "load",
     "optimize_prior_and_noise",
     # options
     "KFACOptions",
@@ -41,24 +41,25 @@ __all__ = [
     "KFACApprox",
     "Truncation",
     "Evidence",
-    # curvature
-    "LoRAKFAC",
-    "LoRAPerExampleCurvature",
-    "LowRankFactor",
-    "LowRankKron",
-    "LowRankKronDecomposed",
-    # models and data
+    # models
     "LLMClassifier",
     "CandidateScorer",
-    "KronBlock",
-    "find_blocks",
-    "select_blocks",
-    "data",
-    "diagnostics",
-    "metrics",
-    "memory",
+    # baselines
+    "TemperatureScaling",
+    # transformers' Trainer
+    "LaplaceCallback",
     # errors
     "LoRAModelError",
     "NonFiniteError",
     "PosteriorFileError",
 ]
+
+
+def __getattr__(name: str):
+    # the callback subclasses transformers' TrainerCallback, whose import needs
+    # accelerate; it is loaded when first asked for, not with the package
+    if name == "LaplaceCallback":
+        from laplace_llm.callback import LaplaceCallback
+
+        return LaplaceCallback
+    raise AttributeError(f"module 'laplace_llm' has no attribute {name!r}")

@@ -2,7 +2,7 @@
 
 :class:`KFACOptions` is the single place where an option, its default, its check and its
 help text are written. Everything else derives from it: the keyword arguments of
-:class:`~laplace_llm.LoRALaplace` (and its backend :class:`~laplace_llm.LoRAKFAC`), the
+:class:`~laplace_llm.LoRALaplace` (and its backend :class:`~laplace_llm.curvature.kfac.LoRAKFAC`), the
 ``options`` of a posterior file's header (:meth:`KFACOptions.to_dict` /
 :meth:`KFACOptions.from_dict`), the ``laplace-llm fit`` arguments
 (:func:`add_arguments` / :func:`from_arguments`) and the demo's configuration.

@@ -137,7 +137,7 @@ def read_state(path: str | os.PathLike) -> dict[str, Any]:
     """Read the state written by :func:`write_state`, verified; raise PosteriorFileError.
 
     Tensors are on the CPU; ``H`` is in :meth:`LowRankKron.to_state
-    <laplace_llm.LowRankKron.to_state>` form.
+    <laplace_llm.matrix.LowRankKron.to_state>` form.
     """
     header, tensors = read_posterior(path)
     state = {**_DEFAULTS, **header}

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from laplace_llm import LLMClassifier, LoRALaplace
+from laplace_llm.posterior.base import LoRALaplaceBase
 from tests.batches import TARGET_IDS, token_loader
 from tests.models import tiny_llama_lora
 
@@ -107,7 +108,7 @@ def test_marglik_restarts_until_converged_and_warns_when_it_cannot():
     there in 20 rounds, and says so. With ``evidence="map"`` the loop is laplace-torch's,
     step for step."""
     one = fitted()
-    super(LoRALaplace, one).optimize_prior_precision(method="marglik")
+    super(LoRALaplaceBase, one).optimize_prior_precision(method="marglik")
     la = fitted()
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # converged: no warning
@@ -120,5 +121,5 @@ def test_marglik_restarts_until_converged_and_warns_when_it_cannot():
         short.optimize_prior_precision(method="marglik", n_steps=1)
     at_map, reference = fitted(evidence="map"), fitted(evidence="map")
     at_map.optimize_prior_precision(method="marglik")
-    super(LoRALaplace, reference).optimize_prior_precision(method="marglik")
+    super(LoRALaplaceBase, reference).optimize_prior_precision(method="marglik")
     assert torch.equal(at_map.prior_precision, reference.prior_precision)

@@ -58,7 +58,8 @@ CORE = sorted(n for n in MODULES if not is_app(n) and n != "laplace_llm")
 def test_the_layout_is_what_this_test_reads():
     assert {"laplace_llm.posterior.kron", "laplace_llm.serialization", "laplace_llm.options",
             "laplace_llm.app.cli", "laplace_llm.app.demo", "laplace_llm.app.evaluation"} <= set(MODULES)
-    assert "laplace_llm.serialization" in imports_of("laplace_llm.posterior.kron")
+    assert "laplace_llm.serialization" in imports_of("laplace_llm.posterior.base")
+    assert "laplace_llm.posterior.base" in imports_of("laplace_llm.posterior.kron")
     assert "laplace_llm.app.evaluation" in imports_of("laplace_llm.app.demo")
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from laplace_llm import options as kfac_options
-from laplace_llm.posterior.base import MAX_FULL_PARAMS
+from laplace_llm.posterior.full import MAX_FULL_PARAMS
 
 KFAC_DEFAULTS = kfac_options.KFACOptions()
 

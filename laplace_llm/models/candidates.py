@@ -182,7 +182,7 @@ class CandidateScorer(nn.Module):
         C.
     call_layout : CallLayout or None
         During a forward, the layout of the module calls running (read by
-        :class:`~laplace_llm.LoRAKFAC`'s hooks); ``None`` otherwise.
+        :class:`~laplace_llm.curvature.kfac.LoRAKFAC`'s hooks); ``None`` otherwise.
 
     Notes
     -----

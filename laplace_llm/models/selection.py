@@ -47,7 +47,7 @@ def select_blocks(blocks: list[KronBlock], lora_modules: Sequence[str] | str | N
     Parameters
     ----------
     blocks : list of KronBlock
-        from :func:`laplace_llm.find_blocks`.
+        from :func:`laplace_llm.models.discovery.find_blocks`.
     lora_modules : sequence of str, str or None
         layer names or glob patterns (see the module docstring).
 

@@ -1,59 +1,119 @@
-"""Diagonal and full Laplace approximations over LoRA weights.
+"""What every Laplace approximation over LoRA weights shares, whatever its Hessian structure.
 
-``Laplace(model, likelihood, subset_of_weights="lora", hessian_structure="diag")``
-gives :class:`LoRADiagLaplace` (laplace-torch's ``DiagLaplace``, ``_key = ("lora",
-"diag")``) and ``hessian_structure="full"`` gives :class:`LoRAFullLaplace`
-(``FullLaplace``, ``_key = ("lora", "full")``). Both share with :class:`LoRALaplace`
-the LoRA discovery (:func:`laplace_llm.find_blocks`), the module selection
-(``lora_modules``), the probes and hooks of :class:`laplace_llm.LoRAKFAC` and the batch
-checks; their curvature is the sum of squared (diag) or outer products (full) of
-per-example LoRA gradients (:mod:`laplace_llm.curvature.per_example`), so with
-``fisher_type="ggn"`` or ``"ef"`` they equal laplace-torch's ``DiagLaplace`` /
-``FullLaplace`` over the same parameters with its GGN / EF backends.
+:class:`LoRALaplaceBase` is to laplace-torch's ``ParametricLaplace`` what its
+``LLLaplace`` is for the last layer: the subset of weights, not a structure. A structure
+is a leaf that inherits from this base first and from laplace-torch's class second, as
+``FullLLLaplace(LLLaplace, FullLaplace)`` does:
+
+- :class:`~laplace_llm.posterior.kron.LoRALaplace` (``KronLaplace``, ``("lora", "kron")``),
+- :class:`~laplace_llm.posterior.diag.LoRADiagLaplace` (``DiagLaplace``, ``("lora", "diag")``),
+- :class:`~laplace_llm.posterior.full.LoRAFullLaplace` (``FullLaplace``, ``("lora", "full")``).
+
+The base holds the argument checks, the LoRA discovery (:func:`~laplace_llm.models.discovery.find_blocks`)
+and module selection (``lora_modules``), the fit loop (modes restored, seeded probes,
+checked batches, :class:`~laplace_llm.errors.NonFiniteError` naming the batch), the
+predictives that restore the MAP weights, prior tuning, the state and the posterior files;
+:func:`load` reads a file as the class its ``hessian_structure`` names in
+:data:`STRUCTURES`. A leaf supplies how its curvature accumulates batch by batch and how
+two fits merge. The defaults here are those of a curvature held as one tensor ``H`` (diag
+``(P,)``, full ``(P, P)``) from per-example LoRA gradients
+(:mod:`laplace_llm.curvature.per_example`); the Kronecker leaf replaces them by low-rank
+factors.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import tqdm
-from laplace import DiagLaplace, FullLaplace
-from laplace.baselaplace import ParametricLaplace
+from laplace.baselaplace import BaseLaplace, ParametricLaplace
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader
 
+from laplace_llm import serialization
 from laplace_llm.checks import check_batch, loader_size
-from laplace_llm.curvature.kfac import LoRAKFAC
 from laplace_llm.curvature.per_example import LoRAPerExampleCurvature
+from laplace_llm.errors import LoRAModelError, NonFiniteError, PosteriorFileError
+from laplace_llm.matrix import factor_dtype
 from laplace_llm.models.discovery import find_blocks
 from laplace_llm.models.selection import restrict_to_blocks, select_blocks
 from laplace_llm.options import Evidence, KFACOptions, check_int
-from laplace_llm.posterior.kron import LoRALaplace, predict
 from laplace_llm.prior.evidence import linearised_scatter, optimize_prior_until_converged
+from laplace_llm.prior.grid import glm_moments_over_priors, one_pass_gridsearch, replayed_moments
 
-__all__ = ["LoRADiagLaplace", "LoRAFullLaplace", "LIKELIHOODS", "MAX_FULL_PARAMS", "OPTIONS"]
+__all__ = ["LoRALaplaceBase", "STRUCTURES", "LIKELIHOODS", "OPTIONS", "load"]
 
 LIKELIHOODS = ("classification", "regression", "reward_modeling")
-#: The :class:`~laplace_llm.options.KFACOptions` fields that diag and full use (their
+#: The :class:`~laplace_llm.options.KFACOptions` fields that every structure uses (its
 #: probes and the evidence); the others only shape Kronecker factors.
 OPTIONS = ("fisher_type", "mc_samples", "evidence")
-#: Default of :class:`LoRAFullLaplace`'s ``max_params`` (and of ``laplace-llm fit
-#: --max-params``): a ``P × P`` float32 matrix at ``P = 10⁴`` is 400 MB.
-MAX_FULL_PARAMS = 10_000
+#: ``hessian_structure`` → class, filled as each leaf is defined (its ``_key``
+#: ``("lora", structure)``); :func:`load` reads it.
+STRUCTURES: dict[str, type[LoRALaplaceBase]] = {}
 
 
-class _LoRAParametric:
-    """The LoRA part of :class:`LoRADiagLaplace` and :class:`LoRAFullLaplace`.
+class LoRALaplaceBase(ParametricLaplace):
+    """The LoRA subset of weights of a laplace-torch Laplace approximation.
 
-    What they add to their laplace-torch parent: LoRA blocks, the hooked curvature backend, checked batches,
-    and predictives that restore the MAP weights. Not a Laplace class itself (no
-    ``_key``); it comes first in the method resolution order.
+    Not a Laplace class itself (no ``_key``; laplace-torch's ``Laplace`` never returns
+    it): a leaf inherits from it first and from its laplace-torch structure second.
+
+    Parameters
+    ----------
+    model : nn.Module
+        returns ``(batch, C)`` outputs: logits (classification, e.g.
+        :class:`laplace_llm.LLMClassifier`), a reward (``reward_modeling``) or ``k``
+        regression outputs (``regression``, targets ``(batch, k)`` floats).
+    likelihood : {"classification", "regression", "reward_modeling"}
+    sigma_noise, prior_precision, prior_mean, temperature, enable_backprop, dict_key_x, dict_key_y
+        as laplace-torch's; ``prior_precision`` is a positive scalar or one value per
+        LoRA block.
+    backend : type, optional
+        the leaf's curvature backend (:attr:`_backend_class`) or a subclass.
+    backend_kwargs : dict, optional
+        further arguments of the backend.
+    asdl_fisher_kwargs : dict, optional
+        laplace-torch's; unused.
+    seed : int, optional
+        seed of the labels sampled by ``fisher_type="mc"``; ``None`` uses torch's
+        global generator.
+    jacobian_free : bool, default True
+        GLM predictive from hooked activations and ``C`` backward passes (no
+        parameter-long Jacobian); ``False`` uses laplace-torch's ``torch.func``
+        Jacobians. ``enable_backprop=True`` always uses the latter.
+    lora_modules : list of str or str, optional
+        layer names or glob patterns of the Bayesian LoRA layers (see
+        :mod:`laplace_llm.models.selection`; ``["lm_head"]`` is last-layer LoRA Laplace);
+        the others stay at their MAP values. ``None``: every LoRA layer.
+    options : KFACOptions, optional
+        the curvature options as one object; default ``KFACOptions(**kfac_options)``.
+    **kfac_options
+        the fields of :class:`~laplace_llm.options.KFACOptions` that the structure takes
+        (:attr:`_option_names`), as keywords.
     """
 
-    _structure = ""
+    #: the curvature backend a leaf computes with (``backend`` may subclass it)
+    _backend_class: type = LoRAPerExampleCurvature
+    #: the :class:`KFACOptions` fields a leaf takes as keywords and writes to its files
+    _option_names: tuple[str, ...] = OPTIONS
+    #: the GLM predictive contracts hooked quantities with the posterior block by block
+    #: (no Jacobian) when the backend can (``backend.glm_moments``)
+    _moments_without_jacobians = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Enter a leaf with its own ``_key`` ``("lora", structure)`` in :data:`STRUCTURES`."""
+        super().__init_subclass__(**kwargs)
+        key = cls.__dict__.get("_key")
+        if key is not None and key[0] == "lora":
+            STRUCTURES[key[1]] = cls
 
     def __init__(
         self,
@@ -66,37 +126,39 @@ class _LoRAParametric:
         enable_backprop: bool = False,
         dict_key_x: str = "input_ids",
         dict_key_y: str = "labels",
-        backend: type[LoRAKFAC] | None = None,
+        backend: type | None = None,
         backend_kwargs: dict[str, Any] | None = None,
         asdl_fisher_kwargs: dict[str, Any] | None = None,
         *,
-        lora_modules: list[str] | str | None = None,
         seed: int | None = None,
         jacobian_free: bool = True,
+        lora_modules: list[str] | str | None = None,
         options: KFACOptions | None = None,
         **kfac_options: Any,
     ):
-        unknown = sorted(set(kfac_options) - set(OPTIONS))
+        name = type(self).__name__
+        unknown = sorted(set(kfac_options) - set(self._option_names))
         if unknown:
+            others = "" if set(self._option_names) == set(KFACOptions.names()) else (
+                " (the others shape Kronecker factors: hessian_structure='kron')")
             raise TypeError(
-                f"{type(self).__name__} got unexpected keyword arguments {unknown}; of the "
-                f"K-FAC options it takes {list(OPTIONS)} (the others shape Kronecker factors: "
-                "hessian_structure='kron')."
+                f"{name} got unexpected keyword arguments {unknown}; its own options are "
+                f"{list(self._option_names)}{others}, seed, jacobian_free and lora_modules, "
+                "besides laplace-torch's."
             )
-        # the same options object and defaults as LoRALaplace; only OPTIONS matter here
         self.options = options if options is not None else KFACOptions(**kfac_options)
         self.seed = None if seed is None else check_int("seed", seed, 0)
         self.jacobian_free = bool(jacobian_free)
         if likelihood not in LIKELIHOODS:
             raise ValueError(
-                f"{type(self).__name__} supports likelihood in {LIKELIHOODS}; got {likelihood!r}."
+                f"{name} supports likelihood='classification' (selected logits), "
+                f"'reward_modeling' and 'regression'; got {likelihood!r}."
             )
-        if backend is not None and not (
-            isinstance(backend, type) and issubclass(backend, LoRAPerExampleCurvature)
-        ):
+        expected = self._backend_class
+        if backend is not None and not (isinstance(backend, type) and issubclass(backend, expected)):
             raise ValueError(
-                "subset_of_weights='lora' computes its curvature with "
-                f"laplace_llm.LoRAPerExampleCurvature; got backend={backend!r}. Leave "
+                f"subset_of_weights='lora' computes {name}'s curvature with "
+                f"{expected.__module__}.{expected.__name__}; got backend={backend!r}. Leave "
                 "`backend` unset."
             )
         self.lora_modules = None if lora_modules is None else list(
@@ -116,13 +178,19 @@ class _LoRAParametric:
             enable_backprop=enable_backprop,
             dict_key_x=dict_key_x,
             dict_key_y=dict_key_y,
-            backend=backend or LoRAPerExampleCurvature,
+            backend=backend or expected,
             backend_kwargs=backend_kwargs,
+            **self._parent_arguments(asdl_fisher_kwargs),
         )
+        # the prior refers to the selected blocks (lora_modules), set once they are known
         restrict_to_blocks(self, self.blocks, prior_precision, prior_mean)
 
+    def _parent_arguments(self, asdl_fisher_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+        """Return the arguments of the laplace-torch parent's constructor beyond the common ones."""
+        return {}
+
     def _check_size(self, n_params: int, model: nn.Module) -> None:
-        pass
+        """Refuse a selection of ``n_params`` LoRA weights this structure cannot hold."""
 
     @property
     def fisher_type(self):
@@ -134,57 +202,112 @@ class _LoRAParametric:
         """``self.options.mc_samples`` (see :class:`~laplace_llm.options.KFACOptions`)."""
         return self.options.mc_samples
 
-    # ----------------------------------------------------- shared with LoRALaplace
-    _dtype = LoRALaplace._dtype
-    _n_outputs_of = LoRALaplace._n_outputs_of
-    _set_params = LoRALaplace._set_params
-    _nn_functional_samples = LoRALaplace._nn_functional_samples
-    _nn_predictive_classification = LoRALaplace._nn_predictive_classification
-    _warn_if_weights_changed = LoRALaplace._warn_if_weights_changed
-    # semi-definite GLM covariances (missing text candidates) drawn through eigh
-    _glm_functional_samples = LoRALaplace._glm_functional_samples
-    save = LoRALaplace.save
-    load = LoRALaplace.__dict__["load"]
+    @property
+    def evidence(self):
+        """``self.options.evidence`` (see :class:`~laplace_llm.options.KFACOptions`)."""
+        return self.options.evidence
+
+    # ------------------------------------------------------------ dtype/state
+    @property
+    def _dtype(self) -> torch.dtype:
+        # bf16/fp16 models keep their posterior in float32: eigh and the evidence
+        # need it, and CPU has no bf16 eigh kernel
+        return factor_dtype(next(self.model.parameters()).dtype)
 
     def _init_H(self) -> None:
-        # allocated by fit (a dense P×P before fitting would defeat max_params)
+        # curvature appears in fit(): no allocation before (a dense P×P, or d×d Kronecker
+        # factors, would defeat the structure's memory bound)
         self.H = None
 
+    def _is_fitted(self) -> bool:
+        return getattr(self, "H", None) is not None
+
     def _check_H_init(self) -> None:
-        if getattr(self, "H", None) is None:
+        if not self._is_fitted():
             raise AttributeError(
                 f"This {type(self).__name__} is not fitted: call `la.fit(train_loader)` first."
             )
 
+    # ----------------------------------------------------------------- priors
+    @BaseLaplace.prior_precision.setter
+    def prior_precision(self, prior_precision) -> None:
+        """Set the prior precision: a positive scalar or one per LoRA block."""
+        if isinstance(prior_precision, torch.Tensor):
+            bad = not bool(torch.isfinite(prior_precision).all() and (prior_precision > 0).all())
+        elif np.isscalar(prior_precision) and np.isreal(prior_precision):
+            bad = not (math.isfinite(prior_precision) and prior_precision > 0)
+        else:
+            bad = False  # the parent setter reports the type
+        if bad:
+            raise ValueError(
+                f"Prior precision must be finite and > 0; got {prior_precision!r}. Use a "
+                "positive scalar or one positive value per LoRA block "
+                f"({self.n_layers} blocks)."
+            )
+        try:
+            # the structure's setter (KronLaplace's takes one value or one per block)
+            super(LoRALaplaceBase, type(self)).prior_precision.fset(self, prior_precision)
+        except ValueError as err:
+            raise ValueError(
+                f"{err} {type(self).__name__} takes a scalar prior precision or one per LoRA "
+                f"block ({self.n_layers} blocks: one per trainable parameter tensor)."
+            ) from err
+
     @property
     def log_det_posterior_precision(self) -> torch.Tensor:
-        if getattr(self, "H", None) is None:  # before fit: the prior
+        """Log-determinant of the posterior precision (the prior's before ``fit``)."""
+        if not self._is_fitted():
             return self.prior_precision_diag.log().sum()
         return super().log_det_posterior_precision
 
-    def optimize_prior_precision(self, *args: Any, **kwargs: Any) -> None:
-        """Tune the prior as :meth:`LoRALaplace.optimize_prior_precision` does.
+    def square_norm(self, value: torch.Tensor) -> torch.Tensor:
+        """Return ``(θ − μ)ᵀ P (θ − μ)`` for the posterior precision ``P`` (the prior's before ``fit``)."""
+        if not self._is_fitted():
+            delta = value - self.mean
+            return (delta * self.prior_precision_diag) @ delta
+        return super().square_norm(value)
 
-        With the linearised evidence ``marglik`` runs until it converges.
+    def optimize_prior_precision(self, *args: Any, **kwargs: Any) -> None:
+        """Tune the prior as laplace-torch does; marglik runs until it converges.
+
+        With the linearised evidence, laplace-torch's fixed-step ``marglik`` loop is
+        repeated until it converges (see
+        :func:`~laplace_llm.prior.evidence.optimize_prior_until_converged`).
         """
         optimize_prior_until_converged(self, super().optimize_prior_precision, args, kwargs)
 
     @property
     def scatter(self) -> torch.Tensor:
-        """The prior's term of the evidence, per ``options.evidence`` (as LoRALaplace's)."""
-        if self.options.evidence == Evidence.MAP or getattr(self, "H", None) is None:
+        """The prior's term of the evidence, per ``options.evidence``.
+
+        ``"linearised"``: the linearised model's, at its own mode (see
+        :mod:`laplace_llm.prior.evidence`); ``"map"``: laplace-torch's ``dᵀΛ₀d``.
+        """
+        if self.options.evidence == Evidence.MAP or not self._is_fitted():
             return super().scatter
         return linearised_scatter(self.mean - self.prior_mean, self.prior_precision_diag,
                                   self._solve_posterior)
 
-    def square_norm(self, value: torch.Tensor) -> torch.Tensor:
-        if getattr(self, "H", None) is None:
-            delta = value - self.mean
-            return (delta * self.prior_precision_diag) @ delta
-        return super().square_norm(value)
+    def _solve_posterior(self, v: torch.Tensor) -> torch.Tensor:
+        """Return ``P⁻¹ v`` for the posterior precision ``P``."""
+        raise NotImplementedError
 
-    # --------------------------------------------------------------------- fit
-    def fit(self, train_loader: DataLoader, override: bool = True, progress_bar: bool = False) -> None:
+    # -------------------------------------------------------------------- fit
+    def _n_outputs_of(self, first_batch: Any) -> int:
+        n = getattr(self.model, "n_outputs", None)
+        if isinstance(n, int):
+            return 2 * n if self.likelihood == "reward_modeling" else n
+        X = first_batch if isinstance(first_batch, Mapping) else first_batch[0]
+        with torch.no_grad():
+            return self.model(X).shape[-1]
+
+    def fit(
+        self,
+        train_loader: DataLoader,
+        override: bool = True,
+        progress_bar: bool = False,
+        distributed: bool = False,
+    ) -> None:
         """Fit the posterior at the model's current LoRA weights.
 
         Parameters
@@ -194,12 +317,52 @@ class _LoRAParametric:
             ``(X, y)`` tuples; ``train_loader.dataset`` must have a length. Regression
             targets are floats of shape ``(batch, k)``.
         override : bool, default True
-            ``False`` adds this data to the current fit.
+            ``False`` adds this data to the current fit, as laplace-torch does.
         progress_bar : bool, default False
+            tqdm bar over batches.
+        distributed : bool, default False
+            every process of the initialised ``torch.distributed`` group passes its
+            own shard (e.g. through a ``DistributedSampler``); the curvature, loss and
+            data size are summed over processes, so each ends with the posterior of
+            the whole data set (see :mod:`laplace_llm.distributed`).
+
+        Raises
+        ------
+        NonFiniteError
+            a batch gave NaN or Inf activations or gradients (the message names it);
+            nothing is kept of this fit.
         """
         N = loader_size(train_loader)
-        if getattr(self, "H", None) is None:
-            override = True
+        if distributed:
+            from laplace_llm.distributed import all_reduce_sum
+
+            N = int(all_reduce_sum(N, device=self._device).item())
+        H_new, loss, n_outputs = self._accumulate(train_loader, N, progress_bar)
+        if distributed:
+            H_new = self._all_reduce(H_new)
+            loss = all_reduce_sum(loss, device=self._device).to(self._dtype)
+        self._merge(H_new, loss, N, override)
+        self.n_outputs = n_outputs
+        self.model.output_size = n_outputs
+        mean = parameters_to_vector(self.params).to(self._dtype)
+        self.mean = mean if self.enable_backprop else mean.detach()
+        self._posterior_changed()
+
+    def _accumulate(self, train_loader: DataLoader, N: int, progress_bar: bool = False):
+        """Curvature, summed loss and number of outputs of this process's batches.
+
+        Each batch is checked before its forward pass; the model is in eval mode
+        meanwhile and its modules' modes are restored afterwards.
+
+        Returns
+        -------
+        H
+            the curvature of the batches, normalised for a data set of ``N`` examples
+            (:meth:`_add_batch`, then :meth:`_finish_curvature`).
+        loss : torch.Tensor
+            the summed loss (scalar).
+        n_outputs : int
+        """
         model = self.model
         modes = [(m, m.training) for m in model.modules()]
         backend = self.backend
@@ -209,7 +372,7 @@ class _LoRAParametric:
         model.eval()
         H, loss, n_outputs = None, 0.0, None
         try:
-            desc = f"[LoRA {self._structure}]"
+            desc = f"[LoRA {self._key[1]}]"
             for i, data in enumerate(tqdm.tqdm(train_loader, disable=not progress_bar, desc=desc)):
                 if n_outputs is None:
                     n_outputs = self._n_outputs_of(data)
@@ -218,45 +381,168 @@ class _LoRAParametric:
                     likelihood=self.likelihood, dtype=self._dtype,
                 )
                 try:
-                    loss_b, H_b = self._curv_closure(X, y, N=N)
+                    loss_b, H = self._add_batch(X, y, N, H)
                 except FloatingPointError as err:
-                    raise FloatingPointError(f"Batch {i}: {err}") from None
-                H = H_b if H is None else H.add_(H_b)
+                    # one error type for every structure, naming the batch
+                    raise NonFiniteError(f"Batch {i}: {err}") from None
                 loss = loss + loss_b
             if H is None:
                 raise ValueError("The train loader yielded no batch.")
         finally:
             for m, mode in modes:
                 m.training = mode
-        H = H.to(self._dtype)
-        if override:
-            self.H, self.loss, self.n_data = H, loss, N
+        return self._finish_curvature(H), loss, n_outputs
+
+    def _add_batch(self, X: Any, y: torch.Tensor, N: int, H):
+        """Return the loss of one batch and ``H`` with the batch's curvature added.
+
+        ``H`` is ``None`` at the first batch. Here: laplace-torch's curvature closure of
+        the per-example backend (squared or outer products of LoRA gradients).
+        """
+        loss_b, H_b = self._curv_closure(X, y, N=N)
+        return loss_b, H_b if H is None else H.add_(H_b)
+
+    def _finish_curvature(self, H):
+        """Return the accumulated curvature as the posterior keeps it."""
+        return H.to(self._dtype)
+
+    def _all_reduce(self, H):
+        """Return the sum of ``H`` over the processes of the ``torch.distributed`` group."""
+        import torch.distributed as dist
+
+        dist.all_reduce(H, op=dist.ReduceOp.SUM)
+        return H
+
+    def _merge(self, H_new, loss: torch.Tensor, N: int, override: bool) -> None:
+        """Make ``H_new`` the curvature (``override``) or add it to the current fit."""
+        if override or not self._is_fitted():
+            self.H, self.loss, self.n_data = H_new, loss, N
         else:
-            self.H, self.loss, self.n_data = self.H + H, self.loss + loss, self.n_data + N
-        self.n_outputs = n_outputs
-        self.model.output_size = n_outputs
-        mean = parameters_to_vector(self.params).to(self._dtype)
-        self.mean = mean if self.enable_backprop else mean.detach()
+            self.H, self.loss, self.n_data = self.H + H_new, self.loss + loss, self.n_data + N
+
+    def _posterior_changed(self) -> None:
+        """Drop what was derived from the previous curvature."""
         self._posterior_scale = None
 
     # ------------------------------------------------------------- predictive
     @torch.enable_grad()
+    def _glm_predictive_distribution(self, X, joint: bool = False, diagonal_output: bool = False):
+        self._check_H_init()
+        replayed = replayed_moments(self, X, joint, diagonal_output)
+        if replayed is not None:
+            return replayed
+        if self._moments_without_jacobians and self.jacobian_free and not self.enable_backprop:
+            moments = self.backend.glm_moments(X, self.posterior_precision, joint=joint)
+            if moments is not None:
+                f_mu, f_var = moments
+                if joint:
+                    f_mu = f_mu.flatten()
+                elif diagonal_output:
+                    f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
+                return f_mu, f_var.detach()
+        f_mu, Js = self._glm_jacobians(X)
+        if joint:
+            f_mu = f_mu.flatten()
+            f_var = self.functional_covariance(Js)
+        else:
+            f_var = self.functional_variance(Js)
+            if diagonal_output:
+                f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
+        if not self.enable_backprop:
+            return f_mu.detach(), f_var.detach()
+        return f_mu, f_var
+
+    @torch.enable_grad()
     def _glm_jacobians(self, X) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(B, C)`` and their Jacobians ``(B, C, P)`` in the posterior's dtype."""
         out = None
-        if self.jacobian_free and not self.enable_backprop:
-            out = self.backend.block_jacobians(X)
+        # per-example backends give them from the hooks; K-FAC's rarely needs them
+        block_jacobians = getattr(self.backend, "block_jacobians", None)
+        if block_jacobians is not None and self.jacobian_free and not self.enable_backprop:
+            out = block_jacobians(X)
         if out is None:
             Js, f_mu = self.backend.jacobians(X, enable_backprop=self.enable_backprop)
         else:
             f_mu, Js = out
         return f_mu.to(self._dtype), Js.to(self._dtype)
 
-    # the predictive and gridsearch of LoRALaplace; the GLM goes through Jacobians here
-    _moments_without_jacobians = False
-    _glm_predictive_distribution = LoRALaplace._glm_predictive_distribution
-    glm_moments_over_priors = LoRALaplace.glm_moments_over_priors
-    _gridsearch = LoRALaplace._gridsearch
+    def glm_moments_over_priors(self, X, prior_precisions, joint: bool = False) -> list:
+        """GLM moments ``(f_mu, f_var)`` of the logits of batch ``X`` under each prior.
+
+        The Jacobians are computed once and contracted with each posterior, so a grid
+        of ``K`` priors costs about one predictive, not ``K``. Each entry of
+        ``prior_precisions`` is what ``prior_precision`` accepts; the current prior is
+        left unchanged. See :func:`laplace_llm.prior.grid.glm_moments_over_priors`.
+        """
+        return glm_moments_over_priors(self, X, prior_precisions, joint=joint)
+
+    def _gridsearch(self, loss, interval, val_loader, pred_type, link_approx="probit",
+                    n_samples=100, progress_bar=False):
+        # laplace-torch's contract, on moments of every prior from one pass
+        return one_pass_gridsearch(self, loss, interval, val_loader, pred_type, link_approx,
+                                   n_samples, progress_bar)
+
+    def _glm_functional_samples(
+        self, f_mu, f_var, n_samples, diagonal_output=False, generator=None
+    ):
+        # laplace-torch draws through a Cholesky factor, which a covariance that is only
+        # semi-definite lacks (a missing candidate's constant logit of CandidateScorer has
+        # zero variance); such a batch element is drawn through its eigh square root,
+        # the same Gaussian. Definite covariances take laplace-torch's path unchanged.
+        if diagonal_output or f_var.ndim != 3:
+            return BaseLaplace._glm_functional_samples(
+                self, f_mu, f_var, n_samples, diagonal_output, generator
+            )
+        _, info = torch.linalg.cholesky_ex(f_var)
+        if not bool((info != 0).any()):
+            return BaseLaplace._glm_functional_samples(
+                self, f_mu, f_var, n_samples, False, generator
+            )
+        scale = torch.linalg.cholesky_ex(f_var)[0]
+        bad = info != 0
+        lam, vec = torch.linalg.eigh(f_var[bad])
+        scale[bad] = vec * lam.clamp(min=0).sqrt().unsqueeze(-2)
+        eps = torch.randn(
+            (f_mu.shape[1], n_samples), device=f_mu.device, dtype=f_mu.dtype, generator=generator
+        )
+        return (f_mu.unsqueeze(-1) + scale @ eps).permute(2, 0, 1)
+
+    def _set_params(self, vector: torch.Tensor) -> None:
+        start = 0
+        for p in self.params:
+            n = p.numel()
+            p.data.copy_(vector[start : start + n].view_as(p))
+            start += n
+
+    def _nn_functional_samples(self, X, n_samples=100, generator=None, **model_kwargs):
+        self._check_H_init()
+        outs = []
+        try:
+            for sample in self.sample(n_samples, generator):
+                self._set_params(sample)
+                with torch.no_grad():
+                    outs.append(self.model(X, **model_kwargs).to(self._dtype))
+        finally:
+            self._set_params(self.mean)
+        return torch.stack(outs)
+
+    def _nn_predictive_classification(self, X, n_samples=100, **model_kwargs):
+        probs = torch.softmax(self._nn_functional_samples(X, n_samples, **model_kwargs), dim=-1)
+        return probs.mean(0)
+
+    def _weights_equal_mean(self, mean: torch.Tensor) -> bool:
+        """Whether the model's LoRA weights are ``mean`` (the posterior mean) bit for bit."""
+        current = parameters_to_vector(self.params).detach().to(self._dtype)
+        mean = mean.detach().to(current.device)
+        return current.shape == mean.shape and torch.equal(current, mean)
+
+    def _warn_if_weights_changed(self) -> None:
+        if not self._weights_equal_mean(self.mean):
+            warnings.warn(
+                "The model's LoRA weights changed since `fit`: the posterior is centred on "
+                "the old weights. Refit with `la.fit(...)` (or restore the fitted adapter).",
+                stacklevel=3,
+            )
 
     def __call__(
         self,
@@ -270,19 +556,59 @@ class _LoRAParametric:
         fitting=False,
         **model_kwargs,
     ):
-        return predict(self, super().__call__, x, pred_type, joint, link_approx, n_samples,
-                       diagonal_output, generator, fitting, **model_kwargs)
+        """Predict as laplace-torch does; a ``generator`` also seeds the Monte-Carlo samples.
+
+        Checks that the posterior is fitted and still centred on the model's weights,
+        refuses bridge links for batches with missing candidates, and passes
+        ``generator`` on to the Monte-Carlo samples, which laplace-torch 0.3 validates
+        but then draws from torch's global generator; everything else is the
+        laplace-torch parent's ``__call__``.
+        """
+        self._check_H_init()
+        self._warn_if_weights_changed()
+        _refuse_bridge_for_missing_candidates(x, pred_type, link_approx)
+        classification = self.likelihood == "classification" or (
+            self.likelihood == "reward_modeling" and fitting
+        )
+        if generator is not None and classification and link_approx == "mc":
+            if not isinstance(generator, torch.Generator) or generator.device != self._device:
+                raise ValueError("Invalid random generator (check type and device).")
+            if pred_type == "glm":
+                f_mu, f_var = self._glm_predictive_distribution(x)
+                return self._glm_predictive_samples(
+                    f_mu, f_var, n_samples, diagonal_output, generator
+                ).mean(0)
+            if pred_type == "nn":
+                fs = self._nn_functional_samples(x, n_samples, generator, **model_kwargs)
+                return torch.softmax(fs, dim=-1).mean(0)
+        return super().__call__(
+            x, pred_type, joint, link_approx, n_samples, diagonal_output, generator, fitting,
+            **model_kwargs,
+        )
+
+    def sample_adapters(self, n_samples: int, out_dir, seed: int = 0) -> list:
+        """Write ``n_samples`` posterior draws of the LoRA weights as peft adapter folders.
+
+        ``PeftModel.from_pretrained`` loads them; the draws are those of
+        ``self.sample(n_samples, torch.Generator().manual_seed(seed))``. See
+        :func:`laplace_llm.models.generation.sample_adapters`.
+        """
+        from laplace_llm.models.generation import sample_adapters
+
+        return sample_adapters(self, n_samples, out_dir, seed=seed)
 
     # ------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
-        """laplace-torch's state (``H`` one tensor) plus the options and LoRA blocks.
+        """laplace-torch's state plus the options and the LoRA blocks.
 
-        The same keys as :meth:`LoRALaplace.state_dict` but ``damping``; ``options``
-        holds the fields of :data:`OPTIONS`.
+        Holds tensors and plain values only (``torch.load(weights_only=True)`` reads
+        it); ``options`` holds the fields of :attr:`_option_names`, ``H`` is the
+        structure's curvature (one tensor here).
         """
         self._check_H_init()
         state = ParametricLaplace.state_dict(self)
-        state["options"] = {k: v for k, v in self.options.to_dict().items() if k in OPTIONS}
+        state["options"] = {k: v for k, v in self.options.to_dict().items()
+                            if k in self._option_names}
         state["dict_key_x"] = self.dict_key_x
         state["dict_key_y"] = self.dict_key_y
         state["hessian_structure"] = self._key[1]
@@ -291,133 +617,189 @@ class _LoRAParametric:
         state["block_shapes"] = [list(b.shape) for b in self.blocks]
         return state
 
-    _load_arguments = LoRALaplace.__dict__["_load_arguments"]
-
     def load_state_dict(self, state_dict: dict[str, Any], check_weights: bool = False) -> None:
         """Restore a :meth:`state_dict` fitted on this model's (selected) LoRA blocks.
 
         Parameters
         ----------
         state_dict : dict
+            from :meth:`state_dict` (or read from a posterior file).
         check_weights : bool, default False
             also refuse a state whose mean differs from the model's current LoRA weights.
 
         Raises
         ------
         ValueError
-            other LoRA blocks (check ``lora_modules`` and the adapter) or, with
-            ``check_weights``, other LoRA weights.
+            the state was fitted on other LoRA blocks (names or shapes; check
+            ``lora_modules`` and the adapter), or, with ``check_weights``, on other LoRA
+            weights.
         """
-        LoRALaplace._check_state(self, state_dict, check_weights)
+        self._check_state(state_dict, check_weights)
         ParametricLaplace.load_state_dict(self, state_dict)
         device = self._device
         self.mean = self.mean.to(device)
-        self.H = self.H.to(device=device, dtype=self._dtype)
         self.prior_mean = self.prior_mean.to(device)
         self.prior_precision = self.prior_precision.to(device)
         self.loss = torch.as_tensor(self.loss, dtype=self._dtype)
-        self._posterior_scale = None
+        self._load_curvature(state_dict)
+        self._posterior_changed()
 
+    def _load_curvature(self, state_dict: dict[str, Any]) -> None:
+        """Make the state's ``H`` the curvature, on the model's device in the posterior's dtype."""
+        self.H = self.H.to(device=self._device, dtype=self._dtype)
 
-class LoRADiagLaplace(_LoRAParametric, DiagLaplace):
-    """Diagonal Laplace approximation over LoRA weights (laplace-torch's ``DiagLaplace``).
+    def _check_state(self, state_dict: dict[str, Any], check_weights: bool) -> None:
+        """Refuse a state fitted on other LoRA blocks (or, if asked, other weights)."""
+        names = [b.name for b in self.blocks]
+        shapes = [list(b.shape) for b in self.blocks]
+        theirs = state_dict.get("block_names")
+        their_shapes = state_dict.get("block_shapes")
+        if (theirs is not None and theirs != names) or (
+            their_shapes is not None and [list(s) for s in their_shapes] != shapes
+        ):
+            theirs = theirs if theirs is not None else names
+            their_shapes = their_shapes if their_shapes is not None else shapes
+            raise ValueError(
+                f"This posterior was fitted on another model: it has {len(theirs)} LoRA "
+                f"blocks ({theirs[:2]}…, shapes {[list(s) for s in their_shapes[:2]]}…), the "
+                f"model has {len(names)} ({names[:2]}…, shapes {shapes[:2]}…); first "
+                f"difference: {_first_diff(theirs, names, their_shapes, shapes)}. Load it "
+                "with the model and adapter it was fitted on."
+            )
+        if check_weights and not self._weights_equal_mean(state_dict["mean"]):
+            raise ValueError(
+                "This posterior was fitted on other LoRA weights than the model has now "
+                "(same blocks, different values): load the adapter it was fitted on, or "
+                "pass check_weights=False if you changed the weights on purpose."
+            )
 
-    The curvature is the diagonal of the GGN (``fisher_type="ggn"``, ``C`` backward
-    passes per batch), of the Monte-Carlo Fisher (``"mc"``) or of the empirical Fisher
-    (``"ef"``), from per-example LoRA gradients; memory ``O(P)``.
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the fitted posterior to a safetensors file (no pickle).
 
-    Parameters
-    ----------
-    model : nn.Module
-        returns ``(batch, C)`` outputs: logits (classification), a reward
-        (``reward_modeling``) or ``k`` regression outputs (``regression``).
-    likelihood : {"classification", "regression", "reward_modeling"}
-    lora_modules : list of str, optional
-        layer names or glob patterns of the Bayesian LoRA layers (see
-        :mod:`laplace_llm.models.selection`); the others stay at their MAP values.
-    seed : int, optional
-        seed of the samples of ``fisher_type="mc"``.
-    jacobian_free : bool, default True
-        GLM Jacobians from the hooks (one forward, ``C`` backwards) instead of
-        laplace-torch's ``torch.func`` ones.
-    options : KFACOptions, optional
-        the options object of :class:`LoRALaplace`; only ``fisher_type`` (``"mc"``,
-        ``"ggn"`` or ``"ef"``), ``mc_samples`` and ``evidence`` matter here.
-    **kfac_options
-        ``fisher_type``, ``mc_samples`` and ``evidence`` as keywords, when ``options`` is
-        not given
-        (defaults those of :class:`~laplace_llm.options.KFACOptions`).
-    **kwargs
-        laplace-torch's arguments (``sigma_noise``, ``prior_precision``, ``prior_mean``,
-        ``temperature``, ``dict_key_x``, ``dict_key_y``, ...).
-    """
+        See :mod:`laplace_llm.serialization` for the format.
 
-    _key = ("lora", "diag")
-    _structure = "diag"
+        Parameters
+        ----------
+        path : str or PathLike
+            a file, or a folder (e.g. the peft adapter folder of the fitted weights),
+            which means its :data:`~laplace_llm.serialization.POSTERIOR_FILENAME`.
 
-    def _solve_posterior(self, v: torch.Tensor) -> torch.Tensor:
-        return v / self.posterior_precision
+        Returns
+        -------
+        Path
+            the file written.
 
+        Raises
+        ------
+        PosteriorFileError
+            ``path`` holds a file that is not a posterior of this model's LoRA blocks
+            (another model's posterior, an adapter's weights); nothing is written.
+        """
+        state = self.state_dict()
+        path = serialization.posterior_path(path)
+        serialization.check_overwrite(path, state["block_names"], state["block_shapes"])
+        serialization.write_state(state, path)
+        return path
 
-class LoRAFullLaplace(_LoRAParametric, FullLaplace):
-    """Full (dense) Laplace approximation over LoRA weights (laplace-torch's ``FullLaplace``).
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, model: nn.Module, check_weights: bool = True, **kwargs: Any
+    ) -> LoRALaplaceBase:
+        """Read a posterior written by :meth:`save` for ``model``: :func:`laplace_llm.load`.
 
-    For small selections: memory ``O(P²)``.
-
-    Parameters
-    ----------
-    max_params : int, default MAX_FULL_PARAMS (10 000)
-        refuse more LoRA weights than this (a ``P × P`` matrix of float32 at
-        ``P = 10⁴`` is 400 MB, and fitting and predicting hold about three of them).
-        Raise it if the memory is there, or select fewer layers with ``lora_modules``.
-    **kwargs
-        as :class:`LoRADiagLaplace`.
-    """
-
-    _key = ("lora", "full")
-    _structure = "full"
-
-    def __init__(
-        self, model: nn.Module, likelihood: str, *args, max_params: int = MAX_FULL_PARAMS,
-        **kwargs,
-    ):
-        self.max_params = check_int("max_params", max_params, 1)
-        super().__init__(model, likelihood, *args, **kwargs)
-
-    def state_dict(self) -> dict[str, Any]:
-        """:meth:`LoRADiagLaplace.state_dict`'s keys plus ``max_params``."""
-        state = super().state_dict()
-        state["max_params"] = self.max_params
-        return state
+        The posterior is built as the class of the file's ``hessian_structure``,
+        whichever class ``load`` is called on.
+        """
+        return load(path, model, check_weights=check_weights, **kwargs)
 
     @classmethod
     def _load_arguments(cls, state: dict[str, Any]) -> dict[str, Any]:
-        kwargs = super()._load_arguments(state)
-        kwargs["max_params"] = state.get("max_params", MAX_FULL_PARAMS)
+        """Return the constructor arguments of :func:`load` from a state (besides model, likelihood)."""
+        kwargs = {
+            "temperature": state["temperature"],
+            "sigma_noise": state["sigma_noise"],
+            "dict_key_x": state["dict_key_x"],
+            "dict_key_y": state["dict_key_y"],
+            "lora_modules": state["lora_modules"],
+            **state["options"],
+        }
+        # files written before the option existed hold a prior chosen by laplace-torch's
+        # evidence
+        kwargs.setdefault("evidence", Evidence.MAP)
         return kwargs
 
-    def _solve_posterior(self, v: torch.Tensor) -> torch.Tensor:
-        L = torch.linalg.cholesky(self.posterior_precision)
-        return torch.cholesky_solve(v.unsqueeze(-1), L).squeeze(-1)
 
-    def _check_size(self, n_params: int, model: nn.Module) -> None:
-        if n_params <= self.max_params:
-            return
-        p = next(model.parameters())
-        size = 8 if p.dtype == torch.float64 else 4
-        nbytes = n_params * n_params * size
+def load(
+    path: str | os.PathLike, model: nn.Module, check_weights: bool = True, **kwargs: Any
+) -> LoRALaplaceBase:
+    """Read a posterior written by ``la.save`` for ``model``.
+
+    The posterior is built with the file's options, as the class of its
+    ``hessian_structure`` in :data:`STRUCTURES` (:class:`~laplace_llm.LoRALaplace`,
+    :class:`~laplace_llm.LoRADiagLaplace` or :class:`~laplace_llm.LoRAFullLaplace`), then
+    ``load_state_dict``.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        a posterior file, or a folder holding one under
+        :data:`~laplace_llm.serialization.POSTERIOR_FILENAME` (the peft adapter
+        folder or ``Trainer`` checkpoint that ``save`` or
+        :class:`~laplace_llm.callback.LaplaceCallback` wrote it into).
+    model : nn.Module
+        the model (with the adapter) the posterior was fitted on.
+    check_weights : bool, default True
+        refuse the file if the model's LoRA weights differ from the fitted ones.
+    **kwargs
+        further constructor arguments (e.g. ``jacobian_free``); they override the
+        file's options.
+
+    Raises
+    ------
+    PosteriorFileError
+        damaged file, other format or version, a structure this release does not know,
+        or a model with other LoRA blocks or weights.
+    """
+    path = serialization.posterior_path(path)
+    if path.parent.is_dir() and not path.exists() and path.name == serialization.POSTERIOR_FILENAME:
+        raise FileNotFoundError(
+            f"'{path.parent}' holds no posterior ('{path.name}'); write one there with "
+            "`la.save(folder)` or laplace_llm.LaplaceCallback, or pass the posterior "
+            "file's path."
+        )
+    state = serialization.read_state(path)
+    structure = state["hessian_structure"]
+    la_cls = STRUCTURES.get(structure)
+    if la_cls is None:
+        raise PosteriorFileError(
+            f"'{path}' holds a hessian_structure={structure!r} posterior, which this "
+            "laplace-llm does not know; read it with the release that wrote it."
+        )
+    arguments = {**la_cls._load_arguments(state), **kwargs}
+    try:
+        la = la_cls(model, state["likelihood"], **arguments)
+    except LoRAModelError as err:  # e.g. its lora_modules match no layer of this model
+        raise PosteriorFileError(f"'{path}': {err}") from None
+    try:
+        la.load_state_dict(state, check_weights=check_weights)
+    except ValueError as err:
+        raise PosteriorFileError(f"'{path}': {err}") from None
+    return la
+
+
+def _refuse_bridge_for_missing_candidates(x: Any, pred_type: str, link_approx: str) -> None:
+    """Raise ValueError for a bridge link over a batch with missing candidates."""
+    missing = x.get("candidate_mask") if isinstance(x, Mapping) else None
+    if (pred_type == "glm" and str(link_approx).startswith("bridge")
+            and missing is not None and not bool(torch.as_tensor(missing).all())):
         raise ValueError(
-            f"hessian_structure='full' over {n_params} LoRA weights needs dense "
-            f"{n_params}×{n_params} matrices: {_human(nbytes)} each ({size}-byte floats), and "
-            f"fit and predictions hold about three ({_human(3 * nbytes)}). That exceeds "
-            f"max_params={self.max_params}. Pass max_params={n_params} (or more) if the "
-            "memory is available, select fewer layers with lora_modules=[...], or use "
-            "hessian_structure='kron' or 'diag'."
+            f"link_approx={link_approx!r} divides by each logit's variance, which is 0 "
+            "for a missing candidate (candidate_mask 0): use link_approx='probit' or 'mc'."
         )
 
 
-def _human(nbytes: int) -> str:
-    units = ["B", "KiB", "MiB", "GiB", "TiB"]
-    i = min(int(math.log(max(nbytes, 1), 1024)), len(units) - 1)
-    return f"{nbytes / 1024 ** i:.1f} {units[i]}"
-
+def _first_diff(a: list[str], b: list[str], a_shapes: list, b_shapes: list) -> str:
+    for i, (x, y, sx, sy) in enumerate(zip(a, b, a_shapes, b_shapes)):
+        if x != y or list(sx) != list(sy):
+            return f"block {i}: file has '{x}' {list(sx)}, model has '{y}' {list(sy)}"
+    return f"file has {len(a)} blocks, model has {len(b)}"

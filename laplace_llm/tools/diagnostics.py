@@ -1,7 +1,7 @@
 """How much of each large Kronecker factor the rank-``n_kfac`` posterior keeps.
 
 A large factor ``F`` (side ``d > lr_threshold``) is kept as ``R Rᵀ`` with at most
-``k = n_kfac`` columns (:class:`laplace_llm.LowRankFactor`); during ``fit`` the factor
+``k = n_kfac`` columns (:class:`laplace_llm.matrix.LowRankFactor`); during ``fit`` the factor
 also adds up its *exact* trace ``tr F = Σ ‖c‖²`` over every column ``c`` appended, a
 scalar. For each such factor the report gives
 
