@@ -47,19 +47,9 @@ class LoRALaplace(LoRALaplaceBase, KronLaplace):
         as laplace-torch's ``KronLaplace``.
     backend : type, optional
         :class:`~laplace_llm.curvature.kfac.LoRAKFAC` (the default) or a subclass.
-    backend_kwargs : dict, optional
-        further arguments of the backend.
-    seed : int, optional
-        seed of the labels sampled by ``fisher_type="mc"``; ``None`` uses torch's
-        global generator.
-    jacobian_free : bool, default True
-        GLM predictive from hooked activations and ``C`` backward passes (no
-        parameter-long Jacobian); ``False`` uses laplace-torch's ``torch.func``
-        Jacobians. ``enable_backprop=True`` always uses the latter.
-    lora_modules : list of str or str, optional
-        layer names or glob patterns of the Bayesian LoRA layers (see
-        :mod:`laplace_llm.models.selection`; ``["lm_head"]`` is last-layer LoRA
-        Laplace); the others stay at their MAP values. ``None``: every LoRA layer.
+    backend_kwargs, seed, jacobian_free, lora_modules
+        as :class:`~laplace_llm.posterior.base.LoRALaplaceBase` (``lora_modules=["lm_head"]``
+        is last-layer LoRA Laplace).
     options : KFACOptions, optional
         the K-FAC options as one object; default ``KFACOptions(**kfac_options)``.
     **kfac_options
