@@ -43,8 +43,10 @@ class LoRALaplace(LoRALaplaceBase, KronLaplace):
     likelihood : {"classification", "reward_modeling", "regression"}
         ``"regression"``: ``k`` real outputs with Gaussian noise ``sigma_noise``
         (targets ``(batch, k)`` floats; see :mod:`laplace_llm.prior.regression`).
-    sigma_noise, prior_precision, prior_mean, temperature, enable_backprop, dict_key_x, dict_key_y, damping, asdl_fisher_kwargs
-        as laplace-torch's ``KronLaplace``.
+    sigma_noise, prior_precision, prior_mean, temperature, enable_backprop, dict_key_x, dict_key_y, asdl_fisher_kwargs
+        as laplace-torch's ``KronLaplace``, in the base's order.
+    damping : bool, default False
+        as laplace-torch's ``KronLaplace`` (keyword only).
     backend : type, optional
         :class:`~laplace_llm.curvature.kfac.LoRAKFAC` (the default) or a subclass.
     backend_kwargs, seed, jacobian_free, lora_modules
@@ -66,30 +68,9 @@ class LoRALaplace(LoRALaplaceBase, KronLaplace):
     # the backend contracts Jacobians with the K-FAC posterior block by block
     _moments_without_jacobians = True
 
-    def __init__(
-        self,
-        model,
-        likelihood: str,
-        sigma_noise: float | torch.Tensor = 1.0,
-        prior_precision: float | torch.Tensor = 1.0,
-        prior_mean: float | torch.Tensor = 0.0,
-        temperature: float = 1.0,
-        enable_backprop: bool = False,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
-        backend: type[LoRAKFAC] | None = None,
-        damping: bool = False,
-        backend_kwargs: dict[str, Any] | None = None,
-        asdl_fisher_kwargs: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ):
-        # KronLaplace's positional order, which has damping before backend_kwargs
-        self.damping = damping
-        super().__init__(
-            model, likelihood, sigma_noise, prior_precision, prior_mean, temperature,
-            enable_backprop, dict_key_x, dict_key_y, backend, backend_kwargs,
-            asdl_fisher_kwargs, **kwargs,
-        )
+    def __init__(self, model, likelihood: str, *args, damping: bool = False, **kwargs):
+        self.damping = damping  # KronLaplace's, passed on by _parent_arguments
+        super().__init__(model, likelihood, *args, **kwargs)
 
     def _parent_arguments(self, asdl_fisher_kwargs: dict[str, Any] | None) -> dict[str, Any]:
         return {"damping": self.damping, "asdl_fisher_kwargs": asdl_fisher_kwargs}
