@@ -39,17 +39,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 
 from laplace_llm import serialization
+from laplace_llm.checks import loader_size
+from laplace_llm.distributed import process_rank, process_seed, shard
 from laplace_llm.models.classifier import LLMClassifier
 from laplace_llm.options import KFACOptions
 from laplace_llm.posterior.kron import LoRALaplace
 
-__all__ = ["LaplaceCallback", "EVIDENCE_FILENAME", "process_shard"]
+__all__ = ["LaplaceCallback", "EVIDENCE_FILENAME"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,19 +61,6 @@ CHECKPOINT_PREFIX = "checkpoint"
 
 _LAPLACE_ARGS = {"prior_precision", "temperature", "seed", "jacobian_free", "options",
                  "damping", *KFACOptions.names()}
-
-
-def process_shard() -> tuple[int, int]:
-    """Rank and world size of this process's ``torch.distributed`` group.
-
-    Returns
-    -------
-    rank, world : int
-        ``(0, 1)`` when no group is initialised.
-    """
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class _ToDevice:
@@ -279,17 +267,9 @@ class LaplaceCallback(TrainerCallback):
                 "LaplaceCallback got no training dataloader from the trainer; it fits on the "
                 "trainer's train_dataset: give the Trainer one."
             )
-        dataset = getattr(train_dataloader, "dataset", None)
-        try:
-            n = len(dataset)
-        except TypeError:
-            raise ValueError(
-                "The trainer's train_dataset has no length (an IterableDataset?); the "
-                "posterior is scaled by the data set size N: give the Trainer a map-style "
-                "dataset (e.g. a list or datasets.Dataset)."
-            ) from None
-        if n == 0:
-            raise ValueError("The trainer's train_dataset is empty.")
+        loader_size(train_dataloader, "The trainer's train_dataset",
+                    "give the Trainer a map-style dataset (e.g. a list or datasets.Dataset)")
+        dataset = train_dataloader.dataset
         collate = train_dataloader.collate_fn
         first = collate([dataset[0]]) if collate is not None else dataset[0]
         if not isinstance(first, Mapping) or "labels" not in first:
@@ -346,7 +326,7 @@ class LaplaceCallback(TrainerCallback):
             folder = self._final_dir(args)
             la = self.laplace
             if la is not None and self.evidence and self.evidence[-1]["step"] == state.global_step \
-                    and self._clf_of is model and _same_weights(la):
+                    and self._clf_of is model and la._weights_equal_mean(la.mean):
                 # the last checkpoint's fit is at these very weights
                 self._write(state, la, folder)
             else:
@@ -361,8 +341,8 @@ class LaplaceCallback(TrainerCallback):
     # ---------------------------------------------------------------- fitting
     def _laplace_kwargs(self, rank: int) -> dict[str, Any]:
         kwargs = dict(self.laplace_kwargs)
-        if kwargs.get("seed") is not None:
-            kwargs["seed"] = kwargs["seed"] + rank
+        if "seed" in kwargs:
+            kwargs["seed"] = process_seed(kwargs["seed"], rank)
         return kwargs
 
     def fit_loader(self, train_dataloader: DataLoader, batch_size: int,
@@ -383,10 +363,7 @@ class LaplaceCallback(TrainerCallback):
             examples ``rank, rank + world, …`` of the dataset, no shuffling, no
             ``drop_last``; its ``dataset`` has the shard's length.
         """
-        dataset = train_dataloader.dataset
-        rank, world = process_shard()
-        if world > 1:
-            dataset = Subset(dataset, range(rank, len(dataset), world))
+        dataset = shard(train_dataloader.dataset, *process_rank())
         return DataLoader(dataset, batch_size=batch_size, shuffle=False,
                           collate_fn=_ToDevice(train_dataloader.collate_fn, device))
 
@@ -409,7 +386,7 @@ class LaplaceCallback(TrainerCallback):
         LoRALaplace
             fitted on all the data (summed over processes), prior tuned.
         """
-        rank, world = process_shard()
+        rank, world = process_rank()
         clf = self._classifier(model, processing_class)
         la = LoRALaplace(clf, self.likelihood, **self._laplace_kwargs(rank))
         loader = self.fit_loader(train_dataloader, batch_size, la._device)
@@ -473,8 +450,3 @@ class LaplaceCallback(TrainerCallback):
             epoch = "" if r["epoch"] is None else f"{r['epoch']:.2f}"
             lines.append(f"| {name} | {r['step']} | {epoch} | {r['log_marglik']:.2f} | {prior} |")
         return "\n".join(lines)
-
-
-def _same_weights(la: LoRALaplace) -> bool:
-    current = torch.nn.utils.parameters_to_vector(la.params).detach().to(la._dtype)
-    return current.shape == la.mean.shape and torch.equal(current, la.mean.detach())

@@ -17,13 +17,27 @@ from laplace_llm.prior.regression import check_regression_targets
 __all__ = ["loader_size", "check_batch"]
 
 
-def loader_size(train_loader: DataLoader) -> int:
+def loader_size(
+    train_loader: DataLoader,
+    name: str = "The train loader",
+    fix: str = "pass a torch DataLoader over a sized dataset",
+) -> int:
     """Return the data set size ``N`` of ``train_loader`` (which scales the curvature).
+
+    The one check of a loader's length, for ``fit`` and for the Trainer callback.
+
+    Parameters
+    ----------
+    train_loader : DataLoader
+    name : str
+        what the messages call the loader.
+    fix : str
+        what the message of a loader without length suggests.
 
     Raises
     ------
     TypeError
-        The loader has no sized ``dataset``.
+        The loader has no sized ``dataset`` (e.g. an ``IterableDataset``).
     ValueError
         The dataset is empty.
     """
@@ -32,11 +46,11 @@ def loader_size(train_loader: DataLoader) -> int:
         N = len(dataset)
     except TypeError:
         raise TypeError(
-            "The train loader needs a `dataset` with a length (the data set size N "
-            "scales the curvature); pass a torch DataLoader over a sized dataset."
+            f"{name} needs a `dataset` with a length (the data set size N scales the "
+            f"curvature); {fix}."
         ) from None
     if N == 0:
-        raise ValueError("The train loader is empty (its dataset has length 0).")
+        raise ValueError(f"{name} is empty (its dataset has length 0).")
     return N
 
 

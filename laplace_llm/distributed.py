@@ -1,4 +1,8 @@
-"""Summing curvature across processes (torch.distributed).
+"""Fitting across processes (torch.distributed): who does what, and summing curvature.
+
+Every process takes the examples ``rank, rank + world, …`` (:func:`shard`) and its own
+Monte-Carlo labels (:func:`process_seed`); :func:`process_rank` says where it stands. The
+command line's ``fit`` under a launcher and the Trainer callback both use these.
 
 Each process fits K-FAC on its shard of the data with the *global* data set size, so
 the factors of the whole data set are the sums of the processes' factors: dense
@@ -10,10 +14,37 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import Dataset, Subset
 
 from laplace_llm.matrix import LowRankFactor, LowRankKron, compress_root
 
-__all__ = ["all_reduce_kron", "all_reduce_sum"]
+__all__ = ["process_rank", "shard", "process_seed", "all_reduce_kron", "all_reduce_sum"]
+
+
+def process_rank(group=None) -> tuple[int, int]:
+    """Return the rank and world size of this process in ``group``.
+
+    ``(0, 1)`` when no ``torch.distributed`` group is initialised.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+def shard(dataset: Dataset, rank: int, world: int) -> Dataset:
+    """Return the examples ``rank, rank + world, …`` of ``dataset`` (all of it when ``world`` is 1).
+
+    The shards of the ``world`` processes are disjoint and cover the dataset, in order,
+    so ``fit(distributed=True)`` sums to the fit of the whole.
+    """
+    if world <= 1:
+        return dataset
+    return Subset(dataset, range(rank, len(dataset), world))
+
+
+def process_seed(seed: int | None, rank: int) -> int | None:
+    """Return the seed of this process's Monte-Carlo labels: ``seed + rank`` (independent draws)."""
+    return None if seed is None else seed + rank
 
 
 def all_reduce_sum(value: float | int | torch.Tensor, device=None, group=None) -> torch.Tensor:

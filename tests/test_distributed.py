@@ -65,3 +65,57 @@ def test_two_process_fit_equals_single_fit(tmp_path):
             g = g.to_dense() if isinstance(g, LowRankFactor) else g
             torch.testing.assert_close(f, g, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(merged["lml"], single.log_marginal_likelihood().detach())
+
+
+def test_shards_are_disjoint_cover_the_data_in_order_and_seeds_differ():
+    from laplace_llm.distributed import process_rank, process_seed, shard
+
+    data = list(range(13))
+    shards = [list(shard(data, rank, 3)) for rank in range(3)]
+    assert shards == [[0, 3, 6, 9, 12], [1, 4, 7, 10], [2, 5, 8, 11]]
+    assert shard(data, 0, 1) is data
+    assert [process_seed(7, r) for r in range(3)] == [7, 8, 9]
+    assert process_seed(None, 2) is None
+    assert process_rank() == (0, 1)  # no process group here
+
+
+def dense_shard_fit(rank, world, port, out):
+    from laplace_llm import LoRADiagLaplace, LoRAFullLaplace
+    from laplace_llm.distributed import shard
+    from tests.models import lora_mlp
+    from tests.posterior.test_base import mlp_loader
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        loader = mlp_loader(n=13)
+        mine = DataLoader(shard(loader.dataset, rank, world), batch_size=4)
+        fits = {}
+        for cls in (LoRADiagLaplace, LoRAFullLaplace):
+            la = cls(lora_mlp(seed=0), "classification", fisher_type="ggn")
+            la.fit(mine, distributed=True)
+            fits[cls.__name__] = {"H": la.H, "loss": torch.as_tensor(la.loss), "n_data": la.n_data}
+        if rank == 0:
+            torch.save(fits, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes importing torch+transformers: ~25 s
+def test_two_process_diag_and_full_fits_equal_single_fits(tmp_path):
+    """The dense curvature of diag and full is summed across processes, as K-FAC's is."""
+    from laplace_llm import LoRADiagLaplace, LoRAFullLaplace
+    from tests.models import lora_mlp
+    from tests.posterior.test_base import mlp_loader
+
+    out = tmp_path / "rank0.pt"
+    mp.spawn(dense_shard_fit, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    merged = torch.load(out, weights_only=True)
+    for cls in (LoRADiagLaplace, LoRAFullLaplace):
+        single = cls(lora_mlp(seed=0), "classification", fisher_type="ggn")
+        single.fit(mlp_loader(n=13))
+        got = merged[cls.__name__]
+        assert got["n_data"] == 13
+        torch.testing.assert_close(got["H"], single.H, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(got["loss"], torch.as_tensor(single.loss), rtol=1e-12, atol=0)

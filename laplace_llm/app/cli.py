@@ -586,6 +586,8 @@ def launcher_group() -> tuple[int, int, bool]:
         return 0, 1, False
     import torch.distributed as dist
 
+    from laplace_llm.distributed import process_rank
+
     created = False
     if not dist.is_initialized():
         missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
@@ -594,7 +596,7 @@ def launcher_group() -> tuple[int, int, bool]:
                             "processes with torchrun or accelerate launch, or unset WORLD_SIZE")
         dist.init_process_group("gloo")
         created = True
-    return dist.get_rank(), dist.get_world_size(), created
+    return *process_rank(), created
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -616,9 +618,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def _fit(args: argparse.Namespace, rank: int, world: int) -> int:
     from laplace import Laplace
-    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data import DataLoader
 
     import laplace_llm  # noqa: F401  (registers subset_of_weights="lora")
+    from laplace_llm.distributed import process_seed, shard
     from laplace_llm.errors import LoRAModelError, PosteriorFileError
     from laplace_llm.serialization import check_overwrite
 
@@ -643,13 +646,13 @@ def _fit(args: argparse.Namespace, rank: int, world: int) -> int:
         if n_records < world:
             raise UserError(f"--data has {n_records} records for {world} processes; each "
                             "process needs at least one")
-        # every rank takes records rank, rank + world, …; fit(distributed=True) sums them
-        loader = DataLoader(Subset(loader.dataset, range(rank, n_records, world)),
+        # fit(distributed=True) sums the shards
+        loader = DataLoader(shard(loader.dataset, rank, world),
                             batch_size=args.batch_size, collate_fn=loader.collate_fn)
     # diag and full use the K-FAC options' fisher_type and mc_samples only
     kwargs: dict[str, Any] = dict(
         prior_precision=args.prior_precision, options=kfac_options.from_arguments(args),
-        seed=args.seed + rank,  # independent Monte-Carlo labels on every process
+        seed=process_seed(args.seed, rank),
         lora_modules=args.lora_modules,
     )
     if likelihood == "regression":
