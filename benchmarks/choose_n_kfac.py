@@ -32,7 +32,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from laplace_llm import LLMClassifier, LoRALaplace
-from laplace_llm.data import make_loader, minilm_path
+from laplace_llm.app.loading import minilm_path
+from laplace_llm.data import make_loader
 from laplace_llm.matrix import LowRankFactor
 from laplace_llm.tools.training import train_lora
 

@@ -71,7 +71,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer  # no
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import laplace_llm  # noqa: E402
-from laplace_llm.data import make_loader, minilm_path  # noqa: E402
+from laplace_llm.app.loading import minilm_path  # noqa: E402
+from laplace_llm.data import make_loader  # noqa: E402
 from laplace_llm.tools import metrics  # noqa: E402
 from laplace_llm.tools.baselines import TemperatureScaling  # noqa: E402
 from laplace_llm.tools.training import train_lora  # noqa: E402

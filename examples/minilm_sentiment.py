@@ -25,7 +25,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import laplace_llm  # registers subset_of_weights="lora"
 from laplace_llm.app.evaluation import collect_probs, format_table, score
-from laplace_llm.data import make_loader, minilm_path
+from laplace_llm.app.loading import minilm_path
+from laplace_llm.data import make_loader
 
 POSITIVE = ["great", "wonderful", "delightful", "superb", "charming", "excellent", "moving",
             "brilliant", "enjoyable", "beautiful", "clever", "fantastic"]

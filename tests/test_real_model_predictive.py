@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from laplace_llm import LLMClassifier, LoRALaplace
-from laplace_llm.data import make_loader, minilm_path
+from laplace_llm.app.loading import minilm_path
+from laplace_llm.data import make_loader
 from laplace_llm.tools.training import train_lora
 
 DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "trec6"

@@ -25,6 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from laplace_llm import options as kfac_options
+from laplace_llm.app.loading import (
+    UserError,
+    check_paths,
+    first_line,
+    load_classifier,
+    load_classifier_and_tokenizer,
+    load_extra_loader,
+)
 from laplace_llm.posterior.full import MAX_FULL_PARAMS
 
 KFAC_DEFAULTS = kfac_options.KFACOptions()
@@ -34,10 +42,6 @@ __all__ = ["main", "build_parser"]
 logger = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 2
-
-
-class UserError(Exception):
-    """A problem with the user's input, reported as one line and exit status 2."""
 
 
 # ---------------------------------------------------------------------- parser
@@ -252,275 +256,9 @@ def _setup(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def _check_paths(args: argparse.Namespace, posterior_must_exist: bool) -> None:
-    model = Path(args.model)
-    if not model.is_dir():
-        raise UserError(f"--model {model}: no such folder")
-    if not (model / "config.json").is_file():
-        hint = (" (it holds a peft adapter: pass the base model as --model and this folder "
-                "as --adapter)" if (model / "adapter_config.json").is_file() else "")
-        raise UserError(f"--model {model}: no config.json, not a Hugging Face model folder{hint}")
-    if args.adapter is not None:
-        adapter = Path(args.adapter)
-        if not adapter.is_dir():
-            raise UserError(f"--adapter {adapter}: no such folder")
-        if not (adapter / "adapter_config.json").is_file():
-            raise UserError(f"--adapter {adapter}: no adapter_config.json, not a peft adapter")
-    data = Path(args.data)
-    if not data.is_file():
-        raise UserError(f"--data {data}: no such file")
-    from laplace_llm.serialization import POSTERIOR_FILENAME, posterior_path
-
-    if args.posterior is None:
-        if args.adapter is None:
-            raise UserError("--posterior is required without --adapter (the posterior is "
-                            f"otherwise kept beside the adapter, as {POSTERIOR_FILENAME})")
-        args.posterior = args.adapter
-    args.posterior = str(posterior_path(args.posterior))
-    if posterior_must_exist and not Path(args.posterior).is_file():
-        beside = Path(args.posterior).name == POSTERIOR_FILENAME
-        raise UserError(f"--posterior {args.posterior}: no such file" + (
-            " (fit one there with `laplace-llm fit --adapter DIR`, or pass --posterior)"
-            if beside else ""))
-    if not posterior_must_exist:
-        # fail before fitting, not after
-        try:
-            Path(args.posterior).parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UserError(f"--posterior {args.posterior}: cannot create its folder: "
-                            f"{err.strerror or err}") from None
-
-
-def _is_sequence_classifier(config: Any) -> bool:
-    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
-
-
-def load_classifier(args: argparse.Namespace):
-    """Load the model (+ adapter) as a classifier, and the data loader.
-
-    Returns
-    -------
-    clf : LLMClassifier
-        Centred, over ``--choices`` for a causal LM; the head's outputs for a sequence
-        classifier.
-    loader : DataLoader
-        Dict batches of ``--data``.
-    likelihood : str
-        ``"reward_modeling"`` for preference data, else ``"classification"``.
-    """
-    clf, loader, likelihood, _ = _load_classifier(args)
-    return clf, loader, likelihood
-
-
-def _load_classifier(args: argparse.Namespace):
-    """:func:`load_classifier`, and the tokenizer as a fourth result (for more files)."""
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
-
-    from laplace_llm.data import make_loader, mcqa_choices, read_jsonl
-    from laplace_llm.models.classifier import LLMClassifier
-
-    try:
-        records = read_jsonl(args.data, args.kind)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"--data: {err}") from None
-
-    try:
-        config = AutoConfig.from_pretrained(args.model, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise UserError(f"--model {args.model}: cannot read its config: {_first_line(err)}") from None
-    seq_cls = _is_sequence_classifier(config)
-    if seq_cls and args.choices:
-        raise UserError(
-            f"--choices is for causal LMs; {args.model} is a sequence-classification model "
-            f"({config.architectures[0]}) whose head gives the classes"
-        )
-    tok_dir = args.adapter if args.adapter and _has_tokenizer(args.adapter) else args.model
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-    except (OSError, ValueError, TypeError) as err:
-        raise UserError(f"cannot load a tokenizer from {tok_dir}: {_first_line(err)}") from None
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token is None:
-            raise UserError(f"the tokenizer of {tok_dir} has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
-        logger.info("tokenizer has no pad token: padding with eos %r", tokenizer.eos_token)
-    if tokenizer.padding_side not in ("left", "right"):
-        tokenizer.padding_side = "left"
-
-    auto = AutoModelForSequenceClassification if seq_cls else AutoModelForCausalLM
-    try:
-        model = auto.from_pretrained(args.model, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise UserError(f"--model {args.model}: cannot load the model: {_first_line(err)}") from None
-    if getattr(model.config, "pad_token_id", None) is None:
-        # sequence classifiers of decoder families find the last token through it
-        model.config.pad_token_id = tokenizer.pad_token_id
-    if args.adapter is not None:
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(
-                model, args.adapter, is_trainable=True, local_files_only=True
-            )
-        except (OSError, ValueError, RuntimeError, KeyError) as err:
-            raise UserError(
-                f"--adapter {args.adapter}: cannot apply it to {args.model}: {_first_line(err)}"
-            ) from None
-    model.eval()
-
-    if not seq_cls and (args.kind == "text" and args.choices or args.kind == "mcqa"
-                        and args.answer_format == "text"):
-        from laplace_llm.models.candidates import text_answer_classifier
-
-        try:
-            clf, loader = text_answer_classifier(
-                model, tokenizer, records, args.kind, args.choices, args.batch_size,
-                max_length=args.max_length,
-            )
-        except (TypeError, ValueError) as err:
-            raise UserError(f"--data/--choices: {err}") from None
-        if clf is not None:
-            return clf, loader, "classification", tokenizer
-    # regression outputs are not logits: no centring
-    center = args.kind != "scores"
-    if seq_cls:
-        clf = LLMClassifier(model, None, center=center)
-    else:
-        choices = args.choices
-        if not choices:
-            if args.kind != "mcqa":
-                raise UserError(
-                    f"--choices is required for a causal LM with --kind {args.kind}: the "
-                    "answer strings whose next-token logits are the classes"
-                )
-            choices = mcqa_choices(max(len(r["choices"]) for r in records))
-        try:
-            clf = LLMClassifier.from_choices(model, tokenizer, choices, center=center)
-        except (TypeError, ValueError) as err:
-            raise UserError(f"--choices: {err}") from None
-    _check_labels(records, args.kind, clf.n_outputs)
-    try:
-        loader = make_loader(
-            records, tokenizer, args.batch_size, args.kind, max_length=args.max_length,
-            pair_order="random", seed=0,
-        )
-    except ValueError as err:
-        raise UserError(f"--data: {err}") from None
-    likelihood = {"preference": "reward_modeling", "scores": "regression"}.get(
-        args.kind, "classification"
-    )
-    return clf, loader, likelihood, tokenizer
-
-
-def load_extra_loader(
-    args: argparse.Namespace, clf: Any, tokenizer: Any, path: str, option: str, labelled: bool
-):
-    """Load another JSONL file of ``--kind`` as batches ``clf`` can predict.
-
-    Parameters
-    ----------
-    args : argparse.Namespace
-        The command's arguments (``kind``, ``choices``, ``batch_size``, ``max_length``).
-    clf : LLMClassifier or CandidateScorer
-        The classifier that :func:`load_classifier` built for ``--data``.
-    tokenizer
-        Its tokenizer.
-    path : str
-        The file.
-    option : str
-        The option that named it, for error messages (``"--ood-data"``).
-    labelled : bool
-        Whether labels are needed; without, any label is ignored (see
-        :func:`laplace_llm.data.read_jsonl`).
-
-    Returns
-    -------
-    DataLoader
-        Dict batches in the layout of ``--data``'s loader.
-    """
-    from laplace_llm.data import label_indices, make_candidate_loader, make_loader, read_jsonl
-    from laplace_llm.models.candidates import CandidateScorer
-
-    if not Path(path).is_file():
-        raise UserError(f"{option} {path}: no such file")
-    try:
-        records = read_jsonl(path, args.kind, labelled=labelled)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"{option}: {err}") from None
-    C = clf.n_outputs
-    try:
-        if isinstance(clf, CandidateScorer) and args.kind == "mcqa":
-            most = max(len(r["choices"]) for r in records)
-            if most > C:
-                raise UserError(
-                    f"{option}: a question has {most} choices but the questions of --data "
-                    f"have at most {C}; give {option} questions with at most {C} choices"
-                )
-            return make_candidate_loader(records, tokenizer, args.batch_size, n_candidates=C,
-                                         max_length=args.max_length)
-        if isinstance(clf, CandidateScorer):  # --kind text with several-token --choices
-            if labelled:
-                records = label_indices(records, args.choices)
-                _check_labels(records, args.kind, C)
-            return make_loader(records, tokenizer, args.batch_size, "text",
-                               max_length=args.max_length)
-        if args.kind == "mcqa":
-            most = max(len(r["choices"]) for r in records)
-            if most > C:
-                raise UserError(
-                    f"{option}: a question has {most} choices but the classifier scores "
-                    f"only {C} answer letters; pass --choices for {most} letters or give "
-                    f"{option} questions with at most {C} choices"
-                )
-        if labelled:
-            _check_labels(records, args.kind, C)
-        return make_loader(records, tokenizer, args.batch_size, args.kind,
-                           max_length=args.max_length, pair_order="random", seed=0)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"{option}: {err}") from None
-
-
-def _check_labels(records: list[dict], kind: str, n_outputs: int) -> None:
-    if kind == "preference":
-        if n_outputs != 1:
-            raise UserError(
-                f"--kind preference needs a reward model with one output (num_labels=1); "
-                f"this classifier has {n_outputs}"
-            )
-        return
-    if kind == "scores":
-        wrong = [r["target"] for r in records if len(r["target"]) != n_outputs]
-        if wrong:
-            raise UserError(
-                f"--data: target {wrong[0]} has {len(wrong[0])} values but the model has "
-                f"{n_outputs} outputs"
-            )
-        return
-    key = "answer" if kind == "mcqa" else "label"
-    too_big = [r[key] for r in records if r[key] >= n_outputs]
-    if too_big:
-        raise UserError(
-            f"--data: label {too_big[0]} but the classifier has only {n_outputs} classes"
-        )
-
-
-def _has_tokenizer(folder: str) -> bool:
-    return any((Path(folder) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
 def _lora_error(err: Exception, args: argparse.Namespace) -> UserError:
     hint = "" if args.adapter else " (pass the fine-tuned LoRA adapter with --adapter)"
-    return UserError(f"{_first_line(err)}{hint}")
+    return UserError(f"{first_line(err)}{hint}")
 
 
 # ---------------------------------------------------------------------- commands
@@ -625,7 +363,7 @@ def _fit(args: argparse.Namespace, rank: int, world: int) -> int:
     from laplace_llm.errors import LoRAModelError, PosteriorFileError
     from laplace_llm.serialization import check_overwrite
 
-    _check_paths(args, posterior_must_exist=False)
+    check_paths(args, posterior_must_exist=False)
     if not args.prior_precision > 0:
         raise UserError(f"--prior-precision must be > 0, got {args.prior_precision}")
     if not args.sigma_noise > 0:
@@ -666,7 +404,7 @@ def _fit(args: argparse.Namespace, rank: int, world: int) -> int:
     except LoRAModelError as err:
         raise _lora_error(err, args) from None
     except ValueError as err:  # e.g. --max-params exceeded
-        raise UserError(_first_line(err)) from None
+        raise UserError(first_line(err)) from None
     posterior = Path(args.posterior)
     try:  # before fitting, on every process: a refusal leaves nobody waiting
         check_overwrite(posterior, [b.name for b in la.blocks], [list(b.shape) for b in la.blocks])
@@ -741,11 +479,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from laplace_llm.posterior.kron import LoRALaplace
     from laplace_llm.tools.baselines import TemperatureScaling
 
-    _check_paths(args, posterior_must_exist=True)
+    check_paths(args, posterior_must_exist=True)
     for option, path in (("--ood-data", args.ood_data), ("--val-data", args.val_data)):
         if path is not None and not Path(path).is_file():  # fail before loading the model
             raise UserError(f"{option} {path}: no such file")
-    clf, loader, likelihood, tokenizer = _load_classifier(args)
+    clf, loader, likelihood, tokenizer = load_classifier_and_tokenizer(args)
     if likelihood == "regression":
         raise UserError(
             "evaluate reports classification metrics; for a regression posterior (--kind "

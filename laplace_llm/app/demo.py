@@ -34,7 +34,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ import torch
 import tqdm
 from torch import nn
 
+from laplace_llm.app.demo_task import COLOURS, DemoTask, build_tokenizer
 from laplace_llm.app.evaluation import (
     METHODS,
     collect_probs,
@@ -50,21 +51,15 @@ from laplace_llm.app.evaluation import (
     write_reliability,
     write_risk_coverage,
 )
-from laplace_llm.data import format_mcqa_prompt, make_loader, mcqa_choices
+from laplace_llm.data import make_loader, mcqa_choices
 from laplace_llm.models.classifier import LLMClassifier
 from laplace_llm.options import KFACOptions
 from laplace_llm.tools.baselines import TemperatureScaling
 from laplace_llm.tools.training import train_lora
 
-__all__ = ["DemoConfig", "DemoTask", "build_model", "build_tokenizer", "run_demo"]
+__all__ = ["DemoConfig", "build_model", "run_demo"]
 
 logger = logging.getLogger(__name__)
-
-_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
-_FORMAT_WORDS = ["Answer", ":", ".", "is", "which", "?"]
-#: The four answer options, always in this order: A. red, B. blue, C. green, D. yellow.
-COLOURS = ["red", "blue", "green", "yellow"]
-
 
 @dataclasses.dataclass
 class DemoConfig:
@@ -143,129 +138,6 @@ class DemoConfig:
             seed=seed, n_entities=24, pretrain_steps=500, n_train=128, n_test=256, n_val=64,
             epochs=30, checkpoints=(8, 15), mc_samples=200,
         )
-
-
-# ---------------------------------------------------------------------- the task
-class DemoTask:
-    """Generated texts of the demo: entity colours, facts and multiple-choice questions.
-
-    Every entity ``e<i>`` has a *main* colour and a *second* colour; a fact or a question
-    about it states the main colour with probability ``p_main`` and the second one
-    otherwise. So the best possible predictor has accuracy ``p_main`` and NLL
-    ``H(p_main)`` (see :meth:`bayes_nll`), and a model that memorises its training labels
-    is over-confident by construction.
-
-    Parameters
-    ----------
-    n_entities : int
-        Entities ``e0 … e{n-1}``.
-    n_distractors : int
-        Distractor words ``x0 … x{n-1}``.
-    seed : int
-        Seed of the colour assignment.
-    p_main : float
-        Probability of the main colour.
-    """
-
-    def __init__(self, n_entities: int, n_distractors: int, seed: int, p_main: float = 0.75):
-        rng = random.Random(seed)
-        self.entities = [f"e{i}" for i in range(n_entities)]
-        self.distractors = [f"x{i}" for i in range(n_distractors)]
-        self.p_main = p_main
-        self.main = {}
-        self.second = {}
-        for e in self.entities:
-            self.main[e], self.second[e] = rng.sample(range(len(COLOURS)), 2)
-
-    @property
-    def words(self) -> list[str]:
-        """Every word the task uses, in a fixed order (the tokenizer's vocabulary)."""
-        letters = [c.strip() for c in mcqa_choices(len(COLOURS))]
-        return _SPECIALS + letters + _FORMAT_WORDS + COLOURS + self.entities + self.distractors
-
-    def bayes_nll(self) -> float:
-        """NLL of the true label distribution (the best any model can reach)."""
-        import math
-
-        p = self.p_main
-        return -(p * math.log(p) + (1 - p) * math.log(1 - p))
-
-    def sample_colour(self, rng: random.Random, entity: str) -> int:
-        """Draw an entity's colour: the main one with probability ``p_main``."""
-        return self.main[entity] if rng.random() < self.p_main else self.second[entity]
-
-    def fact(self, rng: random.Random, entity: str) -> str:
-        """State one (sampled) colour of ``entity``: ``"e12 is red ."``."""
-        return f"{entity} is {COLOURS[self.sample_colour(rng, entity)]} ."
-
-    def facts_text(self, rng: random.Random, n_facts: int = 4, p_distractor: float = 0.3) -> str:
-        """Write a pretraining sentence of ``n_facts`` facts, distractor words sprinkled between."""
-        parts = []
-        for entity in rng.sample(self.entities, n_facts):
-            if rng.random() < p_distractor:
-                parts.append(rng.choice(self.distractors))
-            parts.append(self.fact(rng, entity))
-        return " ".join(parts)
-
-    def question(
-        self, rng: random.Random, direct: bool = False, shifted: bool = False
-    ) -> dict[str, Any]:
-        """One four-option ``mcqa`` record (see :mod:`laplace_llm.data`).
-
-        The question names an entity after two distractor words (which make every prompt
-        unique, so that a model can memorise its training labels); the options are the
-        colours in a fixed order.
-
-        Parameters
-        ----------
-        direct : bool
-            Ask for a colour by name (pretraining) instead of an entity's colour.
-        shifted : bool
-            Longer prompt: an irrelevant fact about another entity first, and more
-            distractor words, one between the entity and the rest of the question.
-        """
-        entity = rng.choice(self.entities)
-        answer = self.sample_colour(rng, entity)
-        subject = COLOURS[answer] if direct else entity
-        noise = rng.sample(self.distractors, 4)
-        if shifted:
-            other = rng.choice([e for e in self.entities if e != entity])
-            question = (f"{noise[0]} {self.fact(rng, other)} {noise[1]} {noise[2]} {subject} "
-                        f"{noise[3]} is which ?")
-        else:
-            question = f"{noise[0]} {noise[1]} {subject} is which ?"
-        return {"question": question, "choices": list(COLOURS), "answer": answer}
-
-    def questions(self, n: int, seed: int, **kwargs: Any) -> list[dict[str, Any]]:
-        """Generate ``n`` seeded questions (``kwargs`` as :meth:`question`)."""
-        rng = random.Random(seed)
-        return [self.question(rng, **kwargs) for _ in range(n)]
-
-    def pretraining_text(self, rng: random.Random, p_question: float = 0.25) -> str:
-        """Write a pretraining document: a fact sentence, or a direct question with its answer."""
-        if rng.random() >= p_question:
-            return self.facts_text(rng)
-        record = self.question(rng, direct=True)
-        letter = mcqa_choices(len(COLOURS))[record["answer"]]
-        return format_mcqa_prompt(record) + letter
-
-
-def build_tokenizer(words: Sequence[str]) -> Any:
-    """Build a word-level fast tokenizer over ``words`` (first four: pad, unk, bos, eos).
-
-    Whitespace and punctuation split words, so ``"Answer:"`` is two tokens and the
-    choices ``" A"`` … ``" D"`` are one token each. Left padding, no special tokens added.
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(words)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-        eos_token="</s>", padding_side="left",
-    )
 
 
 def build_model(cfg: DemoConfig, vocab_size: int) -> nn.Module:
@@ -441,8 +313,6 @@ def run_demo(
         ``heldout_nll_la``) with ``evidence_choice`` and ``heldout_choice`` (epochs);
         ``seconds`` (wall time per stage); ``files`` (written paths).
     """
-    from peft import LoraConfig, get_peft_model
-
     cfg = cfg or DemoConfig()
     started = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -456,12 +326,7 @@ def run_demo(
         seconds[stage] = round(time.perf_counter() - t0, 2)
         return time.perf_counter()
 
-    task_class = DemoTask
-    if cfg.answers == "words":
-        from laplace_llm.app.demo_words import WordsDemoTask as task_class
-    elif cfg.answers != "letters":
-        raise ValueError(f"answers must be 'letters' or 'words', got {cfg.answers!r}")
-    task = task_class(cfg.n_entities, cfg.n_distractors, cfg.seed, cfg.p_main)
+    task = _task(cfg)
     tokenizer = build_tokenizer(task.words)
     model = build_model(cfg, len(task.words))
     n_params = sum(p.numel() for p in model.parameters())
@@ -470,6 +335,100 @@ def run_demo(
     t0 = time.perf_counter()
     pre_losses = pretrain(model, tokenizer, task, cfg, progress)
     t0 = lap("pretrain", t0)
+
+    clf, loader = _lora_classifier(model, tokenizer, task, cfg)
+    train = task.questions(cfg.n_train, seed=cfg.seed * 1000 + 11)
+    splits = {
+        "id": task.questions(cfg.n_test, seed=cfg.seed * 1000 + 12),
+        "shift": task.questions(cfg.n_test, seed=cfg.seed * 1000 + 13, shifted=True),
+    }
+    # the baseline's validation split: same distribution, its own seed (train and test
+    # questions are unchanged by it)
+    val = task.questions(cfg.n_val, seed=cfg.seed * 1000 + 14)
+    train_loader = loader(train, shuffle=True, batch_size=cfg.finetune_batch)
+    fit_loader = loader(train)
+    test_loaders = {name: loader(records) for name, records in splits.items()}
+
+    n_lora = sum(p.numel() for p in clf.parameters() if p.requires_grad)
+    say(f"LoRA fine-tuning ({n_lora:,} weights, r={cfg.lora_r}) on {cfg.n_train} questions "
+        f"for {cfg.epochs} epochs")
+    checkpoints, history = finetune(clf, train_loader, cfg, test_loaders["id"], progress)
+    t0 = lap("finetune", t0)
+
+    say(f"Laplace at epochs {sorted(checkpoints)}: fit, tune the prior by marginal likelihood")
+    la, evidence = _evidence_at_checkpoints(clf, checkpoints, fit_loader, test_loaders["id"],
+                                            cfg, progress)
+    t0 = lap("laplace_checkpoints", t0)
+    final = evidence[-1]
+
+    say(f"temperature scaling on {cfg.n_val} validation questions (the baseline)")
+    ts = TemperatureScaling(clf)
+    temperature = ts.fit(loader(val))
+    methods = ("map", "ts", *METHODS[1:])
+
+    say("predicting on the held-out (id) and shifted splits")
+    results, all_probs = _predict_splits(clf, la, ts, test_loaders, methods, cfg, progress)
+    train_probs, train_labels = collect_probs(clf, None, fit_loader, ("map",))
+    t0 = lap("predict", t0)
+    llla = None
+    if cfg.llla:
+        say("last-layer LoRA Laplace (LLLA): only lm_head's LoRA is Bayesian")
+        llla = _last_layer_laplace(clf, fit_loader, test_loaders, results, cfg, progress)
+        t0 = lap("llla", t0)
+
+    out = {
+        "config": dataclasses.asdict(cfg),
+        "results": results,
+        "train": {
+            "map": score(train_probs["map"], train_labels),
+            "pretrain_loss_last": float(sum(pre_losses[-20:]) / len(pre_losses[-20:])),
+        },
+        "bayes_nll": task.bayes_nll(),
+        "history": history,
+        "prior_precision": final["prior_precision"],
+        "temperature": temperature,
+        "log_marglik": final["log_marglik"],
+        "evidence": evidence,
+        "evidence_choice": max(evidence, key=lambda r: r["log_marglik"])["epoch"],
+        "heldout_choice": min(evidence, key=lambda r: r["heldout_nll_la"])["epoch"],
+        "llla": llla,
+        "seconds": seconds,
+        "files": {},
+    }
+    if out_dir is not None:
+        out["files"] = _write_plots(all_probs, methods, Path(out_dir))
+        out["files"]["metrics"] = str(Path(out_dir) / "metrics.json")
+    seconds["total"] = round(time.perf_counter() - started, 2)
+    if out_dir is not None:
+        with open(out["files"]["metrics"], "w", encoding="utf-8") as fh:
+            json.dump(out, fh, indent=2)
+    return out
+
+
+# ------------------------------------------------------------ the run's stages
+def _task(cfg: DemoConfig) -> DemoTask:
+    """Return the task of ``cfg.answers``: letters (:class:`DemoTask`) or words."""
+    if cfg.answers == "words":
+        from laplace_llm.app.demo_words import WordsDemoTask
+
+        return WordsDemoTask(cfg.n_entities, cfg.n_distractors, cfg.seed, cfg.p_main)
+    if cfg.answers != "letters":
+        raise ValueError(f"answers must be 'letters' or 'words', got {cfg.answers!r}")
+    return DemoTask(cfg.n_entities, cfg.n_distractors, cfg.seed, cfg.p_main)
+
+
+def _lora_classifier(model: nn.Module, tokenizer: Any, task: DemoTask, cfg: DemoConfig):
+    """Freeze the pretrained model, add LoRA, wrap it as the task's classifier.
+
+    Returns
+    -------
+    clf : LLMClassifier or CandidateScorer
+        over the four letters, or (``answers="words"``) the four phrases.
+    loader : callable
+        ``loader(records, shuffle=False, batch_size=cfg.batch_size)``: the task's
+        question records as ``clf``'s batches.
+    """
+    from peft import LoraConfig, get_peft_model
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -495,32 +454,27 @@ def run_demo(
         def loader(records, shuffle=False, batch_size=cfg.batch_size):
             return make_loader(records, tokenizer, batch_size, "mcqa", shuffle=shuffle)
 
-    train = task.questions(cfg.n_train, seed=cfg.seed * 1000 + 11)
-    splits = {
-        "id": task.questions(cfg.n_test, seed=cfg.seed * 1000 + 12),
-        "shift": task.questions(cfg.n_test, seed=cfg.seed * 1000 + 13, shifted=True),
-    }
-    # the baseline's validation split: same distribution, its own seed (train and test
-    # questions are unchanged by it)
-    val = task.questions(cfg.n_val, seed=cfg.seed * 1000 + 14)
-    train_loader = loader(train, shuffle=True, batch_size=cfg.finetune_batch)
-    fit_loader = loader(train)
-    test_loaders = {name: loader(records) for name, records in splits.items()}
+    return clf, loader
 
-    n_lora = sum(p.numel() for p in clf.parameters() if p.requires_grad)
-    say(f"LoRA fine-tuning ({n_lora:,} weights, r={cfg.lora_r}) on {cfg.n_train} questions "
-        f"for {cfg.epochs} epochs")
-    checkpoints, history = finetune(clf, train_loader, cfg, test_loaders["id"], progress)
-    t0 = lap("finetune", t0)
 
-    # Evidence at each checkpoint; the last checkpoint is the final model.
-    say(f"Laplace at epochs {sorted(checkpoints)}: fit, tune the prior by marginal likelihood")
+def _evidence_at_checkpoints(clf, checkpoints: dict, fit_loader, test_loader, cfg: DemoConfig,
+                             progress: bool):
+    """Fit Laplace at every checkpoint (the last is the final model); score each.
+
+    Returns
+    -------
+    la : LoRALaplace
+        the final model's posterior (the weights are the last checkpoint's afterwards).
+    evidence : list of dict
+        per checkpoint: ``epoch``, ``log_marglik``, ``prior_precision``,
+        ``heldout_nll_map``, ``heldout_nll_la``.
+    """
     evidence = []
     for epoch in sorted(checkpoints):
         _load_lora_state(clf, checkpoints[epoch])
         la, lml = fit_laplace(clf, fit_loader, cfg, progress)
         probs, labels = collect_probs(
-            clf, la, test_loaders["id"], methods=("map", "la_probit"), progress=progress,
+            clf, la, test_loader, methods=("map", "la_probit"), progress=progress,
             desc=f"epoch {epoch}",
         )
         evidence.append({
@@ -530,15 +484,19 @@ def run_demo(
             "heldout_nll_map": score(probs["map"], labels)["nll"],
             "heldout_nll_la": score(probs["la_probit"], labels)["nll"],
         })
-    t0 = lap("laplace_checkpoints", t0)
-    final = evidence[-1]
+    return la, evidence
 
-    say(f"temperature scaling on {cfg.n_val} validation questions (the baseline)")
-    ts = TemperatureScaling(clf)
-    temperature = ts.fit(loader(val))
-    methods = ("map", "ts", *METHODS[1:])
 
-    say("predicting on the held-out (id) and shifted splits")
+def _predict_splits(clf, la, ts, test_loaders: dict, methods, cfg: DemoConfig, progress: bool):
+    """Score every method on every split; the ``"id"`` rows also against ``"shift"`` as OOD.
+
+    Returns
+    -------
+    results : dict
+        ``results[split][method][metric]``.
+    all_probs : dict
+        ``all_probs[split] = (probs by method, labels)``.
+    """
     results: dict[str, dict[str, dict[str, float]]] = {}
     all_probs = {}
     for name, test_loader in test_loaders.items():
@@ -551,63 +509,44 @@ def run_demo(
     # the shifted questions as foreign inputs: does a method's confidence tell them apart?
     for m in methods:
         results["id"][m].update(ood_score(all_probs["id"][0][m], all_probs["shift"][0][m]))
-    train_probs, train_labels = collect_probs(clf, None, fit_loader, ("map",))
-    t0 = lap("predict", t0)
-    llla = None
-    if cfg.llla:
-        say("last-layer LoRA Laplace (LLLA): only lm_head's LoRA is Bayesian")
-        la_last, lml_last = fit_laplace(clf, fit_loader, cfg, progress, lora_modules=["lm_head"])
-        last_probs = {}
-        for name, test_loader in test_loaders.items():
-            probs, labels = collect_probs(
-                clf, la_last, test_loader, ("la_probit", "la_mc"), mc_samples=cfg.mc_samples,
-                seed=cfg.seed, progress=progress, desc=f"LLLA {name}",
-            )
-            last_probs[name] = probs
-            results[name]["llla_probit"] = score(probs["la_probit"], labels)
-            results[name]["llla_mc"] = score(probs["la_mc"], labels)
-        for m in ("la_probit", "la_mc"):
-            results["id"][f"llla_{m[3:]}"].update(
-                ood_score(last_probs["id"][m], last_probs["shift"][m]))
-        llla = {"n_params": la_last.n_params, "log_marglik": lml_last,
-                "prior_precision": float(la_last.prior_precision.item())}
-        t0 = lap("llla", t0)
+    return results, all_probs
 
-    out = {
-        "config": dataclasses.asdict(cfg),
-        "results": results,
-        "train": {
-            "map": score(train_probs["map"], train_labels),
-            "pretrain_loss_last": float(sum(pre_losses[-20:]) / len(pre_losses[-20:])),
-        },
-        "bayes_nll": task.bayes_nll(),
-        "history": history,
-        "prior_precision": final["prior_precision"],
-        "temperature": temperature,
-        "log_marglik": final["log_marglik"],
-        "evidence": evidence,
-        "evidence_choice": max(evidence, key=lambda r: r["log_marglik"])["epoch"],
-        "heldout_choice": min(evidence, key=lambda r: r["heldout_nll_la"])["epoch"],
-        "llla": llla,
-        "seconds": seconds,
-        "files": {},
-    }
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for name, (probs, labels) in all_probs.items():
-            png = write_reliability(
-                {m: probs[m] for m in ("map", "la_probit")}, labels,
-                out_dir / f"reliability_{name}.png",
-            )
-            out["files"][f"reliability_{name}"] = str(png)
-            png = write_risk_coverage(
-                {m: probs[m] for m in methods}, labels, out_dir / f"risk_coverage_{name}.png"
-            )
-            out["files"][f"risk_coverage_{name}"] = str(png)
-        out["files"]["metrics"] = str(out_dir / "metrics.json")
-    seconds["total"] = round(time.perf_counter() - started, 2)
-    if out_dir is not None:
-        with open(out["files"]["metrics"], "w", encoding="utf-8") as fh:
-            json.dump(out, fh, indent=2)
-    return out
+
+def _last_layer_laplace(clf, fit_loader, test_loaders: dict, results: dict, cfg: DemoConfig,
+                        progress: bool) -> dict[str, Any]:
+    """Add the rows ``llla_probit``, ``llla_mc`` (only lm_head's LoRA Bayesian) to ``results``.
+
+    Returns the LLLA posterior's ``n_params``, ``log_marglik`` and ``prior_precision``.
+    """
+    la_last, lml_last = fit_laplace(clf, fit_loader, cfg, progress, lora_modules=["lm_head"])
+    last_probs = {}
+    for name, test_loader in test_loaders.items():
+        probs, labels = collect_probs(
+            clf, la_last, test_loader, ("la_probit", "la_mc"), mc_samples=cfg.mc_samples,
+            seed=cfg.seed, progress=progress, desc=f"LLLA {name}",
+        )
+        last_probs[name] = probs
+        results[name]["llla_probit"] = score(probs["la_probit"], labels)
+        results[name]["llla_mc"] = score(probs["la_mc"], labels)
+    for m in ("la_probit", "la_mc"):
+        results["id"][f"llla_{m[3:]}"].update(
+            ood_score(last_probs["id"][m], last_probs["shift"][m]))
+    return {"n_params": la_last.n_params, "log_marglik": lml_last,
+            "prior_precision": float(la_last.prior_precision.item())}
+
+
+def _write_plots(all_probs: dict, methods, out_dir: Path) -> dict[str, str]:
+    """Write the reliability and risk-coverage diagrams of each split; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, (probs, labels) in all_probs.items():
+        png = write_reliability(
+            {m: probs[m] for m in ("map", "la_probit")}, labels,
+            out_dir / f"reliability_{name}.png",
+        )
+        files[f"reliability_{name}"] = str(png)
+        png = write_risk_coverage(
+            {m: probs[m] for m in methods}, labels, out_dir / f"risk_coverage_{name}.png"
+        )
+        files[f"risk_coverage_{name}"] = str(png)
+    return files

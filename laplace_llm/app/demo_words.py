@@ -1,6 +1,6 @@
 """The demo's task answered in words: colours named by phrases of 1 to 3 tokens.
 
-Same entities, facts, label noise and splits as :class:`laplace_llm.app.demo.DemoTask`, but
+Same entities, facts, label noise and splits as :class:`laplace_llm.app.demo_task.DemoTask`, but
 each colour is a phrase (``"red"``, ``"dark blue"``, ``"light sea green"``,
 ``"yellow"``), facts read ``"e12 is dark blue ."``, and a question is answered by the
 phrase itself after ``"Answer:"``, with no lettered options. The classifier is
@@ -15,18 +15,18 @@ from typing import Any
 
 from torch import nn
 
-from laplace_llm.app.demo import _FORMAT_WORDS, _SPECIALS, COLOURS, DemoTask
+from laplace_llm.app.demo_task import COLOURS, FORMAT_WORDS, SPECIALS, DemoTask
 from laplace_llm.data import DEFAULT_TEXT_ANSWER_TEMPLATE
 from laplace_llm.models.candidates import CandidateScorer
 
 __all__ = ["PHRASES", "WordsDemoTask", "words_classifier"]
 
-#: The answer of each colour of :data:`laplace_llm.app.demo.COLOURS`, in that order.
+#: The answer of each colour of :data:`laplace_llm.app.demo_task.COLOURS`, in that order.
 PHRASES = ["red", "dark blue", "light sea green", "yellow"]
 
 
 class WordsDemoTask(DemoTask):
-    """:class:`~laplace_llm.app.demo.DemoTask` whose colours are the phrases :data:`PHRASES`.
+    """:class:`~laplace_llm.app.demo_task.DemoTask` whose colours are the phrases :data:`PHRASES`.
 
     :meth:`question` returns ``"mcqa"`` records whose ``choices`` are the phrases;
     :meth:`text_records` turns them into ``"text"`` records (prompt, label index) for the
@@ -37,7 +37,7 @@ class WordsDemoTask(DemoTask):
     def words(self) -> list[str]:
         """Vocabulary of the task: the letter task's words and the phrases' words."""
         extra = sorted({w for p in PHRASES for w in p.split()} - set(COLOURS))
-        return (_SPECIALS + _FORMAT_WORDS + COLOURS + extra + self.entities
+        return (SPECIALS + FORMAT_WORDS + COLOURS + extra + self.entities
                 + self.distractors)
 
     def fact(self, rng: random.Random, entity: str) -> str:

@@ -256,7 +256,7 @@ def test_regression_fit_tunes_sigma_with_a_layerwise_prior(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "sigma_noise" in out
     args = build_parser().parse_args(["fit", *map(str, common), "--posterior", str(post)])
-    from laplace_llm.app.cli import load_classifier
+    from laplace_llm.app.loading import load_classifier
 
     clf, loader, likelihood = load_classifier(args)
     assert likelihood == "regression"

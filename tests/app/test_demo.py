@@ -13,7 +13,8 @@ import random
 import pytest
 
 from laplace_llm.app.cli import main
-from laplace_llm.app.demo import COLOURS, DemoConfig, DemoTask, build_tokenizer
+from laplace_llm.app.demo import DemoConfig
+from laplace_llm.app.demo_task import COLOURS, DemoTask, build_tokenizer
 from laplace_llm.app.evaluation import METHODS, METRICS, OOD_METRICS
 from laplace_llm.data import format_mcqa_prompt
 

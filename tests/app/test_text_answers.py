@@ -38,7 +38,7 @@ def api_map_metrics(root, loader_records, kind):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from laplace_llm.models.candidates import text_answer_classifier
+    from laplace_llm.app.loading import text_answer_classifier
 
     tok = AutoTokenizer.from_pretrained(root / "model")
     model = PeftModel.from_pretrained(
@@ -105,7 +105,7 @@ def test_quick_words_demo_laplace_lowers_calibration_error(tmp_path):
 
 
 def test_words_task_answers_are_phrases_of_one_to_three_tokens():
-    from laplace_llm.app.demo import build_tokenizer
+    from laplace_llm.app.demo_task import build_tokenizer
     from laplace_llm.app.demo_words import PHRASES, WordsDemoTask
 
     task = WordsDemoTask(6, 4, seed=0)
