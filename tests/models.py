@@ -366,3 +366,20 @@ def lora_mlp(
                      modules_to_save=None if modules_to_save is None else list(modules_to_save),
                      init_lora_weights=False)
     return get_peft_model(MLP(d_in, hidden, d_out, linear).double(), cfg)
+
+
+def write_model_folder(root) -> PeftModel:
+    """Write a tiny Llama with its tokenizer to ``root/"model"`` and its LoRA adapter to
+    ``root/"adapter"`` (r=4, seed 0), as a user's fine-tune on disk; return the adapted model.
+
+    The command-line tests load these folders as ``--model`` and ``--adapter``.
+    """
+    from pathlib import Path
+
+    root = Path(root)
+    base = tiny_causal_lm("llama", seed=0)
+    base.save_pretrained(root / "model")
+    tiny_tokenizer(padding_side="left").save_pretrained(root / "model")
+    adapted = add_lora(base, seed=0, r=4)
+    adapted.save_pretrained(root / "adapter")
+    return adapted

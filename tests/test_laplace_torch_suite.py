@@ -30,25 +30,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from laplace_llm import LoRADiagLaplace, LoRAFullLaplace, LoRALaplace
 from laplace_llm.models.discovery import LoRAModelError
+from tests.models import MLP, lora_mlp
 
 FLAVORS = [LoRAFullLaplace, LoRALaplace, LoRADiagLaplace]
 
 
-class MLP(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.l1 = torch.nn.Linear(3, 20)
-        self.l2 = torch.nn.Linear(20, 2)
-
-    def forward(self, x):
-        return self.l2(self.l1(x))
-
-
 @pytest.fixture
 def model():
-    torch.manual_seed(240)
-    cfg = LoraConfig(r=2, lora_alpha=2, target_modules=["l1", "l2"], init_lora_weights=False)
-    return get_peft_model(MLP().double(), cfg)
+    return lora_mlp(seed=240, d_in=3, hidden=20, d_out=2, alpha=2, target_modules=("l1", "l2"),
+                    modules_to_save=None, linear=True)
 
 
 def _loader(regression: bool):
@@ -258,9 +248,9 @@ def test_prior_tuning_raises_the_evidence(flavor, model):
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_refused_model_without_lora_and_laplace_torch_backends(flavor):
     torch.manual_seed(0)
-    plain = MLP().double()
+    plain = MLP(3, 20, 2, linear=True).double()
     with pytest.raises(LoRAModelError, match="no trainable LoRA parameters"):
         make(flavor, plain, "classification")
-    model = get_peft_model(MLP().double(), LoraConfig(r=2, target_modules=["l1"]))
+    model = get_peft_model(MLP(3, 20, 2, linear=True).double(), LoraConfig(r=2, target_modules=["l1"]))
     with pytest.raises(ValueError, match="Leave `backend` unset"):
         make(flavor, model, "classification", backend=CurvlinopsGGN)

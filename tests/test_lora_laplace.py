@@ -18,7 +18,7 @@ import laplace_llm
 from laplace_llm import LLMClassifier, LoRALaplace
 from laplace_llm.matrix import LowRankFactor
 from tests.batches import TARGET_IDS, DictDataset, token_items, token_loader
-from tests.models import tiny_gpt2_lora, tiny_llama_lora
+from tests.models import lora_mlp, tiny_gpt2_lora, tiny_llama_lora
 
 BUILDERS = {
     "llama": tiny_llama_lora,
@@ -266,28 +266,13 @@ def test_sampling_predictives_are_reproducible_with_a_seed():
             assert torch.equal(dense(f), dense(g))
 
 
-class MLP(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.l1 = torch.nn.Linear(6, 8)
-        self.l2 = torch.nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.l2(torch.tanh(self.l1(x)))
-
-
 @pytest.mark.parametrize("lr_threshold", [0, 128], ids=["lowrank", "dense"])
 def test_tensor_batches_and_a_trainable_head_equal_laplace_torch(lr_threshold):
     """(X, y) tensor batches, LoRA on l1 and a fully trained l2 head (modules_to_save):
     weight and bias blocks of the head as laplace-torch separates them."""
-    from peft import LoraConfig, get_peft_model
     from torch.utils.data import TensorDataset
 
-    torch.manual_seed(0)
-    model = get_peft_model(
-        MLP().double(),
-        LoraConfig(r=2, lora_alpha=4, target_modules=["l1"], modules_to_save=["l2"], init_lora_weights=False),
-    )
+    model = lora_mlp(seed=0, d_in=6, hidden=8)
     X, y = torch.randn(20, 6, dtype=torch.float64), torch.randint(0, 3, (20,))
     loader = DataLoader(TensorDataset(X, y), batch_size=7)
     la, ref = fit_pair(model, loader, "expand", lr_threshold=lr_threshold)

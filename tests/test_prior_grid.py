@@ -11,25 +11,14 @@ import pytest
 import torch
 from laplace import DiagLaplace, FullLaplace, KronLaplace
 from laplace.utils import RunningNLLMetric, validate
-from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader, TensorDataset
 
 from laplace_llm import LLMClassifier, LoRADiagLaplace, LoRAFullLaplace, LoRALaplace
 from tests.batches import TARGET_IDS, token_loader
-from tests.models import tiny_llama_lora
+from tests.models import lora_mlp, tiny_llama_lora
 
 PARENTS = {LoRALaplace: KronLaplace, LoRADiagLaplace: DiagLaplace, LoRAFullLaplace: FullLaplace}
 GRID = [1e-2, 0.3, 1.0, 4.0, 30.0, 1e3]
-
-
-class MLP(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.l1 = torch.nn.Linear(3, 20)
-        self.l2 = torch.nn.Linear(20, 3)
-
-    def forward(self, x):
-        return self.l2(torch.tanh(self.l1(x)))
 
 
 def mlp_loader(regression=False, n=12, seed=1):
@@ -41,9 +30,8 @@ def mlp_loader(regression=False, n=12, seed=1):
 
 
 def mlp_laplace(flavor, likelihood="classification"):
-    torch.manual_seed(3)
-    cfg = LoraConfig(r=2, lora_alpha=2, target_modules=["l1", "l2"], init_lora_weights=False)
-    model = get_peft_model(MLP().double(), cfg)
+    model = lora_mlp(seed=3, d_in=3, hidden=20, d_out=3, alpha=2, target_modules=("l1", "l2"),
+                     modules_to_save=None)
     kw = {"n_kfac": 4} if flavor is LoRALaplace else {}  # kron: truncated factors
     la = flavor(model, likelihood, fisher_type="ggn", **kw)
     la.fit(mlp_loader(likelihood == "regression"))

@@ -24,10 +24,10 @@ import torch
 from laplace import Laplace
 from laplace.baselaplace import BaseLaplace
 from laplace.curvature import CurvlinopsEF, CurvlinopsGGN
-from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader, TensorDataset
 
 import laplace_llm
+import tests.models
 from laplace_llm import LLMClassifier, LoRADiagLaplace, LoRAFullLaplace, LoRALaplace
 from laplace_llm.models.discovery import LoRAModelError
 from tests.batches import TARGET_IDS, DictDataset, token_items
@@ -41,22 +41,10 @@ def rel(a, b) -> float:
     return (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()
 
 
-class MLP(torch.nn.Module):
-    def __init__(self, d_in=5, hidden=7, d_out=3):
-        super().__init__()
-        self.l1 = torch.nn.Linear(d_in, hidden)
-        self.l2 = torch.nn.Linear(hidden, d_out)
-
-    def forward(self, x):
-        return self.l2(torch.tanh(self.l1(x)))
-
-
 def lora_mlp(seed=0, head=True, d_out=3):
     """Peft MLP (float64): LoRA r=2 on l1 and, with ``head``, l2 trained in full."""
-    torch.manual_seed(seed)
-    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["l1"] if head else ["l1", "l2"],
-                     modules_to_save=["l2"] if head else None, init_lora_weights=False)
-    return get_peft_model(MLP(d_out=d_out).double(), cfg)
+    return tests.models.lora_mlp(seed, d_out=d_out, target_modules=("l1",) if head else ("l1", "l2"),
+                                 modules_to_save=("l2",) if head else None)
 
 
 def mlp_loader(likelihood, n=13, batch_size=5, seed=1, d_out=3):

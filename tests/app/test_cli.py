@@ -18,7 +18,7 @@ from laplace_llm.models.classifier import LLMClassifier
 from laplace_llm.posterior.kron import LoRALaplace
 from laplace_llm.tools import metrics
 from laplace_llm.tools.baselines import TemperatureScaling
-from tests.models import add_lora, tiny_causal_lm, tiny_seqcls, tiny_tokenizer
+from tests.models import add_lora, tiny_causal_lm, tiny_seqcls, tiny_tokenizer, write_model_folder
 
 WORDS = ["cat", "dog", "red", "blue", "good", "bad", "yes", "no"]
 
@@ -42,10 +42,7 @@ def causal(tmp_path_factory):
     """A tiny Llama folder (weights + tokenizer), its LoRA adapter, another adapter of the
     same shapes, and MCQA data."""
     root = tmp_path_factory.mktemp("causal")
-    base = tiny_causal_lm("llama", seed=0)
-    base.save_pretrained(root / "model")
-    tiny_tokenizer(padding_side="left").save_pretrained(root / "model")
-    add_lora(base, seed=0, r=4).save_pretrained(root / "adapter")
+    write_model_folder(root)
     add_lora(tiny_causal_lm("llama", seed=0), seed=1, r=4).save_pretrained(root / "other")
     write_jsonl(root / "data.jsonl", mcqa_records(14))
     return root

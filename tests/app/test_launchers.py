@@ -28,7 +28,7 @@ from laplace_llm.models.classifier import LLMClassifier
 from laplace_llm.posterior.kron import LoRALaplace
 from laplace_llm.serialization import POSTERIOR_FILENAME, read_state
 from tests.app.test_cli import mcqa_records, write_jsonl
-from tests.models import add_lora, tiny_causal_lm, tiny_tokenizer
+from tests.models import write_model_folder
 from tests.test_distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,10 +43,7 @@ FIT = ["--batch-size", "4", "--fisher-type", "ggn", "--n-kfac", "64", "--lr-thre
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("launch")
-    base = tiny_causal_lm("llama", seed=0)
-    base.save_pretrained(root / "model")
-    tiny_tokenizer(padding_side="left").save_pretrained(root / "model")
-    add_lora(base, seed=0, r=4).save_pretrained(root / "adapter")
+    write_model_folder(root)
     write_jsonl(root / "data.jsonl", mcqa_records(11))  # odd: shards of 6 and 5
     return root
 

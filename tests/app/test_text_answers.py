@@ -13,17 +13,14 @@ import torch
 from laplace_llm.app.cli import main
 from laplace_llm.app.evaluation import score
 from laplace_llm.data import read_jsonl
-from tests.models import add_lora, tiny_causal_lm, tiny_tokenizer
+from tests.models import write_model_folder
 from tests.test_text_answers import WORDS, text_mcqa
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("text")
-    base = tiny_causal_lm("llama", seed=0)
-    base.save_pretrained(root / "model")
-    tiny_tokenizer(padding_side="left").save_pretrained(root / "model")
-    add_lora(base, seed=0, r=4).save_pretrained(root / "adapter")
+    write_model_folder(root)
     (root / "mcqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in text_mcqa(12, 3)))
     rng = random.Random(4)
     labels = ["very bad", "bad", "good"]
