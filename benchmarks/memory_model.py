@@ -5,7 +5,7 @@ tensors each posterior keeps (float32 numbers; LoRA r=8). Before printing them t
 script checks the formula against the bytes measured on fitted posteriors
 (``LoRALaplace.posterior_nbytes``) at Llama shapes that run on a CPU, for both
 adapter placements; the peers' formulas are checked byte for byte in
-``tests/test_memory.py`` and ``benchmarks/bench_peers.py``.
+``tests/tools/test_memory.py`` and ``benchmarks/bench_peers.py``.
 
 Run: ``python benchmarks/memory_model.py --out benchmarks/results/memory-model.json``.
 """

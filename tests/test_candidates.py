@@ -447,7 +447,7 @@ def test_diag_and_full_over_candidates_equal_the_ggn_of_torch_func_jacobians(str
     covariance ``J P⁻¹ Jᵀ``, with ``J`` from ``torch.func`` on the naive model (C full
     forwards) over the same selected weights. Float64; measured: curvature 7e-8 (the
     attention softmax runs in float32 and its rounding depends on the cotangents, as in
-    tests/test_structures.py), GLM covariance 2e-16; asserted 1e-5 and 1e-8 relative."""
+    tests/posterior/test_diag_and_full.py), GLM covariance 2e-16; asserted 1e-5 and 1e-8 relative."""
     sc = scorer("llama", C=3, seed=1)
     naive_la = LoRALaplace(NaiveScorer(sc.model), "classification", jacobian_free=False,
                            lora_modules=["*.q_proj"])

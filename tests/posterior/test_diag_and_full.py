@@ -392,7 +392,7 @@ def test_reward_model_pairs_equal_laplace_torch(structure):
     two sequences; the posterior and the reward's mean and variance on single sequences
     equal laplace-torch's reward_modeling Diag/FullLaplace (BERT reward model, float64;
     1e-5 relative as above)."""
-    from tests.test_reward import pair_items, reward_model, singles
+    from tests.posterior.test_reward import pair_items, reward_model, singles
 
     model = reward_model("bert")
     model.model.base_model.model.config._attn_implementation = "eager"

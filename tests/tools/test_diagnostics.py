@@ -14,7 +14,7 @@ from laplace_llm import LoRALaplace
 from laplace_llm.matrix import LowRankFactor
 from laplace_llm.tools.diagnostics import format_low_rank_report
 from tests.batches import token_loader
-from tests.test_structures import llama
+from tests.posterior.test_diag_and_full import llama
 
 
 def fits(n_kfac, n=3, length=4):

@@ -177,7 +177,7 @@ def test_gridsearch_equals_laplace_torch(fitted):
     la, ref = fitted
     val = token_loader(n=6, length=6, seed=11, batch_size=3)
     # a stateless loss: laplace-torch never resets its default RunningNLLMetric between
-    # priors, which LoRALaplace does (tests/test_prior_grid.py)
+    # priors, which LoRALaplace does (tests/prior/test_grid.py)
     kw = dict(method="gridsearch", val_loader=val, grid_size=12, pred_type="glm",
               loss=lambda p, y: -p.gather(-1, y[:, None]).log().mean())
     la.optimize_prior_precision(**kw)
