@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+import laplace_llm
 from laplace_llm import LoRADiagLaplace, LoRAFullLaplace, LoRALaplace
 from tests.models import lora_mlp
 
@@ -28,11 +29,13 @@ def old_posterior_loader() -> DataLoader:
 
 
 @pytest.mark.parametrize("structure", list(CLASSES))
-def test_an_old_file_loads_as_its_structure_and_predicts_as_before(structure):
+@pytest.mark.parametrize("reader", ["laplace_llm.load", "LoRALaplace.load"])
+def test_an_old_file_loads_as_its_structure_and_predicts_as_before(structure, reader):
     expected = json.loads((DATA / "expected.json").read_text())[structure]
     model = lora_mlp(seed=0)
     path = DATA / f"{structure}.safetensors"
-    la = LoRALaplace.load(path, model)
+    # the package's load and any class's read every structure
+    la = (laplace_llm.load if reader == "laplace_llm.load" else LoRALaplace.load)(path, model)
     assert type(la) is CLASSES[structure]
     assert la.options.fisher_type == "ggn"
     torch.testing.assert_close(la.prior_precision, torch.tensor([0.5], dtype=torch.float64))
