@@ -81,7 +81,7 @@ class LoRALaplaceBase(ParametricLaplace):
     backend_kwargs : dict, optional
         further arguments of the backend.
     asdl_fisher_kwargs : dict, optional
-        laplace-torch's; unused.
+        laplace-torch's; passed on where the laplace-torch parent takes it (kron).
     seed : int, optional
         seed of the labels sampled by ``fisher_type="mc"``; ``None`` uses torch's
         global generator.
