@@ -68,6 +68,12 @@ def _add_model_data(p: argparse.ArgumentParser) -> None:
         "LM or a sequence-classification model; nothing is downloaded",
     )
     g.add_argument(
+        "--gguf-file", metavar="NAME", default=None,
+        help="a GGUF model file inside the --model folder (e.g. SmolLM2's "
+        "SmolLM2-135M-Instruct.Q4_1.gguf): its weights are dequantized to float32 and its "
+        "tokenizer is read from the same file; needs `pip install gguf`",
+    )
+    g.add_argument(
         "--adapter", metavar="DIR",
         help="peft LoRA adapter folder (adapter_config.json) fine-tuned on --model; without "
         "it --model itself must contain trainable LoRA layers, which plain HF folders do not",
@@ -543,6 +549,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "data": str(args.data),
         "kind": args.kind,
         "model": str(args.model),
+        "gguf_file": args.gguf_file,
         "adapter": None if args.adapter is None else str(args.adapter),
         "posterior": str(args.posterior),
         "prior_precision": la.prior_precision.detach().cpu().reshape(-1).tolist(),

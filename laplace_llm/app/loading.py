@@ -10,6 +10,7 @@ development install (:func:`minilm_path`). A problem with the user's input raise
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -50,7 +51,14 @@ def check_paths(args: argparse.Namespace, posterior_must_exist: bool) -> None:
     model = Path(args.model)
     if not model.is_dir():
         raise UserError(f"--model {model}: no such folder")
-    if not (model / "config.json").is_file():
+    gguf_file = getattr(args, "gguf_file", None)
+    if gguf_file is not None:
+        if not (model / gguf_file).is_file():
+            raise UserError(f"--gguf-file {gguf_file}: no such file in --model {model}")
+        if importlib.util.find_spec("gguf") is None:
+            raise UserError(f"--gguf-file {gguf_file}: reading GGUF files needs the gguf "
+                            "package: pip install gguf")
+    elif not (model / "config.json").is_file():
         hint = (" (it holds a peft adapter: pass the base model as --model and this folder "
                 "as --adapter)" if (model / "adapter_config.json").is_file() else "")
         raise UserError(f"--model {model}: no config.json, not a Hugging Face model folder{hint}")
@@ -118,8 +126,9 @@ def load_classifier_and_tokenizer(args: argparse.Namespace):
     except (ValueError, UnicodeDecodeError) as err:
         raise UserError(f"--data: {err}") from None
 
+    gguf = {} if getattr(args, "gguf_file", None) is None else {"gguf_file": args.gguf_file}
     try:
-        config = AutoConfig.from_pretrained(args.model, local_files_only=True)
+        config = AutoConfig.from_pretrained(args.model, local_files_only=True, **gguf)
     except (OSError, ValueError) as err:
         raise UserError(f"--model {args.model}: cannot read its config: {first_line(err)}") from None
     seq_cls = _is_sequence_classifier(config)
@@ -130,7 +139,9 @@ def load_classifier_and_tokenizer(args: argparse.Namespace):
         )
     tok_dir = args.adapter if args.adapter and _has_tokenizer(args.adapter) else args.model
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(
+            tok_dir, local_files_only=True, **(gguf if tok_dir == args.model else {})
+        )
     except (OSError, ValueError, TypeError) as err:
         raise UserError(f"cannot load a tokenizer from {tok_dir}: {first_line(err)}") from None
     if tokenizer.pad_token_id is None:
@@ -143,7 +154,7 @@ def load_classifier_and_tokenizer(args: argparse.Namespace):
 
     auto = AutoModelForSequenceClassification if seq_cls else AutoModelForCausalLM
     try:
-        model = auto.from_pretrained(args.model, local_files_only=True)
+        model = auto.from_pretrained(args.model, local_files_only=True, **gguf)
     except (OSError, ValueError) as err:
         raise UserError(f"--model {args.model}: cannot load the model: {first_line(err)}") from None
     if getattr(model.config, "pad_token_id", None) is None:
