@@ -68,10 +68,10 @@ def test_sample_adapters_needs_a_peft_model(tmp_path):
     """LoRA layers injected without a PeftModel (peft's inject_adapter_in_model)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from tests.posterior.test_kron import MLP
+    from tests.models import MLP
 
     torch.manual_seed(0)
-    mlp = inject_adapter_in_model(LoraConfig(r=2, target_modules=["l1"], init_lora_weights=False), MLP())
+    mlp = inject_adapter_in_model(LoraConfig(r=2, target_modules=["l1"], init_lora_weights=False), MLP(6, 8, 3))
     for name, p in mlp.named_parameters():
         p.requires_grad_("lora_" in name)
     la = LoRALaplace(mlp, "classification")
