@@ -27,7 +27,7 @@ from laplace_llm import serialization
 from laplace_llm.curvature import LoRAKFAC
 from laplace_llm.discovery import find_blocks
 from laplace_llm.errors import LoRAModelError, PosteriorFileError
-from laplace_llm.evidence import linearised_scatter, optimize_prior_until_converged
+from laplace_llm.evidence import optimize_prior_until_converged
 from laplace_llm.matrix import LowRankKron, LowRankKronDecomposed, factor_dtype
 from laplace_llm.module_selection import restrict_to_blocks, select_blocks
 from laplace_llm.options import Evidence, KFACOptions, Truncation, check_int, expose_options
@@ -339,26 +339,47 @@ class LoRALaplace(KronLaplace):
         return self.posterior_precision.logdet()
 
     def optimize_prior_precision(self, *args: Any, **kwargs: Any) -> None:
-        """Tune the prior as laplace-torch does; marglik runs until it converges.
+        """Tune the prior as laplace-torch does.
 
-        With the linearised evidence, laplace-torch's fixed-step ``marglik`` loop is
-        repeated until it converges (see
-        :func:`~laplace_llm.evidence.optimize_prior_until_converged`).
+        With the default ``evidence="map"`` marglik is laplace-torch's loop, step for
+        step; with ``evidence="linearised"`` it is restarted until it converges (see
+        :func:`~laplace_llm.evidence.optimize_prior_until_converged`). Either way a
+        warning names the blocks whose prior marglik drives towards infinity.
         """
         optimize_prior_until_converged(self, super().optimize_prior_precision, args, kwargs)
+
+    @property
+    def log_det_ratio(self) -> torch.Tensor:
+        """``log det P − log det P₀``; with the linearised evidence as a sum of ``log1p``."""
+        if self.evidence == Evidence.MAP or getattr(self, "H_facs", None) is None:
+            return super().log_det_ratio
+        return self.posterior_precision.evidence_terms()[0].sum()
 
     @property
     def scatter(self) -> torch.Tensor:
         """The prior's term of the evidence, per ``options.evidence``.
 
-        ``"linearised"`` (default): the linearised model's, at its own mode (see
-        :mod:`laplace_llm.evidence`); ``"map"``: laplace-torch's ``dᵀΛ₀d``.
+        ``"map"`` (default): laplace-torch's ``dᵀΛ₀d``; ``"linearised"``: the linearised
+        model's, at its own mode, term by term in the Kronecker eigenbasis (see
+        :mod:`laplace_llm.evidence`).
         """
         if self.evidence == Evidence.MAP or getattr(self, "H_facs", None) is None:
             return super().scatter
-        precision = self.posterior_precision
-        return linearised_scatter(self.mean - self.prior_mean, self.prior_precision_diag,
-                                  lambda v: precision.bmm(v, exponent=-1))
+        return self.posterior_precision.evidence_terms(self.mean - self.prior_mean)[1].sum()
+
+    def _evidence_per_block(self, prior_precision: torch.Tensor) -> torch.Tensor:
+        """Return the evidence's prior terms ``−½ (log det(P_b/δ_b) + S_b)`` per block.
+
+        The evidence is their sum plus the log-likelihood; used to score each block's
+        prior on its own (:func:`~laplace_llm.evidence.warn_if_prior_diverges`).
+        """
+        self.prior_precision = prior_precision
+        d = self.mean - self.prior_mean
+        logdet, scatter = self.posterior_precision.evidence_terms(d)
+        if self.evidence == Evidence.MAP:
+            scatter = torch.stack([self.prior_precision_diag[s].mul(d[s].square()).sum()
+                                   for s in _block_slices(self.blocks)])
+        return -0.5 * (logdet + scatter)
 
     def square_norm(self, value: torch.Tensor) -> torch.Tensor:
         """Return ``(θ − μ)ᵀ P (θ − μ)`` for the posterior precision ``P``."""
@@ -563,7 +584,7 @@ class LoRALaplace(KronLaplace):
             **state["options"],
         }
         # files written before the option existed hold a prior chosen by laplace-torch's
-        # evidence
+        # evidence (the default again); files that record an evidence keep it
         kwargs.setdefault("evidence", Evidence.MAP)
         if "damping" in state:  # kron only
             kwargs["damping"] = state["damping"]
@@ -775,6 +796,15 @@ def _lora_class(structure: str) -> type | None:
             return c
         stack.extend(c.__subclasses__())
     return None
+
+
+def _block_slices(blocks) -> list[slice]:
+    """Return the slice of each block in the flat parameter vector."""
+    out, start = [], 0
+    for b in blocks:
+        out.append(slice(start, start + b.numel))
+        start += b.numel
+    return out
 
 
 def _first_diff(a: list[str], b: list[str], a_shapes: list, b_shapes: list) -> str:

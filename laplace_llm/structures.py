@@ -27,8 +27,12 @@ from torch.utils.data import DataLoader
 
 from laplace_llm.curvature import LoRAKFAC
 from laplace_llm.discovery import find_blocks
-from laplace_llm.evidence import linearised_scatter, optimize_prior_until_converged
-from laplace_llm.lora_laplace import LoRALaplace, predict
+from laplace_llm.evidence import (
+    diag_evidence_terms,
+    full_evidence_terms,
+    optimize_prior_until_converged,
+)
+from laplace_llm.lora_laplace import LoRALaplace, _block_slices, predict
 from laplace_llm.module_selection import restrict_to_blocks, select_blocks
 from laplace_llm.options import Evidence, KFACOptions, check_int
 from laplace_llm.per_example import LoRAPerExampleCurvature
@@ -163,19 +167,25 @@ class _LoRAParametric:
         return super().log_det_posterior_precision
 
     def optimize_prior_precision(self, *args: Any, **kwargs: Any) -> None:
-        """Tune the prior as :meth:`LoRALaplace.optimize_prior_precision` does.
-
-        With the linearised evidence ``marglik`` runs until it converges.
-        """
+        """Tune the prior as :meth:`LoRALaplace.optimize_prior_precision` does."""
         optimize_prior_until_converged(self, super().optimize_prior_precision, args, kwargs)
+
+    @property
+    def log_det_ratio(self) -> torch.Tensor:
+        """``log det P − log det P₀``; with the linearised evidence as in :meth:`_evidence_terms`."""
+        if self.options.evidence == Evidence.MAP or getattr(self, "H", None) is None:
+            return super().log_det_ratio
+        return self._evidence_terms()[0].sum()
 
     @property
     def scatter(self) -> torch.Tensor:
         """The prior's term of the evidence, per ``options.evidence`` (as LoRALaplace's)."""
         if self.options.evidence == Evidence.MAP or getattr(self, "H", None) is None:
             return super().scatter
-        return linearised_scatter(self.mean - self.prior_mean, self.prior_precision_diag,
-                                  self._solve_posterior)
+        return self._evidence_terms()[1].sum()
+
+    def _evidence_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
 
     def square_norm(self, value: torch.Tensor) -> torch.Tensor:
         if getattr(self, "H", None) is None:
@@ -355,8 +365,19 @@ class LoRADiagLaplace(_LoRAParametric, DiagLaplace):
     _key = ("lora", "diag")
     _structure = "diag"
 
-    def _solve_posterior(self, v: torch.Tensor) -> torch.Tensor:
-        return v / self.posterior_precision
+    def _evidence_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per parameter ``log1p(τh/δ)`` and linearised scatter ``δ·τh/(τh+δ)·d²``."""
+        return diag_evidence_terms(self._H_factor * self.H, self.prior_precision_diag,
+                                   self.mean - self.prior_mean)
+
+    def _evidence_per_block(self, prior_precision: torch.Tensor) -> torch.Tensor:
+        """``−½ (log det(P_b/Λ₀_b) + S_b)`` per block (see LoRALaplace's)."""
+        self.prior_precision = prior_precision
+        logdet, scatter = self._evidence_terms()
+        if self.options.evidence == Evidence.MAP:
+            scatter = self.prior_precision_diag * (self.mean - self.prior_mean).square()
+        both = logdet + scatter
+        return torch.stack([-0.5 * both[s].sum() for s in _block_slices(self.blocks)])
 
 
 class LoRAFullLaplace(_LoRAParametric, FullLaplace):
@@ -396,9 +417,10 @@ class LoRAFullLaplace(_LoRAParametric, FullLaplace):
         kwargs["max_params"] = state.get("max_params", MAX_FULL_PARAMS)
         return kwargs
 
-    def _solve_posterior(self, v: torch.Tensor) -> torch.Tensor:
-        L = torch.linalg.cholesky(self.posterior_precision)
-        return torch.cholesky_solve(v.unsqueeze(-1), L).squeeze(-1)
+    def _evidence_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log det(P/Λ₀)`` and the linearised scatter ``(Λ₀d)ᵀP⁻¹(τHd)``, in float64."""
+        return full_evidence_terms(self._H_factor * self.H, self.prior_precision_diag,
+                                   self.mean - self.prior_mean)
 
     def _check_size(self, n_params: int, model: nn.Module) -> None:
         if n_params <= self.max_params:
