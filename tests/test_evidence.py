@@ -290,7 +290,7 @@ def quiet_marglik(la, **kw):
 def test_float32_and_float64_optima_agree(structure):
     """The linearised marglik on the tiny Llama, fitted in float32 and in float64, with
     a tempered posterior (τ = 1000, as a thousand times the data) so that some priors
-    have a finite optimum. Those agree within 1% (measured ≤ 7e-4); the blocks whose
+    have a finite optimum. Those agree within 1% (measured ≤ 1.1e-3); the blocks whose
     prior goes towards infinity are the same in both and are named by the warning."""
     runs = {}
     for dtype in (torch.float32, torch.float64):
