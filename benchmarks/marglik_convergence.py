@@ -2,7 +2,7 @@
 
 On the real-text setting of ``benchmarks/real_text.py`` (MiniLM + LoRA fine-tuned on 500
 TREC-6 questions, seed 0), fits the default posterior once and tunes its prior by the
-linearised evidence twice: with laplace-torch's ``optimize_prior_precision`` loop alone
+linearised evidence (``evidence="linearised"``, an option) twice: with laplace-torch's ``optimize_prior_precision`` loop alone
 (100 Adam steps on log δ from δ = 1) and with :class:`~laplace_llm.LoRALaplace`'s, which
 restarts that loop until it converges. For each it prints δ, the log evidence and the
 evidence's slope in log δ, then the log evidence on a grid of δ.
@@ -42,7 +42,7 @@ def main(size: int = 500, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     train_lora(clf, loader, epochs=5, lr=2e-3)
     la = Laplace(clf, "classification", subset_of_weights="lora", hessian_structure="kron",
-                 seed=seed)
+                 seed=seed, evidence="linearised")
     la.fit(make_loader(records[:size], tok, 16, "text"))
     out = {}
     for name, optimise in [

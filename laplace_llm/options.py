@@ -84,22 +84,24 @@ class Evidence(str, enum.Enum):
     """Which model's evidence ``log_marginal_likelihood`` (and so ``marglik``) returns.
 
     Both share the data fit at the fine-tuned weights ``θ*`` and ``log det`` of the
-    posterior precision ``P = τH + Λ₀``; they differ in the prior's scatter term.
+    posterior precision ``P = τH + Λ₀``; they differ in the prior's scatter term (see
+    :mod:`laplace_llm.prior.evidence`).
     """
 
-    #: The evidence of the Gaussian (linearised) model the posterior describes, at that
-    #: model's own mode: the scatter is ``min_θ (θ−θ*)ᵀτH(θ−θ*) + (θ−μ₀)ᵀΛ₀(θ−μ₀)
-    #: = dᵀΛ₀d − (Λ₀d)ᵀP⁻¹(Λ₀d)`` with ``d = θ* − μ₀``. Weights the data do not determine
-    #: (where ``τH ≪ Λ₀``) are not charged to the prior: fine-tuning never pulled them
-    #: towards ``μ₀``, so their size says nothing about the prior's width.
-    LINEARISED = "linearised"
-    #: laplace-torch's evidence: the scatter ``dᵀΛ₀d`` at the fine-tuned weights, exact
-    #: when ``θ*`` is the mode under the prior being scored (training with that weight
-    #: decay).
+    #: laplace-torch's evidence (the default): the scatter ``dᵀΛ₀d`` at the fine-tuned
+    #: weights, ``d = θ* − μ₀``; exact when ``θ*`` is the mode under the prior being
+    #: scored (training with that weight decay). ``KronLaplace``'s number and prior.
     MAP = "map"
+    #: The evidence of the Gaussian (linearised) model the posterior describes, at that
+    #: model's own mode (Antorán et al., 2022, ICML): the scatter
+    #: ``min_θ (θ−θ*)ᵀτH(θ−θ*) + (θ−μ₀)ᵀΛ₀(θ−μ₀) = (Λ₀d)ᵀP⁻¹(τHd)``. It assumes a zero
+    #: likelihood gradient at ``θ*`` (a MAP trained to convergence without weight
+    #: decay). Weights the data do not determine (``τH ≪ Λ₀``) are not charged to the
+    #: prior, so marglik picks a tighter prior, often ``δ → ∞`` on small or noisy data.
+    LINEARISED = "linearised"
 
     def __str__(self) -> str:
-        """Return the plain value (``"linearised"``)."""
+        """Return the plain value (``"map"``)."""
         return self.value
 
 
@@ -138,8 +140,9 @@ class KFACOptions:
         What a low-rank factor keeps of the directions it discards.
     share_input_factors : bool, default True
         One input factor for LoRA layers that read the same input.
-    evidence : Evidence, default "linearised"
-        The evidence ``log_marginal_likelihood`` returns (see :class:`Evidence`).
+    evidence : Evidence, default "map"
+        The evidence ``log_marginal_likelihood`` returns: laplace-torch's, or the
+        linearised model's (see :class:`Evidence`).
 
     Raises
     ------
@@ -182,11 +185,11 @@ class KFACOptions:
         ),
     )
     evidence: Evidence = dataclasses.field(
-        default=Evidence.LINEARISED,
+        default=Evidence.MAP,
         metadata=_option(
-            "the evidence marglik maximises: that of the linearised model at its own mode "
-            "(linearised) or laplace-torch's, with the prior charged at the fine-tuned "
-            "weights (map)"
+            "the evidence marglik maximises: laplace-torch's, with the prior charged at "
+            "the fine-tuned weights (map), or that of the linearised model at its own "
+            "mode (linearised; Antorán et al. 2022, for a MAP trained without weight decay)"
         ),
     )
 

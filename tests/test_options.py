@@ -15,7 +15,7 @@ from tests.models import tiny_llama_lora
 
 DEFAULTS = {"n_kfac": 16, "lr_threshold": 128, "fisher_type": "mc", "mc_samples": 1,
             "kfac_approx": "expand", "truncation": "isotropic", "share_input_factors": True,
-            "evidence": "linearised"}
+            "evidence": "map"}
 
 
 def test_defaults_are_the_documented_ones_and_plain_json():

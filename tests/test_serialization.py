@@ -164,6 +164,20 @@ def test_files_without_evidence_option_keep_their_meaning(tmp_path):
     assert linearised.log_marginal_likelihood() > la.log_marginal_likelihood()
 
 
+def test_files_that_record_the_linearised_evidence_keep_it(tmp_path):
+    """A posterior saved with ``evidence="linearised"`` loads with it, whatever the
+    default, to the same evidence."""
+    clf = LLMClassifier(tiny_llama_lora(seed=0), TARGET_IDS)
+    la = LoRALaplace(clf, "classification", n_kfac=3, lr_threshold=8, fisher_type="ggn",
+                     evidence="linearised", prior_precision=0.5)
+    la.fit(token_loader(n=10, length=6))
+    path = la.save(tmp_path / "post.safetensors")
+    loaded = LoRALaplace.load(path, clf)
+    assert loaded.evidence == "linearised"
+    torch.testing.assert_close(loaded.log_marginal_likelihood(), la.log_marginal_likelihood(),
+                               rtol=0, atol=0)
+
+
 def test_a_folder_means_its_posterior_file(fitted, tmp_path):
     """save(folder) writes POSTERIOR_FILENAME inside; load(folder) finds it; an empty
     folder is named in the error."""

@@ -46,7 +46,7 @@ from laplace_llm.matrix import factor_dtype
 from laplace_llm.models.discovery import find_blocks
 from laplace_llm.models.selection import restrict_to_blocks, select_blocks
 from laplace_llm.options import Evidence, KFACOptions, check_int
-from laplace_llm.prior.evidence import linearised_scatter, optimize_prior_until_converged
+from laplace_llm.prior.evidence import optimize_prior_until_converged
 from laplace_llm.prior.grid import glm_moments_over_priors, one_pass_gridsearch, replayed_moments
 
 __all__ = ["LoRALaplaceBase", "STRUCTURES", "LIKELIHOODS", "OPTIONS", "load"]
@@ -268,29 +268,65 @@ class LoRALaplaceBase(ParametricLaplace):
         return super().square_norm(value)
 
     def optimize_prior_precision(self, *args: Any, **kwargs: Any) -> None:
-        """Tune the prior as laplace-torch does; marglik runs until it converges.
+        """Tune the prior as laplace-torch does.
 
-        With the linearised evidence, laplace-torch's fixed-step ``marglik`` loop is
-        repeated until it converges (see
-        :func:`~laplace_llm.prior.evidence.optimize_prior_until_converged`).
+        With the default ``evidence="map"`` marglik is laplace-torch's loop, step for
+        step; with ``evidence="linearised"`` it is restarted until it converges (see
+        :func:`~laplace_llm.prior.evidence.optimize_prior_until_converged`). Either way a
+        warning names the blocks whose prior marglik drives towards infinity.
         """
         optimize_prior_until_converged(self, super().optimize_prior_precision, args, kwargs)
+
+    @property
+    def log_det_ratio(self) -> torch.Tensor:
+        """``log det P − log det P₀``; with the linearised evidence as a sum of ``log1p``."""
+        if self.options.evidence == Evidence.MAP or not self._is_fitted():
+            return super().log_det_ratio
+        return self._evidence_terms()[0].sum()
 
     @property
     def scatter(self) -> torch.Tensor:
         """The prior's term of the evidence, per ``options.evidence``.
 
-        ``"linearised"``: the linearised model's, at its own mode (see
-        :mod:`laplace_llm.prior.evidence`); ``"map"``: laplace-torch's ``dᵀΛ₀d``.
+        ``"map"`` (default): laplace-torch's ``dᵀΛ₀d``; ``"linearised"``: the linearised
+        model's, at its own mode, term by term (see :mod:`laplace_llm.prior.evidence`
+        and the leaf's :meth:`_evidence_terms`).
         """
         if self.options.evidence == Evidence.MAP or not self._is_fitted():
             return super().scatter
-        return linearised_scatter(self.mean - self.prior_mean, self.prior_precision_diag,
-                                  self._solve_posterior)
+        return self._evidence_terms(self.mean - self.prior_mean)[1].sum()
 
-    def _solve_posterior(self, v: torch.Tensor) -> torch.Tensor:
-        """Return ``P⁻¹ v`` for the posterior precision ``P``."""
+    def _evidence_terms(
+        self, delta: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return ``log det(P/Λ₀)`` and the linearised scatter of ``delta``, as terms to sum.
+
+        The terms are per block (kron: the Kronecker eigenbasis), per parameter (diag)
+        or one each (full); the scatter is ``None`` without ``delta`` (``d = θ* − μ₀``).
+        No term is a difference of two large numbers, so float32 agrees with float64.
+        """
         raise NotImplementedError
+
+    def _evidence_per_block(self, prior_precision: torch.Tensor) -> torch.Tensor:
+        """Return the evidence's prior terms ``−½ (log det(P_b/Λ₀_b) + S_b)`` per block.
+
+        The evidence is their sum plus the log-likelihood; used to score each block's
+        prior on its own (:func:`~laplace_llm.prior.evidence.warn_if_prior_diverges`),
+        for a structure whose evidence separates over the blocks (kron, diag; full sets
+        it to ``None``).
+        """
+        self.prior_precision = prior_precision
+        d = self.mean - self.prior_mean
+        logdet, scatter = self._evidence_terms(d)
+        if self.options.evidence == Evidence.MAP:
+            scatter = self.prior_precision_diag * d.square()
+        return -0.5 * (self._sum_per_block(logdet) + self._sum_per_block(scatter))
+
+    def _sum_per_block(self, terms: torch.Tensor) -> torch.Tensor:
+        """Sum per-parameter ``terms`` ``(P,)`` to one per block; per-block ones pass through."""
+        if terms.numel() != sum(b.numel for b in self.blocks):
+            return terms.reshape(len(self.blocks))
+        return torch.stack([terms[s].sum() for s in _block_slices(self.blocks)])
 
     # -------------------------------------------------------------------- fit
     def _n_outputs_of(self, first_batch: Any) -> int:
@@ -724,7 +760,7 @@ class LoRALaplaceBase(ParametricLaplace):
             **state["options"],
         }
         # files written before the option existed hold a prior chosen by laplace-torch's
-        # evidence
+        # evidence (the default again); files that record an evidence keep it
         kwargs.setdefault("evidence", Evidence.MAP)
         return kwargs
 
@@ -796,6 +832,15 @@ def _refuse_bridge_for_missing_candidates(x: Any, pred_type: str, link_approx: s
             f"link_approx={link_approx!r} divides by each logit's variance, which is 0 "
             "for a missing candidate (candidate_mask 0): use link_approx='probit' or 'mc'."
         )
+
+
+def _block_slices(blocks) -> list[slice]:
+    """Return the slice of each block in the flat parameter vector."""
+    out, start = [], 0
+    for b in blocks:
+        out.append(slice(start, start + b.numel))
+        start += b.numel
+    return out
 
 
 def _first_diff(a: list[str], b: list[str], a_shapes: list, b_shapes: list) -> str:

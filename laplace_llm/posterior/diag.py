@@ -13,6 +13,7 @@ import torch
 from laplace import DiagLaplace
 
 from laplace_llm.posterior.base import LoRALaplaceBase
+from laplace_llm.prior.evidence import diag_evidence_terms
 
 __all__ = ["LoRADiagLaplace"]
 
@@ -51,5 +52,10 @@ class LoRADiagLaplace(LoRALaplaceBase, DiagLaplace):
 
     _key = ("lora", "diag")
 
-    def _solve_posterior(self, v: torch.Tensor) -> torch.Tensor:
-        return v / self.posterior_precision
+    def _evidence_terms(
+        self, delta: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per parameter ``log1p(τh/δ)`` and linearised scatter ``δ·τh/(τh+δ)·d²``."""
+        d = torch.zeros_like(self.mean) if delta is None else delta
+        logdet, scatter = diag_evidence_terms(self._H_factor * self.H, self.prior_precision_diag, d)
+        return logdet, None if delta is None else scatter

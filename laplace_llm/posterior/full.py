@@ -18,6 +18,7 @@ from torch import nn
 
 from laplace_llm.options import check_int
 from laplace_llm.posterior.base import LoRALaplaceBase
+from laplace_llm.prior.evidence import full_evidence_terms
 
 __all__ = ["LoRAFullLaplace", "MAX_FULL_PARAMS"]
 
@@ -62,9 +63,17 @@ class LoRAFullLaplace(LoRALaplaceBase, FullLaplace):
         kwargs["max_params"] = state.get("max_params", MAX_FULL_PARAMS)
         return kwargs
 
-    def _solve_posterior(self, v: torch.Tensor) -> torch.Tensor:
-        L = torch.linalg.cholesky(self.posterior_precision)
-        return torch.cholesky_solve(v.unsqueeze(-1), L).squeeze(-1)
+    def _evidence_terms(
+        self, delta: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``log det(P/Λ₀)`` and the linearised scatter ``(Λ₀d)ᵀP⁻¹(τHd)``, in float64."""
+        d = torch.zeros_like(self.mean) if delta is None else delta
+        logdet, scatter = full_evidence_terms(self._H_factor * self.H, self.prior_precision_diag, d)
+        return logdet, None if delta is None else scatter
+
+    #: ``P`` couples the blocks, so the evidence does not separate over them:
+    #: :func:`~laplace_llm.prior.evidence.warn_if_prior_diverges` evaluates it once per block
+    _evidence_per_block = None
 
     def _check_size(self, n_params: int, model: nn.Module) -> None:
         if n_params <= self.max_params:

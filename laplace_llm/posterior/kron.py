@@ -137,8 +137,15 @@ class LoRALaplace(LoRALaplaceBase, KronLaplace):
             return super().log_det_posterior_precision
         return self.posterior_precision.logdet()
 
-    def _solve_posterior(self, v: torch.Tensor) -> torch.Tensor:
-        return self.posterior_precision.bmm(v, exponent=-1)
+    def _evidence_terms(
+        self, delta: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per block ``log det(P_b/δ_b)`` and linearised scatter, in the Kronecker eigenbasis.
+
+        ``Σ log1p(c/δ)`` and ``Σ δ·c/(c+δ)·‖projected d‖²`` over the eigenspaces of each
+        block (:meth:`~laplace_llm.matrix.LowRankKronDecomposed.evidence_terms`).
+        """
+        return self.posterior_precision.evidence_terms(delta)
 
     def square_norm(self, value: torch.Tensor) -> torch.Tensor:
         """Return ``(θ − μ)ᵀ P (θ − μ)`` for the posterior precision ``P``."""

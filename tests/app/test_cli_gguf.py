@@ -57,7 +57,7 @@ def test_fit_and_evaluate_a_gguf_model(gguf_setup, tmp_path):
     # the same model, posterior and data through the Python API give the same numbers
     model, tok = load_causal_lm(root / "model", gguf_file=info["name"])
     peft_model = PeftModel.from_pretrained(model, root / "adapter", is_trainable=True)
-    clf = LLMClassifier.from_choices(peft_model, tok, mcqa_choices(4))
+    clf = LLMClassifier.from_choices(peft_model, tok, mcqa_choices(4), center=True)  # as the CLI
     la = LoRALaplace.load(post, clf)
     loader = make_loader(read_jsonl(root / "data.jsonl", "mcqa"), tok, 4, "mcqa")
     probs, labels = collect_probs(clf, la, loader, methods=["map", "la_probit"])

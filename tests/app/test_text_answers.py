@@ -86,11 +86,11 @@ def test_quick_words_demo_laplace_lowers_calibration_error(tmp_path):
     by likelihood. Measured: ECE 0.161 → 0.094 (probit) / 0.139 (MC) in distribution,
     MC NLL 0.768 → 0.759; under shift NLL 1.81 → 1.34 / 1.10. The probit NLL in
     distribution is slightly worse (0.789): see the README on probit with text answers.
-    Run with laplace-torch's evidence (``--evidence map``): on this quick model, which
-    memorises its 128 questions, the default linearised evidence rises towards δ → ∞ and
-    leaves the MAP almost unchanged (the README's Limits)."""
-    assert main(["demo", "--quick", "--answers", "words", "--evidence", "map",
-                 "--out", str(tmp_path), "--quiet"]) == 0
+    With laplace-torch's evidence, the default: on this quick model, which memorises its
+    128 questions, the linearised evidence rises towards δ → ∞ and leaves the MAP almost
+    unchanged (the README's Limits)."""
+    assert main(["demo", "--quick", "--answers", "words", "--out", str(tmp_path),
+                 "--quiet"]) == 0
     report = json.loads((tmp_path / "metrics.json").read_text())
     assert report["config"]["answers"] == "words"
     ident, shift = report["results"]["id"], report["results"]["shift"]

@@ -24,6 +24,7 @@ import torch
 from laplace import Laplace
 from laplace.baselaplace import BaseLaplace
 from laplace.curvature import CurvlinopsEF, CurvlinopsGGN
+from laplace.utils.enums import TuningMethod
 from torch.utils.data import DataLoader, TensorDataset
 
 import laplace_llm
@@ -74,7 +75,7 @@ def llama_loader(likelihood, n=9, length=5, batch_size=4, seed=0):
 
 def fit_both(model, loader, likelihood, structure, fisher, ref_structure=None, **kw):
     la = Laplace(model, likelihood, subset_of_weights="lora", hessian_structure=structure,
-                 fisher_type=fisher, evidence="map", **kw)
+                 fisher_type=fisher, **kw)
     la.fit(loader)
     ref = Laplace(model, likelihood, subset_of_weights="all",
                   hessian_structure=ref_structure or structure,
@@ -170,6 +171,36 @@ def check_against_reference(la, ref, x, likelihood):
     assert rel(la.prior_precision, ref.prior_precision) < RTOL
 
 
+@pytest.mark.parametrize("call", ["no arguments", "TuningMethod.MARGLIK"])
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+def test_default_evidence_and_marglik_equal_laplace_torch(structure, likelihood, call):
+    """With no evidence argument, ``log_marginal_likelihood`` and the prior of
+    ``optimize_prior_precision()`` (laplace-torch's default method, also spelled as its
+    enum) equal laplace-torch's over the same weights (Kron at full rank), to 1e-6."""
+    model = lora_mlp()
+    loader = mlp_loader(likelihood)
+    kw = dict(prior_precision=0.8)
+    if likelihood == "regression":
+        kw["sigma_noise"] = 0.6
+    extra = dict(n_kfac=64) if structure == "kron" else {}
+    la = Laplace(model, likelihood, subset_of_weights="lora", hessian_structure=structure,
+                 fisher_type="ggn", **extra, **kw)
+    la.fit(loader)
+    ref = Laplace(model, likelihood, subset_of_weights="all", hessian_structure=structure,
+                  backend=CurvlinopsGGN, **kw)
+    ref.fit(loader)
+    assert la.options.evidence == "map"
+    torch.testing.assert_close(la.log_marginal_likelihood(), ref.log_marginal_likelihood(),
+                               rtol=1e-6, atol=0)
+    args = {} if call == "no arguments" else {"method": TuningMethod.MARGLIK}
+    la.optimize_prior_precision(**args)
+    ref.optimize_prior_precision(**args)
+    torch.testing.assert_close(la.prior_precision, ref.prior_precision, rtol=1e-6, atol=0)
+    torch.testing.assert_close(la.log_marginal_likelihood(), ref.log_marginal_likelihood(),
+                               rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("structure", ["kron", "diag", "full"])
 def test_regression_evidence_and_its_gradients_equal_laplace_torch(structure):
     """log p(D | δ, σ) and its gradient in both, at several (δ, σ) pairs, against
@@ -185,7 +216,7 @@ def test_regression_evidence_and_its_gradients_equal_laplace_torch(structure):
     loader = mlp_loader("regression")
     extra = dict(n_kfac=64) if structure == "kron" else {}
     la = Laplace(model, "regression", subset_of_weights="lora", hessian_structure=structure,
-                 fisher_type="ggn", evidence="map", **extra)
+                 fisher_type="ggn", **extra)
     la.fit(loader)
     ref = Laplace(model, "regression", subset_of_weights="all", hessian_structure=structure,
                   backend=CurvlinopsGGN)
@@ -218,9 +249,11 @@ def test_regression_evidence_and_its_gradients_equal_laplace_torch(structure):
     assert rel(v, w) < 1e-6
 
 
-def test_regression_noise_tuning_matches_laplace_torch_loop():
-    """optimize_prior_and_noise runs laplace-torch's regression-example loop (Adam on log δ
-    and log σ); the same loop on laplace-torch's DiagLaplace lands on the same values."""
+def test_regression_noise_tuning_converges_to_the_evidence_maximum():
+    """optimize_prior_and_noise restarts laplace-torch's regression-example loop (Adam on
+    log δ and log σ) until a round gains under 1e-3 nats. Reference: the maximiser of
+    laplace-torch's own DiagLaplace evidence by L-BFGS to a gradient of 1e-10. One round
+    of 80 steps stops short of it (more than 1% off here); the rounds land within 1e-2."""
     model = lora_mlp()
     loader = mlp_loader("regression")
     la, ref = fit_both(model, loader, "regression", "diag", "ggn")
@@ -232,11 +265,22 @@ def test_regression_noise_tuning_matches_laplace_torch_loop():
         opt.zero_grad()
         (-ref.log_marginal_likelihood(log_prior.exp(), log_sigma.exp())).backward()
         opt.step()
-    assert rel(prior, log_prior.exp().detach()) < 1e-8
-    assert abs(sigma - log_sigma.exp()).item() < 1e-8 * float(sigma)
+    one_round = (log_prior.detach().exp(), log_sigma.detach().exp())
+    lbfgs = torch.optim.LBFGS([log_prior, log_sigma], max_iter=500, tolerance_grad=1e-10,
+                              tolerance_change=1e-14, line_search_fn="strong_wolfe")
+
+    def closure():
+        lbfgs.zero_grad()
+        loss = -ref.log_marginal_likelihood(log_prior.exp(), log_sigma.exp())
+        loss.backward()
+        return loss
+
+    lbfgs.step(closure)
+    best = (log_prior.detach().exp(), log_sigma.detach().exp())
+    assert rel(one_round[0], best[0]) > 1e-2
+    assert rel(prior, best[0]) < 1e-2
+    assert abs(sigma / best[1] - 1).item() < 1e-2
     assert float(la.sigma_noise) == pytest.approx(float(sigma))
-    # the evidence went up from the start (δ = σ = 1)
-    assert la.log_marginal_likelihood() > ref.log_marginal_likelihood(torch.ones(1, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)) + 1e-3
 
 
 @pytest.mark.parametrize("structure", ["diag", "full"])
@@ -310,7 +354,7 @@ def test_last_layer_lora_is_llla():
     loader = llama_loader("classification")
     model = llama(target_modules=targets)
     la = Laplace(model, "classification", subset_of_weights="lora", hessian_structure="kron",
-                 lora_modules=["lm_head"], fisher_type="ggn", n_kfac=128, evidence="map")
+                 lora_modules=["lm_head"], fisher_type="ggn", n_kfac=128)
     la.fit(loader)
     assert [b.role for b in la.blocks] == ["lora_A", "lora_B"]
     assert all("lm_head" in b.name for b in la.blocks)
@@ -418,8 +462,7 @@ def test_plain_head_alone_is_last_layer_laplace():
     loader = token_loader(n=9, length=5, batch_size=4, n_classes=3, vocab=64)
     model = LLMClassifier(tiny_bert_seqcls_lora(num_labels=3, seed=0).double())
     la = Laplace(model, "classification", subset_of_weights="lora", hessian_structure="kron",
-                 lora_modules=["classifier"], fisher_type="ggn", n_kfac=512, prior_precision=0.7,
-                 evidence="map")
+                 lora_modules=["classifier"], fisher_type="ggn", n_kfac=512, prior_precision=0.7)
     la.fit(loader)
     assert [b.role for b in la.blocks] == ["linear", "linear"]
     frozen = LLMClassifier(tiny_bert_seqcls_lora(num_labels=3, seed=0).double())

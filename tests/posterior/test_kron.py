@@ -12,6 +12,7 @@ import pytest
 import torch
 from laplace import Laplace
 from laplace.curvature import CurvlinopsGGN
+from laplace.utils.enums import TuningMethod
 from torch.utils.data import ConcatDataset, DataLoader
 
 import laplace_llm
@@ -44,7 +45,6 @@ def fit_pair(model, loader, approx, lr_threshold=128, n_kfac=128, **kwargs):
         kfac_approx=approx,
         n_kfac=n_kfac,
         lr_threshold=lr_threshold,
-        evidence="map",  # laplace-torch's evidence is the reference here
         **kwargs,
     )
     la.fit(loader)
@@ -162,6 +162,20 @@ def test_sample_covariance_matches_posterior(fitted):
     exact = la.posterior_precision.to_matrix(exponent=-1)
     # Monte-Carlo error of a covariance entry ~ sqrt(2/n) of the scale
     assert (cov - exact).abs().max() < 5 * (2 / 20000) ** 0.5 * exact.diagonal().max()
+
+
+@pytest.mark.parametrize("call", ["no arguments", "TuningMethod.MARGLIK"])
+def test_default_marglik_equals_laplace_torch(fitted, call):
+    """No evidence argument and laplace-torch's default call (or its enum spelling):
+    the same prior and evidence as KronLaplace, to 1e-6."""
+    la, ref = fitted
+    assert la.options.evidence == "map"
+    args = {} if call == "no arguments" else {"method": TuningMethod.MARGLIK}
+    la.optimize_prior_precision(**args)
+    ref.optimize_prior_precision(**args)
+    torch.testing.assert_close(la.prior_precision, ref.prior_precision, rtol=1e-6, atol=0)
+    torch.testing.assert_close(la.log_marginal_likelihood(), ref.log_marginal_likelihood(),
+                               rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("structure", ["scalar", "layerwise"])

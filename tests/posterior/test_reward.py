@@ -74,7 +74,6 @@ def fit_pair(family: str, approx: str, lr_threshold: int):
     la = Laplace(
         model, "reward_modeling", subset_of_weights="lora", hessian_structure="kron",
         fisher_type="ggn", n_kfac=256, lr_threshold=lr_threshold, kfac_approx=approx,
-        evidence="map",  # laplace-torch's evidence is the reference here
     )
     la.fit(loader)
     ref = Laplace(
