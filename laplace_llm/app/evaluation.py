@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import tqdm
 from torch import nn
 
+from laplace_llm.progress import progress_bar
 from laplace_llm.tools import metrics
 
 __all__ = [
@@ -124,7 +124,7 @@ def collect_probs(
     labels = []
     # LoRALaplace passes `generator` on to the Monte-Carlo samples (laplace-torch 0.3
     # would draw them from the global generator), so the caller's random state is untouched
-    for batch in tqdm.tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for batch in progress_bar(loader, enabled=progress, desc=desc, leave=False):
         _predict_batch(model, la, ts, batch, device, methods, mc_samples, generator, fitting,
                        out, labels)
     return {m: torch.cat(v) for m, v in out.items()}, torch.cat(labels)

@@ -211,6 +211,7 @@ class LoRAKFAC(CurvatureInterface):
     # ------------------------------------------------------------------- probes
     def probes(self, f: torch.Tensor, y: torch.Tensor | None) -> list[tuple[torch.Tensor, float]]:
         """Output cotangents ``v (B, C)`` and weights whose ``Σ w JᵀvvᵀJ`` is the Fisher."""
+        self._check_outputs(f)
         if self.likelihood == "regression":
             return self._regression_probes(f, y)
         p = torch.softmax(f.detach().to(self.factor_dtype()), dim=-1)
@@ -232,6 +233,31 @@ class LoRAKFAC(CurvatureInterface):
             ((p - nn.functional.one_hot(lab.to(p.device), C).to(p.dtype)).to(f.dtype), weight)
             for lab in labels
         ]
+
+    def _check_outputs(self, f: torch.Tensor) -> None:
+        """Refuse non-finite model outputs before they reach a sampler or a softmax.
+
+        Raises
+        ------
+        NonFiniteError
+            naming the LoRA modules whose weights are not finite, if any.
+        """
+        if bool(torch.isfinite(f.detach()).all()):
+            return
+        bad = []
+        for b in self.blocks:
+            w = b.module.weight.detach()
+            w = w.to_local() if hasattr(w, "to_local") else w  # a sharded (DTensor) weight
+            if not bool(torch.isfinite(w).all()):
+                bad.append(b.module_name)
+        where = (f"the LoRA weights of {bad[:3]}{' …' if len(bad) > 3 else ''} are not finite"
+                 if bad else "every LoRA weight is finite, so the inputs or the base model "
+                 "produce them")
+        raise NonFiniteError(
+            f"NaN or Inf in the model's outputs of this batch: {where}. Check that the "
+            "fine-tuned weights are finite, the inputs, and the model's dtype (fp16 "
+            "overflows easily; use bf16 or float32)."
+        )
 
     def _regression_probes(self, f, y) -> list[tuple[torch.Tensor, float]]:
         B, k = f.shape

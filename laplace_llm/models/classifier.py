@@ -310,8 +310,10 @@ class LLMClassifier(nn.Module):
                 pieces = tokenizer.convert_ids_to_tokens(encoded)
                 raise ValueError(
                     f"choice {choice!r} is {len(encoded)} tokens {pieces} (ids {encoded}), not "
-                    "exactly one: use choices that are single tokens, e.g. letters with a "
-                    "leading space (' A') or without it ('A'), depending on the tokenizer."
+                    "exactly one. Answers of several tokens are scored by their likelihood "
+                    "with CandidateScorer.from_texts(model, tokenizer, choices); for "
+                    "from_choices use single tokens, e.g. letters with a leading space (' A') "
+                    "or without it ('A'), depending on the tokenizer."
                 )
             ids.append(int(encoded[0]))
         seen: dict[int, str] = {}

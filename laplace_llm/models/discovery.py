@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from laplace_llm.errors import LoRAModelError
+from laplace_llm.sharding import plain_module_type, refuse_unsupported_sharding
 
 __all__ = ["KronBlock", "find_blocks", "LoRAModelError"]
 
@@ -89,9 +90,12 @@ def find_blocks(model: nn.Module) -> list[KronBlock]:
     ------
     LoRAModelError
         no trainable LoRA parameter; adapters merged or disabled; trainable LoRA
-        parameters of an inactive adapter; or trainable parameters that belong to
-        no supported block (LoRA on embeddings, DoRA magnitudes, LayerNorm, ...).
+        parameters of an inactive adapter; trainable parameters that belong to
+        no supported block (LoRA on embeddings, DoRA magnitudes, LayerNorm, ...); or a
+        model sharded by FSDP1 or DeepSpeed ZeRO-3 (FSDP2 ``fully_shard`` is supported,
+        see :mod:`laplace_llm.sharding`).
     """
+    refuse_unsupported_sharding(model)
     for name, layer in _lora_layers(model):
         if getattr(layer, "merged_adapters", None):
             raise LoRAModelError(
@@ -118,7 +122,7 @@ def find_blocks(model: nn.Module) -> list[KronBlock]:
             continue
         module_name, _, attr = pname.rpartition(".")
         module = modules.get(module_name)
-        if type(module) is not nn.Linear or attr not in ("weight", "bias"):
+        if module is None or plain_module_type(module) is not nn.Linear or attr not in ("weight", "bias"):
             unsupported.append(f"{pname} {tuple(p.shape)} in {type(module).__name__}")
             continue
         role, adapter = _lora_role(module_name)

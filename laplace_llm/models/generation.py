@@ -26,6 +26,7 @@ from torch import nn
 
 from laplace_llm.curvature.kfac import LoRAKFAC
 from laplace_llm.models.candidates import CandidateScorer, encode_candidates
+from laplace_llm.sharding import save_adapter, writes_here
 
 __all__ = ["answer_log_likelihood", "sample_adapters"]
 
@@ -91,11 +92,13 @@ def sample_adapters(
         for i, sample in enumerate(samples):
             la._set_params(sample)
             path = out / f"sample_{i:03d}"
-            peft_model.save_pretrained(path)
+            save_adapter(peft_model, path)  # sharded: gathered, written by rank 0
             paths.append(path)
     finally:
         la._set_params(la.mean)
     prior = la.prior_precision.detach().cpu().reshape(-1).tolist()
+    if not writes_here(la.model):
+        return paths
     with open(out / "samples.json", "w", encoding="utf-8") as fh:
         json.dump(
             {"n_samples": n_samples, "seed": seed, "prior_precision": prior,

@@ -35,10 +35,9 @@ import torch
 import tqdm
 from laplace.baselaplace import BaseLaplace, ParametricLaplace
 from torch import nn
-from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader
 
-from laplace_llm import serialization
+from laplace_llm import serialization, sharding
 from laplace_llm.checks import check_batch, loader_size
 from laplace_llm.curvature.per_example import LoRAPerExampleCurvature
 from laplace_llm.errors import LoRAModelError, NonFiniteError, PosteriorFileError
@@ -380,7 +379,7 @@ class LoRALaplaceBase(ParametricLaplace):
         self._merge(H_new, loss, N, override)
         self.n_outputs = n_outputs
         self.model.output_size = n_outputs
-        mean = parameters_to_vector(self.params).to(self._dtype)
+        mean = sharding.full_vector(self.params).to(self._dtype)  # gathered if sharded
         self.mean = mean if self.enable_backprop else mean.detach()
         self._posterior_changed()
 
@@ -407,6 +406,7 @@ class LoRALaplaceBase(ParametricLaplace):
             backend.generator = torch.Generator(device=self._device).manual_seed(self.seed)
         model.eval()
         H, loss, n_outputs = None, 0.0, None
+        n_batches = sharding.batches_to_run(model, train_loader)  # None unless sharded
         try:
             desc = f"[LoRA {self._key[1]}]"
             for i, data in enumerate(tqdm.tqdm(train_loader, disable=not progress_bar, desc=desc)):
@@ -424,6 +424,8 @@ class LoRALaplaceBase(ParametricLaplace):
                 loss = loss + loss_b
             if H is None:
                 raise ValueError("The train loader yielded no batch.")
+            for _ in range(i + 1, n_batches or 0):  # a sharded model's passes are collective
+                self._add_batch(X, y, N, None)  # idle: discarded
         finally:
             for m, mode in modes:
                 m.training = mode
@@ -497,6 +499,12 @@ class LoRALaplaceBase(ParametricLaplace):
         if block_jacobians is not None and self.jacobian_free and not self.enable_backprop:
             out = block_jacobians(X)
         if out is None:
+            if sharding.sharded_model(self.model):
+                raise ValueError(
+                    "The torch.func Jacobians (jacobian_free=False, enable_backprop=True, or "
+                    "LoRA modules that see another batch size than the logits) do not run on "
+                    "an FSDP-sharded model; use the default jacobian_free=True."
+                )
             Js, f_mu = self.backend.jacobians(X, enable_backprop=self.enable_backprop)
         else:
             f_mu, Js = out
@@ -544,11 +552,8 @@ class LoRALaplaceBase(ParametricLaplace):
         return (f_mu.unsqueeze(-1) + scale @ eps).permute(2, 0, 1)
 
     def _set_params(self, vector: torch.Tensor) -> None:
-        start = 0
-        for p in self.params:
-            n = p.numel()
-            p.data.copy_(vector[start : start + n].view_as(p))
-            start += n
+        # sharded parameters take their own slice, of rank 0's vector
+        sharding.write_vector(self.params, vector, self.model)
 
     def _nn_functional_samples(self, X, n_samples=100, generator=None, **model_kwargs):
         self._check_H_init()
@@ -568,9 +573,7 @@ class LoRALaplaceBase(ParametricLaplace):
 
     def _weights_equal_mean(self, mean: torch.Tensor) -> bool:
         """Whether the model's LoRA weights are ``mean`` (the posterior mean) bit for bit."""
-        current = parameters_to_vector(self.params).detach().to(self._dtype)
-        mean = mean.detach().to(current.device)
-        return current.shape == mean.shape and torch.equal(current, mean)
+        return sharding.equals_vector(self.params, mean)  # sharded: this rank's slices
 
     def _warn_if_weights_changed(self) -> None:
         if not self._weights_equal_mean(self.mean):
@@ -733,6 +736,8 @@ class LoRALaplaceBase(ParametricLaplace):
         """
         state = self.state_dict()
         path = serialization.posterior_path(path)
+        if not sharding.writes_here(self.model):  # a sharded model's file is rank 0's
+            return path
         serialization.check_overwrite(path, state["block_names"], state["block_shapes"])
         serialization.write_state(state, path)
         return path

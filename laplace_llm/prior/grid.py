@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 import torchmetrics
-import tqdm
 from laplace.utils import validate
+
+from laplace_llm.progress import progress_bar as show_progress
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ def one_pass_gridsearch(
         la._glm_replay = replay
     scores = []
     try:
-        bar = tqdm.tqdm(grid, disable=not progress_bar, desc="[Grid search]")
+        bar = show_progress(grid, enabled=progress_bar, desc="[Grid search]")
         for prior in bar:
             la.prior_precision = prior
             if isinstance(loss, torchmetrics.Metric):
@@ -211,7 +212,7 @@ def _precompute(la, grid, val_loader, progress_bar):
             keys.append(la.prior_precision.detach().clone())
     batches, replay = [], _Replay()
     desc = "[Grid search | Jacobians, all priors]"
-    for data in tqdm.tqdm(val_loader, disable=not progress_bar, desc=desc):
+    for data in show_progress(val_loader, enabled=progress_bar, desc=desc):
         if isinstance(data, MutableMapping):
             X = data
         else:  # validate moves X to the device; moved once here, it moves no more

