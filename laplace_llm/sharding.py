@@ -88,7 +88,7 @@ def plain_module_type(module: nn.Module) -> type:
 
 
 def refuse_unsupported_sharding(model: nn.Module) -> None:
-    """Refuse FSDP1 and DeepSpeed ZeRO-3 models; reshard FSDP2 modules.
+    """Refuse FSDP1, DeepSpeed ZeRO-3 and an FSDP2 root below ``model``; reshard FSDP2 modules.
 
     FSDP2 leaves the root's parameters unsharded after a forward pass (its module
     attributes are then plain tensors); resharding makes ``model.parameters()`` the
@@ -97,7 +97,9 @@ def refuse_unsupported_sharding(model: nn.Module) -> None:
     Raises
     ------
     LoRAModelError
-        an FSDP1 module (``FullyShardedDataParallel``) or a ZeRO-3 parameter in ``model``.
+        an FSDP1 module (``FullyShardedDataParallel``) or a ZeRO-3 parameter in ``model``;
+        FSDP2 modules in ``model`` while ``model`` itself is not one (its forward would not
+        run the root's all-gather: ``fully_shard`` the model passed to Laplace last).
     """
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -122,8 +124,22 @@ def refuse_unsupported_sharding(model: nn.Module) -> None:
                 "(torch.distributed.fsdp.fully_shard), DeepSpeed ZeRO stage 0-2, or an "
                 "unsharded model (one process, or DDP with fit(distributed=True))."
             )
-    for module in _fsdp2_modules(model):
+    inner = _fsdp2_modules(model)
+    if inner and inner[0] is not model:
+        raise LoRAModelError(
+            f"Module '{_name_of(model, inner[0])}' is sharded with fully_shard but the model "
+            f"passed to Laplace ({type(model).__name__}) is not: a wrapper such as "
+            "LLMClassifier calls the backbone's parts and bypasses the inner root's forward, "
+            "whose all-gather the embeddings and head need. Apply fully_shard to each "
+            "decoder layer and last to the model you pass to Laplace (e.g. "
+            "`fully_shard(LLMClassifier(peft_model, ...))`), before any forward pass."
+        )
+    for module in inner:
         module.reshard()
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next((n for n, m in model.named_modules() if m is module), type(module).__name__)
 
 
 def full_vector(params: Iterable[torch.Tensor]) -> torch.Tensor:

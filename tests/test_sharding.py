@@ -84,6 +84,7 @@ def sharded_worker(rank, world, port, out_dir):
         from laplace_llm.sharding import equals_vector, is_sharded
 
         clf = classifier(shard=True)
+        local_bytes = sum(p.to_local().numel() * p.element_size() for p in clf.parameters())
         items = token_items(ITEMS, 6, seed=1)[rank::world]
         loader = DataLoader(DictDataset(items), batch_size=BATCH)
         la = LoRALaplace(clf, "classification", **KFAC)
@@ -97,6 +98,7 @@ def sharded_worker(rank, world, port, out_dir):
             "n_data": la.n_data,
             **predictions(la, X),
             "restored": equals_vector(la.params, la.mean),
+            "local_param_bytes": local_bytes,
         }
         path = la.save(os.path.join(out_dir, f"posterior_rank{rank}"))
         result["saved_exists"] = path.exists()
@@ -139,6 +141,14 @@ def test_fsdp2_fit_predict_save_equal_the_unsharded_fit(tmp_path):
     assert float(want["f_var"].diagonal(dim1=-2, dim2=-1).min()) > 1e-6
     map_probs = torch.softmax(want["f_mu"], -1)
     assert float((got[1]["nn"] - map_probs).abs().max()) > 1e-4
+
+    # the memory model's shards are what each rank holds (float64 base and adapters)
+    from laplace_llm.tools.memory import fsdp_rank_bytes
+
+    config = clf.model.base_model.model.config
+    shards = fsdp_rank_bytes(config, ["q_proj", "v_proj"], 4, world=2, tokens=1,
+                             param_bytes=8, adapter_bytes=8)["shards"]
+    assert [res["local_param_bytes"] for res in got] == [shards, shards]
 
     # one file, rank 0's; it loads into the unsharded model in one process
     assert got[0]["saved_exists"] and not got[1]["saved_exists"]
@@ -196,3 +206,15 @@ def test_zero3_parameters_are_refused_naming_the_alternatives():
     p.ds_id = 7  # what DeepSpeed ZeRO-3 puts on each partitioned parameter
     with pytest.raises(LoRAModelError, match=r"ZeRO-3.*fully_shard.*ZeRO stage 0-2"):
         LoRALaplace(clf, "classification")
+
+
+def test_fsdp2_root_below_the_classifier_is_refused_naming_the_fix(single_process_group):
+    """LLMClassifier bypasses the PeftModel's forward: an inner root would never all-gather."""
+    from torch.distributed.fsdp import fully_shard
+
+    peft = tiny_llama_lora(seed=0)
+    for layer in peft.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(peft)
+    with pytest.raises(LoRAModelError, match=r"fully_shard\(LLMClassifier"):
+        LoRALaplace(LLMClassifier(peft, TARGET_IDS), "classification")
