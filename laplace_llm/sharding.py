@@ -24,6 +24,7 @@ parameters with ``ds_id``) hide the LoRA weights' shapes and are refused by
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -39,6 +40,7 @@ __all__ = [
     "sharded_model",
     "refuse_unsupported_sharding",
     "plain_module_type",
+    "as_forward_of",
     "full_vector",
     "write_vector",
     "equals_vector",
@@ -88,7 +90,7 @@ def plain_module_type(module: nn.Module) -> type:
 
 
 def refuse_unsupported_sharding(model: nn.Module) -> None:
-    """Refuse FSDP1, DeepSpeed ZeRO-3 and an FSDP2 root below ``model``; reshard FSDP2 modules.
+    """Refuse FSDP1, DeepSpeed ZeRO-3 and bypassed FSDP2 modules; reshard FSDP2 modules.
 
     FSDP2 leaves the root's parameters unsharded after a forward pass (its module
     attributes are then plain tensors); resharding makes ``model.parameters()`` the
@@ -98,8 +100,9 @@ def refuse_unsupported_sharding(model: nn.Module) -> None:
     ------
     LoRAModelError
         an FSDP1 module (``FullyShardedDataParallel``) or a ZeRO-3 parameter in ``model``;
-        FSDP2 modules in ``model`` while ``model`` itself is not one (its forward would not
-        run the root's all-gather: ``fully_shard`` the model passed to Laplace last).
+        an outermost FSDP2 module that is neither ``model`` nor the module it routes its
+        forward through (:func:`as_forward_of`; ``LLMClassifier.model``): its all-gather
+        would never run.
     """
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -125,21 +128,56 @@ def refuse_unsupported_sharding(model: nn.Module) -> None:
                 "unsharded model (one process, or DDP with fit(distributed=True))."
             )
     inner = _fsdp2_modules(model)
-    if inner and inner[0] is not model:
-        raise LoRAModelError(
-            f"Module '{_name_of(model, inner[0])}' is sharded with fully_shard but the model "
-            f"passed to Laplace ({type(model).__name__}) is not: a wrapper such as "
-            "LLMClassifier calls the backbone's parts and bypasses the inner root's forward, "
-            "whose all-gather the embeddings and head need. Apply fully_shard to each "
-            "decoder layer and last to the model you pass to Laplace (e.g. "
-            "`fully_shard(LLMClassifier(peft_model, ...))`), before any forward pass."
-        )
+    routed = getattr(model, "model", None) if getattr(model, "routes_fsdp_forward", False) else None
+    for name, module in _outermost_fsdp2(model):
+        if module is not model and module is not routed:
+            raise LoRAModelError(
+                f"Module '{name}' is sharded with fully_shard but its forward is not what "
+                f"the model passed to Laplace ({type(model).__name__}) calls, so its "
+                "all-gather would never run (the embeddings would meet sharded weights). "
+                "Apply fully_shard to each decoder layer and then to the model you pass to "
+                "Laplace, e.g. `fully_shard(LLMClassifier(peft_model, ...))`, or to the "
+                "PeftModel that an LLMClassifier wraps."
+            )
     for module in inner:
         module.reshard()
 
 
-def _name_of(model: nn.Module, module: nn.Module) -> str:
-    return next((n for n, m in model.named_modules() if m is module), type(module).__name__)
+def _outermost_fsdp2(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Return the FSDP2 modules of ``model`` without an FSDP2 ancestor, with their names."""
+    ids = {id(m) for m in _fsdp2_modules(model)}
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if id(module) in ids and not any(
+            not outer or name.startswith(outer + ".") for outer, _ in found
+        ):
+            found.append((name, module))
+    return found
+
+
+#: the name of the method :func:`as_forward_of` registers on an FSDP2 module
+_ROUTED = "_laplace_llm_routed_forward"
+
+
+def as_forward_of(module: nn.Module, fn, *args):
+    """Return ``fn(*args)``, run as a forward of ``module`` if it is an FSDP2 module.
+
+    A wrapper that calls parts of a sharded model (``LLMClassifier`` calls the backbone
+    and the head, not the ``PeftModel``) routes its computation through this, so that
+    FSDP2's pre-forward (all-gather, the root's lazy initialisation) and post-forward
+    (reshard, backward hooks) run around it, as around ``module(...)``. Uses the public
+    ``register_fsdp_forward_method``, once per module.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+    except ImportError:
+        return fn(*args)
+    if not isinstance(module, FSDPModule):
+        return fn(*args)
+    if _ROUTED not in module.__dict__:
+        module.__dict__[_ROUTED] = types.MethodType(lambda self, f, *a: f(*a), module)
+        register_fsdp_forward_method(module, _ROUTED)
+    return getattr(module, _ROUTED)(fn, *args)
 
 
 def full_vector(params: Iterable[torch.Tensor]) -> torch.Tensor:

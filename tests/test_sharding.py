@@ -39,16 +39,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def classifier(shard: bool) -> nn.Module:
-    """The tiny float64 Llama with random LoRA A and B, FSDP2 on each layer and the root."""
+def classifier(root: str | None = None) -> nn.Module:
+    """The tiny float64 Llama with random LoRA A and B; FSDP2 on each layer and on ``root``.
+
+    ``root``: ``"classifier"`` (the module Laplace calls), ``"peft"`` (the PeftModel, as the
+    HF Trainer and accelerate shard it; LLMClassifier routes its forward through it) or
+    ``None`` (unsharded).
+    """
     peft = tiny_llama_lora(seed=0, dtype=torch.float64)
-    clf = LLMClassifier(peft, TARGET_IDS)
-    if shard:
+    if root is not None:
         from torch.distributed.fsdp import fully_shard
 
         for layer in peft.base_model.model.model.layers:
             fully_shard(layer)
-        # the root is the module Laplace calls: LLMClassifier runs the backbone's parts
+        if root == "peft":
+            fully_shard(peft)
+    clf = LLMClassifier(peft, TARGET_IDS)
+    if root == "classifier":
+        from torch.distributed.fsdp import fully_shard
+
         fully_shard(clf)
     return clf
 
@@ -76,14 +85,14 @@ def predictions(la, X):
     }
 
 
-def sharded_worker(rank, world, port, out_dir):
+def sharded_worker(rank, world, port, out_dir, root):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         from laplace_llm.sharding import equals_vector, is_sharded
 
-        clf = classifier(shard=True)
+        clf = classifier(root)
         local_bytes = sum(p.to_local().numel() * p.element_size() for p in clf.parameters())
         items = token_items(ITEMS, 6, seed=1)[rank::world]
         loader = DataLoader(DictDataset(items), batch_size=BATCH)
@@ -112,12 +121,13 @@ def sharded_worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-@pytest.mark.slow  # two processes importing torch+transformers, two fits each: ~30 s
-def test_fsdp2_fit_predict_save_equal_the_unsharded_fit(tmp_path):
-    mp.spawn(sharded_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.slow  # two processes importing torch+transformers, two fits each: ~20 s each
+@pytest.mark.parametrize("root", ["classifier", "peft"])
+def test_fsdp2_fit_predict_save_equal_the_unsharded_fit(tmp_path, root):
+    mp.spawn(sharded_worker, args=(2, free_port(), str(tmp_path), root), nprocs=2, join=True)
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
-    clf = classifier(shard=False)
+    clf = classifier()
     all_items = DataLoader(DictDataset(token_items(ITEMS, 6, seed=1)), batch_size=BATCH)
     single = LoRALaplace(clf, "classification", **KFAC)
     single.fit(all_items)
@@ -155,7 +165,7 @@ def test_fsdp2_fit_predict_save_equal_the_unsharded_fit(tmp_path):
     assert not (tmp_path / "posterior_rank1").exists()
     import laplace_llm
 
-    loaded = laplace_llm.load(tmp_path / "posterior_rank0", classifier(shard=False))
+    loaded = laplace_llm.load(tmp_path / "posterior_rank0", classifier())
     f_mu, f_var = loaded._glm_predictive_distribution(X)
     torch.testing.assert_close(f_var, want["f_var"], rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(loaded.log_marginal_likelihood(), single.log_marginal_likelihood(),
@@ -174,7 +184,7 @@ def test_fsdp2_fit_predict_save_equal_the_unsharded_fit(tmp_path):
     assert (tmp_path / "adapters" / "samples.json").exists()
 
     # diag: per-example curvature under FSDP2 as well
-    diag = LoRADiagLaplace(classifier(shard=False), "classification", fisher_type="ggn")
+    diag = LoRADiagLaplace(classifier(), "classification", fisher_type="ggn")
     diag.fit(all_items)
     for res in got:
         torch.testing.assert_close(res["diag_H"], diag.H, rtol=1e-9, atol=1e-14)
@@ -208,13 +218,14 @@ def test_zero3_parameters_are_refused_naming_the_alternatives():
         LoRALaplace(clf, "classification")
 
 
-def test_fsdp2_root_below_the_classifier_is_refused_naming_the_fix(single_process_group):
-    """LLMClassifier bypasses the PeftModel's forward: an inner root would never all-gather."""
+def test_fsdp2_module_whose_forward_is_bypassed_is_refused_naming_the_fix(single_process_group):
+    """LLMClassifier calls the base model's parts: a root on the base model inside the
+    PeftModel would never all-gather (the PeftModel itself is routed, and allowed)."""
     from torch.distributed.fsdp import fully_shard
 
     peft = tiny_llama_lora(seed=0)
     for layer in peft.base_model.model.model.layers:
         fully_shard(layer)
-    fully_shard(peft)
-    with pytest.raises(LoRAModelError, match=r"fully_shard\(LLMClassifier"):
+    fully_shard(peft.base_model.model)
+    with pytest.raises(LoRAModelError, match=r"base_model\.model.*fully_shard\(LLMClassifier"):
         LoRALaplace(LLMClassifier(peft, TARGET_IDS), "classification")
