@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--answers", choices=("letters", "words"), default="letters",
                       help="lettered options (A-D, one token each) or colours named by "
                       "phrases of 1 to 3 tokens scored by their likelihood (default: letters)")
+    demo.add_argument("--pretrain", choices=("shipped", "train", "save"), default="shipped",
+                      help="base weights: the ones shipped for this configuration (the same "
+                      "numbers on every CPU), else pretrained here; 'train' always pretrains; "
+                      "'save' pretrains and writes them into the package (maintainers)")
     default_evidence = KFAC_DEFAULTS.evidence.value
     demo.add_argument("--evidence", choices=tuple(e.value for e in kfac_options.Evidence),
                       default=default_evidence,
@@ -275,6 +279,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
     cfg.llla = args.llla
     cfg.answers = args.answers
+    cfg.pretrained = args.pretrain
     cfg.kfac = cfg.kfac.replace(evidence=args.evidence)
     log = None  # run_demo also logs each step through `logging`, shown at INFO here
     out = run_demo(cfg, out_dir=args.out, progress=not args.quiet, log=log)
