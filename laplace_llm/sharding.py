@@ -47,6 +47,7 @@ __all__ = [
     "batches_to_run",
     "writes_here",
     "save_adapter",
+    "shard_model",
 ]
 
 
@@ -313,3 +314,33 @@ def save_adapter(peft_model: nn.Module, path: str | Path) -> None:
             state[name] = t.full_tensor() if is_sharded(t) else t
     if writes_here(peft_model):
         peft_model.save_pretrained(path, state_dict=state)
+
+
+def shard_model(model: nn.Module, layer_classes: Iterable[str] | None = None) -> nn.Module:
+    """Shard ``model`` with FSDP2 over the initialised process group, in place.
+
+    ``fully_shard`` on every module whose class name is in ``layer_classes`` (default:
+    the ``_no_split_modules`` of the transformers models inside, e.g. ``LlamaDecoderLayer``),
+    then on ``model`` as the root, the module Laplace calls.
+
+    Raises
+    ------
+    ValueError
+        no module of those classes.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    names = {n.strip() for n in (layer_classes or ()) if n and n.strip()}
+    if not names:
+        for module in model.modules():
+            names.update(getattr(module, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(
+            f"No decoder layer to shard: no module of the classes {sorted(names)} in "
+            f"{type(model).__name__}; name the layer class (e.g. LlamaDecoderLayer)."
+        )
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
