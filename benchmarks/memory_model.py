@@ -88,6 +88,35 @@ def check(hidden: int, layers: int, targets: list[str], n_kfac: int) -> dict:
             "formula_bytes": memory.posterior_bytes(cfg, targets, R, n_kfac=n_kfac)}
 
 
+#: (model, LoRA on) rows of the FSDP table, and its ranks
+FSDP_ROWS = [("LLaMA-2-13B", "q, v"), ("LLaMA-2-13B", "all linear"), ("LLaMA-2-70B", "q, v"),
+             ("LLaMA-2-70B", "all linear")]
+FSDP_WORLDS = (2, 4, 8)
+
+
+def fsdp_table() -> tuple[list[str], list[dict]]:
+    """Per-rank memory under FSDP2: training step, fit, GLM (``memory.fsdp_rank_bytes``)."""
+    lines = ["Per-rank memory under FSDP2 (bf16 base, float32 adapters, r=8, n_kfac 16): a "
+             "checkpointed LoRA training step and the fit (mc, 1 probe) on 2 × 512 tokens per "
+             "rank, the probit GLM (C = 4 probes) on 1 × 512 tokens per rank; "
+             "shards / gathered / activations / Laplace terms of the fit in brackets:", "",
+             "| model | LoRA on | ranks | train step | fit | GLM | fit terms |",
+             "|---|---|---|---|---|---|---|"]
+    rows = []
+    for model, on in FSDP_ROWS:
+        cfg, targets = SHAPES[model], PLACEMENTS[on]
+        for world in FSDP_WORLDS:
+            train = memory.fsdp_rank_bytes(cfg, targets, R, world, 1024, "train")
+            fit = memory.fsdp_rank_bytes(cfg, targets, R, world, 1024, "fit", n_probes=1)
+            glm = memory.fsdp_rank_bytes(cfg, targets, R, world, 512, "predict", n_probes=4)
+            rows.append({"model": model, "lora_on": on, "world": world, "train": train,
+                         "fit": fit, "predict": glm})
+            terms = " / ".join(human(fit[k]) for k in ("shards", "gathered", "activations", "laplace"))
+            lines.append(f"| {model} | {on} | {world} | {human(train['total'])} | "
+                         f"{human(fit['total'])} | {human(glm['total'])} | {terms} |")
+    return lines, rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check-hidden", type=int, nargs="+", default=[256, 512])
@@ -126,10 +155,12 @@ def main(argv=None):
             lines.append(f"| {model} | {on} | {human(fit)} | {human(glm)} |")
             next(r for r in rows if r["model"] == model and r["lora_on"] == on).update(
                 fit_output_gradient_bytes=fit, glm_output_gradient_bytes=glm)
+    fsdp_lines, fsdp_rows = fsdp_table()
+    lines += [""] + fsdp_lines
     table = "\n".join(lines)
     print(table)
     if args.out:
-        write_results(args.out, {"checks": checks, "rows": rows}, table)
+        write_results(args.out, {"checks": checks, "rows": rows, "fsdp_rows": fsdp_rows}, table)
     mismatched = [c for c in checks if c["measured_bytes"] != c["formula_bytes"]]
     if mismatched:
         raise SystemExit(f"formula differs from the measured bytes: {mismatched}")

@@ -65,11 +65,14 @@ def main(quick: bool = False) -> dict:
                                   methods=["map", "la_probit", "la_mc"],
                                   mc_samples=1000)
     results = {"test": {m: score(p, labels) for m, p in probs.items()}}
+    # mean probability of the predicted answer: the posterior spreads it
+    confidence = {m: float(p.max(-1).values.mean()) for m, p in probs.items()}
     print(f"SmolLM2-135M + LoRA on OpenBookQA: {n_train} training questions, train NLL "
           f"{losses[-1]:.3f} after {epochs} epochs, prior precision "
           f"{la.prior_precision.item():.3g}")
     print(format_table(results))
-    return results
+    print("mean confidence: " + ", ".join(f"{m} {c:.3f}" for m, c in confidence.items()))
+    return {**results, "confidence": confidence, "prior_precision": la.prior_precision.item()}
 
 
 if __name__ == "__main__":

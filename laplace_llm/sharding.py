@@ -24,6 +24,7 @@ parameters with ``ds_id``) hide the LoRA weights' shapes and are refused by
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -39,12 +40,14 @@ __all__ = [
     "sharded_model",
     "refuse_unsupported_sharding",
     "plain_module_type",
+    "as_forward_of",
     "full_vector",
     "write_vector",
     "equals_vector",
     "batches_to_run",
     "writes_here",
     "save_adapter",
+    "shard_model",
 ]
 
 
@@ -88,7 +91,7 @@ def plain_module_type(module: nn.Module) -> type:
 
 
 def refuse_unsupported_sharding(model: nn.Module) -> None:
-    """Refuse FSDP1 and DeepSpeed ZeRO-3 models; reshard FSDP2 modules.
+    """Refuse FSDP1, DeepSpeed ZeRO-3 and bypassed FSDP2 modules; reshard FSDP2 modules.
 
     FSDP2 leaves the root's parameters unsharded after a forward pass (its module
     attributes are then plain tensors); resharding makes ``model.parameters()`` the
@@ -97,7 +100,10 @@ def refuse_unsupported_sharding(model: nn.Module) -> None:
     Raises
     ------
     LoRAModelError
-        an FSDP1 module (``FullyShardedDataParallel``) or a ZeRO-3 parameter in ``model``.
+        an FSDP1 module (``FullyShardedDataParallel``) or a ZeRO-3 parameter in ``model``;
+        an outermost FSDP2 module that is neither ``model`` nor the module it routes its
+        forward through (:func:`as_forward_of`; ``LLMClassifier.model``): its all-gather
+        would never run.
     """
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -122,8 +128,57 @@ def refuse_unsupported_sharding(model: nn.Module) -> None:
                 "(torch.distributed.fsdp.fully_shard), DeepSpeed ZeRO stage 0-2, or an "
                 "unsharded model (one process, or DDP with fit(distributed=True))."
             )
-    for module in _fsdp2_modules(model):
+    inner = _fsdp2_modules(model)
+    routed = getattr(model, "model", None) if getattr(model, "routes_fsdp_forward", False) else None
+    for name, module in _outermost_fsdp2(model):
+        if module is not model and module is not routed:
+            raise LoRAModelError(
+                f"Module '{name}' is sharded with fully_shard but its forward is not what "
+                f"the model passed to Laplace ({type(model).__name__}) calls, so its "
+                "all-gather would never run (the embeddings would meet sharded weights). "
+                "Apply fully_shard to each decoder layer and then to the model you pass to "
+                "Laplace, e.g. `fully_shard(LLMClassifier(peft_model, ...))`, or to the "
+                "PeftModel that an LLMClassifier wraps."
+            )
+    for module in inner:
         module.reshard()
+
+
+def _outermost_fsdp2(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Return the FSDP2 modules of ``model`` without an FSDP2 ancestor, with their names."""
+    ids = {id(m) for m in _fsdp2_modules(model)}
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if id(module) in ids and not any(
+            not outer or name.startswith(outer + ".") for outer, _ in found
+        ):
+            found.append((name, module))
+    return found
+
+
+#: the name of the method :func:`as_forward_of` registers on an FSDP2 module
+_ROUTED = "_laplace_llm_routed_forward"
+
+
+def as_forward_of(module: nn.Module, fn, *args):
+    """Return ``fn(*args)``, run as a forward of ``module`` if it is an FSDP2 module.
+
+    A wrapper that calls parts of a sharded model (``LLMClassifier`` calls the backbone
+    and the head, not the ``PeftModel``) routes its computation through this, so that
+    FSDP2's pre-forward (all-gather, the root's lazy initialisation) and post-forward
+    (reshard, backward hooks) run around it, as around ``module(...)``. Uses the public
+    ``register_fsdp_forward_method``, once per module.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+    except ImportError:
+        return fn(*args)
+    if not isinstance(module, FSDPModule):
+        return fn(*args)
+    if _ROUTED not in module.__dict__:
+        module.__dict__[_ROUTED] = types.MethodType(lambda self, f, *a: f(*a), module)
+        register_fsdp_forward_method(module, _ROUTED)
+    return getattr(module, _ROUTED)(fn, *args)
 
 
 def full_vector(params: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -259,3 +314,33 @@ def save_adapter(peft_model: nn.Module, path: str | Path) -> None:
             state[name] = t.full_tensor() if is_sharded(t) else t
     if writes_here(peft_model):
         peft_model.save_pretrained(path, state_dict=state)
+
+
+def shard_model(model: nn.Module, layer_classes: Iterable[str] | None = None) -> nn.Module:
+    """Shard ``model`` with FSDP2 over the initialised process group, in place.
+
+    ``fully_shard`` on every module whose class name is in ``layer_classes`` (default:
+    the ``_no_split_modules`` of the transformers models inside, e.g. ``LlamaDecoderLayer``),
+    then on ``model`` as the root, the module Laplace calls.
+
+    Raises
+    ------
+    ValueError
+        no module of those classes.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    names = {n.strip() for n in (layer_classes or ()) if n and n.strip()}
+    if not names:
+        for module in model.modules():
+            names.update(getattr(module, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(
+            f"No decoder layer to shard: no module of the classes {sorted(names)} in "
+            f"{type(model).__name__}; name the layer class (e.g. LlamaDecoderLayer)."
+        )
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model

@@ -112,3 +112,16 @@ def test_hf_trainer_under_torchrun_equals_a_single_process_fit(tmp_path):
     import torch
 
     torch.testing.assert_close(written(test), ref(test), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow  # the real SmolLM2 (installed by .ci/run): load, fine-tune, fit, predict ~1-2 min
+def test_smollm2_mcqa_laplace_spreads_the_maps_confidence():
+    out = load("smollm2_mcqa").main(quick=True)
+    assert out["prior_precision"] > 0
+    test = out["test"]
+    assert set(test) == {"map", "la_probit", "la_mc"}
+    # Monte-Carlo averaging of softmax over a Gaussian posterior lowers the mean
+    # probability of the predicted answer
+    assert out["confidence"]["la_mc"] < out["confidence"]["map"]
+    for values in test.values():
+        assert 0 <= values["accuracy"] <= 1 and values["nll"] > 0

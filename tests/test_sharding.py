@@ -39,16 +39,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def classifier(shard: bool) -> nn.Module:
-    """The tiny float64 Llama with random LoRA A and B, FSDP2 on each layer and the root."""
+def classifier(root: str | None = None) -> nn.Module:
+    """The tiny float64 Llama with random LoRA A and B; FSDP2 on each layer and on ``root``.
+
+    ``root``: ``"classifier"`` (the module Laplace calls), ``"peft"`` (the PeftModel, as the
+    HF Trainer and accelerate shard it; LLMClassifier routes its forward through it) or
+    ``None`` (unsharded).
+    """
     peft = tiny_llama_lora(seed=0, dtype=torch.float64)
-    clf = LLMClassifier(peft, TARGET_IDS)
-    if shard:
+    if root is not None:
         from torch.distributed.fsdp import fully_shard
 
         for layer in peft.base_model.model.model.layers:
             fully_shard(layer)
-        # the root is the module Laplace calls: LLMClassifier runs the backbone's parts
+        if root == "peft":
+            fully_shard(peft)
+    clf = LLMClassifier(peft, TARGET_IDS)
+    if root == "classifier":
+        from torch.distributed.fsdp import fully_shard
+
         fully_shard(clf)
     return clf
 
@@ -76,14 +85,15 @@ def predictions(la, X):
     }
 
 
-def sharded_worker(rank, world, port, out_dir):
+def sharded_worker(rank, world, port, out_dir, root):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         from laplace_llm.sharding import equals_vector, is_sharded
 
-        clf = classifier(shard=True)
+        clf = classifier(root)
+        local_bytes = sum(p.to_local().numel() * p.element_size() for p in clf.parameters())
         items = token_items(ITEMS, 6, seed=1)[rank::world]
         loader = DataLoader(DictDataset(items), batch_size=BATCH)
         la = LoRALaplace(clf, "classification", **KFAC)
@@ -97,6 +107,7 @@ def sharded_worker(rank, world, port, out_dir):
             "n_data": la.n_data,
             **predictions(la, X),
             "restored": equals_vector(la.params, la.mean),
+            "local_param_bytes": local_bytes,
         }
         path = la.save(os.path.join(out_dir, f"posterior_rank{rank}"))
         result["saved_exists"] = path.exists()
@@ -105,17 +116,29 @@ def sharded_worker(rank, world, port, out_dir):
         diag.fit(loader, distributed=True)
         result["diag_H"] = diag.H
         result["diag_f_var"] = diag._glm_predictive_distribution(X)[1].detach()
+        if root == "peft":  # how the HF Trainer shards: the callback's fit on that model
+            from laplace_llm.callback import LaplaceCallback
+
+            # a fixed prior: this tiny model's evidence is flat towards large priors, so
+            # where marglik stops moves with rounding (see tests/app/test_launchers.py)
+            callback = LaplaceCallback(lambda m: LLMClassifier(m, TARGET_IDS),
+                                       prior_optimization="none", **KFAC)
+            whole = DataLoader(DictDataset(token_items(ITEMS, 6, seed=1)), batch_size=BATCH)
+            fitted = callback.fit(clf.model, whole, BATCH)  # shards the data itself
+            result["callback_factors"] = dense(fitted.H_facs.kfacs)
+            result["callback_lml"] = fitted.log_marginal_likelihood().detach()
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow  # two processes importing torch+transformers, two fits each: ~30 s
-def test_fsdp2_fit_predict_save_equal_the_unsharded_fit(tmp_path):
-    mp.spawn(sharded_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.slow  # two processes importing torch+transformers, two fits each: ~20 s each
+@pytest.mark.parametrize("root", ["classifier", "peft"])
+def test_fsdp2_fit_predict_save_equal_the_unsharded_fit(tmp_path, root):
+    mp.spawn(sharded_worker, args=(2, free_port(), str(tmp_path), root), nprocs=2, join=True)
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
-    clf = classifier(shard=False)
+    clf = classifier()
     all_items = DataLoader(DictDataset(token_items(ITEMS, 6, seed=1)), batch_size=BATCH)
     single = LoRALaplace(clf, "classification", **KFAC)
     single.fit(all_items)
@@ -140,12 +163,20 @@ def test_fsdp2_fit_predict_save_equal_the_unsharded_fit(tmp_path):
     map_probs = torch.softmax(want["f_mu"], -1)
     assert float((got[1]["nn"] - map_probs).abs().max()) > 1e-4
 
+    # the memory model's shards are what each rank holds (float64 base and adapters)
+    from laplace_llm.tools.memory import fsdp_rank_bytes
+
+    config = clf.model.base_model.model.config
+    shards = fsdp_rank_bytes(config, ["q_proj", "v_proj"], 4, world=2, tokens=1,
+                             param_bytes=8, adapter_bytes=8)["shards"]
+    assert [res["local_param_bytes"] for res in got] == [shards, shards]
+
     # one file, rank 0's; it loads into the unsharded model in one process
     assert got[0]["saved_exists"] and not got[1]["saved_exists"]
     assert not (tmp_path / "posterior_rank1").exists()
     import laplace_llm
 
-    loaded = laplace_llm.load(tmp_path / "posterior_rank0", classifier(shard=False))
+    loaded = laplace_llm.load(tmp_path / "posterior_rank0", classifier())
     f_mu, f_var = loaded._glm_predictive_distribution(X)
     torch.testing.assert_close(f_var, want["f_var"], rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(loaded.log_marginal_likelihood(), single.log_marginal_likelihood(),
@@ -163,8 +194,21 @@ def test_fsdp2_fit_predict_save_equal_the_unsharded_fit(tmp_path):
             start += b.numel
     assert (tmp_path / "adapters" / "samples.json").exists()
 
+    if root == "peft":  # LaplaceCallback.fit on the sharded PeftModel
+        from laplace_llm.callback import LaplaceCallback
+
+        callback = LaplaceCallback(lambda m: LLMClassifier(m, TARGET_IDS),
+                                   prior_optimization="none", **KFAC)
+        fitted = callback.fit(classifier().model, all_items, BATCH)
+        for res in got:
+            for F, G in zip(res["callback_factors"], dense(fitted.H_facs.kfacs)):
+                for f, g in zip(F, G):
+                    torch.testing.assert_close(f, g, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(res["callback_lml"],
+                                       fitted.log_marginal_likelihood().detach(), rtol=1e-9, atol=0)
+
     # diag: per-example curvature under FSDP2 as well
-    diag = LoRADiagLaplace(classifier(shard=False), "classification", fisher_type="ggn")
+    diag = LoRADiagLaplace(classifier(), "classification", fisher_type="ggn")
     diag.fit(all_items)
     for res in got:
         torch.testing.assert_close(res["diag_H"], diag.H, rtol=1e-9, atol=1e-14)
@@ -196,3 +240,16 @@ def test_zero3_parameters_are_refused_naming_the_alternatives():
     p.ds_id = 7  # what DeepSpeed ZeRO-3 puts on each partitioned parameter
     with pytest.raises(LoRAModelError, match=r"ZeRO-3.*fully_shard.*ZeRO stage 0-2"):
         LoRALaplace(clf, "classification")
+
+
+def test_fsdp2_module_whose_forward_is_bypassed_is_refused_naming_the_fix(single_process_group):
+    """LLMClassifier calls the base model's parts: a root on the base model inside the
+    PeftModel would never all-gather (the PeftModel itself is routed, and allowed)."""
+    from torch.distributed.fsdp import fully_shard
+
+    peft = tiny_llama_lora(seed=0)
+    for layer in peft.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(peft.base_model.model)
+    with pytest.raises(LoRAModelError, match=r"base_model\.model.*fully_shard\(LLMClassifier"):
+        LoRALaplace(LLMClassifier(peft, TARGET_IDS), "classification")

@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--answers", choices=("letters", "words"), default="letters",
                       help="lettered options (A-D, one token each) or colours named by "
                       "phrases of 1 to 3 tokens scored by their likelihood (default: letters)")
+    demo.add_argument("--pretrain", choices=("shipped", "train", "save"), default="shipped",
+                      help="base weights: the ones shipped for this configuration (the same "
+                      "numbers on every CPU), else pretrained here; 'train' always pretrains; "
+                      "'save' pretrains and writes them into the package (maintainers)")
     default_evidence = KFAC_DEFAULTS.evidence.value
     demo.add_argument("--evidence", choices=tuple(e.value for e in kfac_options.Evidence),
                       default=default_evidence,
@@ -182,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only these LoRA layers are Bayesian (names, suffixes or globs, e.g. "
                    "lm_head for last-layer LoRA Laplace, '*.q_proj'); the rest stay at their "
                    "fine-tuned values (default: every LoRA layer)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under a launcher: shard the model with FSDP2 (fully_shard on each "
+                   "decoder layer and on the classifier) instead of a whole copy per process; "
+                   "implied by `accelerate launch --use_fsdp --fsdp_version 2`")
     g.add_argument("--prior-structure", choices=("scalar", "layerwise"), default="scalar",
                    help="one prior precision, or one per LoRA block (weight tensor), tuned by "
                    "the marginal likelihood (default: scalar)")
@@ -275,6 +283,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
     cfg.llla = args.llla
     cfg.answers = args.answers
+    cfg.pretrained = args.pretrain
     cfg.kfac = cfg.kfac.replace(evidence=args.evidence)
     log = None  # run_demo also logs each step through `logging`, shown at INFO here
     out = run_demo(cfg, out_dir=args.out, progress=not args.quiet, log=log)
@@ -348,6 +357,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
         # diag/full fits have no sum across processes
         raise UserError(f"--hessian-structure {args.hessian_structure} fits in one process "
                         "only; run it without torchrun/accelerate launch, or use kron")
+    accelerate_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if accelerate_fsdp and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise UserError("accelerate's FSDP config asks for FSDP1 (fsdp_version 1), whose flat "
+                        "parameters hide the LoRA shapes: set fsdp_version: 2 (FSDP2), or "
+                        "launch without --use_fsdp (every process holds the whole model)")
+    args.fsdp = bool(getattr(args, "fsdp", False) or accelerate_fsdp)
     rank, world, created = launcher_group()
     if rank:  # one voice: the other processes report only warnings and errors
         logging.getLogger().setLevel(logging.WARNING)
@@ -377,6 +392,14 @@ def _fit(args: argparse.Namespace, rank: int, world: int) -> int:
     main_process = rank == 0
     quiet = args.quiet or not main_process
     clf, loader, likelihood = load_classifier(args)
+    if args.fsdp and world > 1:
+        from laplace_llm.sharding import shard_model
+
+        layer_classes = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",")
+        try:
+            clf = shard_model(clf, layer_classes)
+        except ValueError as err:
+            raise UserError(f"--fsdp: {first_line(err)}") from None
     if args.likelihood is not None and args.likelihood != likelihood:
         raise UserError(
             f"--likelihood {args.likelihood} does not fit --kind {args.kind}, which gives "
@@ -444,7 +467,8 @@ def _fit(args: argparse.Namespace, rank: int, world: int) -> int:
         raise UserError(f"--posterior: {err}") from None
     print(f"fitted {structure} on {la.n_data} records ({la.n_params} LoRA weights, "
           f"{la.n_layers} blocks) in {time.perf_counter() - started:.1f} s"
-          + (f" by {world} processes" if world > 1 else ""))
+          + (f" by {world} processes" if world > 1 else "")
+          + (" (FSDP2-sharded model)" if args.fsdp and world > 1 else ""))
     prior = la.prior_precision.detach().reshape(-1)
     prior_text = f"{prior.item():.4g}" if prior.numel() == 1 else (
         f"{prior.numel()} values in [{prior.min().item():.4g}, {prior.max().item():.4g}]")

@@ -30,6 +30,7 @@ Everything is generated, offline and seeded:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import random
@@ -39,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import tqdm
 from torch import nn
 
 from laplace_llm.app.demo_task import COLOURS, DemoTask, build_tokenizer
@@ -54,10 +54,11 @@ from laplace_llm.app.evaluation import (
 from laplace_llm.data import make_loader, mcqa_choices
 from laplace_llm.models.classifier import LLMClassifier
 from laplace_llm.options import KFACOptions
+from laplace_llm.progress import progress_bar
 from laplace_llm.tools.baselines import TemperatureScaling
 from laplace_llm.tools.training import train_lora
 
-__all__ = ["DemoConfig", "build_model", "run_demo"]
+__all__ = ["BASES", "DemoConfig", "build_model", "pretrained_base", "pretraining_key", "run_demo"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,13 @@ class DemoConfig:
     answers : {"letters", "words"}
         Lettered options scored by their letter's token, or colours named by phrases of
         1 to 3 tokens scored by likelihood (:mod:`laplace_llm.app.demo_words`).
+    pretrained : {"shipped", "train", "save"}
+        Where the base model comes from. ``"shipped"``: the base weights that ship with
+        the package for this pretraining configuration (:data:`BASES`), else pretraining
+        at run time. Pretraining runs 1,200 optimiser steps in float32, whose rounding
+        differs between CPU kinds and grows over the steps, so only shipped weights make
+        the demo print the same numbers on every machine. ``"train"``: always pretrain.
+        ``"save"``: pretrain and write the weights into :data:`BASES` (maintainers).
     """
 
     seed: int = 0
@@ -130,6 +138,7 @@ class DemoConfig:
     batch_size: int = 64
     llla: bool = False
     answers: str = "letters"
+    pretrained: str = "shipped"
 
     @classmethod
     def quick(cls, seed: int = 0) -> DemoConfig:
@@ -154,6 +163,64 @@ def build_model(cfg: DemoConfig, vocab_size: int) -> nn.Module:
     return AutoModelForCausalLM.from_config(config)
 
 
+# ------------------------------------------------------------------ pretraining
+#: Folder of the base weights shipped with the package, one file per pretraining
+#: configuration (:func:`pretraining_key`); safetensors, read without executing code.
+BASES = Path(__file__).resolve().parent / "demo_bases"
+#: The fields of :class:`DemoConfig` that the pretrained weights depend on.
+PRETRAINING_FIELDS = ("seed", "n_entities", "n_distractors", "p_main", "hidden", "layers",
+                      "heads", "pretrain_steps", "pretrain_batch", "pretrain_lr", "answers")
+
+
+def pretraining_key(cfg: DemoConfig, task: DemoTask) -> str:
+    """Return the name of the shipped base of ``cfg``.
+
+    A hash of its pretraining fields and of the task's vocabulary (the token ids the
+    weights are indexed by).
+    """
+    fields = {k: getattr(cfg, k) for k in PRETRAINING_FIELDS}
+    text = json.dumps(fields, sort_keys=True) + "\n" + " ".join(task.words)
+    return "base-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def pretrained_base(
+    model: nn.Module, tokenizer: Any, task: DemoTask, cfg: DemoConfig, progress: bool = False
+) -> tuple[float, str]:
+    """Give ``model`` its pretrained weights: shipped ones, or pretrain (see ``cfg.pretrained``).
+
+    Returns
+    -------
+    pretrain_loss_last : float
+        Mean pretraining loss of the last 20 steps (recorded in a shipped file).
+    source : str
+        ``"shipped"`` or ``"pretrained"``.
+    """
+    from safetensors.torch import load_file, save_file
+
+    if cfg.pretrained not in ("shipped", "train", "save"):
+        raise ValueError(
+            f"pretrained must be 'shipped', 'train' or 'save', got {cfg.pretrained!r}"
+        )
+    path = BASES / f"{pretraining_key(cfg, task)}.safetensors"
+    if cfg.pretrained == "shipped" and path.is_file():
+        from safetensors import safe_open
+
+        model.load_state_dict(load_file(path), strict=True)
+        model.eval()
+        with safe_open(path, "pt") as fh:
+            return float(fh.metadata()["pretrain_loss_last"]), "shipped"
+    losses = pretrain(model, tokenizer, task, cfg, progress)
+    last = float(sum(losses[-20:]) / len(losses[-20:]))
+    if cfg.pretrained == "save":
+        BASES.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        fields = {k: getattr(cfg, k) for k in PRETRAINING_FIELDS}
+        save_file(state, path, metadata={"pretrain_loss_last": repr(last),
+                                         "config": json.dumps(fields, sort_keys=True)})
+        logger.info("wrote the pretrained base %s", path)
+    return last, "pretrained"
+
+
 # ------------------------------------------------------------------ training
 def pretrain(
     model: nn.Module, tokenizer: Any, task: DemoTask, cfg: DemoConfig, progress: bool = False
@@ -172,7 +239,7 @@ def pretrain(
     )
     model.train()
     losses = []
-    bar = tqdm.trange(cfg.pretrain_steps, desc="pretrain", disable=not progress, leave=False)
+    bar = progress_bar(range(cfg.pretrain_steps), enabled=progress, desc="pretrain", leave=False)
     for _ in bar:
         texts = [task.pretraining_text(rng) for _ in range(cfg.pretrain_batch)]
         # Right padding for the LM loss; padded positions get label -100 (ignored).
@@ -330,10 +397,10 @@ def run_demo(
     tokenizer = build_tokenizer(task.words)
     model = build_model(cfg, len(task.words))
     n_params = sum(p.numel() for p in model.parameters())
-    say(f"pretraining a {cfg.layers}-layer Llama (hidden {cfg.hidden}, {n_params:,} weights) "
-        f"for {cfg.pretrain_steps} steps")
+    say(f"a {cfg.layers}-layer Llama (hidden {cfg.hidden}, {n_params:,} weights) pretrained "
+        f"for {cfg.pretrain_steps} steps (base weights: {cfg.pretrained})")
     t0 = time.perf_counter()
-    pre_losses = pretrain(model, tokenizer, task, cfg, progress)
+    pretrain_loss_last, base_source = pretrained_base(model, tokenizer, task, cfg, progress)
     t0 = lap("pretrain", t0)
 
     clf, loader = _lora_classifier(model, tokenizer, task, cfg)
@@ -381,7 +448,8 @@ def run_demo(
         "results": results,
         "train": {
             "map": score(train_probs["map"], train_labels),
-            "pretrain_loss_last": float(sum(pre_losses[-20:]) / len(pre_losses[-20:])),
+            "pretrain_loss_last": pretrain_loss_last,
+            "base": base_source,
         },
         "bayes_nll": task.bayes_nll(),
         "history": history,

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from laplace_llm.data import check_tokenizer
+from laplace_llm.sharding import as_forward_of
 
 __all__ = ["LLMClassifier"]
 
@@ -193,6 +194,10 @@ class LLMClassifier(nn.Module):
     #: Share of the common offset that ``center=True`` removes (1 % is kept, so that the
     #: logit covariance stays definite).
     CENTER = 0.99
+
+    #: ``model`` may be sharded with FSDP2 as the root: the forward runs as its forward
+    #: (:func:`laplace_llm.sharding.as_forward_of`)
+    routes_fsdp_forward = True
 
     def __init__(
         self,
@@ -391,6 +396,10 @@ class LLMClassifier(nn.Module):
             ``(batch, C)``, or ``(batch, 2 * C)`` for pairs (first sequence's C logits,
             then the second's); float32 (float64 if the model is float64).
         """
+        # a sharded (FSDP2) PeftModel all-gathers around this as around its own forward
+        return as_forward_of(self.model, self._logits, x)
+
+    def _logits(self, x: Mapping[str, Any] | torch.Tensor) -> torch.Tensor:
         inputs = self._inputs(x)
         pair = inputs["input_ids"].ndim == 3
         if pair:

@@ -20,6 +20,10 @@ against it at the sizes that run on a laptop and then read off at LLaMA-2-70B sh
   ``s × n_kfac``, a smaller one an ``s × s`` Cholesky factor; no eigenpairs are kept
   (its ``variance`` inverts an ``(r·n_kfac)²`` matrix per block and call).
 
+- :func:`fsdp_rank_bytes`: per-rank memory of a model sharded with FSDP2 over ``world``
+  ranks, for a LoRA training step, a ``LoRALaplace`` fit and a GLM predictive; a model
+  of the tensors each phase holds (its assumptions are listed there), not a measurement.
+
 Shapes come from a Llama-style transformers config (``hidden_size``,
 ``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``,
 ``num_hidden_layers``): Llama, Mistral, Qwen2 and their kin.
@@ -34,6 +38,9 @@ from typing import Any
 __all__ = [
     "LoRALinear",
     "METHODS",
+    "PHASES",
+    "base_parameter_count",
+    "fsdp_rank_bytes",
     "llama_lora_linears",
     "output_gradient_bytes",
     "posterior_bytes",
@@ -231,3 +238,121 @@ def output_gradient_bytes(
     """
     layers = list(layers) if layers is not None else llama_lora_linears(config, target_modules)
     return n_probes * tokens * sum(r + m.d_out for m in layers) * element_bytes
+
+
+#: The phases :func:`fsdp_rank_bytes` models.
+PHASES = ("train", "fit", "predict")
+
+
+def base_parameter_count(config: Any) -> tuple[int, int]:
+    """Return the parameters of a Llama-shaped causal LM: ``(per decoder layer, outside them)``.
+
+    Outside the layers: the embeddings, the final norm and, unless
+    ``tie_word_embeddings``, the head (``vocab_size``, default 32 000).
+    """
+    h = int(_get(config, "hidden_size"))
+    inter = int(_get(config, "intermediate_size"))
+    heads = int(_get(config, "num_attention_heads"))
+    kv = int(_get(config, "num_key_value_heads") or heads)
+    hd = int(_get(config, "head_dim") or h // heads)
+    vocab = int(_get(config, "vocab_size") or 32000)
+    layer = h * heads * hd * 2 + h * kv * hd * 2 + 3 * h * inter + 2 * h
+    outside = vocab * h * (1 if _get(config, "tie_word_embeddings", False) else 2) + h
+    return layer, outside
+
+
+def fsdp_rank_bytes(
+    config: Any,
+    target_modules: Sequence[str],
+    r: int,
+    world: int,
+    tokens: int,
+    phase: str = "fit",
+    n_probes: int = 1,
+    n_kfac: int = 16,
+    lr_threshold: int = 128,
+    checkpointing: bool = True,
+    param_bytes: int = 2,
+    adapter_bytes: int = 4,
+) -> dict[str, int]:
+    """Per-rank bytes of a Llama-shaped LoRA model sharded with FSDP2 over ``world`` ranks.
+
+    A model of the tensors each phase holds at its peak, under these assumptions:
+
+    - ``fully_shard`` on every decoder layer and on the root; base weights in
+      ``param_bytes`` (bf16: 2), adapters in ``adapter_bytes`` (peft keeps float32);
+      each rank holds ``1/world`` of both (``"shards"``);
+    - all-gathered at once: two decoder layers (the running one and the prefetched one)
+      and the root's parameters (embeddings, head), which FSDP2 keeps unsharded from
+      the forward to the end of the backward (``"gathered"``);
+    - activations of a bf16 decoder layer with a fused attention kernel (no ``T²``
+      scores): ``34 · tokens · h`` bytes (Korthikanti et al., 2022, without the
+      attention-score term). ``"train"`` with ``checkpointing`` keeps each layer's input
+      (``2 · tokens · h``) and recomputes one layer; ``"fit"`` and ``"predict"`` run in
+      eval mode, where transformers' gradient checkpointing is off, so the graph keeps
+      every layer's activations (``"activations"``);
+    - ``"train"``: the LoRA gradients and two Adam moments, sharded, and float32 logits
+      over the vocabulary for every token (``"optimizer"``, ``"logits"``);
+    - ``"fit"`` and ``"predict"``: the posterior (:func:`posterior_bytes`, ``"lora"``),
+      replicated on every rank, the gathered posterior mean (``P`` floats) and the
+      output gradients of ``n_probes`` probes (:func:`output_gradient_bytes`:
+      ``mc_samples`` for an mc fit, ``C`` for the GLM predictive) (``"laplace"``);
+      logits only at the last position (:class:`~laplace_llm.LLMClassifier`).
+
+    Not counted: the CUDA context and allocator fragmentation, communication buffers
+    beyond the gathered layers, the data.
+
+    Parameters
+    ----------
+    config, target_modules, r
+        as :func:`posterior_bytes` (``config`` also gives ``vocab_size``).
+    world : int
+        ranks the model is sharded over.
+    tokens : int
+        positions of one rank's batch, ``B·T``.
+    phase : {"train", "fit", "predict"}
+    n_probes, n_kfac, lr_threshold
+        the probes of a fit or GLM batch and the posterior's options.
+    checkpointing : bool, default True
+        activation checkpointing in the training step.
+
+    Returns
+    -------
+    dict
+        bytes per component (``"shards"``, ``"gathered"``, ``"activations"``,
+        ``"optimizer"``, ``"logits"``, ``"laplace"``) and their ``"total"``.
+    """
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}; got {phase!r}.")
+    h = int(_get(config, "hidden_size"))
+    n_layers = int(_get(config, "num_hidden_layers"))
+    vocab = int(_get(config, "vocab_size") or 32000)
+    layers = llama_lora_linears(config, target_modules)
+    P = sum(r * (m.d_in + m.d_out) for m in layers)
+    per_layer, outside = base_parameter_count(config)
+    n_base = n_layers * per_layer + outside
+    out = {
+        "shards": n_base * param_bytes // world + P * adapter_bytes // world,
+        "gathered": (2 * per_layer + outside) * param_bytes,
+        "activations": 0,
+        "optimizer": 0,
+        "logits": 0,
+        "laplace": 0,
+    }
+    layer_activations = 34 * tokens * h
+    if phase == "train":
+        out["activations"] = (
+            n_layers * 2 * tokens * h + layer_activations if checkpointing
+            else n_layers * layer_activations
+        )
+        out["optimizer"] = 3 * P * adapter_bytes // world
+        out["logits"] = tokens * vocab * 4
+    else:
+        out["activations"] = n_layers * layer_activations
+        out["laplace"] = (
+            posterior_bytes(config, target_modules, r, n_kfac=n_kfac, lr_threshold=lr_threshold)
+            + P * adapter_bytes
+            + output_gradient_bytes(config, target_modules, r, tokens, n_probes, adapter_bytes)
+        )
+    out["total"] = sum(out.values())
+    return out

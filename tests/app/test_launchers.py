@@ -110,3 +110,42 @@ def test_torchrun_and_accelerate_launch_fit_equals_one_process(folders, tmp_path
             "--main_process_port", str(free_port())], folders, adapter)
     assert (adapter / POSTERIOR_FILENAME).is_file()
     assert_same_posterior(adapter / POSTERIOR_FILENAME, single, folders)
+
+
+@pytest.mark.slow  # one launch of two processes importing torch + transformers: ~25 s
+def test_accelerate_launch_with_an_fsdp2_config_shards_and_equals_one_process(folders, tmp_path):
+    """`accelerate launch --use_fsdp --fsdp_version 2`: the CLI shards the model with
+    fully_shard (each LlamaDecoderLayer, then the classifier), every process fits its
+    share, rank 0 writes; the posterior equals the unsharded one-process fit (same bounds
+    as above: float32) and its mean is the unsharded LoRA vector bit for bit."""
+    single = tmp_path / "single.safetensors"
+    args = ["fit", "--model", folders / "model", "--adapter", folders / "adapter",
+            "--data", folders / "data.jsonl", "--posterior", single, *FIT]
+    assert main([str(a) for a in args]) == 0
+    accelerate = shutil.which("accelerate", path=str(BIN)) or shutil.which("accelerate")
+    assert accelerate
+    sharded = tmp_path / "fsdp.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [accelerate, "launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), "--use_fsdp", "--fsdp_version", "2",
+           "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
+           "-m", "laplace_llm.app.cli", "fit", "--model", str(folders / "model"),
+           "--adapter", str(folders / "adapter"), "--data", str(folders / "data.jsonl"),
+           "--posterior", str(sharded), *FIT]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("wrote ") == 1 and "by 2 processes (FSDP2-sharded model)" in proc.stdout
+    assert_same_posterior(sharded, single, folders)
+
+
+def test_accelerate_fsdp1_config_is_refused_naming_fsdp2(folders, tmp_path, monkeypatch, capsys):
+    """The environment `accelerate launch --use_fsdp` sets for FSDP1: refused before loading."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    args = ["fit", "--model", folders / "model", "--adapter", folders / "adapter",
+            "--data", folders / "data.jsonl", "--posterior", tmp_path / "p.safetensors", *FIT]
+    assert main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert "FSDP1" in err and "fsdp_version: 2" in err
+    assert not (tmp_path / "p.safetensors").exists()

@@ -183,3 +183,45 @@ def test_output_gradient_workspace_of_llama_2_7b():
                num_hidden_layers=32)
     got = memory.output_gradient_bytes(cfg, ["q_proj", "v_proj"], r=8, tokens=1024, n_probes=4)
     assert got == 4 * 1024 * 64 * (8 + 4096) * 4
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_base_parameter_count_equals_a_built_llama(tied):
+    """GQA shapes, tied or not: the count equals the parameters transformers allocates."""
+    from transformers import LlamaForCausalLM
+
+    cfg = dict(SMALL, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    per_layer, outside = memory.base_parameter_count(cfg)
+    layer0 = sum(p.numel() for p in model.model.layers[0].parameters())
+    total = sum(p.numel() for p in model.parameters())  # a tied head counts once
+    assert (per_layer, SMALL["num_hidden_layers"] * per_layer + outside) == (layer0, total)
+
+
+def test_fsdp_rank_bytes_of_llama_2_13b_by_hand():
+    """LLaMA-2-13B (13.0 B parameters: 40 layers of 4·5120² + 3·5120·13824 + 2·5120 and
+    2·32000·5120 + 5120 outside), q and v at r = 8 (6 553 600 LoRA weights), 4 ranks,
+    2 × 512 tokens: the bf16 shards, two gathered layers plus the root, and the
+    activations of each phase as the docstring's assumptions give them."""
+    cfg = dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
+               num_hidden_layers=40)
+    h, T, P = 5120, 1024, 6_553_600
+    layer = 4 * h * h + 3 * h * 13824 + 2 * h
+    outside = 2 * 32000 * h + h
+    n_base = 40 * layer + outside
+    assert n_base == 13_015_864_320
+    train = memory.fsdp_rank_bytes(cfg, ["q_proj", "v_proj"], 8, world=4, tokens=T, phase="train")
+    fit = memory.fsdp_rank_bytes(cfg, ["q_proj", "v_proj"], 8, world=4, tokens=T, phase="fit")
+    shards = 2 * n_base // 4 + 4 * P // 4
+    assert train["shards"] == fit["shards"] == shards
+    assert train["gathered"] == fit["gathered"] == 2 * (2 * layer + outside)
+    assert train["activations"] == 40 * 2 * T * h + 34 * T * h  # checkpointed inputs + one layer
+    assert train["optimizer"] == 3 * 4 * P // 4 and train["logits"] == T * 32000 * 4
+    assert fit["activations"] == 40 * 34 * T * h  # eval mode: no checkpointing
+    laplace = (memory.posterior_bytes(cfg, ["q_proj", "v_proj"], 8) + 4 * P
+               + 1 * T * 80 * (8 + h) * 4)
+    assert fit["laplace"] == laplace
+    assert fit["total"] == shards + 2 * (2 * layer + outside) + 40 * 34 * T * h + laplace
+    # the shards shrink with the ranks; the gathered layers and the posterior do not
+    eight = memory.fsdp_rank_bytes(cfg, ["q_proj", "v_proj"], 8, world=8, tokens=T, phase="fit")
+    assert eight["total"] == fit["total"] - (shards - (2 * n_base // 8 + 4 * P // 8))
