@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import tqdm
 from laplace.baselaplace import BaseLaplace, ParametricLaplace
 from torch import nn
 from torch.utils.data import DataLoader
@@ -47,6 +46,7 @@ from laplace_llm.models.selection import restrict_to_blocks, select_blocks
 from laplace_llm.options import Evidence, KFACOptions, check_int
 from laplace_llm.prior.evidence import optimize_prior_until_converged
 from laplace_llm.prior.grid import glm_moments_over_priors, one_pass_gridsearch, replayed_moments
+from laplace_llm.progress import progress_bar as show_progress
 
 __all__ = ["LoRALaplaceBase", "STRUCTURES", "LIKELIHOODS", "OPTIONS", "load"]
 
@@ -409,7 +409,7 @@ class LoRALaplaceBase(ParametricLaplace):
         n_batches = sharding.batches_to_run(model, train_loader)  # None unless sharded
         try:
             desc = f"[LoRA {self._key[1]}]"
-            for i, data in enumerate(tqdm.tqdm(train_loader, disable=not progress_bar, desc=desc)):
+            for i, data in enumerate(show_progress(train_loader, enabled=progress_bar, desc=desc)):
                 if n_outputs is None:
                     n_outputs = self._n_outputs_of(data)
                 X, y = check_batch(
