@@ -324,6 +324,11 @@ def test_missing_candidates_with_diag_and_full(structure):
     torch.testing.assert_close(probs.sum(-1), torch.ones(4, dtype=DT))
     with pytest.raises(ValueError, match="use link_approx='probit' or 'mc'"):
         la(batch, link_approx="bridge")
+    # laplace-torch's enums (str() "LinkApprox.BRIDGE_NORM") are refused the same way
+    from laplace.utils.enums import LinkApprox, PredType
+
+    with pytest.raises(ValueError, match="use link_approx='probit' or 'mc'"):
+        la(batch, pred_type=PredType.GLM, link_approx=LinkApprox.BRIDGE_NORM)
 
 # ------------------------------------------------------------------------ errors
 def test_bad_candidates_are_refused_with_the_fix():

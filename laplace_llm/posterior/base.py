@@ -831,7 +831,8 @@ def load(
 def _refuse_bridge_for_missing_candidates(x: Any, pred_type: str, link_approx: str) -> None:
     """Raise ValueError for a bridge link over a batch with missing candidates."""
     missing = x.get("candidate_mask") if isinstance(x, Mapping) else None
-    if (pred_type == "glm" and str(link_approx).startswith("bridge")
+    # == against the strings: laplace-torch passes its str enums, whose str() is "LinkApprox.…"
+    if (pred_type == "glm" and link_approx in ("bridge", "bridge_norm")
             and missing is not None and not bool(torch.as_tensor(missing).all())):
         raise ValueError(
             f"link_approx={link_approx!r} divides by each logit's variance, which is 0 "

@@ -174,7 +174,7 @@ def one_pass_gridsearch(
     """
     grid = _as_grid(interval)
     batches: Any = val_loader
-    if str(pred_type) == "glm":
+    if pred_type == "glm":  # a str, or laplace-torch's PredType (a str enum: str() of it is "PredType.GLM")
         la.model.eval()  # as validate does, before the Jacobians are taken
         batches, replay = _precompute(la, grid, val_loader, progress_bar)
         la._glm_replay = replay

@@ -193,6 +193,22 @@ def test_gridsearch_reads_the_data_once(llm_laplace):
     assert float(chosen) == float(ref)
 
 
+def test_gridsearch_through_the_public_call_reads_the_data_once(llm_laplace):
+    """laplace-torch's optimize_prior_precision passes PredType.GLM (a str enum whose str()
+    is "PredType.GLM"), not "glm": the one pass must not depend on how it is spelt."""
+    from laplace.utils.enums import PredType
+
+    la = llm_laplace
+    val = token_loader(n=9, length=6, seed=11, batch_size=3)
+    calls, handle = count_forwards(la.model)
+    try:
+        la.optimize_prior_precision(method="gridsearch", val_loader=val, grid_size=12,
+                                    loss=offline_nll, pred_type=PredType.GLM)
+    finally:
+        handle.remove()
+    assert len(calls) == 3  # one forward per validation batch for all 12 priors
+
+
 def test_gridsearch_through_optimize_prior_precision(llm_laplace):
     la = llm_laplace
     val = token_loader(n=6, length=6, seed=14, batch_size=3)
