@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import random
@@ -68,6 +67,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
+from _links import monte_carlo, probit  # noqa: E402  (benchmarks/ is the script's folder)
 from laplace import Laplace  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
@@ -190,26 +190,11 @@ def scores(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
             "aurc": metrics.aurc(probs, labels)}
 
 
-def probit(mu: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    """laplace-torch's probit link: ``softmax(μ / sqrt(1 + π/8 diag Σ))``."""
-    var = cov.diagonal(dim1=-2, dim2=-1)
-    return torch.softmax(mu / torch.sqrt(1 + math.pi / 8 * var), dim=-1)
-
-
 def centred(mu: torch.Tensor, cov: torch.Tensor, share: float = CENTER):
     """The moments of ``(I − s 11ᵀ/C) f``: the logits without (most of) their common offset."""
     c = mu.shape[-1]
     m = torch.eye(c, dtype=mu.dtype) - share * torch.full((c, c), 1.0 / c, dtype=mu.dtype)
     return mu @ m.T, m @ cov @ m.T
-
-
-def monte_carlo(mu: torch.Tensor, cov: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """Mean softmax of ``n`` logit samples from ``N(μ, Σ)`` (eigen square root)."""
-    gen = torch.Generator().manual_seed(seed)
-    lam, q = torch.linalg.eigh(cov)
-    root = q * lam.clamp(min=0).sqrt().unsqueeze(-2)
-    eps = torch.randn(n, *mu.shape, generator=gen, dtype=mu.dtype)
-    return torch.softmax(mu + torch.einsum("bij,sbj->sbi", root, eps), dim=-1).mean(0)
 
 
 @torch.no_grad()

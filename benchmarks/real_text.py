@@ -66,6 +66,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
+from _links import monte_carlo, probit  # noqa: E402  (benchmarks/ is the script's folder)
 from laplace import Laplace  # noqa: E402
 from laplace.curvature import CurvlinopsGGN  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
@@ -174,23 +175,6 @@ def glm_moments(la, loader, priors=None) -> list[tuple[torch.Tensor, torch.Tenso
     per_batch = [la.glm_moments_over_priors(batch, priors) for batch in loader]
     return [(torch.cat([b[k][0] for b in per_batch]).double(),
              torch.cat([b[k][1] for b in per_batch]).double()) for k in range(len(priors))]
-
-
-def probit(mu: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    """laplace-torch's probit link: ``softmax(μ / sqrt(1 + π/8 diag Σ))``."""
-    var = cov.diagonal(dim1=-2, dim2=-1)
-    return torch.softmax(mu / torch.sqrt(1 + math.pi / 8 * var), dim=-1)
-
-
-def monte_carlo(mu: torch.Tensor, cov: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """Mean softmax of ``n`` logit samples from ``N(μ, Σ)`` (eigen square root, so a
-    semi-definite Σ is fine)."""
-    gen = torch.Generator().manual_seed(seed)
-    lam, Q = torch.linalg.eigh(cov)
-    root = Q * lam.clamp(min=0).sqrt().unsqueeze(-2)
-    eps = torch.randn(n, *mu.shape, generator=gen, dtype=mu.dtype)
-    samples = mu + torch.einsum("bij,sbj->sbi", root, eps)
-    return torch.softmax(samples, dim=-1).mean(0)
 
 
 def scores(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

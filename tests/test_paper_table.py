@@ -5,6 +5,7 @@ resumes without redoing anything, and the deep ensemble is rendered from the see
 import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,11 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "paper_table.py
 def load_script():
     spec = importlib.util.spec_from_file_location("paper_table", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(SCRIPT.parent))  # its shared helpers sit beside it
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
     return module
 
 
