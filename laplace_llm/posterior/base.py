@@ -303,8 +303,9 @@ class LoRALaplaceBase(ParametricLaplace):
         The terms are per block (kron: the Kronecker eigenbasis), per parameter (diag)
         or one each (full); the scatter is ``None`` without ``delta`` (``d = θ* − μ₀``).
         No term is a difference of two large numbers, so float32 agrees with float64.
+        Abstract: kron.py, diag.py and full.py each implement it for their curvature.
         """
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not define _evidence_terms")
 
     def _evidence_per_block(self, prior_precision: torch.Tensor) -> torch.Tensor:
         """Return the evidence's prior terms ``−½ (log det(P_b/Λ₀_b) + S_b)`` per block.
