@@ -79,6 +79,17 @@ def all_reduce_kron(kron: LowRankKron, group=None) -> LowRankKron:
                 dist.all_reduce(f, op=dist.ReduceOp.SUM, group=group)
                 done[id(f)] = f
                 continue
+            if f.sketch_size:  # the sketches of the shards add up to the whole data's
+                sketch = f.sketch().clone()
+                dist.all_reduce(sketch, op=dist.ReduceOp.SUM, group=group)
+                trace = f.exact_trace
+                if trace is not None:
+                    trace = trace.clone()
+                    dist.all_reduce(trace, op=dist.ReduceOp.SUM, group=group)
+                F[j] = LowRankFactor(sketch[:, :0], f.rank, f.chunk, trace, f.sketch_size,
+                                     f.sketch_seed).set_sketch_(sketch)
+                done[id(f)] = F[j]
+                continue
             f.compress_()
             width = torch.tensor([f.root.shape[1]], device=f.device)
             widths = [torch.zeros_like(width) for _ in range(world)]

@@ -57,6 +57,8 @@ __all__ = [
     "LowRankKron",
     "LowRankKronDecomposed",
     "compress_root",
+    "finalise_sketches",
+    "sketch_matrix",
     "factor_dtype",
 ]
 
@@ -164,6 +166,89 @@ def append_many(items: list[tuple[LowRankFactor, torch.Tensor]]) -> None:
         active = still
 
 
+_OMEGAS: dict[tuple, torch.Tensor] = {}
+
+
+def sketch_matrix(side: int, columns: int, seed: int, device=None,
+                  dtype=torch.float32) -> torch.Tensor:
+    """The sketch's Gaussian test matrix ``Ω`` ``(side, columns)``, the same everywhere.
+
+    Drawn on the CPU in float64 from ``seed`` (and the shape), then cast and moved, so
+    every process and device of a fit has the same ``Ω``: sketches of data shards add up
+    to the sketch of the whole data. Kept (one per shape, seed, device and dtype) for
+    the process' life: at the 7B shape one ``4096 × 48`` float32 matrix is 768 KiB.
+    """
+    key = (int(side), int(columns), int(seed), torch.device(device or "cpu"), dtype)
+    omega = _OMEGAS.get(key)
+    if omega is None:
+        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(side) * 7919 + int(columns))
+        omega = torch.randn(side, columns, generator=gen, dtype=torch.float64)
+        omega = omega.to(device=key[3], dtype=dtype)
+        _OMEGAS[key] = omega
+    return omega
+
+
+def finalise_sketches(factors: list[LowRankFactor]) -> None:
+    """Decompose the pending sketches of ``factors`` into rank-``k`` roots, in place.
+
+    The stabilised Nyström approximation from a sketch ``Y = F Ω`` (Tropp, Yurtsever,
+    Udell & Cevher, 2017, Alg. 3, with an eigendecomposition where they take a Cholesky
+    factor, for rank-deficient ``Ωᵀ Y``): with a shift ``ν = ε ‖Y‖_F``,
+    ``Y_ν = Y + ν Ω``, ``B = Ωᵀ Y_ν = V diag(b) Vᵀ``, ``Z = Y_ν V b^{-1/2}`` (so
+    ``F̂_ν = Z Zᵀ``), and the leading ``k`` eigenpairs of ``Z Zᵀ`` (from the ``s × s``
+    Gram ``Zᵀ Z``) less the shift: ``λ = max(σ² − ν, 0)``. ``F̂ = F`` when ``rank F ≤ s``
+    (up to the shift, ``ν/λ_max ≈ ε``). Two ``s × s`` eigendecompositions per factor,
+    batched over factors of equal ``s`` on one device, in float64.
+    """
+    groups: dict[tuple, list[LowRankFactor]] = {}
+    for f in factors:
+        if f._sketch is not None:
+            groups.setdefault((f.sketch_size, f.side, f.device), []).append(f)
+    for (_, _, device), members in groups.items():
+        on_host = EIGH_DEVICE == "cpu" and device.type != "cpu"
+        Y = torch.stack([f._sketch for f in members]).double()
+        O = torch.stack([f.omega() for f in members]).double()
+        eps = torch.finfo(members[0].dtype).eps
+        nu = eps * torch.linalg.matrix_norm(Y)  # (n,) Frobenius norms
+        Yn = Y + nu[:, None, None] * O
+        B = O.transpose(1, 2) @ Yn
+        B = 0.5 * (B + B.transpose(1, 2))
+        b, V = _batched_eigh(B, on_host)
+        # b ≥ 0 up to rounding; directions with b ≤ tiny·max carry no data
+        keep = b > b.amax(-1, keepdim=True).clamp(min=torch.finfo(b.dtype).tiny) * 1e-12
+        inv_sqrt = torch.where(keep, b.clamp(min=torch.finfo(b.dtype).tiny).rsqrt(),
+                               torch.zeros_like(b))
+        Z = Yn @ (V * inv_sqrt[:, None, :])
+        g, W = _batched_eigh(Z.transpose(1, 2) @ Z, on_host)  # ascending
+        for i, f in enumerate(members):
+            t = min(f.rank, f.side, int(keep[i].sum()))
+            sig2 = g[i, -t:].flip(0) if t else g[i, :0]
+            lam = (sig2 - nu[i]).clamp(min=0.0)
+            w = W[i, :, -t:].flip(1) if t else W[i, :, :0]
+            # columns σ u with u = Z w / σ: root = Z w · sqrt(λ)/σ
+            scale = torch.where(sig2 > 0, (lam / sig2.clamp(min=torch.finfo(g.dtype).tiny)).sqrt(),
+                                torch.zeros_like(sig2))
+            root = (Z[i] @ w) * scale
+            nz = lam > 0
+            f._root = root[:, nz].to(f.dtype)
+            f._sketch = None
+
+
+def _batched_eigh(M: torch.Tensor, on_host: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``eigh`` of a stack of symmetric matrices (on the host if ``on_host``), robust."""
+    device = M.device
+    if on_host:
+        M = M.cpu()
+    try:
+        lam, w = torch.linalg.eigh(M)
+    except torch.linalg.LinAlgError:
+        pairs = [_robust_eigh(m) for m in M]
+        lam, w = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    if on_host:
+        lam, w = lam.to(device, non_blocking=True), w.to(device, non_blocking=True)
+    return lam, w
+
+
 def _robust_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigendecompose ``M``, surviving LAPACK's rare non-convergence.
 
@@ -220,25 +305,61 @@ class LowRankFactor:
         rank: int,
         chunk: int | None = None,
         exact_trace: torch.Tensor | None = None,
+        sketch_size: int | None = None,
+        sketch_seed: int = 0,
     ):
-        self.root = root
+        self._root = root
         self.rank = int(rank)
         self.chunk = int(chunk) if chunk is not None else max(2 * self.rank, 32)
         self.exact_trace = exact_trace
+        self.sketch_size = None if not sketch_size else max(int(sketch_size), self.rank)
+        self.sketch_seed = int(sketch_seed)
+        self._sketch: torch.Tensor | None = None  # pending Y = F Ω, (d, s)
 
     @classmethod
-    def zeros(cls, side: int, rank: int, device=None, dtype=torch.float32) -> LowRankFactor:
-        """Return an empty factor of side ``side`` (a root with no columns, exact trace 0)."""
+    def zeros(
+        cls,
+        side: int,
+        rank: int,
+        device=None,
+        dtype=torch.float32,
+        sketch_size: int | None = None,
+        sketch_seed: int = 0,
+    ) -> LowRankFactor:
+        """Return an empty factor of side ``side`` (a root with no columns, exact trace 0).
+
+        ``sketch_size``: take data in through a sketch of that many columns (see
+        :meth:`append_`); ``None``: incremental truncation.
+        """
         return cls(
             torch.zeros(side, 0, device=device, dtype=dtype),
             rank,
             exact_trace=torch.zeros((), device=device, dtype=dtype),
+            sketch_size=sketch_size,
+            sketch_seed=sketch_seed,
         )
+
+    @property
+    def root(self) -> torch.Tensor:
+        """``(d, m)`` root with ``F = R Rᵀ``; a pending sketch is decomposed first (once)."""
+        if self._sketch is not None:
+            finalise_sketches([self])
+        return self._root
+
+    @root.setter
+    def root(self, value: torch.Tensor) -> None:
+        self._sketch = None
+        self._root = value
+
+    @property
+    def pending(self) -> bool:
+        """Whether data sits in a sketch that has not been decomposed yet."""
+        return self._sketch is not None
 
     @property
     def side(self) -> int:
         """Side ``d`` of the factor."""
-        return self.root.shape[0]
+        return self._root.shape[0]
 
     @property
     def shape(self) -> torch.Size:
@@ -248,20 +369,55 @@ class LowRankFactor:
     @property
     def device(self) -> torch.device:
         """Device of the root."""
-        return self.root.device
+        return self._root.device
 
     @property
     def dtype(self) -> torch.dtype:
         """Dtype of the root."""
-        return self.root.dtype
+        return self._root.dtype
+
+    def is_empty(self) -> bool:
+        """Whether no data has been added (without decomposing a pending sketch)."""
+        return self._sketch is None and self._root.shape[1] == 0
 
     def _limit(self) -> int:
         return min(self.rank, self.side)
 
+    def omega(self) -> torch.Tensor:
+        """The sketch's test matrix ``Ω`` ``(d, s)`` (see :func:`sketch_matrix`)."""
+        return sketch_matrix(self.side, self.sketch_size, self.sketch_seed, self.device,
+                             self.dtype)
+
+    def sketch(self) -> torch.Tensor:
+        """``F Ω`` ``(d, s)``: the pending sketch, or that of the root (not stored)."""
+        if self._sketch is not None:
+            return self._sketch
+        if self._root.shape[1] == 0:
+            return torch.zeros(self.side, self.sketch_size, device=self.device, dtype=self.dtype)
+        return self._root @ (self._root.T @ self.omega())
+
+    def set_sketch_(self, sketch: torch.Tensor) -> LowRankFactor:
+        """Make ``sketch`` (``F Ω``, ``(d, s)``) the factor's pending data, in place."""
+        self._root = self._root[:, :0]
+        self._sketch = sketch
+        return self
+
     def append_(self, columns: torch.Tensor) -> LowRankFactor:
-        """Add ``columns @ columns.T`` in place; ``columns`` is ``(d, c)``."""
+        """Add ``columns @ columns.T`` in place; ``columns`` is ``(d, c)``.
+
+        With a sketch: ``Y += columns (columnsᵀ Ω)``, two matrix products, no
+        decomposition (that waits until the root is read). Else incremental truncation.
+        """
+        if self.sketch_size:
+            columns = columns.to(dtype=self.dtype, device=self.device)
+            if self.exact_trace is not None:
+                self.exact_trace = self.exact_trace + columns.square().sum()
+            if self._sketch is None:
+                self.set_sketch_(self.sketch().clone())
+            self._sketch.addmm_(columns, columns.T @ self.omega())
+            return self
         for _ in self._append_steps(columns):
-            self.root = compress_root(self.root, self.rank)
+            self._root = compress_root(self._root, self.rank)
         return self
 
     def _append_steps(self, columns: torch.Tensor) -> Iterator[LowRankFactor]:
@@ -269,37 +425,72 @@ class LowRankFactor:
 
         The caller truncates ``self.root`` (to ``compress_root(self.root, self.rank)``)
         before resuming; :meth:`append_` does it at once, :func:`append_many` for many
-        factors together.
+        factors together. A sketched factor takes the columns at once and never yields.
         """
+        if self.sketch_size:
+            self.append_(columns)
+            return
         columns = columns.to(dtype=self.dtype, device=self.device)
         if self.exact_trace is not None:
             self.exact_trace = self.exact_trace + columns.square().sum()
         step = self.chunk
         for start in range(0, columns.shape[1], step):
-            self.root = torch.cat([self.root, columns[:, start : start + step]], dim=1)
-            if self.root.shape[1] > self._limit() + self.chunk:
+            self._root = torch.cat([self._root, columns[:, start : start + step]], dim=1)
+            if self._root.shape[1] > self._limit() + self.chunk:
                 yield self
 
     def compress_(self) -> LowRankFactor:
-        """Truncate the root to at most ``rank`` columns now."""
-        if self.root.shape[1] > self._limit():
-            self.root = compress_root(self.root, self.rank)
+        """Truncate the root to at most ``rank`` columns now (a pending sketch: decompose it)."""
+        if self._sketch is not None:
+            finalise_sketches([self])
+        elif self._root.shape[1] > self._limit():
+            self._root = compress_root(self._root, self.rank)
         return self
 
+    def _like(self, root: torch.Tensor, rank: int, trace, sketch_from=None) -> LowRankFactor:
+        src = sketch_from if sketch_from is not None else self
+        return LowRankFactor(root, rank, self.chunk, trace, src.sketch_size, src.sketch_seed)
+
     def __add__(self, other: LowRankFactor) -> LowRankFactor:
-        """Return the sum with another factor of the same side, truncated to the larger rank."""
+        """Return the sum with another factor of the same side, truncated to the larger rank.
+
+        If either takes data through a sketch, the sum is a pending sketch (with the
+        sketch settings of ``other`` when it has them, else those of ``self``).
+        """
         if not isinstance(other, LowRankFactor) or other.side != self.side:
             raise ValueError("Can only add a LowRankFactor of the same side.")
-        out = LowRankFactor(self.root.clone(), max(self.rank, other.rank), self.chunk)
-        out.append_(other.root)
         known = self.exact_trace is not None and other.exact_trace is not None
-        out.exact_trace = self.exact_trace + other.exact_trace if known else None
+        trace = self.exact_trace + other.exact_trace if known else None
+        rank = max(self.rank, other.rank)
+        src = other if other.sketch_size else self
+        if src.sketch_size:
+            out = self._like(self._root[:, :0], rank, trace, sketch_from=src)
+            a = self._resketch(out)
+            b = other._resketch(out)
+            return out.set_sketch_(a + b)
+        out = self._like(self.root.clone(), rank, None)
+        out.append_(other.root)
+        out.exact_trace = trace
         return out
+
+    def _resketch(self, like: LowRankFactor) -> torch.Tensor:
+        """``F Ω`` with the test matrix of ``like`` (a pending sketch is reused if its Ω is)."""
+        if self._sketch is not None and (self.sketch_size, self.sketch_seed) == (
+            like.sketch_size, like.sketch_seed
+        ):
+            return self._sketch
+        root = self.root
+        if root.shape[1] == 0:
+            return torch.zeros(self.side, like.sketch_size, device=self.device, dtype=self.dtype)
+        return root @ (root.T @ like.omega())
 
     def __mul__(self, scalar: float) -> LowRankFactor:
         """Return the factor scaled by ``scalar ≥ 0`` (the root by its square root)."""
         trace = None if self.exact_trace is None else self.exact_trace * float(scalar)
-        return LowRankFactor(self.root * math.sqrt(float(scalar)), self.rank, self.chunk, trace)
+        if self._sketch is not None:  # linear in F: scale the sketch itself
+            out = self._like(self._root[:, :0], self.rank, trace)
+            return out.set_sketch_(self._sketch * float(scalar))
+        return self._like(self._root * math.sqrt(float(scalar)), self.rank, trace)
 
     __rmul__ = __mul__
 
@@ -352,8 +543,11 @@ class LowRankFactor:
         return self.root @ (self.root.T @ x)
 
     def nbytes(self) -> int:
-        """Return the bytes held by the root."""
-        return self.root.numel() * self.root.element_size()
+        """Return the bytes held by the root (and a pending sketch)."""
+        n = self._root.numel() * self._root.element_size()
+        if self._sketch is not None:
+            n += self._sketch.numel() * self._sketch.element_size()
+        return n
 
 
 Factor = torch.Tensor | LowRankFactor
@@ -398,7 +592,7 @@ def _factor_eigh(f: Factor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _is_empty(f: Factor) -> bool:
     if isinstance(f, LowRankFactor):
-        return f.root.shape[1] == 0
+        return f.is_empty()
     return not bool(f.any())
 
 
@@ -433,6 +627,8 @@ class LowRankKron:
         lr_threshold: int,
         device=None,
         dtype=torch.float32,
+        sketch_size: int | None = None,
+        sketch_seed: int = 0,
     ) -> LowRankKron:
         """Empty curvature, without a ``d × d`` allocation for large factors.
 
@@ -447,6 +643,9 @@ class LowRankKron:
         device : torch.device or sequence of torch.device, optional
             one device for all blocks, or one per block.
         dtype : torch.dtype, default float32
+        sketch_size, sketch_seed : optional
+            low-rank factors take data through a sketch of ``sketch_size`` columns
+            (:meth:`LowRankFactor.append_`); ``None``: incremental truncation.
         """
         devices = list(device) if isinstance(device, (list, tuple)) else [device] * len(sides)
         kfacs = []
@@ -455,7 +654,8 @@ class LowRankKron:
                 [
                     torch.zeros(d, d, device=device, dtype=dtype)
                     if d <= lr_threshold
-                    else LowRankFactor.zeros(d, rank, device=device, dtype=dtype)
+                    else LowRankFactor.zeros(d, rank, device=device, dtype=dtype,
+                                             sketch_size=sketch_size, sketch_seed=sketch_seed)
                     for d in block_sides
                 ]
             )
@@ -587,7 +787,11 @@ class LowRankKron:
         return sum(_block_numel(F) for F in self.kfacs)
 
     def compress_(self) -> LowRankKron:
-        """Truncate every low-rank factor to its rank now (in place)."""
+        """Truncate every low-rank factor to its rank now (in place).
+
+        Pending sketches are decomposed together (:func:`finalise_sketches`).
+        """
+        finalise_sketches([f for f in self.unique_factors() if isinstance(f, LowRankFactor)])
         for f in self.unique_factors():
             if isinstance(f, LowRankFactor):
                 f.compress_()

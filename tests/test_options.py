@@ -15,7 +15,7 @@ from tests.models import tiny_llama_lora
 
 DEFAULTS = {"n_kfac": 16, "lr_threshold": 128, "fisher_type": "mc", "mc_samples": 1,
             "kfac_approx": "expand", "truncation": "isotropic", "share_input_factors": True,
-            "evidence": "map"}
+            "evidence": "map", "accumulation": "sketch", "sketch_size": 0, "sketch_seed": 0}
 
 
 def test_defaults_are_the_documented_ones_and_plain_json():
@@ -37,6 +37,9 @@ def test_defaults_are_the_documented_ones_and_plain_json():
         ({"mc_samples": True}, "mc_samples must be an integer ≥ 1; got True"),
         ({"fisher_type": "hessian"}, r"fisher_type must be one of \('mc', 'ggn', 'ef'\)"),
         ({"kfac_approx": "mean"}, r"kfac_approx must be one of \('expand', 'reduce'\)"),
+        ({"accumulation": "svd"}, r"accumulation must be one of \('sketch', 'truncate'\)"),
+        ({"n_kfac": 32, "sketch_size": 20}, "sketch_size=20 is below n_kfac=32"),
+        ({"sketch_seed": -1}, "sketch_seed must be an integer ≥ 0"),
     ],
 )
 def test_invalid_options_are_refused_on_construction_and_replace(changes, message):

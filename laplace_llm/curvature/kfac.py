@@ -206,6 +206,8 @@ class LoRAKFAC(CurvatureInterface):
             self.lr_threshold,
             device=[b.module.weight.device for b in self.blocks],
             dtype=self.factor_dtype(),
+            sketch_size=self.options.sketch_columns,
+            sketch_seed=self.options.sketch_seed,
         )
 
     # ------------------------------------------------------------------- probes
@@ -675,6 +677,9 @@ def _accumulate(F, cols: torch.Tensor, low_rank: _ColumnQueue) -> None:
     if cols.shape[0] == 0:
         return
     if isinstance(F, LowRankFactor):
-        low_rank.add(F, cols.T)
+        if F.sketch_size:  # two matrix products now, no decomposition
+            F.append_(cols.T)
+        else:
+            low_rank.add(F, cols.T)
     else:
         F.addmm_(cols.T, cols)

@@ -84,7 +84,9 @@ class LoRALaplace(LoRALaplaceBase, KronLaplace):
         return self.backend.kron(X, y, N=N, into=self.backend.empty_kron() if H is None else H)
 
     def _finish_curvature(self, H: LowRankKron) -> LowRankKron:
-        return H.compress_()
+        # pending sketches stay pending: a distributed fit sums them before they are
+        # decomposed (in _merge), so that the result equals one process' fit
+        return H
 
     def _all_reduce(self, H: LowRankKron) -> LowRankKron:
         from laplace_llm.distributed import all_reduce_kron
@@ -94,7 +96,7 @@ class LoRALaplace(LoRALaplaceBase, KronLaplace):
     def _merge(self, H_new: LowRankKron, loss: torch.Tensor, N: int, override: bool) -> None:
         """Make ``H_new`` the curvature (``override``) or add it to the current fit."""
         if override or not self._is_fitted():
-            self.H_facs = H_new
+            self.H_facs = H_new.compress_()  # decomposes each sketched factor, once
             self.loss = loss
             self.n_data = N
             return
