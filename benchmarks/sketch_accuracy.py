@@ -69,8 +69,8 @@ def minilm(n_fit, n_test):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from laplace_llm.data import make_loader
     from laplace_llm.app.loading import minilm_path
+    from laplace_llm.data import make_loader
 
     torch.manual_seed(0)
     path = minilm_path()

@@ -171,7 +171,7 @@ _OMEGAS: dict[tuple, torch.Tensor] = {}
 
 def sketch_matrix(side: int, columns: int, seed: int, device=None,
                   dtype=torch.float32) -> torch.Tensor:
-    """The sketch's Gaussian test matrix ``Ω`` ``(side, columns)``, the same everywhere.
+    """Return the sketch's Gaussian test matrix ``Ω`` ``(side, columns)``, the same everywhere.
 
     Drawn on the CPU in float64 from ``seed`` (and the shape), then cast and moved, so
     every process and device of a fit has the same ``Ω``: sketches of data shards add up
@@ -207,11 +207,11 @@ def finalise_sketches(factors: list[LowRankFactor]) -> None:
     for (_, _, device), members in groups.items():
         on_host = EIGH_DEVICE == "cpu" and device.type != "cpu"
         Y = torch.stack([f._sketch for f in members]).double()
-        O = torch.stack([f.omega() for f in members]).double()
+        Om = torch.stack([f.omega() for f in members]).double()
         eps = torch.finfo(members[0].dtype).eps
         nu = eps * torch.linalg.matrix_norm(Y)  # (n,) Frobenius norms
-        Yn = Y + nu[:, None, None] * O
-        B = O.transpose(1, 2) @ Yn
+        Yn = Y + nu[:, None, None] * Om
+        B = Om.transpose(1, 2) @ Yn
         B = 0.5 * (B + B.transpose(1, 2))
         b, V = _batched_eigh(B, on_host)
         # b ≥ 0 up to rounding; directions with b ≤ tiny·max carry no data
@@ -384,7 +384,7 @@ class LowRankFactor:
         return min(self.rank, self.side)
 
     def omega(self) -> torch.Tensor:
-        """The sketch's test matrix ``Ω`` ``(d, s)`` (see :func:`sketch_matrix`)."""
+        """Return the sketch's test matrix ``Ω`` ``(d, s)`` (see :func:`sketch_matrix`)."""
         return sketch_matrix(self.side, self.sketch_size, self.sketch_seed, self.device,
                              self.dtype)
 
