@@ -23,18 +23,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def fit_kwargs(n_kfac):
-    return dict(fisher_type="ggn", n_kfac=n_kfac, lr_threshold=0)
+def fit_kwargs(n_kfac, accumulation="sketch"):
+    return dict(fisher_type="ggn", n_kfac=n_kfac, lr_threshold=0, accumulation=accumulation)
 
 
-def shard_fit(rank, world, port, n_kfac, out):
+def shard_fit(rank, world, port, n_kfac, out, accumulation="sketch"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         clf = LLMClassifier(tiny_llama_lora(seed=0, dtype=torch.float64), TARGET_IDS)
         items = token_items(ITEMS, 6, seed=1)[rank::world]
-        la = LoRALaplace(clf, "classification", **fit_kwargs(n_kfac))
+        la = LoRALaplace(clf, "classification", **fit_kwargs(n_kfac, accumulation))
         la.fit(DataLoader(DictDataset(items), batch_size=4), distributed=True)
         if rank == 0:
             torch.save(
@@ -49,15 +49,21 @@ def shard_fit(rank, world, port, n_kfac, out):
         dist.destroy_process_group()
 
 
-@pytest.mark.slow  # two processes importing torch+transformers: ~25 s
-def test_two_process_fit_equals_single_fit(tmp_path):
-    """Full rank (n_kfac ≥ every side): the merged factors, data size and evidence
-    equal a single-process fit to rounding; the merge gathers roots and truncates."""
+@pytest.mark.slow  # two processes importing torch+transformers: ~25 s each
+@pytest.mark.parametrize("n_kfac, accumulation", [(64, "truncate"), (64, "sketch"), (3, "sketch")],
+                         ids=["full-rank-truncate", "full-rank-sketch", "rank3-sketch"])
+def test_two_process_fit_equals_single_fit(tmp_path, n_kfac, accumulation):
+    """The merged factors, data size and evidence equal a single-process fit to rounding.
+
+    Truncation: at full rank (n_kfac ≥ every side) only, as the merge gathers roots and
+    truncates, a different order of truncations than one process'. Sketch: also at rank
+    3, because the shards' sketches add up to the sketch of all the data (same Ω)."""
     out = tmp_path / "rank0.pt"
-    mp.spawn(shard_fit, args=(2, free_port(), 64, str(out)), nprocs=2, join=True)
+    mp.spawn(shard_fit, args=(2, free_port(), n_kfac, str(out), accumulation), nprocs=2,
+             join=True)
     merged = torch.load(out, weights_only=True)
     clf = LLMClassifier(tiny_llama_lora(seed=0, dtype=torch.float64), TARGET_IDS)
-    single = LoRALaplace(clf, "classification", **fit_kwargs(64))
+    single = LoRALaplace(clf, "classification", **fit_kwargs(n_kfac, accumulation))
     single.fit(DataLoader(DictDataset(token_items(ITEMS, 6, seed=1)), batch_size=4))
     assert merged["n_data"] == ITEMS
     for F, G in zip(merged["factors"], single.H_facs.kfacs):
