@@ -494,3 +494,54 @@ def test_two_processes_resume_their_own_shards(tmp_path):
             assert got["loss"][0] == got["loss"][1]
             assert got["n_data"] == [2 * N_ITEMS] * 2
             assert got["lml"][0] == got["lml"][1]
+
+
+def _sharded_fits(rank, world, port, ckpt, out):
+    """FSDP2-sharded model, ranks with 3 and 2 batches: the first fit dies before batch 1
+    on both ranks (the forwards are collective, so together); rank 0 wrote no checkpoint
+    (every 2 batches) and refits from its first batch, rank 1 resumes after 1 batch and
+    makes idle passes until rank 0 is done."""
+    from tests.test_sharding import classifier
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        items = token_items(13, 6, seed=1)[rank::world]
+
+        def fit(loader, **kwargs):
+            la = LoRALaplace(classifier("classifier"), "classification", fisher_type="ggn", **KRON)
+            la.fit(loader, distributed=True, **kwargs)
+            return la
+
+        ref = fit(DataLoader(DictDataset(items), batch_size=3))
+        path = ckpt / "fsdp"
+        try:
+            fit(Crashing(DataLoader(DictDataset(items), batch_size=3), 1), checkpoint=path,
+                checkpoint_every=2 if rank == 0 else 1)
+        except Crash:
+            pass
+        mine = checkpoint_file(path, distributed=True)
+        resumed = fit(DataLoader(DictDataset(items), batch_size=3),
+                      resume_from=path if mine.exists() else None)
+        torch.save({
+            "file": mine.exists(),
+            "equal": all(torch.equal(x, y) for x, y in
+                         zip(curvature_tensors(resumed), curvature_tensors(ref))),
+            "loss": [float(ref.loss), float(resumed.loss)],
+            "lml": [ref.log_marginal_likelihood().item(), resumed.log_marginal_likelihood().item()],
+        }, out / f"fsdp{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes importing torch+transformers: ~25 s
+def test_a_sharded_model_resumes_with_idle_passes(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    mp.spawn(_sharded_fits, args=(2, free_port(), tmp_path / "ckpt", tmp_path), nprocs=2,
+             join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"fsdp{rank}.pt", weights_only=True)
+        assert got["file"] == (rank == 1)
+        assert got["equal"]
+        assert got["loss"][0] == got["loss"][1] and got["lml"][0] == got["lml"][1]
