@@ -265,6 +265,13 @@ class FitCheckpoint:
         }
         logger.info("resuming the fit of '%s' after its %d batches (read again, not computed)",
                     path, self.start_batch)
+        if self.identity["seed"] is None and self.identity["options"].get("fisher_type") == "mc":
+            logger.warning(
+                "Resuming an mc-Fisher fit without a seed: its Monte-Carlo labels came from "
+                "torch's global generator, which the checkpoint does not hold, so the rest "
+                "of the fit draws other ones than the uninterrupted fit would have (an "
+                "equally valid estimate, not the same posterior). Pass seed= to fit "
+                "exactly resumable.")
 
     def _check_target(self, path: Path) -> None:
         """Refuse to replace a file that is not a fit checkpoint; create missing folders."""

@@ -247,6 +247,22 @@ def test_override_false_resumes_onto_the_posterior_it_adds_to(tmp_path):
         other.fit(second, override=True, resume_from=path)
 
 
+def test_an_mc_fit_without_a_seed_resumes_with_a_warning(tmp_path, caplog):
+    """Without a seed the labels come from torch's global generator, which is not saved:
+    the resumed fit warns; its curvature is another draw (data size and loss are exact,
+    the loss does not depend on the labels drawn)."""
+    path = tmp_path / "fit.ckpt"
+    with pytest.raises(Crash):
+        laplace("diag", "mc").fit(Crashing(loader(), 2), checkpoint=path, checkpoint_every=1)
+    resumed = laplace("diag", "mc")
+    with caplog.at_level("WARNING", logger="laplace_llm.posterior.checkpoint"):
+        resumed.fit(loader(), resume_from=path)
+    assert "without a seed" in caplog.text and "Pass seed=" in caplog.text
+    ref = laplace("diag", "mc")
+    ref.fit(loader())
+    assert resumed.n_data == ref.n_data and torch.equal(resumed.loss, ref.loss)
+
+
 # ----------------------------------------------------------------------- signals
 @pytest.mark.parametrize("structure", ["kron", "diag"])
 def test_sigint_writes_the_checkpoint_then_raises_keyboard_interrupt(structure, tmp_path):
