@@ -47,7 +47,8 @@ from laplace_llm import serialization
 from laplace_llm.checks import loader_size
 from laplace_llm.distributed import process_rank, process_seed, shard
 from laplace_llm.models.classifier import LLMClassifier
-from laplace_llm.options import KFACOptions
+from laplace_llm.options import KFACOptions, check_int
+from laplace_llm.posterior.checkpoint import CHECKPOINT_FILENAME, checkpoint_file
 from laplace_llm.posterior.kron import LoRALaplace
 
 __all__ = ["LaplaceCallback", "EVIDENCE_FILENAME"]
@@ -112,6 +113,19 @@ class LaplaceCallback(TrainerCallback):
         ``args.output_dir``, where ``trainer.save_model()`` puts the adapter.
     batch_size : int, optional
         batch size of the fit; default the trainer's ``per_device_train_batch_size``.
+    fit_checkpoint_every : int, optional
+        checkpoint each fit (:meth:`LoRALaplace.fit <laplace_llm.LoRALaplace.fit>`'s
+        ``checkpoint``) into the folder its posterior goes to, as
+        ``laplace_fit_checkpoint.safetensors`` (``.rank<r>`` per process under a
+        distributed trainer), every this many batches and on SIGTERM/SIGINT; each process
+        removes its file once the posterior is written. ``None``: no checkpoint.
+    resume_fit : bool, default False
+        continue a fit from the checkpoint an interrupted run left in that folder, if
+        there is one (needs ``fit_checkpoint_every``): rerun the script (e.g.
+        ``trainer.train(resume_from_checkpoint=True)``) and the fit at the same weights
+        skips the batches already accumulated. A checkpoint of other weights, data or
+        options is refused (:class:`~laplace_llm.errors.PosteriorFileError`); delete it to
+        fit afresh.
     **laplace_kwargs
         arguments of :class:`~laplace_llm.LoRALaplace`: the K-FAC options (``n_kfac``,
         ``fisher_type``, …, or ``options``), ``prior_precision``, ``temperature``,
@@ -155,6 +169,8 @@ class LaplaceCallback(TrainerCallback):
         at_checkpoints: bool = False,
         output_dir: str | os.PathLike | None = None,
         batch_size: int | None = None,
+        fit_checkpoint_every: int | None = None,
+        resume_fit: bool = False,
         **laplace_kwargs: Any,
     ):
         if (classifier is None) == (choices is None):
@@ -197,6 +213,13 @@ class LaplaceCallback(TrainerCallback):
         KFACOptions(**kfac)  # bad values fail now, not after training
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if fit_checkpoint_every is not None:
+            check_int("fit_checkpoint_every", fit_checkpoint_every, 1)
+        elif resume_fit:
+            raise ValueError(
+                "resume_fit=True continues the fit checkpoints that fit_checkpoint_every=N "
+                "writes: pass fit_checkpoint_every too (e.g. 100 batches)."
+            )
         self.classifier = classifier
         self.choices = None if choices is None else list(choices)
         self.tokenizer = tokenizer
@@ -208,6 +231,8 @@ class LaplaceCallback(TrainerCallback):
         self.at_checkpoints = bool(at_checkpoints)
         self.output_dir = output_dir
         self.batch_size = batch_size
+        self.fit_checkpoint_every = fit_checkpoint_every
+        self.resume_fit = bool(resume_fit)
         self.laplace_kwargs = laplace_kwargs
         self.trainer = None
         self.evidence: list[dict[str, Any]] = []
@@ -368,7 +393,7 @@ class LaplaceCallback(TrainerCallback):
                           collate_fn=_ToDevice(train_dataloader.collate_fn, device))
 
     def fit(self, model: nn.Module, train_dataloader: DataLoader, batch_size: int,
-            processing_class: Any = None) -> LoRALaplace:
+            processing_class: Any = None, folder: str | os.PathLike | None = None) -> LoRALaplace:
         """Fit (and tune) the posterior of ``model`` on the trainer's training data.
 
         Parameters
@@ -380,6 +405,9 @@ class LaplaceCallback(TrainerCallback):
         batch_size : int
         processing_class : optional
             the trainer's tokenizer, for ``choices``.
+        folder : str or PathLike, optional
+            where the fit's checkpoint goes with ``fit_checkpoint_every`` (and is resumed
+            from with ``resume_fit``); ``None``: no checkpoint.
 
         Returns
         -------
@@ -390,17 +418,29 @@ class LaplaceCallback(TrainerCallback):
         clf = self._classifier(model, processing_class)
         la = LoRALaplace(clf, self.likelihood, **self._laplace_kwargs(rank))
         loader = self.fit_loader(train_dataloader, batch_size, la._device)
-        la.fit(loader, distributed=world > 1)
+        la.fit(loader, distributed=world > 1, **self._checkpoint_arguments(folder, world))
         if self.prior_optimization == "marglik":
             la.optimize_prior_precision(method="marglik", **self.marglik_kwargs)
         self.laplace = la
         return la
 
+    def _checkpoint_arguments(self, folder: str | os.PathLike | None, world: int) -> dict[str, Any]:
+        """Return ``fit``'s checkpoint arguments for a posterior written into ``folder``."""
+        if self.fit_checkpoint_every is None or folder is None:
+            return {}
+        path = Path(folder) / CHECKPOINT_FILENAME
+        mine = checkpoint_file(path, distributed=world > 1)
+        resume = self.resume_fit and mine.is_file()
+        if self.resume_fit and not resume:
+            logger.info("no fit checkpoint at %s: fitting from the first batch", mine)
+        return {"checkpoint": path, "checkpoint_every": self.fit_checkpoint_every,
+                "resume_from": path if resume else None}
+
     def _fit_and_write(self, args, state, model, processing_class, train_dataloader, folder,
                        checkpoint=True) -> None:
         self._check_data(train_dataloader)
         la = self.fit(model, train_dataloader, self.batch_size or args.per_device_train_batch_size,
-                      processing_class)
+                      processing_class, folder=folder)
         prior = la.prior_precision.detach().cpu().reshape(-1)
         row = {
             "checkpoint": str(folder) if checkpoint else None,
@@ -412,6 +452,11 @@ class LaplaceCallback(TrainerCallback):
         self.evidence.append(row)
         self._log(state, row)
         self._write(state, la, folder)
+        if self.fit_checkpoint_every is not None:  # the fit is complete: its checkpoint goes
+            mine = checkpoint_file(Path(folder) / CHECKPOINT_FILENAME, distributed=True)
+            if mine.is_file():
+                mine.unlink()
+                logger.info("removed the fit checkpoint %s (the fit is complete)", mine)
 
     def _write(self, state, la: LoRALaplace, folder: Path) -> None:
         if not state.is_world_process_zero:

@@ -18,4 +18,9 @@ class NonFiniteError(FloatingPointError):
 
 
 class PosteriorFileError(ValueError):
-    """A posterior that cannot be used: not ours, damaged, or for another model."""
+    """A posterior that cannot be used: not ours, damaged, or for another model.
+
+    Also a fit checkpoint that cannot be resumed (``fit(resume_from=...)``): damaged, a
+    finished posterior instead, or written by another fit (model, weights, options,
+    data, loader, processes).
+    """

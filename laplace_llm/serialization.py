@@ -32,6 +32,11 @@ so ``la.save(adapter_dir)``, ``LoRALaplace.load(adapter_dir, model)`` and ``lapl
 evaluate --adapter DIR`` meet there. Writing goes to a temporary file that replaces the
 target only when complete, and :func:`check_overwrite` refuses to replace a file that is
 not a posterior of the same LoRA blocks.
+
+The checkpoints of an unfinished fit (``fit(checkpoint=...)``) are files of the same
+kind (:func:`write_file`, :func:`read_file`) with format ``laplace-llm-fit-checkpoint``
+(:data:`CHECKPOINT_FORMAT`); :mod:`laplace_llm.posterior.checkpoint` defines their
+content, and :func:`read_posterior` refuses them by name.
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ __all__ = [
     "write_state",
     "read_state",
     "read_posterior",
+    "read_file",
+    "write_file",
+    "CHECKPOINT_FORMAT",
     "PosteriorFileError",
     "FORMAT",
     "VERSION",
@@ -62,6 +70,9 @@ __all__ = [
 
 FORMAT = "laplace-llm-posterior"
 VERSION = 1
+#: ``format`` of the checkpoints of an unfinished fit (``fit(checkpoint=...)``, see
+#: :mod:`laplace_llm.posterior.checkpoint`), which :func:`read_posterior` refuses by name.
+CHECKPOINT_FORMAT = "laplace-llm-fit-checkpoint"
 #: Name of the posterior file inside an adapter or checkpoint folder.
 POSTERIOR_FILENAME = "laplace_posterior.safetensors"
 #: State entries stored as tensors; every other entry but ``H`` goes to the JSON header.
@@ -115,15 +126,31 @@ def write_state(state: dict[str, Any], path: str | os.PathLike) -> None:
                         tensors[f"H.{i}.{j}.{key}"] = value
                     else:
                         ranks[f"{i}.{j}"] = value
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     header = {"format": FORMAT, "version": VERSION}
     header.update(
         {k: _plain(v) for k, v in state.items() if k not in _TENSORS and k != "H"}
     )
     header["ranks"] = ranks
     header["shared"] = shared
-    header["sha256"] = {k: _digest(v) for k, v in tensors.items()}
-    # a complete file or none: an interrupted write leaves the previous posterior intact
+    write_file(tensors, header, path)
+
+
+def write_file(tensors: dict[str, torch.Tensor], header: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write ``tensors`` and the JSON ``header`` with each tensor's SHA-256, atomically.
+
+    The file appears complete or not at all: it is written to a temporary file beside
+    ``path`` that replaces ``path`` once complete, so an interrupted write leaves the
+    previous file intact. :func:`read_file` reads and verifies it.
+
+    Parameters
+    ----------
+    tensors : dict of str to torch.Tensor
+    header : dict
+        JSON values; ``format`` and ``version`` name the kind of file.
+    path : str or PathLike
+    """
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    header = {**header, "sha256": {k: _digest(v) for k, v in tensors.items()}}
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -181,28 +208,13 @@ def _factor_state(
 
 def read_posterior(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Header and tensors of a posterior file, verified; raises PosteriorFileError."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No posterior file at '{path}'.")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
+    header, tensors = read_file(path)
+    if header.get("format") == CHECKPOINT_FORMAT:
         raise PosteriorFileError(
-            f"'{path}' is not a readable laplace-llm posterior (safetensors) file: {err}. "
-            "It may be truncated, or a file of another kind (posterior files are never "
-            "pickles); write it again with `la.save(path)`."
-        ) from None
-    if "laplace_llm" not in meta:
-        raise PosteriorFileError(
-            f"'{path}' is a safetensors file but not a laplace-llm posterior (no "
-            "'laplace_llm' header); write posteriors with `la.save(path)`."
+            f"'{path}' is the checkpoint of an unfinished fit (fit(checkpoint=...)), not a "
+            "posterior: finish the fit with `la.fit(train_loader, resume_from=path)` and "
+            "save that posterior with `la.save(...)`."
         )
-    try:
-        header = json.loads(meta["laplace_llm"])
-    except json.JSONDecodeError:
-        raise PosteriorFileError(f"'{path}' has a corrupted laplace-llm header.") from None
     if header.get("format") != FORMAT:
         raise PosteriorFileError(f"'{path}' is not a {FORMAT} file.")
     if header.get("version") != VERSION:
@@ -210,6 +222,52 @@ def read_posterior(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
             f"'{path}' has posterior format version {header.get('version')}; this laplace-llm "
             f"reads version {VERSION}. Refit and save with this version."
         )
+    return header, tensors
+
+
+def read_file(
+    path: str | os.PathLike, kind: str = "posterior", fix: str = "write it again with `la.save(path)`"
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Header and tensors of a file written by :func:`write_file`, checksums verified.
+
+    Parameters
+    ----------
+    path : str or PathLike
+    kind : str, default "posterior"
+        what the messages call the file.
+    fix : str
+        what the messages of an unreadable file suggest.
+
+    Raises
+    ------
+    FileNotFoundError
+        no file at ``path``.
+    PosteriorFileError
+        not a safetensors file with a laplace-llm header, or damaged (truncated,
+        checksum mismatch). The format is the caller's to check.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No {kind} file at '{path}'.")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise PosteriorFileError(
+            f"'{path}' is not a readable laplace-llm {kind} (safetensors) file: {err}. "
+            f"It may be truncated, or a file of another kind (laplace-llm files are never "
+            f"pickles); {fix}."
+        ) from None
+    if "laplace_llm" not in meta:
+        raise PosteriorFileError(
+            f"'{path}' is a safetensors file but not a laplace-llm {kind} (no "
+            f"'laplace_llm' header); {fix}."
+        )
+    try:
+        header = json.loads(meta["laplace_llm"])
+    except json.JSONDecodeError:
+        raise PosteriorFileError(f"'{path}' has a corrupted laplace-llm header.") from None
     sums = header.get("sha256", {})
     if set(sums) != set(tensors):
         raise PosteriorFileError(f"'{path}' is corrupted: its tensors do not match its header.")

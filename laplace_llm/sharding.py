@@ -270,12 +270,13 @@ def equals_vector(params: list[torch.Tensor], vector: torch.Tensor) -> bool:
     return True
 
 
-def batches_to_run(model: nn.Module, loader) -> int | None:
+def batches_to_run(model: nn.Module, loader, skip: int = 0) -> int | None:
     """Return the most batches any rank's ``loader`` yields, for a sharded ``model``.
 
     A collective. ``None`` for an unsharded model (each rank runs its own batches) or without a
     process group. A sharded model's forward and backward passes all-gather, so every
-    rank must run as many as the rank with the most batches.
+    rank must run as many as the rank with the most batches. ``skip``: the batches this
+    rank does not run (a resumed fit's), so the count is ``len(loader) - skip``.
     """
     if not (dist.is_available() and dist.is_initialized()) or not sharded_model(model):
         return None
@@ -287,7 +288,7 @@ def batches_to_run(model: nn.Module, loader) -> int | None:
             "must run as many forward passes as the others): use a map-style dataset."
         ) from None
     p = next(p for p in model.parameters() if is_sharded(p))
-    count = torch.tensor([n], device=p.device)
+    count = torch.tensor([n - skip], device=p.device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     return int(count.item())
 

@@ -181,3 +181,56 @@ def test_a_posterior_of_another_model_in_the_output_folder_is_kept(tmp_path):
         trainer.train()
     assert trainer.state.global_step == 0
     assert path.read_bytes() == before
+
+
+def test_an_interrupted_fit_at_the_end_of_training_resumes(tmp_path, monkeypatch):
+    """The fit at the end of training dies before batch 2 (4 batches, mc Fisher, seed 0,
+    a checkpoint every batch); the rerun's end of training (same trained weights) resumes
+    it and writes the posterior the uninterrupted callback fit gives, bit for bit (same
+    operations in the same order), then removes the checkpoint."""
+    import laplace_llm.posterior.base as base
+    from laplace_llm.posterior.checkpoint import CHECKPOINT_FILENAME, read_checkpoint
+
+    class Crash(Exception):
+        pass
+
+    options = dict(fisher_type="mc", seed=0, n_kfac=4, lr_threshold=16)
+    train = DictDataset(token_items(14, 6, seed=1, n_classes=N_CLASSES, min_length=3))
+    trainer = Trainer(model=tiny_bert_seqcls_lora(N_CLASSES, seed=0), args=training_args(tmp_path),
+                      train_dataset=train, data_collator=default_data_collator)
+    LaplaceCallback(LLMClassifier, fit_checkpoint_every=1, resume_fit=True,
+                    prior_optimization="none", **options).attach(trainer)
+    check_batch = base.check_batch
+
+    def crash(data, i, *args, **kwargs):
+        if i == 2:
+            raise Crash
+        return check_batch(data, i, *args, **kwargs)
+
+    monkeypatch.setattr(base, "check_batch", crash)
+    with pytest.raises(Crash):
+        trainer.train()
+    ckpt = tmp_path / CHECKPOINT_FILENAME
+    assert read_checkpoint(ckpt)[0]["batches_seen"] == 2
+    assert not (tmp_path / POSTERIOR_FILENAME).exists()
+    monkeypatch.setattr(base, "check_batch", check_batch)
+
+    trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
+    assert not ckpt.exists() and (tmp_path / POSTERIOR_FILENAME).is_file()
+    ref = LaplaceCallback(LLMClassifier, prior_optimization="none", **options).fit(
+        trainer.model, trainer.get_train_dataloader(), 4)
+    got = LoRALaplace.load(tmp_path, LLMClassifier(trainer.model))
+    assert got.n_data == ref.n_data == 14 and torch.equal(got.loss, ref.loss)
+    for mine, theirs in zip(got.H_facs.to_state(), ref.H_facs.to_state()):
+        for f, g in zip(mine, theirs):
+            assert f.keys() == g.keys()
+            assert all(torch.equal(f[k], g[k]) if isinstance(f[k], torch.Tensor) else f[k] == g[k]
+                       for k in f)
+    assert torch.equal(got.log_marginal_likelihood(), ref.log_marginal_likelihood())
+
+
+def test_resume_fit_needs_fit_checkpoint_every():
+    with pytest.raises(ValueError, match="resume_fit=True .*pass fit_checkpoint_every"):
+        LaplaceCallback(LLMClassifier, resume_fit=True)
+    with pytest.raises(ValueError, match="fit_checkpoint_every must be an integer ≥ 1"):
+        LaplaceCallback(LLMClassifier, fit_checkpoint_every=0)

@@ -205,6 +205,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-trace-share", type=float, default=0.5, metavar="F",
                    help="kron: warn when a large Kronecker factor keeps less than this share "
                    "of its trace at --n-kfac (default: 0.5)")
+    r = fit.add_argument_group("resuming a long fit")
+    r.add_argument("--checkpoint", metavar="FILE",
+                   help="write the curvature accumulated so far to FILE (safetensors, written "
+                   "atomically) when the process receives SIGTERM or SIGINT, after the "
+                   "current batch, and every --checkpoint-every batches; rerun with --resume "
+                   "to continue. Under torchrun/accelerate every process writes FILE.rank<r>. "
+                   "Removed once the posterior is written")
+    r.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="N",
+                   help="also write --checkpoint every N batches, so that a hard kill (OOM, "
+                   "SIGKILL, a lost node) loses at most N batches (default: only on a signal)")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the fit saved in --checkpoint, if that file exists (else "
+                   "start from the first batch): its batches are read again but not "
+                   "computed, and the posterior equals the uninterrupted fit's. Needs the "
+                   "same --model, --adapter, --data, --batch-size, options and --seed")
     fit.add_argument("--posterior", metavar="FILE",
                      help="where to write the posterior (safetensors; missing folders are "
                      "created; an existing folder means its laplace_posterior.safetensors). "
@@ -385,6 +400,7 @@ def _fit(args: argparse.Namespace, rank: int, world: int) -> int:
     from laplace_llm.serialization import check_overwrite
 
     check_paths(args, posterior_must_exist=False)
+    checkpoint, resume_from = _checkpoint_arguments(args, world)
     if not args.prior_precision > 0:
         raise UserError(f"--prior-precision must be > 0, got {args.prior_precision}")
     if not args.sigma_noise > 0:
@@ -443,10 +459,11 @@ def _fit(args: argparse.Namespace, rank: int, world: int) -> int:
         logger.info("fitting %s over %d LoRA weights on %d records of %s%s", type(la).__name__,
                     la.n_params, n_records, args.data,
                     f" in {world} processes" if world > 1 else "")
-    if world > 1:
-        la.fit(loader, progress_bar=not quiet, distributed=True)
-    else:
-        la.fit(loader, progress_bar=not quiet)
+    try:
+        la.fit(loader, progress_bar=not quiet, distributed=world > 1, checkpoint=args.checkpoint,
+               checkpoint_every=args.checkpoint_every, resume_from=resume_from)
+    except PosteriorFileError as err:  # a checkpoint of another fit, or FILE is no checkpoint
+        raise UserError(f"--checkpoint {args.checkpoint}: {first_line(err)}") from None
     if args.tune_sigma_noise:
         from laplace_llm.prior.regression import optimize_prior_and_noise
 
@@ -458,6 +475,7 @@ def _fit(args: argparse.Namespace, rank: int, world: int) -> int:
         )
     lml = float(la.log_marginal_likelihood().item())
     if not main_process:
+        _remove_checkpoint(checkpoint)  # its shard's sum is in rank 0's posterior
         return 0
     try:
         la.save(posterior)
@@ -465,6 +483,7 @@ def _fit(args: argparse.Namespace, rank: int, world: int) -> int:
         raise UserError(f"--posterior {posterior}: cannot write it: {err.strerror or err}") from None
     except PosteriorFileError as err:
         raise UserError(f"--posterior: {err}") from None
+    _remove_checkpoint(checkpoint)
     print(f"fitted {structure} on {la.n_data} records ({la.n_params} LoRA weights, "
           f"{la.n_layers} blocks) in {time.perf_counter() - started:.1f} s"
           + (f" by {world} processes" if world > 1 else "")
@@ -479,6 +498,46 @@ def _fit(args: argparse.Namespace, rank: int, world: int) -> int:
         _print_low_rank_summary(la, args.min_trace_share)
     print(f"wrote {posterior}")
     return 0
+
+
+def _checkpoint_arguments(args: argparse.Namespace, world: int) -> tuple[Path | None, Path | None]:
+    """Return this process's checkpoint file and the file to resume (``None`` for none).
+
+    ``--resume`` resumes the ``--checkpoint`` file if it exists; a process without one
+    (killed before its first checkpoint) fits its shard from the first batch, which the
+    sum over processes allows.
+    """
+    from laplace_llm.posterior.checkpoint import checkpoint_file
+
+    if args.checkpoint is None:
+        for flag, given in (("--checkpoint-every", args.checkpoint_every is not None),
+                            ("--resume", args.resume)):
+            if given:
+                raise UserError(f"{flag} needs --checkpoint FILE (the file to write and "
+                                "resume the fit's checkpoint)")
+        return None, None
+    mine = checkpoint_file(args.checkpoint, distributed=world > 1)
+    if not args.resume:
+        return mine, None
+    if not mine.exists():
+        logger.warning("--resume: no checkpoint at %s yet; fitting from the first batch", mine)
+        return mine, None
+    return mine, Path(args.checkpoint)
+
+
+def _checkpoint_written(path: str) -> bool:
+    """Whether a fit checkpoint of ``--checkpoint path`` exists (one process's at least)."""
+    from laplace_llm.posterior.checkpoint import checkpoint_file
+
+    mine = checkpoint_file(path)
+    return mine.is_file() or any(mine.parent.glob(f"{mine.name}.rank*"))
+
+
+def _remove_checkpoint(path: Path | None) -> None:
+    """Delete this process's fit checkpoint once the fit it holds is complete."""
+    if path is not None and path.is_file():
+        path.unlink()
+        logger.info("removed the fit checkpoint %s (the fit is complete)", path)
 
 
 def _print_low_rank_summary(la: Any, threshold: float) -> None:
@@ -615,7 +674,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"laplace-llm {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        resume = ""
+        if getattr(args, "checkpoint", None) and _checkpoint_written(args.checkpoint):
+            resume = (f" (the fit's checkpoint is in {args.checkpoint}: rerun with --resume to "
+                      "continue it)")
+        print(f"interrupted{resume}", file=sys.stderr)
         return 130
 
 

@@ -23,6 +23,7 @@ factors.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -44,6 +45,7 @@ from laplace_llm.matrix import factor_dtype
 from laplace_llm.models.discovery import find_blocks
 from laplace_llm.models.selection import restrict_to_blocks, select_blocks
 from laplace_llm.options import Evidence, KFACOptions, check_int
+from laplace_llm.posterior.checkpoint import FitCheckpoint
 from laplace_llm.prior.evidence import optimize_prior_until_converged
 from laplace_llm.prior.grid import glm_moments_over_priors, one_pass_gridsearch, replayed_moments
 from laplace_llm.progress import progress_bar as show_progress
@@ -343,6 +345,10 @@ class LoRALaplaceBase(ParametricLaplace):
         override: bool = True,
         progress_bar: bool = False,
         distributed: bool = False,
+        *,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None,
+        resume_from: str | os.PathLike | None = None,
     ) -> None:
         """Fit the posterior at the model's current LoRA weights.
 
@@ -361,19 +367,48 @@ class LoRALaplaceBase(ParametricLaplace):
             own shard (e.g. through a ``DistributedSampler``); the curvature, loss and
             data size are summed over processes, so each ends with the posterior of
             the whole data set (see :mod:`laplace_llm.distributed`).
+        checkpoint : str or PathLike, optional
+            file (or folder, meaning its ``laplace_fit_checkpoint.safetensors``) to which
+            the curvature accumulated so far is written, atomically, every
+            ``checkpoint_every`` batches and when the process receives SIGTERM or SIGINT
+            (the current batch finishes, the file is written, then the signal's previous
+            handler acts: ``KeyboardInterrupt`` for SIGINT, the end of the process for a
+            default SIGTERM). Handlers are installed only during the fit, in the main
+            thread. Under ``distributed`` every process writes its own
+            ``<checkpoint>.rank<r>``. The file is left in place when the fit completes.
+            See :mod:`laplace_llm.posterior.checkpoint`.
+        checkpoint_every : int, optional
+            also write the checkpoint every this many batches (counted from the
+            loader's first); default: only on a signal.
+        resume_from : str or PathLike, optional
+            a checkpoint written by an interrupted ``fit`` of this model: its batches are
+            read from the loader again and skipped (no forward pass), the rest are
+            accumulated, and the posterior equals the uninterrupted fit's (bit for bit on
+            the same machine). The loader must yield the same batches in the same order
+            (a shuffled ``DataLoader`` needs ``generator=torch.Generator().manual_seed(s)``
+            made anew); the model, adapter, data, options, ``seed`` and ``override`` must
+            be those of the interrupted call (``override=False``: on the posterior it
+            added to). Pass the same path as ``checkpoint`` to keep checkpointing.
 
         Raises
         ------
         NonFiniteError
             a batch gave NaN or Inf activations or gradients (the message names it);
             nothing is kept of this fit.
+        PosteriorFileError
+            ``resume_from`` is not a fit checkpoint (e.g. a finished posterior), is the
+            checkpoint of another fit (model, weights, structure, options, seed, data
+            size, loader length, processes, ``override``), or the loader yields other
+            batches than it saw; ``checkpoint`` names a file that is not a fit checkpoint.
         """
         N = loader_size(train_loader)
         if distributed:
             from laplace_llm.distributed import all_reduce_sum
 
             N = int(all_reduce_sum(N, device=self._device).item())
-        H_new, loss, n_outputs = self._accumulate(train_loader, N, progress_bar)
+        ckpt = FitCheckpoint.start(self, train_loader, N, override, distributed, checkpoint,
+                                   checkpoint_every, resume_from)
+        H_new, loss, n_outputs = self._accumulate(train_loader, N, progress_bar, ckpt)
         if distributed:
             H_new = self._all_reduce(H_new)
             loss = all_reduce_sum(loss, device=self._device).to(self._dtype)
@@ -384,11 +419,14 @@ class LoRALaplaceBase(ParametricLaplace):
         self.mean = mean if self.enable_backprop else mean.detach()
         self._posterior_changed()
 
-    def _accumulate(self, train_loader: DataLoader, N: int, progress_bar: bool = False):
+    def _accumulate(self, train_loader: DataLoader, N: int, progress_bar: bool = False,
+                    ckpt: FitCheckpoint | None = None):
         """Curvature, summed loss and number of outputs of this process's batches.
 
         Each batch is checked before its forward pass; the model is in eval mode
-        meanwhile and its modules' modes are restored afterwards.
+        meanwhile and its modules' modes are restored afterwards. With ``ckpt`` the
+        batches a resumed checkpoint has seen are skipped, and checkpoints are written
+        between batches (:class:`~laplace_llm.posterior.checkpoint.FitCheckpoint`).
 
         Returns
         -------
@@ -405,28 +443,57 @@ class LoRALaplaceBase(ParametricLaplace):
         backend.generator = None
         if self.seed is not None:
             backend.generator = torch.Generator(device=self._device).manual_seed(self.seed)
+        H, loss, n_outputs, start = None, 0.0, None, 0
+        if ckpt is not None and ckpt.resumed is not None:
+            start = ckpt.start_batch
+            H = self._from_partial_state(ckpt.resumed["H"])
+            loss = ckpt.resumed["loss"].to(self._device)
+            n_outputs = ckpt.resumed["n_outputs"]
+            ckpt.restore_generator(backend.generator)
+
+        def state():
+            return self._partial_state(H), loss, n_outputs, backend.generator
+
         model.eval()
-        H, loss, n_outputs = None, 0.0, None
-        n_batches = sharding.batches_to_run(model, train_loader)  # None unless sharded
+        X = data = None
+        # None unless sharded: then every rank makes as many passes as the busiest
+        n_batches = sharding.batches_to_run(model, train_loader, skip=start)
+        i = -1
         try:
             desc = f"[LoRA {self._key[1]}]"
-            for i, data in enumerate(show_progress(train_loader, enabled=progress_bar, desc=desc)):
-                if n_outputs is None:
-                    n_outputs = self._n_outputs_of(data)
-                X, y = check_batch(
-                    data, i, n_outputs, self._device, self.dict_key_x, self.dict_key_y,
-                    likelihood=self.likelihood, dtype=self._dtype,
-                )
-                try:
-                    loss_b, H = self._add_batch(X, y, N, H)
-                except FloatingPointError as err:
-                    # one error type for every structure, naming the batch
-                    raise NonFiniteError(f"Batch {i}: {err}") from None
-                loss = loss + loss_b
-            if H is None:
-                raise ValueError("The train loader yielded no batch.")
-            for _ in range(i + 1, n_batches or 0):  # a sharded model's passes are collective
-                self._add_batch(X, y, N, None)  # idle: discarded
+            with ckpt.signals() if ckpt is not None else contextlib.nullcontext():
+                for i, data in enumerate(show_progress(train_loader, enabled=progress_bar, desc=desc)):
+                    if ckpt is not None:
+                        ckpt.see(i, data)
+                    if i < start:  # seen by the resumed checkpoint
+                        continue
+                    if n_outputs is None:
+                        n_outputs = self._n_outputs_of(data)
+                    X, y = check_batch(
+                        data, i, n_outputs, self._device, self.dict_key_x, self.dict_key_y,
+                        likelihood=self.likelihood, dtype=self._dtype,
+                    )
+                    try:
+                        loss_b, H = self._add_batch(X, y, N, H)
+                    except FloatingPointError as err:
+                        # one error type for every structure, naming the batch
+                        raise NonFiniteError(f"Batch {i}: {err}") from None
+                    loss = loss + loss_b
+                    if ckpt is not None:
+                        ckpt.after_batch(i + 1, state)
+                if ckpt is not None:
+                    ckpt.check_length(i + 1)
+                if H is None:
+                    raise ValueError("The train loader yielded no batch.")
+                idle = range(i + 1 - start, n_batches or 0)  # a sharded model's passes are collective
+                if len(idle) and X is None:  # every batch was skipped: any one will do
+                    X, y = check_batch(data, i, n_outputs, self._device, self.dict_key_x,
+                                       self.dict_key_y, likelihood=self.likelihood,
+                                       dtype=self._dtype)
+                for _ in idle:
+                    self._add_batch(X, y, N, None)  # idle: discarded
+                    if ckpt is not None:
+                        ckpt.after_batch(i + 1, state)
         finally:
             for m, mode in modes:
                 m.training = mode
@@ -444,6 +511,19 @@ class LoRALaplaceBase(ParametricLaplace):
     def _finish_curvature(self, H):
         """Return the accumulated curvature as the posterior keeps it."""
         return H.to(self._dtype)
+
+    def _partial_state(self, H):
+        """Return the curvature accumulated so far as a fit checkpoint stores it.
+
+        Tensors and plain values only, not finalised (:meth:`_finish_curvature` is not
+        applied), so that :meth:`_from_partial_state` continues the accumulation exactly.
+        Here: the tensor ``H`` itself.
+        """
+        return H
+
+    def _from_partial_state(self, state):
+        """Return the curvature of a checkpoint's :meth:`_partial_state`, on the model's device."""
+        return state.to(self._device)
 
     def _all_reduce(self, H):
         """Return the sum of ``H`` over the processes of the ``torch.distributed`` group."""

@@ -16,7 +16,7 @@ import torch
 from laplace import KronLaplace
 
 from laplace_llm.curvature.kfac import LoRAKFAC
-from laplace_llm.matrix import LowRankKron, LowRankKronDecomposed
+from laplace_llm.matrix import LowRankFactor, LowRankKron, LowRankKronDecomposed
 from laplace_llm.options import KFACOptions, Truncation, expose_options
 from laplace_llm.posterior.base import LoRALaplaceBase
 
@@ -192,6 +192,28 @@ class LoRALaplace(LoRALaplaceBase, KronLaplace):
         self.H_facs = LowRankKron.from_state(
             state_dict["H"], devices=[b.module.weight.device for b in self.blocks]
         )
+
+    def _partial_state(self, H: LowRankKron) -> list:
+        """Return the factors' :meth:`LowRankKron.to_state`, each low-rank one with its ``chunk``.
+
+        Nothing is truncated: a root holds its columns not yet truncated, so the resumed
+        fit truncates when and as the uninterrupted one does.
+        """
+        state = H.to_state()
+        for row, F in zip(state, H.kfacs):
+            for entry, f in zip(row, F):
+                if "same_as" not in entry and isinstance(f, LowRankFactor):
+                    entry["chunk"] = f.chunk
+        return state
+
+    def _from_partial_state(self, state: list) -> LowRankKron:
+        chunks = [[entry.pop("chunk", None) for entry in row] for row in state]
+        kron = LowRankKron.from_state(state, devices=[b.module.weight.device for b in self.blocks])
+        for row, F in zip(chunks, kron.kfacs):
+            for chunk, f in zip(row, F):
+                if chunk is not None:
+                    f.chunk = int(chunk)
+        return kron
 
     @classmethod
     def _load_arguments(cls, state: dict[str, Any]) -> dict[str, Any]:
