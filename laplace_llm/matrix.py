@@ -564,18 +564,27 @@ def _factor_matmul(f: Factor, x: torch.Tensor) -> torch.Tensor:
 def _factor_state(f: Factor) -> dict[str, torch.Tensor | int]:
     if not isinstance(f, LowRankFactor):
         return {"dense": f}
-    state = {"root": f.root, "rank": f.rank}
+    # a pending sketch is stored as it is (a checkpoint mid-fit): decomposing it here
+    # would change the fit that resumes from it
+    state = {"sketch": f._sketch, "rank": f.rank} if f.pending else {"root": f.root, "rank": f.rank}
     if f.exact_trace is not None:  # for low_rank_report() after loading
         state["exact_trace"] = f.exact_trace.reshape(1)
     return state
 
 
-def _factor_from_state(f: dict[str, torch.Tensor | int], device) -> Factor:
-    if "root" not in f:
+def _factor_from_state(f: dict[str, torch.Tensor | int], device, sketch_size=None,
+                       sketch_seed: int = 0) -> Factor:
+    if "root" not in f and "sketch" not in f:
         return f["dense"].to(device)
     trace = f.get("exact_trace")
     trace = None if trace is None else trace.to(device).reshape(())
-    return LowRankFactor(f["root"].to(device), f["rank"], exact_trace=trace)
+    if "sketch" in f:
+        sketch = f["sketch"].to(device)
+        out = LowRankFactor(sketch[:, :0], f["rank"], exact_trace=trace,
+                            sketch_size=sketch.shape[1], sketch_seed=sketch_seed)
+        return out.set_sketch_(sketch)
+    return LowRankFactor(f["root"].to(device), f["rank"], exact_trace=trace,
+                         sketch_size=sketch_size, sketch_seed=sketch_seed)
 
 
 def _factor_scale(f: Factor, c: float) -> Factor:
@@ -732,8 +741,13 @@ class LowRankKron:
         return state
 
     @classmethod
-    def from_state(cls, state: list[list[dict[str, torch.Tensor | int]]], devices=None) -> LowRankKron:
-        """Inverse of :meth:`to_state`; ``devices`` (one per block) moves the factors."""
+    def from_state(cls, state: list[list[dict[str, torch.Tensor | int]]], devices=None,
+                   sketch_size: int | None = None, sketch_seed: int = 0) -> LowRankKron:
+        """Inverse of :meth:`to_state`; ``devices`` (one per block) moves the factors.
+
+        ``sketch_size``/``sketch_seed``: how the low-rank factors take in further data
+        (``None``: incremental truncation); a stored pending sketch keeps its own size.
+        """
         devices = [None] * len(state) if devices is None else devices
         kfacs: list[list[Factor]] = []
         for i, (F, device) in enumerate(zip(state, devices)):
@@ -748,7 +762,7 @@ class LowRankKron:
                         )
                     row.append(kfacs[si][sj] if si < i else row[sj])
                 else:
-                    row.append(_factor_from_state(f, device))
+                    row.append(_factor_from_state(f, device, sketch_size, sketch_seed))
             kfacs.append(row)
         return cls(kfacs)
 

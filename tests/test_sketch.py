@@ -202,9 +202,9 @@ def test_fit_without_override_adds_the_new_data_to_the_loaded_fit():
     exact_new = LoRALaplace(clf, "classification", **{**kw, "lr_threshold": 10**6})
     exact_new.fit(DataLoader(DictDataset(b), batch_size=4))
     assert la.n_data == 16
-    for F, O, E in zip(la.H_facs.kfacs, old, exact_new.H_facs.kfacs):
+    for F, Fo, E in zip(la.H_facs.kfacs, old, exact_new.H_facs.kfacs):
         assert max(f.shape[0] for f in F) <= 64
-        for j, (f, o, e) in enumerate(zip(F, O, E)):
+        for j, (f, o, e) in enumerate(zip(F, Fo, E)):
             w = 0.5 if (len(F) == 2 and j == 1) else 1.0
             expected, _ = best_rank(w * o + w * e, 3)
             torch.testing.assert_close(f.to_dense(), expected, rtol=1e-9, atol=1e-12)

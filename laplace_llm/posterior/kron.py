@@ -190,7 +190,8 @@ class LoRALaplace(LoRALaplaceBase, KronLaplace):
 
     def _load_curvature(self, state_dict: dict[str, Any]) -> None:
         self.H_facs = LowRankKron.from_state(
-            state_dict["H"], devices=[b.module.weight.device for b in self.blocks]
+            state_dict["H"], devices=[b.module.weight.device for b in self.blocks],
+            sketch_size=self.options.sketch_columns, sketch_seed=self.options.sketch_seed,
         )
 
     def _partial_state(self, H: LowRankKron) -> list:
@@ -208,7 +209,10 @@ class LoRALaplace(LoRALaplaceBase, KronLaplace):
 
     def _from_partial_state(self, state: list) -> LowRankKron:
         chunks = [[entry.pop("chunk", None) for entry in row] for row in state]
-        kron = LowRankKron.from_state(state, devices=[b.module.weight.device for b in self.blocks])
+        kron = LowRankKron.from_state(
+            state, devices=[b.module.weight.device for b in self.blocks],
+            sketch_size=self.options.sketch_columns, sketch_seed=self.options.sketch_seed,
+        )
         for row, F in zip(chunks, kron.kfacs):
             for chunk, f in zip(row, F):
                 if chunk is not None:

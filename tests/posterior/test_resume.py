@@ -159,12 +159,12 @@ def test_a_crashed_fit_resumed_equals_the_uninterrupted_fit(structure, fisher, a
 
 
 def test_the_checkpoint_holds_the_roots_before_truncation(tmp_path):
-    """After 1 batch the shared input factor of the lora_A (side 16) holds the batch's
+    """accumulation="truncate": after 1 batch the shared input factor of the lora_A (side 16) holds the batch's
     ≤ 24 token columns, not n_kfac = 2: the checkpoint keeps them as they are, with the
     chunk that decides the next truncation, and a fit that writes checkpoints equals one
     that does not."""
     path = tmp_path / "fit.ckpt"
-    la = laplace("kron")
+    la = laplace("kron", accumulation="truncate")
     with pytest.raises(Crash):
         la.fit(Crashing(loader(), 1), checkpoint=path, checkpoint_every=1)
     header, tensors = read_checkpoint(path)
@@ -177,15 +177,36 @@ def test_the_checkpoint_holds_the_roots_before_truncation(tmp_path):
     shared = [f for row in header["layout"] for f in row if "same_as" in f]
     assert shared  # q and v read the same input: one factor, stored once
     # the loss of batch 0 alone, as the uninterrupted fit has it after one batch
-    one = laplace("kron")
+    one = laplace("kron", accumulation="truncate")
     one.fit(loader(n=BATCH))
     scaled = one.loss  # N differs (4 vs 15) but the loss is a plain sum
     assert torch.equal(tensors["loss"].reshape(()), torch.as_tensor(scaled))
 
-    with_ckpt, without = laplace("kron"), laplace("kron")
+    with_ckpt = laplace("kron", accumulation="truncate")
+    without = laplace("kron", accumulation="truncate")
     with_ckpt.fit(loader(), checkpoint=tmp_path / "b.ckpt", checkpoint_every=1)
     without.fit(loader())
     assert_same_posterior(with_ckpt, without)
+
+
+def test_the_checkpoint_holds_the_pending_sketches(tmp_path):
+    """accumulation="sketch" (the default): mid-fit the low-rank factors are sketches
+    ``F Ω`` of s = 64 columns, stored undecomposed (decomposing them would change the
+    fit), and a fit resumed from them equals the uninterrupted one bit for bit."""
+    path = tmp_path / "fit.ckpt"
+    la = laplace("kron")
+    assert la.options.sketch_columns == 64
+    with pytest.raises(Crash):
+        la.fit(Crashing(loader(), 2), checkpoint=path, checkpoint_every=1)
+    _, tensors = read_checkpoint(path)
+    sketches = {k: v for k, v in tensors.items() if k.endswith(".sketch")}
+    assert sketches and not any(k.endswith(".root") for k in tensors)
+    assert {v.shape[1] for v in sketches.values()} == {64}
+    resumed = laplace("kron")
+    resumed.fit(loader(), checkpoint=path, resume_from=path)
+    ref = laplace("kron")
+    ref.fit(loader())
+    assert_same_posterior(resumed, ref)
 
 
 def test_a_finished_checkpoint_resumes_to_the_same_posterior_without_computing(tmp_path):
