@@ -402,20 +402,22 @@ class LowRankFactor:
         self._sketch = sketch
         return self
 
-    def append_(self, columns: torch.Tensor) -> LowRankFactor:
-        """Add ``columns @ columns.T`` in place; ``columns`` is ``(d, c)``.
+    def append_(self, columns: torch.Tensor, scale: float = 1.0) -> LowRankFactor:
+        """Add ``scale · columns @ columns.T`` in place; ``columns`` is ``(d, c)``.
 
-        With a sketch: ``Y += columns (columnsᵀ Ω)``, two matrix products, no
+        With a sketch: ``Y += scale · columns (columnsᵀ Ω)``, two matrix products, no
         decomposition (that waits until the root is read). Else incremental truncation.
         """
         if self.sketch_size:
             columns = columns.to(dtype=self.dtype, device=self.device)
             if self.exact_trace is not None:
-                self.exact_trace = self.exact_trace + columns.square().sum()
+                self.exact_trace = self.exact_trace + scale * columns.square().sum()
             if self._sketch is None:
                 self.set_sketch_(self.sketch().clone())
-            self._sketch.addmm_(columns, columns.T @ self.omega())
+            self._sketch.addmm_(columns, columns.T @ self.omega(), alpha=scale)
             return self
+        if scale != 1.0:
+            columns = columns * math.sqrt(scale)
         for _ in self._append_steps(columns):
             self._root = compress_root(self._root, self.rank)
         return self

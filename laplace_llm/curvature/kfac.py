@@ -330,33 +330,31 @@ class LoRAKFAC(CurvatureInterface):
         self._check_shared(kron, classes)
         a_done: set[int] = set()  # input factors already given this batch (shared ones)
         low_rank = _ColumnQueue()  # low-rank factors' columns, truncated together
+        checks: list[torch.Tensor] = []  # finiteness of what each factor took in
+        mask_full = mask is None or bool(mask.all())
         for b, F in zip(self.blocks, kron.kfacs):
             calls = per_module.get(b.module_name, [])
             add_a = b.kind == "weight" and id(F[1]) not in a_done
             if add_a and calls:
                 a_done.add(id(F[1]))
-            layouts = _has_layouts(calls)
-            if layouts:  # columns of A come ready: T_n needs every call of the batch
-                columns = self._layout_columns(calls, N, weights, dtype, f.shape[0])
+            if _has_layouts(calls):  # columns of A come ready: T_n needs every call
+                columns = [(g, 1.0, a, 1.0)
+                           for g, a in self._layout_columns(calls, N, weights, dtype, f.shape[0])]
             else:
                 columns = (
-                    (
-                        torch.cat(
-                            [self._g_columns(g, mask, dtype) * math.sqrt(w)
-                             for g, w in zip(gs, weights)],
-                            dim=0,
-                        ),
-                        a,
-                    )
+                    (*self._g_columns_of_probes(gs, weights, mask, mask_full, dtype),
+                     *(self._a_columns(a, mask, N, dtype, mask_full) if add_a else (None, 1.0)))
                     for a, gs, _ in calls
                 )
-            for g_cols, a in columns:
-                bad |= ~torch.isfinite(g_cols).all()
-                _accumulate(F[0], g_cols, low_rank)
+            for g_cols, g_scale, a_cols, a_scale in columns:
+                _accumulate(F[0], g_cols, low_rank, g_scale, checks)
                 if add_a:
-                    a_cols = a if layouts else self._a_columns(a, mask, N, dtype)
-                    bad |= ~torch.isfinite(a_cols).all()
-                    _accumulate(F[1], a_cols, low_rank)
+                    _accumulate(F[1], a_cols, low_rank, a_scale, checks)
+        for F in kron.unique_factors():
+            if isinstance(F, LowRankFactor) and F.sketch_size and F.exact_trace is not None:
+                checks.append(F.exact_trace.reshape(1))  # non-finite iff a column was
+        if checks:
+            bad |= ~torch.isfinite(torch.cat([c.reshape(-1) for c in checks])).all()
         low_rank.flush()
         if bool(bad):
             raise NonFiniteError(
@@ -411,21 +409,40 @@ class LoRAKFAC(CurvatureInterface):
                     "with share_input_factors=False."
                 )
 
-    def _a_columns(self, a, mask, N, dtype) -> torch.Tensor:
-        """Input columns ``(n_cols, d_in)`` whose outer products sum to ``A``."""
+    def _a_columns(self, a, mask, N, dtype, mask_full=False) -> tuple[torch.Tensor, float]:
+        """Input columns ``(n_cols, d_in)`` and a scale ``c``: ``A += c Σ colsᵀ cols``.
+
+        Without padding (``mask_full``) every sequence has the same ``T``, so the
+        ``1/(T N)`` weight is the scale and the columns are ``a`` itself (a view).
+        """
         a, m = as_positions(a.to(dtype), mask)
         T = m.sum(1).clamp(min=1)
         if self.kfac_approx == "reduce":
-            return (a * m.unsqueeze(-1)).sum(1) / (T * math.sqrt(N)).unsqueeze(-1)
+            return (a * m.unsqueeze(-1)).sum(1) / (T * math.sqrt(N)).unsqueeze(-1), 1.0
+        if mask_full or mask is None or tuple(mask.shape) != tuple(a.shape[:2]):
+            return a.reshape(-1, a.shape[-1]), 1.0 / (a.shape[1] * N)
         w = (m / (T * N).sqrt().unsqueeze(-1)).unsqueeze(-1)
-        return (a * w)[m.bool()]
+        return (a * w)[m.bool()], 1.0
 
-    def _g_columns(self, g, mask, dtype) -> torch.Tensor:
+    def _g_columns(self, g, mask, dtype, mask_full=False) -> torch.Tensor:
         """Output-gradient columns ``(n_cols, d_out)`` of one probe."""
         g, m = as_positions(g.to(dtype), mask)
         if self.kfac_approx == "reduce":
             return (g * m.unsqueeze(-1)).sum(1)
+        if mask_full or mask is None or tuple(mask.shape) != tuple(g.shape[:2]):
+            return g.reshape(-1, g.shape[-1])
         return g[m.bool()]
+
+    def _g_columns_of_probes(self, gs, weights, mask, mask_full, dtype):
+        """Return every probe's output-gradient columns and their scale.
+
+        The scale is the probes' weight when they share one; else it is folded into the
+        columns.
+        """
+        cols = [self._g_columns(g, mask, dtype, mask_full) for g in gs]
+        if len(set(weights)) == 1:
+            return (cols[0] if len(cols) == 1 else torch.cat(cols, 0)), float(weights[0])
+        return torch.cat([c * math.sqrt(w) for c, w in zip(cols, weights)], 0), 1.0
 
     def _layout_columns(self, calls, N, weights, dtype, n_examples):
         """``(G columns, A columns)`` of one module's calls that carry layouts.
@@ -668,18 +685,30 @@ class _ColumnQueue:
         self.items, self.nbytes = [], 0
 
 
-def _accumulate(F, cols: torch.Tensor, low_rank: _ColumnQueue) -> None:
-    """Add ``colsᵀ cols`` (``cols``: ``(n, d)``) to a dense or low-rank factor.
+def _accumulate(F, cols: torch.Tensor, low_rank: _ColumnQueue, scale: float = 1.0,
+                checks: list | None = None) -> None:
+    """Add ``scale · colsᵀ cols`` (``cols``: ``(n, d)``) to a dense or low-rank factor.
 
-    Dense: in place, now. Low-rank: ``colsᵀ`` is queued on ``low_rank``, which the
-    caller flushes.
+    Dense: in place, now. Sketched: two matrix products, now. Truncated: ``colsᵀ`` is
+    queued on ``low_rank``, which the caller flushes. ``checks`` collects what tells
+    whether the columns were finite: the small dense factor itself, or the columns of a
+    truncated factor (a sketched factor's exact trace, checked by the caller, covers its
+    columns: it is non-finite iff one of them is).
     """
     if cols.shape[0] == 0:
         return
     if isinstance(F, LowRankFactor):
         if F.sketch_size:  # two matrix products now, no decomposition
-            F.append_(cols.T)
-        else:
-            low_rank.add(F, cols.T)
+            F.append_(cols.T, scale=scale)
+            if F.exact_trace is None and checks is not None:
+                checks.append(torch.isfinite(cols).all().reshape(1).float())
+            return
+        if scale != 1.0:
+            cols = cols * math.sqrt(scale)
+        if checks is not None:
+            checks.append(cols.sum().reshape(1))  # non-finite iff a column is (or overflow)
+        low_rank.add(F, cols.T)
     else:
-        F.addmm_(cols.T, cols)
+        F.addmm_(cols.T, cols, alpha=scale)
+        if checks is not None:
+            checks.append(F.diagonal().sum().reshape(1))
