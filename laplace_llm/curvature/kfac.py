@@ -53,6 +53,7 @@ import torch
 from laplace.curvature import CurvatureInterface
 from torch import nn
 
+from laplace_llm import sharding
 from laplace_llm.errors import NonFiniteError
 from laplace_llm.matrix import LowRankFactor, LowRankKron, append_many, factor_dtype
 from laplace_llm.models.discovery import KronBlock, find_blocks
@@ -310,33 +311,48 @@ class LoRAKFAC(CurvatureInterface):
             summed cross-entropy of the batch (scalar).
         kron : LowRankKron
         """
+        dtype = self.factor_dtype()
+        mask = sequence_mask(x)
+        mask_full = mask is None or bool(mask.all())
+        kron = self.empty_kron() if into is None else into
+        low_rank = _ColumnQueue()  # low-rank factors' columns, truncated together
+        checks: list[torch.Tensor] = []  # finiteness of what each factor took in
         with torch.enable_grad(), self.recording() as rec:
             f = self.model(x)
             if f.ndim != 2:
                 raise ValueError(f"The model must return logits (batch, C); got {tuple(f.shape)}.")
             loss = self.lossfunc(f.to(self.factor_dtype()), y)
             probes = self.probes(f, y)
-            outputs = rec.outputs()
-            grads = self.output_gradients(f, outputs, [v for v, _ in probes])
+            per_module = _per_module_calls(rec, None)
+            classes = self._input_classes(per_module)
+            if self.share_input_factors:
+                kron.share_(self._same_input_groups(classes))
+            self._check_shared(kron, classes)
+            # output gradients go into the G factors inside the backward, module by module,
+            # so that no layer's gradient outlives its step of the backward; calls with
+            # layouts (a scorer's cached prompt) need every call at once
+            streamed = not any(_has_layouts(c) for c in per_module.values()) and not (
+                sharding.sharded_model(self.model))
+            if streamed:
+                self._stream_output_gradients(f, rec, probes, kron, mask, mask_full, dtype,
+                                              low_rank, checks)
+            else:
+                grads = self.output_gradients(f, rec.outputs(), [v for v, _ in probes])
+                per_module = _per_module_calls(rec, grads)
         weights = [w for _, w in probes]
-        mask = sequence_mask(x)
-        kron = self.empty_kron() if into is None else into
         bad = ~torch.isfinite(f.detach()).all()
-        per_module = _per_module_calls(rec, grads)
-        dtype = self.factor_dtype()
-        classes = self._input_classes(per_module)
-        if self.share_input_factors:
-            kron.share_(self._same_input_groups(classes))
-        self._check_shared(kron, classes)
         a_done: set[int] = set()  # input factors already given this batch (shared ones)
-        low_rank = _ColumnQueue()  # low-rank factors' columns, truncated together
-        checks: list[torch.Tensor] = []  # finiteness of what each factor took in
-        mask_full = mask is None or bool(mask.all())
         for b, F in zip(self.blocks, kron.kfacs):
             calls = per_module.get(b.module_name, [])
             add_a = b.kind == "weight" and id(F[1]) not in a_done
             if add_a and calls:
                 a_done.add(id(F[1]))
+            if streamed:
+                if add_a:
+                    for a, _, _ in calls:
+                        a_cols, a_scale = self._a_columns(a, mask, N, dtype, mask_full)
+                        _accumulate(F[1], a_cols, low_rank, a_scale, checks)
+                continue
             if _has_layouts(calls):  # columns of A come ready: T_n needs every call
                 columns = [(g, 1.0, a, 1.0)
                            for g, a in self._layout_columns(calls, N, weights, dtype, f.shape[0])]
@@ -363,6 +379,41 @@ class LoRAKFAC(CurvatureInterface):
                 "bf16 or float32) and that the fine-tuned weights are finite."
             )
         return self.factor * loss.detach(), kron
+
+    def _stream_output_gradients(self, f, rec, probes, kron, mask, mask_full, dtype, low_rank,
+                                 checks) -> None:
+        """Add every probe's output-gradient columns to the G factors during its backward.
+
+        A hook on each recorded output turns its gradient into columns and adds them to
+        the G factor of each block of that module as soon as autograd computes it, so a
+        layer's gradient lives only for its step of the backward (peak memory: one
+        layer's, not the whole batch's). The backward asks for the gradients of the LoRA
+        weights themselves (small, returned and dropped; no ``.grad`` is touched), which
+        puts every recorded output on its path.
+        """
+        g_factors: dict[str, list] = {}
+        for b, F in zip(self.blocks, kron.kfacs):
+            g_factors.setdefault(b.module_name, []).append(F[0])
+        outputs = [(out, name) for name, calls in rec.calls.items() for _, out, _ in calls
+                   if out.requires_grad]
+        params = [p for p in self.params if p.requires_grad]
+
+        def hook_for(name, weight):
+            def hook(g):
+                cols = self._g_columns(g, mask, dtype, mask_full)
+                for F0 in g_factors.get(name, ()):
+                    _accumulate(F0, cols, low_rank, weight, checks)
+
+            return hook
+
+        for i, (v, weight) in enumerate(probes):
+            handles = [out.register_hook(hook_for(name, weight)) for out, name in outputs]
+            try:
+                torch.autograd.grad(f, params, grad_outputs=v, retain_graph=i < len(probes) - 1,
+                                    allow_unused=True)
+            finally:
+                for h in handles:
+                    h.remove()
 
     def _input_classes(self, per_module) -> dict[int, int]:
         """Weight blocks (by index) mapped to the first block that read the same inputs.
@@ -578,7 +629,7 @@ class LoRAKFAC(CurvatureInterface):
         )
 
 
-def _per_module_calls(rec: ModuleRecorder, grads: list[list[torch.Tensor]]):
+def _per_module_calls(rec: ModuleRecorder, grads: list[list[torch.Tensor]] | None):
     """Group the recorded inputs, probe gradients and call layouts by module.
 
     Returns ``{module: [(input, [gradient of each probe], layout), ...]}``; ``grads``
@@ -588,7 +639,8 @@ def _per_module_calls(rec: ModuleRecorder, grads: list[list[torch.Tensor]]):
     per_module: dict[str, list[tuple[torch.Tensor, list[torch.Tensor], Any]]] = {}
     for name, calls in rec.calls.items():
         for a, _, layout in calls:
-            per_module.setdefault(name, []).append((a, [g[j] for g in grads], layout))
+            gs = [] if grads is None else [g[j] for g in grads]
+            per_module.setdefault(name, []).append((a, gs, layout))
             j += 1
     return per_module
 
