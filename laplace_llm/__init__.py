@@ -17,7 +17,12 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     import laplace  # noqa: F401
 
-from laplace_llm.errors import LoRAModelError, NonFiniteError, PosteriorFileError
+from laplace_llm.errors import (
+    CollectiveTimeoutError,
+    LoRAModelError,
+    NonFiniteError,
+    PosteriorFileError,
+)
 from laplace_llm.models.candidates import CandidateScorer
 from laplace_llm.models.classifier import LLMClassifier
 from laplace_llm.options import Evidence, FisherType, KFACApprox, KFACOptions, Truncation
@@ -52,6 +57,7 @@ __all__ = [
     "LoRAModelError",
     "NonFiniteError",
     "PosteriorFileError",
+    "CollectiveTimeoutError",
 ]
 
 

@@ -35,6 +35,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ from transformers import TrainerCallback
 
 from laplace_llm import serialization
 from laplace_llm.checks import loader_size
-from laplace_llm.distributed import process_rank, process_seed, shard
+from laplace_llm.distributed import as_timeout, process_rank, process_seed, shard
 from laplace_llm.models.classifier import LLMClassifier
 from laplace_llm.options import KFACOptions, check_int
 from laplace_llm.posterior.checkpoint import CHECKPOINT_FILENAME, checkpoint_file
@@ -126,6 +127,12 @@ class LaplaceCallback(TrainerCallback):
         skips the batches already accumulated. A checkpoint of other weights, data or
         options is refused (:class:`~laplace_llm.errors.PosteriorFileError`); delete it to
         fit afresh.
+    fit_timeout : float or timedelta, optional
+        under a distributed trainer: how long, in seconds, a process waits for the others
+        at each collective step of the fit (``fit(timeout=...)``) before every waiting
+        process ends with a :class:`~laplace_llm.errors.CollectiveTimeoutError` naming the
+        step and the processes that did not arrive. ``None``: the process group's own
+        timeout (the trainer's ``ddp_timeout``, 30 minutes by default).
     **laplace_kwargs
         arguments of :class:`~laplace_llm.LoRALaplace`: the K-FAC options (``n_kfac``,
         ``fisher_type``, …, or ``options``), ``prior_precision``, ``temperature``,
@@ -171,6 +178,7 @@ class LaplaceCallback(TrainerCallback):
         batch_size: int | None = None,
         fit_checkpoint_every: int | None = None,
         resume_fit: bool = False,
+        fit_timeout: float | timedelta | None = None,
         **laplace_kwargs: Any,
     ):
         if (classifier is None) == (choices is None):
@@ -233,6 +241,7 @@ class LaplaceCallback(TrainerCallback):
         self.batch_size = batch_size
         self.fit_checkpoint_every = fit_checkpoint_every
         self.resume_fit = bool(resume_fit)
+        self.fit_timeout = as_timeout(fit_timeout, "fit_timeout")
         self.laplace_kwargs = laplace_kwargs
         self.trainer = None
         self.evidence: list[dict[str, Any]] = []
@@ -418,7 +427,8 @@ class LaplaceCallback(TrainerCallback):
         clf = self._classifier(model, processing_class)
         la = LoRALaplace(clf, self.likelihood, **self._laplace_kwargs(rank))
         loader = self.fit_loader(train_dataloader, batch_size, la._device)
-        la.fit(loader, distributed=world > 1, **self._checkpoint_arguments(folder, world))
+        la.fit(loader, distributed=world > 1, timeout=self.fit_timeout,
+               **self._checkpoint_arguments(folder, world))
         if self.prior_optimization == "marglik":
             la.optimize_prior_precision(method="marglik", **self.marglik_kwargs)
         self.laplace = la

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
+from laplace_llm.distributed import collective_step
 from laplace_llm.errors import LoRAModelError
 
 __all__ = [
@@ -181,13 +182,17 @@ def as_forward_of(module: nn.Module, fn, *args):
     return getattr(module, _ROUTED)(fn, *args)
 
 
-def full_vector(params: Iterable[torch.Tensor]) -> torch.Tensor:
+def full_vector(params: Iterable[torch.Tensor],
+                step: str = "gathering the sharded LoRA weights") -> torch.Tensor:
     """Return the parameters as one flat plain tensor, sharded ones gathered (a collective).
 
     Parameters
     ----------
     params : iterable of Tensor or DTensor
         in order; every rank passes the same list.
+    step : str, default "gathering the sharded LoRA weights"
+        what the gather is, as a :class:`~laplace_llm.errors.CollectiveTimeoutError`
+        names it (:func:`~laplace_llm.distributed.collective_step`).
 
     Returns
     -------
@@ -199,11 +204,12 @@ def full_vector(params: Iterable[torch.Tensor]) -> torch.Tensor:
     if not any(is_sharded(p) for p in params):
         return parameters_to_vector(params)
     parts = []
-    for p in params:
-        t = p.detach()
-        if is_sharded(t):
-            t = t.full_tensor()
-        parts.append(t.reshape(-1))
+    with collective_step(step):
+        for p in params:
+            t = p.detach()
+            if is_sharded(t):
+                t = t.full_tensor()
+            parts.append(t.reshape(-1))
     return torch.cat(parts)
 
 
@@ -237,7 +243,8 @@ def write_vector(params: list[torch.Tensor], vector: torch.Tensor, model: nn.Mod
         _reshard(model)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             vector = vector.detach().clone().contiguous()
-            dist.broadcast(vector, src=0)
+            with collective_step("broadcasting rank 0's weights to write into the shards"):
+                dist.broadcast(vector, src=0)
     start = 0
     for p in params:
         n = p.numel()
@@ -289,7 +296,9 @@ def batches_to_run(model: nn.Module, loader, skip: int = 0) -> int | None:
         ) from None
     p = next(p for p in model.parameters() if is_sharded(p))
     count = torch.tensor([n - skip], device=p.device)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    with collective_step("counting every rank's batches (a sharded model's passes are "
+                         "collective: every rank runs as many as the busiest)"):
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
     return int(count.item())
 
 

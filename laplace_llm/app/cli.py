@@ -21,6 +21,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,17 @@ EXIT_USER_ERROR = 2
 # ---------------------------------------------------------------------- parser
 _positive_int = kfac_options.int_at_least(1)
 _non_negative_int = kfac_options.int_at_least(0)
+
+
+def _positive_seconds(text: str) -> float:
+    """Parse a positive finite number of seconds (``--timeout``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -215,6 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="N",
                    help="also write --checkpoint every N batches, so that a hard kill (OOM, "
                    "SIGKILL, a lost node) loses at most N batches (default: only on a signal)")
+    r.add_argument("--timeout", type=_positive_seconds, default=None, metavar="SECONDS",
+                   help="under torchrun/accelerate launch: how long a process waits for the "
+                   "others when joining the process group and at each collective step of the "
+                   "fit (summing the data size, the curvature's reductions after the batches, "
+                   "a sharded model's forward passes) before every waiting process ends with "
+                   "an error naming the step and the processes that did not arrive; a process "
+                   "that dies ends the others at once. Must exceed how much later the slowest "
+                   "process finishes its batches than the fastest (default: the process "
+                   "group's own timeout, 30 minutes for gloo)")
     r.add_argument("--resume", action="store_true",
                    help="continue the fit saved in --checkpoint, if that file exists (else "
                    "start from the first batch): its batches are read again but not "
@@ -336,11 +357,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def launcher_group() -> tuple[int, int, bool]:
+def launcher_group(timeout: float | None = None) -> tuple[int, int, bool]:
     """Join the process group of ``torchrun`` / ``accelerate launch``, if launched by one.
 
     Launchers set ``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; without
-    an initialised group one is created (gloo: the CLI fits on the CPU).
+    an initialised group one is created (gloo: the CLI fits on the CPU), whose timeout
+    is ``timeout`` seconds (``None``: torch's default, 30 minutes).
 
     Returns
     -------
@@ -362,7 +384,16 @@ def launcher_group() -> tuple[int, int, bool]:
         if missing:
             raise UserError(f"WORLD_SIZE={world} but {', '.join(missing)} unset: start several "
                             "processes with torchrun or accelerate launch, or unset WORLD_SIZE")
-        dist.init_process_group("gloo")
+        kwargs = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}
+        try:
+            dist.init_process_group("gloo", **kwargs)
+        except (RuntimeError, ValueError) as err:  # e.g. DistStoreError: a rank never came
+            wait = "the process group's timeout" if timeout is None else f"{timeout:g} s"
+            raise UserError(
+                f"process {os.environ.get('RANK')} of {world} could not join the process group "
+                f"within {wait}: {first_line(err).rstrip('.')}. Check that every process started (read "
+                "their logs) and that MASTER_ADDR:MASTER_PORT is reachable; raise --timeout "
+                "if some start slowly") from None
         created = True
     return *process_rank(), created
 
@@ -378,7 +409,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                         "parameters hide the LoRA shapes: set fsdp_version: 2 (FSDP2), or "
                         "launch without --use_fsdp (every process holds the whole model)")
     args.fsdp = bool(getattr(args, "fsdp", False) or accelerate_fsdp)
-    rank, world, created = launcher_group()
+    rank, world, created = launcher_group(args.timeout)
     if rank:  # one voice: the other processes report only warnings and errors
         logging.getLogger().setLevel(logging.WARNING)
     try:
@@ -396,7 +427,7 @@ def _fit(args: argparse.Namespace, rank: int, world: int) -> int:
 
     import laplace_llm  # noqa: F401  (registers subset_of_weights="lora")
     from laplace_llm.distributed import process_seed, shard
-    from laplace_llm.errors import LoRAModelError, PosteriorFileError
+    from laplace_llm.errors import CollectiveTimeoutError, LoRAModelError, PosteriorFileError
     from laplace_llm.serialization import check_overwrite
 
     check_paths(args, posterior_must_exist=False)
@@ -461,9 +492,15 @@ def _fit(args: argparse.Namespace, rank: int, world: int) -> int:
                     f" in {world} processes" if world > 1 else "")
     try:
         la.fit(loader, progress_bar=not quiet, distributed=world > 1, checkpoint=args.checkpoint,
-               checkpoint_every=args.checkpoint_every, resume_from=resume_from)
+               checkpoint_every=args.checkpoint_every, resume_from=resume_from,
+               timeout=args.timeout)
     except PosteriorFileError as err:  # a checkpoint of another fit, or FILE is no checkpoint
         raise UserError(f"--checkpoint {args.checkpoint}: {first_line(err)}") from None
+    except CollectiveTimeoutError as err:  # names the step, the missing ranks and the fix
+        resume = (f" Rerun with --resume to continue from the checkpoints written every "
+                  f"{args.checkpoint_every} batches ({args.checkpoint}[.rank<r>])."
+                  if args.checkpoint is not None and args.checkpoint_every else "")
+        raise UserError(f"{first_line(err)}{resume}") from None
     if args.tune_sigma_noise:
         from laplace_llm.prior.regression import optimize_prior_and_noise
 

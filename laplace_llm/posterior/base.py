@@ -28,6 +28,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from torch.utils.data import DataLoader
 from laplace_llm import serialization, sharding
 from laplace_llm.checks import check_batch, loader_size
 from laplace_llm.curvature.per_example import LoRAPerExampleCurvature
+from laplace_llm.distributed import all_reduce_sum, as_timeout, collective_step, collective_timeout
 from laplace_llm.errors import LoRAModelError, NonFiniteError, PosteriorFileError
 from laplace_llm.matrix import factor_dtype
 from laplace_llm.models.discovery import find_blocks
@@ -349,6 +351,7 @@ class LoRALaplaceBase(ParametricLaplace):
         checkpoint: str | os.PathLike | None = None,
         checkpoint_every: int | None = None,
         resume_from: str | os.PathLike | None = None,
+        timeout: float | timedelta | None = None,
     ) -> None:
         """Fit the posterior at the model's current LoRA weights.
 
@@ -389,6 +392,17 @@ class LoRALaplaceBase(ParametricLaplace):
             made anew); the model, adapter, data, options, ``seed`` and ``override`` must
             be those of the interrupted call (``override=False``: on the posterior it
             added to). Pass the same path as ``checkpoint`` to keep checkpointing.
+        timeout : float or timedelta, optional
+            under ``distributed`` (or with an FSDP2-sharded model): how long, in seconds,
+            a rank waits for the others at a collective step (summing the data size, the
+            curvature's reductions at the end, the mean, and a sharded model's forward
+            passes) before it fails with :class:`~laplace_llm.errors.CollectiveTimeoutError`
+            naming the step and the ranks that had not arrived. Applied to the process
+            group while the fit runs and restored afterwards. It must exceed the spread of
+            the ranks' arrival, e.g. how much later the slowest rank finishes its batches
+            than the fastest. ``None``: the group's own timeout (``init_process_group``'s,
+            30 minutes for gloo, 10 for nccl). A rank that died fails the next collective at
+            once, whatever the timeout.
 
         Raises
         ------
@@ -400,22 +414,30 @@ class LoRALaplaceBase(ParametricLaplace):
             checkpoint of another fit (model, weights, structure, options, seed, data
             size, loader length, processes, ``override``), or the loader yields other
             batches than it saw; ``checkpoint`` names a file that is not a fit checkpoint.
+        CollectiveTimeoutError
+            under ``distributed`` or with a sharded model: a rank did not arrive at a
+            collective step within ``timeout``, or the connection to one broke (it died);
+            raised on every rank that waited, naming the step and those ranks.
+        ValueError
+            ``timeout`` is not a positive number of seconds or ``timedelta``.
         """
+        timeout = as_timeout(timeout)
         N = loader_size(train_loader)
-        if distributed:
-            from laplace_llm.distributed import all_reduce_sum
-
-            N = int(all_reduce_sum(N, device=self._device).item())
-        ckpt = FitCheckpoint.start(self, train_loader, N, override, distributed, checkpoint,
-                                   checkpoint_every, resume_from)
-        H_new, loss, n_outputs = self._accumulate(train_loader, N, progress_bar, ckpt)
-        if distributed:
-            H_new = self._all_reduce(H_new)
-            loss = all_reduce_sum(loss, device=self._device).to(self._dtype)
-        self._merge(H_new, loss, N, override)
-        self.n_outputs = n_outputs
-        self.model.output_size = n_outputs
-        mean = sharding.full_vector(self.params).to(self._dtype)  # gathered if sharded
+        with collective_timeout(timeout):
+            if distributed:
+                N = int(all_reduce_sum(N, device=self._device, step="summing the data size").item())
+            ckpt = FitCheckpoint.start(self, train_loader, N, override, distributed, checkpoint,
+                                       checkpoint_every, resume_from)
+            H_new, loss, n_outputs = self._accumulate(train_loader, N, progress_bar, ckpt)
+            if distributed:
+                H_new = self._all_reduce(H_new)
+                loss = all_reduce_sum(loss, device=self._device,
+                                      step="summing the loss").to(self._dtype)
+            self._merge(H_new, loss, N, override)
+            self.n_outputs = n_outputs
+            self.model.output_size = n_outputs
+            # gathered if sharded (a collective)
+            mean = sharding.full_vector(self.params, step="gathering the mean").to(self._dtype)
         self.mean = mean if self.enable_backprop else mean.detach()
         self._posterior_changed()
 
@@ -474,7 +496,8 @@ class LoRALaplaceBase(ParametricLaplace):
                         likelihood=self.likelihood, dtype=self._dtype,
                     )
                     try:
-                        loss_b, H = self._add_batch(X, y, N, H)
+                        with _sharded_pass(n_batches, i):
+                            loss_b, H = self._add_batch(X, y, N, H)
                     except FloatingPointError as err:
                         # one error type for every structure, naming the batch
                         raise NonFiniteError(f"Batch {i}: {err}") from None
@@ -490,8 +513,9 @@ class LoRALaplaceBase(ParametricLaplace):
                     X, y = check_batch(data, i, n_outputs, self._device, self.dict_key_x,
                                        self.dict_key_y, likelihood=self.likelihood,
                                        dtype=self._dtype)
-                for _ in idle:
-                    self._add_batch(X, y, N, None)  # idle: discarded
+                for k in idle:
+                    with _sharded_pass(n_batches, start + k, idle=True):
+                        self._add_batch(X, y, N, None)  # idle: discarded
                     if ckpt is not None:
                         ckpt.after_batch(i + 1, state)
         finally:
@@ -529,7 +553,10 @@ class LoRALaplaceBase(ParametricLaplace):
         """Return the sum of ``H`` over the processes of the ``torch.distributed`` group."""
         import torch.distributed as dist
 
-        dist.all_reduce(H, op=dist.ReduceOp.SUM)
+        size = "×".join(str(n) for n in H.shape)
+        with collective_step(f"all-reduce of the curvature ({size} entries over "
+                             f"{len(self.blocks)} LoRA blocks)"):
+            dist.all_reduce(H, op=dist.ReduceOp.SUM)
         return H
 
     def _merge(self, H_new, loss: torch.Tensor, N: int, override: bool) -> None:
@@ -919,6 +946,21 @@ def _refuse_bridge_for_missing_candidates(x: Any, pred_type: str, link_approx: s
             f"link_approx={link_approx!r} divides by each logit's variance, which is 0 "
             "for a missing candidate (candidate_mask 0): use link_approx='probit' or 'mc'."
         )
+
+
+def _sharded_pass(n_batches: int | None, i: int, idle: bool = False):
+    """Return the context of batch ``i``'s passes: a collective step if the model is sharded.
+
+    ``n_batches`` is :func:`~laplace_llm.sharding.batches_to_run`'s count, ``None`` for an
+    unsharded model, whose passes are this rank's own.
+    """
+    if n_batches is None:
+        return contextlib.nullcontext()
+    what = (f"the forward and backward pass of batch {i} (an idle pass: this rank's batches "
+            "are done, but FSDP2 gathers the sharded weights with every rank)" if idle else
+            f"the forward and backward pass of batch {i} (FSDP2 gathers the sharded weights "
+            "with every rank)")
+    return collective_step(what)
 
 
 def _block_slices(blocks) -> list[slice]:

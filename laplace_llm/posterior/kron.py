@@ -91,7 +91,7 @@ class LoRALaplace(LoRALaplaceBase, KronLaplace):
     def _all_reduce(self, H: LowRankKron) -> LowRankKron:
         from laplace_llm.distributed import all_reduce_kron
 
-        return all_reduce_kron(H)
+        return all_reduce_kron(H, names=[b.name for b in self.blocks])
 
     def _merge(self, H_new: LowRankKron, loss: torch.Tensor, N: int, override: bool) -> None:
         """Make ``H_new`` the curvature (``override``) or add it to the current fit."""

@@ -96,8 +96,10 @@ def test_torchrun_and_accelerate_launch_fit_equals_one_process(folders, tmp_path
             "--data", folders / "data.jsonl", "--posterior", single, *FIT]
     assert main([str(a) for a in args]) == 0
 
+    # --timeout: the process group and the fit's collectives take it (tests/test_timeouts.py)
     launch([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2"], folders,
-           folders / "adapter", "--posterior", str(tmp_path / "torchrun.safetensors"))
+           folders / "adapter", "--posterior", str(tmp_path / "torchrun.safetensors"),
+           "--timeout", "120")
     assert_same_posterior(tmp_path / "torchrun.safetensors", single, folders)
 
     accelerate = shutil.which("accelerate", path=str(BIN)) or shutil.which("accelerate")
