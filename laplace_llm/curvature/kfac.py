@@ -166,6 +166,11 @@ class LoRAKFAC(CurvatureInterface):
         ...), when ``options`` is not given; each is also an attribute.
     """
 
+    #: add output gradients to the G factors inside the backward (see
+    #: :meth:`_stream_output_gradients`); ``False`` gathers every layer's first (the path
+    #: of calls with layouts and of sharded models; for benchmarks and tests)
+    stream_output_gradients: bool = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -331,8 +336,9 @@ class LoRAKFAC(CurvatureInterface):
             # output gradients go into the G factors inside the backward, module by module,
             # so that no layer's gradient outlives its step of the backward; calls with
             # layouts (a scorer's cached prompt) need every call at once
-            streamed = not any(_has_layouts(c) for c in per_module.values()) and not (
-                sharding.sharded_model(self.model))
+            streamed = self.stream_output_gradients and not any(
+                _has_layouts(c) for c in per_module.values()
+            ) and not sharding.sharded_model(self.model)
             if streamed:
                 self._stream_output_gradients(f, rec, probes, kron, mask, mask_full, dtype,
                                               low_rank, checks)
