@@ -53,6 +53,7 @@ import torch
 from laplace.curvature import CurvatureInterface
 from torch import nn
 
+from laplace_llm.curvature.top_k import scatter_covariance, top_classes
 from laplace_llm.errors import NonFiniteError
 from laplace_llm.matrix import LowRankFactor, LowRankKron, append_many, factor_dtype
 from laplace_llm.models.discovery import KronBlock, find_blocks
@@ -277,13 +278,21 @@ class LoRAKFAC(CurvatureInterface):
         ]
 
     def output_gradients(
-        self, f: torch.Tensor, outputs: list[torch.Tensor], probes: list[torch.Tensor]
+        self,
+        f: torch.Tensor,
+        outputs: list[torch.Tensor],
+        probes: list[torch.Tensor],
+        keep_graph: bool = False,
     ) -> list[list[torch.Tensor]]:
-        """``grads[i][j]``: gradient of ``⟨f, probes[i]⟩`` w.r.t. ``outputs[j]``."""
+        """``grads[i][j]``: gradient of ``⟨f, probes[i]⟩`` w.r.t. ``outputs[j]``.
+
+        ``keep_graph``: keep the graph after the last probe too (more probes follow).
+        """
         grads = []
         for i, v in enumerate(probes):
             g = torch.autograd.grad(
-                f, outputs, grad_outputs=v, retain_graph=i < len(probes) - 1, allow_unused=True
+                f, outputs, grad_outputs=v, retain_graph=keep_graph or i < len(probes) - 1,
+                allow_unused=True,
             )
             grads.append([torch.zeros_like(o) if gi is None else gi for gi, o in zip(g, outputs)])
         return grads
@@ -317,27 +326,56 @@ class LoRAKFAC(CurvatureInterface):
             loss = self.lossfunc(f.to(self.factor_dtype()), y)
             probes = self.probes(f, y)
             outputs = rec.outputs()
-            grads = self.output_gradients(f, outputs, [v for v, _ in probes])
-        weights = [w for _, w in probes]
         mask = sequence_mask(x)
         kron = self.empty_kron() if into is None else into
         bad = ~torch.isfinite(f.detach()).all()
-        per_module = _per_module_calls(rec, grads)
         dtype = self.factor_dtype()
-        classes = self._input_classes(per_module)
-        if self.share_input_factors:
-            kron.share_(self._same_input_groups(classes))
-        self._check_shared(kron, classes)
         a_done: set[int] = set()  # input factors already given this batch (shared ones)
         low_rank = _ColumnQueue()  # low-rank factors' columns, truncated together
+        # the probes' output gradients, PROBE_CHUNK at a time: the memory they take does
+        # not grow with the number of probes (C of the ggn Fisher)
+        for start, chunk in _chunks(probes):
+            with torch.enable_grad():
+                grads = self.output_gradients(
+                    f, outputs, [v for v, _ in chunk], keep_graph=start + len(chunk) < len(probes)
+                )
+            per_module = _per_module_calls(rec, grads)
+            del grads
+            if start == 0:
+                classes = self._input_classes(per_module)
+                if self.share_input_factors:
+                    kron.share_(self._same_input_groups(classes))
+                self._check_shared(kron, classes)
+            bad = self._add_columns(
+                kron, per_module, mask, N, [w for _, w in chunk], dtype, f.shape[0], low_rank,
+                a_done, with_inputs=start == 0, bad=bad,
+            )
+            del per_module
+        low_rank.flush()
+        if bool(bad):
+            raise NonFiniteError(
+                "NaN or Inf in the logits or in the LoRA layers' activations/gradients of this "
+                "batch. Check the inputs and the model's dtype (fp16 overflows easily; use "
+                "bf16 or float32) and that the fine-tuned weights are finite."
+            )
+        return self.factor * loss.detach(), kron
+
+    def _add_columns(self, kron, per_module, mask, N, weights, dtype, n_examples, low_rank,
+                     a_done: set[int], with_inputs: bool, bad: torch.Tensor) -> torch.Tensor:
+        """Add one chunk of probes' output-gradient columns (and the inputs') to ``kron``.
+
+        ``with_inputs``: also the input factors (the first chunk of a batch); ``a_done``
+        collects the input factors given, so that a shared one is given once. Returns
+        ``bad`` (a bool tensor on its device), or-ed with whether a column was not finite.
+        """
         for b, F in zip(self.blocks, kron.kfacs):
             calls = per_module.get(b.module_name, [])
-            add_a = b.kind == "weight" and id(F[1]) not in a_done
+            add_a = with_inputs and b.kind == "weight" and id(F[1]) not in a_done
             if add_a and calls:
                 a_done.add(id(F[1]))
             layouts = _has_layouts(calls)
             if layouts:  # columns of A come ready: T_n needs every call of the batch
-                columns = self._layout_columns(calls, N, weights, dtype, f.shape[0])
+                columns = self._layout_columns(calls, N, weights, dtype, n_examples)
             else:
                 columns = (
                     (
@@ -351,20 +389,13 @@ class LoRAKFAC(CurvatureInterface):
                     for a, gs, _ in calls
                 )
             for g_cols, a in columns:
-                bad |= ~torch.isfinite(g_cols).all()
+                bad = bad | ~torch.isfinite(g_cols).all()
                 _accumulate(F[0], g_cols, low_rank)
                 if add_a:
                     a_cols = a if layouts else self._a_columns(a, mask, N, dtype)
-                    bad |= ~torch.isfinite(a_cols).all()
+                    bad = bad | ~torch.isfinite(a_cols).all()
                     _accumulate(F[1], a_cols, low_rank)
-        low_rank.flush()
-        if bool(bad):
-            raise NonFiniteError(
-                "NaN or Inf in the logits or in the LoRA layers' activations/gradients of this "
-                "batch. Check the inputs and the model's dtype (fp16 overflows easily; use "
-                "bf16 or float32) and that the fine-tuned weights are finite."
-            )
-        return self.factor * loss.detach(), kron
+        return bad
 
     def _input_classes(self, per_module) -> dict[int, int]:
         """Weight blocks (by index) mapped to the first block that read the same inputs.
@@ -464,14 +495,16 @@ class LoRAKFAC(CurvatureInterface):
 
     # --------------------------------------------------------------- predictive
     def glm_moments(
-        self, x: Any, precision, joint: bool = False
+        self, x: Any, precision, joint: bool = False, top_k: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor] | list | None:
         """GLM mean and covariance of the logits without a parameter-long Jacobian.
 
         One forward and ``C`` backward passes give, per block, the activations ``a``
         and the output gradients ``g^{(c)}`` of every logit; the block Jacobian of
         logit ``c`` of example ``n`` is ``J = Σ_t g_t aᵀ`` (``d_out × d_in``, one LoRA
-        side being ``r``), contracted at once with the block's ``P⁻¹``.
+        side being ``r``), contracted at once with the block's ``P⁻¹``. The backward
+        passes run :data:`PROBE_CHUNK` at a time, so the output gradients held at once
+        do not grow with ``C``; the Jacobians kept are ``B × C`` times a block's weights.
 
         Parameters
         ----------
@@ -482,6 +515,11 @@ class LoRAKFAC(CurvatureInterface):
             precisions cost one forward and ``C`` backward passes, not ``K`` of each.
         joint : bool
             ``(B·C, B·C)`` covariance across the batch instead of ``(B, C, C)``.
+        top_k : int, optional
+            only the ``k`` logits of highest MAP value of each example (its ``k`` most
+            probable classes) get their variance and covariances, from ``k`` backward
+            passes instead of ``C``; the other entries of the covariance are 0 (see
+            :func:`laplace_llm.curvature.top_k.top_classes`). ``None`` or ``k ≥ C``: all.
 
         Returns
         -------
@@ -499,51 +537,74 @@ class LoRAKFAC(CurvatureInterface):
         with torch.enable_grad(), self.recording() as rec:
             f = self.model(x)
             B, C = f.shape
-            eye = torch.eye(C, device=f.device, dtype=f.dtype)
             outputs = rec.outputs()
-            grads = self.output_gradients(f, outputs, [eye[c].expand(B, C) for c in range(C)])
         if any(
             a.shape[0] != B and layout is None
             for calls in rec.calls.values()
             for a, _, layout in calls
         ):
             return None
+        classes = top_classes(f, top_k)
+        if classes is None:
+            eye = torch.eye(C, device=f.device, dtype=f.dtype)
+            probes = [eye[c].expand(B, C) for c in range(C)]
+        else:  # probe j: each example's j-th most probable logit
+            probes = [
+                nn.functional.one_hot(classes[:, j], C).to(f.dtype) for j in range(classes.shape[1])
+            ]
+        K = len(probes)
         mask = sequence_mask(x)
-        per_module = _per_module_calls(rec, grads)
-        shape = (B * C, B * C) if joint else (B, C, C)
+        shape = (B * K, B * K) if joint else (B, K, K)
         f_vars = [torch.zeros(shape, device=f.device, dtype=dtype) for _ in precisions]
-        for b, *pbs in zip(self.blocks, *(p._blocks() for p in precisions)):
-            J = None
-            for a, gs, layout in per_module.get(b.module_name, []):
-                if layout is None:
-                    a, m = as_positions(a.to(dtype), mask)
-                    g = torch.stack([as_positions(gc.to(dtype), mask)[0] for gc in gs], 1)
-                else:
-                    a, g, m, example = _layout_positions(a, gs, layout, dtype)
-                    g = torch.stack(g, 1)
-                g = g * m[:, None, :, None]  # (rows, C, T, d_out), padding dropped
-                Jc = torch.einsum("bctd,bte->bcde", g, a) if b.kind == "weight" else g.sum(2)
-                if layout is not None:  # rows to their examples (B·C rows → B)
-                    Jc = torch.zeros(B, *Jc.shape[1:], device=Jc.device, dtype=Jc.dtype).index_add_(
-                        0, example, Jc
-                    )
-                J = Jc if J is None else J + Jc
-            if J is None:  # the module did not act on this batch: zero Jacobian
-                continue
-            J = J.reshape(B * C, *b.shape)
-            J_flat = J.reshape(B * C, -1).to(f.device)
-            for pb, f_var in zip(pbs, f_vars):
-                PJ = pb.apply(J, -1).reshape(B * C, -1).to(f.device)
-                if joint:
-                    f_var += J_flat @ PJ.T
-                else:
-                    f_var += torch.einsum(
-                        "bcp,bdp->bcd", J_flat.reshape(B, C, -1), PJ.reshape(B, C, -1)
-                    )
+        per_block = list(zip(*(p._blocks() for p in precisions)))
+        # per block, the Jacobians (B, S, *shape) of the chunks of probes so far; a
+        # block's are contracted (and freed) in the last chunk, so that with one chunk
+        # (C ≤ PROBE_CHUNK) one block's Jacobian exists at a time
+        jacobians: list[list[torch.Tensor]] = [[] for _ in self.blocks]
+        for start, chunk in _chunks(probes):
+            last = start + len(chunk) >= K
+            with torch.enable_grad():
+                grads = self.output_gradients(f, outputs, chunk, keep_graph=not last)
+            per_module = _per_module_calls(rec, grads)
+            del grads
+            for i, b in enumerate(self.blocks):
+                J = self._block_jacobian(b, per_module.get(b.module_name, []), mask, dtype, B)
+                if J is not None:
+                    jacobians[i].append(J)
+                if last and jacobians[i]:  # else the module did not act: zero Jacobian
+                    J = torch.cat(jacobians[i], 1).reshape(B * K, *b.shape)
+                    jacobians[i] = []
+                    _add_covariance(f_vars, J, per_block[i], B, K, joint, f.device)
+            del per_module
+        if classes is not None:
+            f_vars = [scatter_covariance(v, classes, C, joint) for v in f_vars]
         f = f.detach().to(dtype)
         if several:
             return [(f, f_var) for f_var in f_vars]
         return f, f_vars[0]
+
+    def _block_jacobian(self, b: KronBlock, calls, mask, dtype, B: int) -> torch.Tensor | None:
+        """Jacobian ``(B, S, *b.shape)`` of ``S`` probes' logits for one block, or ``None``.
+
+        ``calls``: the module's ``(input, [gradient of each probe], layout)``; ``None``
+        when the module did not act on the batch.
+        """
+        J = None
+        for a, gs, layout in calls:
+            if layout is None:
+                a, m = as_positions(a.to(dtype), mask)
+                g = torch.stack([as_positions(gc.to(dtype), mask)[0] for gc in gs], 1)
+            else:
+                a, g, m, example = _layout_positions(a, gs, layout, dtype)
+                g = torch.stack(g, 1)
+            g = g * m[:, None, :, None]  # (rows, S, T, d_out), padding dropped
+            Jc = torch.einsum("bctd,bte->bcde", g, a) if b.kind == "weight" else g.sum(2)
+            if layout is not None:  # rows to their examples (B·S rows → B)
+                Jc = torch.zeros(B, *Jc.shape[1:], device=Jc.device, dtype=Jc.dtype).index_add_(
+                    0, example, Jc
+                )
+            J = Jc if J is None else J + Jc
+        return J
 
     # ----------------------------------------------------------- laplace-torch
     def full(self, x, y, **kwargs):
@@ -559,6 +620,21 @@ class LoRAKFAC(CurvatureInterface):
             "LoRAKFAC computes Kronecker factors only; use hessian_structure='kron' with "
             "subset_of_weights='lora'."
         )
+
+
+def _add_covariance(f_vars, J, precisions, B: int, K: int, joint: bool, device) -> None:
+    """Add one block's ``J P⁻¹ Jᵀ`` to each covariance of ``f_vars``, in place.
+
+    ``J``: ``(B·K, *block shape)``; ``precisions``: the block's part of each posterior
+    precision, in the order of ``f_vars``.
+    """
+    J_flat = J.reshape(B * K, -1).to(device)
+    for pb, f_var in zip(precisions, f_vars):
+        PJ = pb.apply(J, -1).reshape(B * K, -1).to(device)
+        if joint:
+            f_var += J_flat @ PJ.T
+        else:
+            f_var += torch.einsum("bcp,bdp->bcd", J_flat.reshape(B, K, -1), PJ.reshape(B, K, -1))
 
 
 def _per_module_calls(rec: ModuleRecorder, grads: list[list[torch.Tensor]]):
@@ -666,6 +742,20 @@ class _ColumnQueue:
     def flush(self) -> None:
         append_many(self.items)
         self.items, self.nbytes = [], 0
+
+
+#: probes (backward passes) whose output gradients are held at once, in ``fit`` and in
+#: the GLM predictive: a ggn fit or a GLM over C classes runs C backward passes, whose
+#: gradients of every LoRA module's output (``B × T × d_out`` each) are turned into
+#: factor columns or Jacobians chunk by chunk, so that their memory stays that of 16
+#: probes at any C (at C ≤ 16 there is one chunk, as before)
+PROBE_CHUNK = 16
+
+
+def _chunks(items: list) -> Iterator[tuple[int, list]]:
+    """``(start, items[start:start + PROBE_CHUNK])`` for each chunk of ``items``."""
+    for start in range(0, len(items), PROBE_CHUNK):
+        yield start, items[start : start + PROBE_CHUNK]
 
 
 def _accumulate(F, cols: torch.Tensor, low_rank: _ColumnQueue) -> None:
