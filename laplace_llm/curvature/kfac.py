@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -219,9 +219,7 @@ class LoRAKFAC(CurvatureInterface):
             return self._regression_probes(f, y)
         p = torch.softmax(f.detach().to(self.factor_dtype()), dim=-1)
         if self.fisher_type == "ggn":
-            sp = p.sqrt()
-            S = torch.diag_embed(sp) - p.unsqueeze(-1) * sp.unsqueeze(-2)
-            return [(S[:, :, c].to(f.dtype), 1.0) for c in range(f.shape[-1])]
+            return _GGNProbes(p, f.dtype)
         if self.fisher_type == "ef":
             labels = [y]
             weight = 1.0
@@ -742,6 +740,37 @@ class _ColumnQueue:
     def flush(self) -> None:
         append_many(self.items)
         self.items, self.nbytes = [], 0
+
+
+class _GGNProbes(Sequence):
+    """The C ggn probes, the columns of ``S = diag(√p) − p √pᵀ``, made when read.
+
+    Column ``c`` is ``S[:, :, c]``, computed as ``diag(√p)[:, c] − p √p_c`` with the
+    same floating-point operations as the dense ``S``, but ``S`` itself (``B × C × C``:
+    32 MiB at ``B = 8``, ``C = 1,000``) is never formed: a chunk of probes takes
+    ``B × C`` per probe. Items are ``(v (B, C), 1.0)``; slices give lists.
+    """
+
+    def __init__(self, p: torch.Tensor, dtype: torch.dtype):
+        self.p, self.sp, self.dtype = p, p.sqrt(), dtype
+
+    def __len__(self) -> int:
+        return self.p.shape[-1]
+
+    def _column(self, c: int) -> tuple[torch.Tensor, float]:
+        sp_c = self.sp[:, c : c + 1]
+        v = -(self.p * sp_c)
+        v[:, c] += sp_c[:, 0]
+        return v.to(self.dtype), 1.0
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._column(c) for c in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._column(index)
 
 
 #: probes (backward passes) whose output gradients are held at once, in ``fit`` and in

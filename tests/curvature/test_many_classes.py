@@ -283,3 +283,20 @@ def test_from_choices_over_a_thousand_single_tokens():
         got = clf(batch)
         ref = model(**batch).logits[:, -1, 2:1002]
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ggn_probes_are_the_columns_of_the_dense_factor_bit_for_bit():
+    """Made one at a time (no B × C × C tensor), yet equal to ``diag(√p) − p √pᵀ``."""
+    from laplace_llm.curvature.kfac import _GGNProbes
+
+    p = torch.softmax(torch.randn(5, 37, dtype=DT, generator=torch.Generator().manual_seed(0)), -1)
+    S = torch.diag_embed(p.sqrt()) - p.unsqueeze(-1) * p.sqrt().unsqueeze(-2)
+    probes = _GGNProbes(p, torch.float32)
+    assert len(probes) == 37 and len(list(probes)) == 37
+    for c in range(37):
+        assert torch.equal(probes[c][0], S[:, :, c].float()) and probes[c][1] == 1.0
+    assert [torch.equal(v, w) for (v, _), (w, _) in zip(probes[30:], list(probes)[30:])] == [True] * 7
+    # their outer products sum to the softmax Hessian diag(p) − p pᵀ (float32 columns)
+    outer = sum(v.double()[:, :, None] * v.double()[:, None, :] for v, _ in probes)
+    torch.testing.assert_close(outer, torch.diag_embed(p) - p[:, :, None] * p[:, None, :],
+                               rtol=0, atol=1e-6)
