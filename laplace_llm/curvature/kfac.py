@@ -53,7 +53,7 @@ import torch
 from laplace.curvature import CurvatureInterface
 from torch import nn
 
-from laplace_llm.curvature.top_k import scatter_covariance, top_classes
+from laplace_llm.curvature.top_k import expand_covariance, rest_weights, top_classes
 from laplace_llm.errors import NonFiniteError
 from laplace_llm.matrix import LowRankFactor, LowRankKron, append_many, factor_dtype
 from laplace_llm.models.discovery import KronBlock, find_blocks
@@ -514,10 +514,10 @@ class LoRAKFAC(CurvatureInterface):
         joint : bool
             ``(B·C, B·C)`` covariance across the batch instead of ``(B, C, C)``.
         top_k : int, optional
-            only the ``k`` logits of highest MAP value of each example (its ``k`` most
-            probable classes) get their variance and covariances, from ``k`` backward
-            passes instead of ``C``; the other entries of the covariance are 0 (see
-            :func:`laplace_llm.curvature.top_k.top_classes`). ``None`` or ``k ≥ C``: all.
+            the exact covariance of each example's ``k`` logits of highest MAP value (its
+            ``k`` most probable classes) and of the rest's log-sum-exp, from ``k + 1``
+            backward passes instead of ``C``; every other class moves with the rest (see
+            :mod:`laplace_llm.curvature.top_k`). ``None`` or ``k ≥ C``: all classes.
 
         Returns
         -------
@@ -546,10 +546,11 @@ class LoRAKFAC(CurvatureInterface):
         if classes is None:
             eye = torch.eye(C, device=f.device, dtype=f.dtype)
             probes = [eye[c].expand(B, C) for c in range(C)]
-        else:  # probe j: each example's j-th most probable logit
+        else:  # probe j: each example's j-th most probable logit; the last: the rest's
             probes = [
                 nn.functional.one_hot(classes[:, j], C).to(f.dtype) for j in range(classes.shape[1])
             ]
+            probes.append(rest_weights(f, classes).to(f.dtype))
         K = len(probes)
         mask = sequence_mask(x)
         shape = (B * K, B * K) if joint else (B, K, K)
@@ -575,7 +576,7 @@ class LoRAKFAC(CurvatureInterface):
                     _add_covariance(f_vars, J, per_block[i], B, K, joint, f.device)
             del per_module
         if classes is not None:
-            f_vars = [scatter_covariance(v, classes, C, joint) for v in f_vars]
+            f_vars = [expand_covariance(v, classes, C, joint) for v in f_vars]
         f = f.detach().to(dtype)
         if several:
             return [(f, f_var) for f_var in f_vars]

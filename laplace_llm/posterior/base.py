@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 from laplace_llm import serialization, sharding
 from laplace_llm.checks import check_batch, loader_size
 from laplace_llm.curvature.per_example import LoRAPerExampleCurvature
-from laplace_llm.curvature.top_k import check_top_k, keep_top_k
+from laplace_llm.curvature.top_k import check_top_k, merge_rest
 from laplace_llm.errors import LoRAModelError, NonFiniteError, PosteriorFileError
 from laplace_llm.matrix import factor_dtype
 from laplace_llm.models.discovery import find_blocks
@@ -566,10 +566,10 @@ class LoRALaplaceBase(ParametricLaplace):
                 return f_mu, f_var.detach()
         f_mu, Js = self._glm_jacobians(X)
         if joint:
-            f_var = keep_top_k(f_mu, self.functional_covariance(Js), top_k, joint=True)
+            f_var = merge_rest(f_mu, self.functional_covariance(Js), top_k, joint=True)
             f_mu = f_mu.flatten()
         else:
-            f_var = keep_top_k(f_mu, self.functional_variance(Js), top_k)
+            f_var = merge_rest(f_mu, self.functional_variance(Js), top_k)
             if diagonal_output:
                 f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
         if not self.enable_backprop:
@@ -692,9 +692,9 @@ class LoRALaplaceBase(ParametricLaplace):
         but then draws from torch's global generator; everything else is the
         laplace-torch parent's ``__call__``.
 
-        ``top_k`` (classification, ``pred_type="glm"``): the logit covariance over each
-        example's ``top_k`` most probable classes only, from ``top_k`` backward passes
-        instead of ``C``; the other classes keep their MAP logits with zero variance
+        ``top_k`` (classification, ``pred_type="glm"``): the exact logit covariance of
+        each example's ``top_k`` most probable classes, and the other classes merged into
+        one, from ``top_k + 1`` backward passes instead of ``C``
         (:mod:`laplace_llm.curvature.top_k`). ``None`` (default) or ``top_k ≥ C``: all.
         """
         self._check_H_init()
@@ -952,9 +952,9 @@ def _check_top_k_call(top_k, pred_type: str, link_approx: str, classification: b
         )
     if link_approx in ("bridge", "bridge_norm"):
         raise ValueError(
-            f"link_approx={link_approx!r} needs a definite covariance of every logit, which "
-            "top_k leaves at zero outside the selected classes; use link_approx='probit' or "
-            "'mc' with top_k."
+            f"link_approx={link_approx!r} needs a definite covariance of every logit, and "
+            "top_k's is singular (the classes outside the top k move together); use "
+            "link_approx='probit' or 'mc' with top_k."
         )
     return top_k
 

@@ -24,7 +24,7 @@ import torch
 import torchmetrics
 from laplace.utils import validate
 
-from laplace_llm.curvature.top_k import check_top_k, keep_top_k
+from laplace_llm.curvature.top_k import check_top_k, merge_rest
 from laplace_llm.progress import progress_bar as show_progress
 
 logger = logging.getLogger(__name__)
@@ -70,9 +70,9 @@ def glm_moments_over_priors(
     joint : bool
         the ``(B·C, B·C)`` covariance across the batch instead of ``(B, C, C)``.
     top_k : int, optional
-        the covariance of each example's ``top_k`` most probable classes only, from
-        ``top_k`` backward passes (Kronecker posteriors); 0 elsewhere. See
-        :mod:`laplace_llm.curvature.top_k`.
+        the exact covariance of each example's ``top_k`` most probable classes and of
+        the other classes merged into one, from ``top_k + 1`` backward passes (Kronecker
+        posteriors). See :mod:`laplace_llm.curvature.top_k`.
 
     Returns
     -------
@@ -93,7 +93,7 @@ def glm_moments_over_priors(
         for prior in grid:
             la.prior_precision = prior
             f_var = la.functional_covariance(Js) if joint else la.functional_variance(Js)
-            f_var = keep_top_k(f_mu, f_var, top_k, joint)
+            f_var = merge_rest(f_mu, f_var, top_k, joint)
             out.append((f_mu.flatten() if joint else f_mu, f_var.detach()))
         return out
 
