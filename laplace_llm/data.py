@@ -18,6 +18,12 @@ and ``candidate_mask`` ``(batch, C)`` when questions have fewer than C candidate
 * ``"scores"``: ``{"text": str, "target": float | [float, ...]}``, a text with ``k`` real
   targets for ``likelihood="regression"`` (a ``num_labels=k`` regression head).
 
+Files larger than memory: :class:`JsonlStream` and :class:`CandidateStream` (what
+``make_loader(path, ...)`` and ``make_candidate_loader(path, ...)`` build) read a file line
+by line, after one validating pass (:func:`scan_jsonl`) that counts the records and
+raises :func:`read_jsonl`'s errors; their items equal :class:`LLMDataset`'s and
+:class:`CandidateDataset`'s over the records read into memory.
+
 Batch format (what :func:`collate` returns and :class:`~laplace_llm.LLMClassifier` takes):
 a dict of LongTensors
 
@@ -901,9 +907,17 @@ class _StreamBase(IterableDataset):
         worker = get_worker_info()
         wid, workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
         records = iter_jsonl(self.path, self.kind, self.labelled)
+        count = 0
         for i, (number, record) in enumerate(records):
+            count = i + 1
             yield i, number, record, (i % self.world == self.rank
                                       and (i // self.world) % workers == wid)
+        if count != self.summary.n_records:
+            raise ValueError(
+                f"{self.path} holds {count} records now but held {self.summary.n_records} "
+                "when it was scanned: the file changed while it was being read; leave it "
+                "unchanged during the fit (or build the loader again)."
+            )
 
 
 class JsonlStream(_StreamBase):

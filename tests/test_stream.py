@@ -167,6 +167,15 @@ def test_file_wide_checks_name_the_lines(tmp_path):
         JsonlStream(mixed, tok, "text", summary=scan_jsonl(names, "text"))
 
 
+def test_a_file_that_changes_after_its_scan_is_refused(tmp_path):
+    path = write(tmp_path, "text", records("text", 6, seed=8))
+    stream = JsonlStream(path, tiny_tokenizer(), "text")
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"text": "the cat", "label": 1}) + "\n")
+    with pytest.raises(ValueError, match="holds 7 records now but held 6 when it was scanned"):
+        list(stream)
+
+
 def test_summary_counts_what_the_command_line_checks(tmp_path):
     path = write(tmp_path, "mcqa", records("mcqa", 30, seed=4))
     summary = scan_jsonl(path, "mcqa")
