@@ -79,6 +79,8 @@ def shard(dataset: Dataset, rank: int, world: int) -> Dataset:
     """
     if world <= 1:
         return dataset
+    if callable(getattr(dataset, "shard", None)):  # a stream (laplace_llm.data.JsonlStream)
+        return dataset.shard(rank, world)
     return Subset(dataset, range(rank, len(dataset), world))
 
 

@@ -124,6 +124,12 @@ def _add_model_data(p: argparse.ArgumentParser) -> None:
         "--max-length", type=_positive_int, default=None, metavar="N",
         help="keep only the last N tokens of each sequence (default: no truncation)",
     )
+    g.add_argument(
+        "--stream", action="store_true",
+        help="read the JSONL files line by line while fitting or predicting, instead of "
+        "into memory, for data sets too large to hold: one first pass checks every line "
+        "and counts the records. Automatic for files over 512 MiB",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

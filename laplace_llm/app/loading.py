@@ -19,11 +19,13 @@ from typing import Any
 from torch import nn
 
 from laplace_llm.data import (
+    JsonlSummary,
     label_indices,
     make_candidate_loader,
     make_loader,
     mcqa_choices,
     read_jsonl,
+    scan_jsonl,
 )
 from laplace_llm.models.candidates import CandidateScorer
 from laplace_llm.models.classifier import LLMClassifier
@@ -42,8 +44,51 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+#: data files larger than this are streamed (read line by line) even without --stream
+STREAM_BYTES = 512 * 2**20
+
+
 class UserError(Exception):
     """A problem with the user's input, reported as one line and exit status 2."""
+
+
+def read_data(path: str | Path, kind: str, labelled: bool, stream: bool,
+              option: str = "--data") -> list[dict] | JsonlSummary:
+    """Return the validated records of a JSONL file, or its summary when it is streamed.
+
+    A file is streamed with ``stream`` or when larger than :data:`STREAM_BYTES`: one
+    validating pass (:func:`laplace_llm.data.scan_jsonl`) keeps counts only, and the
+    loaders read it again line by line. Errors are those of
+    :func:`laplace_llm.data.read_jsonl`, as a :class:`UserError` naming ``option``.
+    """
+    size = Path(path).stat().st_size
+    if not stream and size > STREAM_BYTES:
+        stream = True
+        logger.info("%s %s is %.0f MiB: streaming it (read line by line, not held)", option,
+                    path, size / 2**20)
+    try:
+        return scan_jsonl(path, kind, labelled) if stream else read_jsonl(path, kind, labelled)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{option}: {err}") from None
+
+
+def _most_choices(data: list[dict] | JsonlSummary) -> int:
+    """Return the most choices of an ``"mcqa"`` question of ``data``."""
+    if isinstance(data, JsonlSummary):
+        return data.max_choices
+    return max(len(r["choices"]) for r in data)
+
+
+def _source(data: list[dict] | JsonlSummary):
+    """Return what the loaders take: the records, or the streamed file's path."""
+    return data.path if isinstance(data, JsonlSummary) else data
+
+
+def _stream_kwargs(data: list[dict] | JsonlSummary) -> dict:
+    """Return the loader's extra arguments for a streamed file (its summary: no second scan)."""
+    if isinstance(data, JsonlSummary):
+        return {"summary": data, "labelled": data.labelled}
+    return {}
 
 
 def check_paths(args: argparse.Namespace, posterior_must_exist: bool) -> None:
@@ -121,10 +166,7 @@ def load_classifier_and_tokenizer(args: argparse.Namespace):
         AutoTokenizer,
     )
 
-    try:
-        records = read_jsonl(args.data, args.kind)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"--data: {err}") from None
+    records = read_data(args.data, args.kind, True, getattr(args, "stream", False))
 
     gguf = {} if getattr(args, "gguf_file", None) is None else {"gguf_file": args.gguf_file}
     try:
@@ -196,7 +238,7 @@ def load_classifier_and_tokenizer(args: argparse.Namespace):
                     f"--choices is required for a causal LM with --kind {args.kind}: the "
                     "answer strings whose next-token logits are the classes"
                 )
-            choices = mcqa_choices(max(len(r["choices"]) for r in records))
+            choices = mcqa_choices(_most_choices(records))
         try:
             clf = LLMClassifier.from_choices(model, tokenizer, choices, center=center)
         except (TypeError, ValueError) as err:
@@ -204,8 +246,8 @@ def load_classifier_and_tokenizer(args: argparse.Namespace):
     _check_labels(records, args.kind, clf.n_outputs)
     try:
         loader = make_loader(
-            records, tokenizer, args.batch_size, args.kind, max_length=args.max_length,
-            pair_order="random", seed=0,
+            _source(records), tokenizer, args.batch_size, args.kind, max_length=args.max_length,
+            pair_order="random", seed=0, **_stream_kwargs(records),
         )
     except ValueError as err:
         raise UserError(f"--data: {err}") from None
@@ -243,29 +285,33 @@ def load_extra_loader(
     """
     if not Path(path).is_file():
         raise UserError(f"{option} {path}: no such file")
-    try:
-        records = read_jsonl(path, args.kind, labelled=labelled)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"{option}: {err}") from None
+    records = read_data(path, args.kind, labelled, getattr(args, "stream", False), option)
     C = clf.n_outputs
+    source, streamed = _source(records), _stream_kwargs(records)
     try:
         if isinstance(clf, CandidateScorer) and args.kind == "mcqa":
-            most = max(len(r["choices"]) for r in records)
+            most = _most_choices(records)
             if most > C:
                 raise UserError(
                     f"{option}: a question has {most} choices but the questions of --data "
                     f"have at most {C}; give {option} questions with at most {C} choices"
                 )
-            return make_candidate_loader(records, tokenizer, args.batch_size, n_candidates=C,
-                                         max_length=args.max_length)
+            return make_candidate_loader(source, tokenizer, args.batch_size, n_candidates=C,
+                                         max_length=args.max_length, **streamed)
         if isinstance(clf, CandidateScorer):  # --kind text with several-token --choices
+            if streamed:
+                if labelled:
+                    _check_labels(records, args.kind, C, args.choices)
+                return make_loader(source, tokenizer, args.batch_size, "text",
+                                   max_length=args.max_length, label_names=args.choices,
+                                   **streamed)
             if labelled:
                 records = label_indices(records, args.choices)
                 _check_labels(records, args.kind, C)
             return make_loader(records, tokenizer, args.batch_size, "text",
                                max_length=args.max_length)
         if args.kind == "mcqa":
-            most = max(len(r["choices"]) for r in records)
+            most = _most_choices(records)
             if most > C:
                 raise UserError(
                     f"{option}: a question has {most} choices but the classifier scores "
@@ -274,13 +320,21 @@ def load_extra_loader(
                 )
         if labelled:
             _check_labels(records, args.kind, C)
-        return make_loader(records, tokenizer, args.batch_size, args.kind,
-                           max_length=args.max_length, pair_order="random", seed=0)
+        return make_loader(source, tokenizer, args.batch_size, args.kind,
+                           max_length=args.max_length, pair_order="random", seed=0, **streamed)
     except (TypeError, ValueError) as err:
         raise UserError(f"{option}: {err}") from None
 
 
-def _check_labels(records: list[dict], kind: str, n_outputs: int) -> None:
+def _check_labels(records: list[dict] | JsonlSummary, kind: str, n_outputs: int,
+                  label_names: Sequence[str] | None = None) -> None:
+    """Refuse labels the classifier cannot have (records, or a streamed file's summary).
+
+    ``label_names``: a streamed ``"text"`` file's string labels must be among them.
+    """
+    if isinstance(records, JsonlSummary):
+        _check_summary_labels(records, kind, n_outputs, label_names)
+        return
     if kind == "preference":
         if n_outputs != 1:
             raise UserError(
@@ -301,6 +355,35 @@ def _check_labels(records: list[dict], kind: str, n_outputs: int) -> None:
     if too_big:
         raise UserError(
             f"--data: label {too_big[0]} but the classifier has only {n_outputs} classes"
+        )
+
+
+def _check_summary_labels(summary: JsonlSummary, kind: str, n_outputs: int,
+                          label_names: Sequence[str] | None) -> None:
+    """:func:`_check_labels` on a streamed file's summary (the same messages)."""
+    if kind == "preference":
+        if n_outputs != 1:
+            raise UserError(
+                f"--kind preference needs a reward model with one output (num_labels=1); "
+                f"this classifier has {n_outputs}"
+            )
+        return
+    if kind == "scores":
+        if summary.target_size != n_outputs:
+            raise UserError(
+                f"--data: targets have {summary.target_size} values but the model has "
+                f"{n_outputs} outputs"
+            )
+        return
+    if summary.string_labels:
+        names = {c.strip() for c in label_names or ()}
+        unknown = sorted(summary.string_labels - names)
+        if unknown:
+            raise UserError(f"--data: label {unknown[0]!r} is none of the choices "
+                            f"{sorted(names)}; use one of them or its index")
+    if summary.max_label is not None and summary.max_label >= n_outputs:
+        raise UserError(
+            f"--data: label {summary.max_label} but the classifier has only {n_outputs} classes"
         )
 
 
@@ -329,8 +412,9 @@ def text_answer_classifier(
     ----------
     model, tokenizer
         The causal LM (with its adapter) and its tokenizer.
-    records : sequence of dict
-        Validated JSONL records of ``kind``.
+    records : sequence of dict, or JsonlSummary
+        Validated JSONL records of ``kind``, or the summary of a streamed file
+        (:func:`read_data`), whose loader then reads it line by line.
     kind : {"mcqa", "text"}
         ``"mcqa"``: each question's ``choices`` are its candidates (padded to the largest
         C with missing candidates). ``"text"``: the ``choices`` strings are candidates
@@ -348,12 +432,27 @@ def text_answer_classifier(
     :class:`~laplace_llm.LLMClassifier` serves those (same probabilities, see the module
     docstring).
     """
+    streamed = _stream_kwargs(records)
     if kind == "mcqa":
-        loader = make_candidate_loader(records, tokenizer, batch_size, max_length=max_length)
+        loader = make_candidate_loader(_source(records), tokenizer, batch_size,
+                                       max_length=max_length, **streamed)
         return CandidateScorer(model, n_candidates=loader.dataset.n_candidates, center=True), loader
     if kind != "text" or not choices:
         raise ValueError(f"text answers need --kind mcqa, or --kind text with --choices; got {kind!r}.")
     single = all(len(tokenizer.encode(c, add_special_tokens=False)) == 1 for c in choices)
+    if streamed:
+        if single and not records.string_labels:
+            return None, None
+        unknown = sorted(records.string_labels - {c.strip() for c in choices})
+        if unknown:
+            raise ValueError(f"label {unknown[0]!r} is none of the choices "
+                             f"{[c.strip() for c in choices]}; use one of them or its index.")
+        if records.max_label is not None and records.max_label >= len(choices):
+            raise ValueError(f"label {records.max_label} but there are only {len(choices)} choices")
+        clf = CandidateScorer.from_texts(model, tokenizer, choices, center=True)
+        loader = make_loader(records.path, tokenizer, batch_size, "text", max_length=max_length,
+                             label_names=choices, **streamed)
+        return clf, loader
     if single and all(not isinstance(r.get("label"), str) for r in records):
         return None, None
     records = label_indices(records, choices)

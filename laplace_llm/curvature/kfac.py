@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -54,6 +54,7 @@ from laplace.curvature import CurvatureInterface
 from torch import nn
 
 from laplace_llm import sharding
+from laplace_llm.curvature.top_k import expand_covariance, rest_weights, top_classes
 from laplace_llm.errors import NonFiniteError
 from laplace_llm.matrix import LowRankFactor, LowRankKron, append_many, factor_dtype
 from laplace_llm.models.discovery import KronBlock, find_blocks
@@ -224,9 +225,7 @@ class LoRAKFAC(CurvatureInterface):
             return self._regression_probes(f, y)
         p = torch.softmax(f.detach().to(self.factor_dtype()), dim=-1)
         if self.fisher_type == "ggn":
-            sp = p.sqrt()
-            S = torch.diag_embed(sp) - p.unsqueeze(-1) * sp.unsqueeze(-2)
-            return [(S[:, :, c].to(f.dtype), 1.0) for c in range(f.shape[-1])]
+            return _GGNProbes(p, f.dtype)
         if self.fisher_type == "ef":
             labels = [y]
             weight = 1.0
@@ -283,13 +282,21 @@ class LoRAKFAC(CurvatureInterface):
         ]
 
     def output_gradients(
-        self, f: torch.Tensor, outputs: list[torch.Tensor], probes: list[torch.Tensor]
+        self,
+        f: torch.Tensor,
+        outputs: list[torch.Tensor],
+        probes: list[torch.Tensor],
+        keep_graph: bool = False,
     ) -> list[list[torch.Tensor]]:
-        """``grads[i][j]``: gradient of ``⟨f, probes[i]⟩`` w.r.t. ``outputs[j]``."""
+        """``grads[i][j]``: gradient of ``⟨f, probes[i]⟩`` w.r.t. ``outputs[j]``.
+
+        ``keep_graph``: keep the graph after the last probe too (more probes follow).
+        """
         grads = []
         for i, v in enumerate(probes):
             g = torch.autograd.grad(
-                f, outputs, grad_outputs=v, retain_graph=i < len(probes) - 1, allow_unused=True
+                f, outputs, grad_outputs=v, retain_graph=keep_graph or i < len(probes) - 1,
+                allow_unused=True,
             )
             grads.append([torch.zeros_like(o) if gi is None else gi for gi, o in zip(g, outputs)])
         return grads
@@ -342,36 +349,26 @@ class LoRAKFAC(CurvatureInterface):
             if streamed:
                 self._stream_output_gradients(f, rec, probes, kron, mask, mask_full, dtype,
                                               low_rank, checks)
-            else:
-                grads = self.output_gradients(f, rec.outputs(), [v for v, _ in probes])
-                per_module = _per_module_calls(rec, grads)
-        weights = [w for _, w in probes]
+            outputs = rec.outputs()
         bad = ~torch.isfinite(f.detach()).all()
         a_done: set[int] = set()  # input factors already given this batch (shared ones)
-        for b, F in zip(self.blocks, kron.kfacs):
-            calls = per_module.get(b.module_name, [])
-            add_a = b.kind == "weight" and id(F[1]) not in a_done
-            if add_a and calls:
-                a_done.add(id(F[1]))
-            if streamed:
-                if add_a:
-                    for a, _, _ in calls:
-                        a_cols, a_scale = self._a_columns(a, mask, N, dtype, mask_full)
-                        _accumulate(F[1], a_cols, low_rank, a_scale, checks)
-                continue
-            if _has_layouts(calls):  # columns of A come ready: T_n needs every call
-                columns = [(g, 1.0, a, 1.0)
-                           for g, a in self._layout_columns(calls, N, weights, dtype, f.shape[0])]
-            else:
-                columns = (
-                    (*self._g_columns_of_probes(gs, weights, mask, mask_full, dtype),
-                     *(self._a_columns(a, mask, N, dtype, mask_full) if add_a else (None, 1.0)))
-                    for a, gs, _ in calls
-                )
-            for g_cols, g_scale, a_cols, a_scale in columns:
-                _accumulate(F[0], g_cols, low_rank, g_scale, checks)
-                if add_a:
-                    _accumulate(F[1], a_cols, low_rank, a_scale, checks)
+        if streamed:
+            self._add_columns(kron, per_module, mask, mask_full, N, [], dtype, f.shape[0],
+                              low_rank, a_done, True, checks, with_outputs=False)
+        else:
+            # the probes' output gradients, PROBE_CHUNK at a time: the memory they take
+            # does not grow with the number of probes (C of the ggn Fisher)
+            for start, chunk in _chunks(probes):
+                with torch.enable_grad():
+                    grads = self.output_gradients(
+                        f, outputs, [v for v, _ in chunk],
+                        keep_graph=start + len(chunk) < len(probes),
+                    )
+                per_chunk = _per_module_calls(rec, grads)
+                del grads
+                self._add_columns(kron, per_chunk, mask, mask_full, N, [w for _, w in chunk],
+                                  dtype, f.shape[0], low_rank, a_done, start == 0, checks)
+                del per_chunk
         for F in kron.unique_factors():
             if isinstance(F, LowRankFactor) and F.sketch_size and F.exact_trace is not None:
                 checks.append(F.exact_trace.reshape(1))  # non-finite iff a column was
@@ -385,6 +382,41 @@ class LoRAKFAC(CurvatureInterface):
                 "bf16 or float32) and that the fine-tuned weights are finite."
             )
         return self.factor * loss.detach(), kron
+
+    def _add_columns(self, kron, per_module, mask, mask_full, N, weights, dtype, n_examples,
+                     low_rank, a_done: set[int], with_inputs: bool, checks: list,
+                     with_outputs: bool = True) -> None:
+        """Add one chunk of probes' output-gradient columns (and the inputs') to ``kron``.
+
+        ``with_inputs``: also the input factors (the first chunk of a batch); ``a_done``
+        collects the input factors given, so that a shared one is given once.
+        ``with_outputs=False``: the inputs only (the output gradients were added in the
+        backward). ``checks`` collects what tells whether the columns were finite.
+        """
+        for b, F in zip(self.blocks, kron.kfacs):
+            calls = per_module.get(b.module_name, [])
+            add_a = with_inputs and b.kind == "weight" and id(F[1]) not in a_done
+            if add_a and calls:
+                a_done.add(id(F[1]))
+            if not with_outputs:
+                if add_a:
+                    for a, _, _ in calls:
+                        a_cols, a_scale = self._a_columns(a, mask, N, dtype, mask_full)
+                        _accumulate(F[1], a_cols, low_rank, a_scale, checks)
+                continue
+            if _has_layouts(calls):  # columns of A come ready: T_n needs every call
+                columns = [(g, 1.0, a, 1.0)
+                           for g, a in self._layout_columns(calls, N, weights, dtype, n_examples)]
+            else:
+                columns = (
+                    (*self._g_columns_of_probes(gs, weights, mask, mask_full, dtype),
+                     *(self._a_columns(a, mask, N, dtype, mask_full) if add_a else (None, 1.0)))
+                    for a, gs, _ in calls
+                )
+            for g_cols, g_scale, a_cols, a_scale in columns:
+                _accumulate(F[0], g_cols, low_rank, g_scale, checks)
+                if add_a:
+                    _accumulate(F[1], a_cols, low_rank, a_scale, checks)
 
     def _stream_output_gradients(self, f, rec, probes, kron, mask, mask_full, dtype, low_rank,
                                  checks) -> None:
@@ -538,14 +570,16 @@ class LoRAKFAC(CurvatureInterface):
 
     # --------------------------------------------------------------- predictive
     def glm_moments(
-        self, x: Any, precision, joint: bool = False
+        self, x: Any, precision, joint: bool = False, top_k: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor] | list | None:
         """GLM mean and covariance of the logits without a parameter-long Jacobian.
 
         One forward and ``C`` backward passes give, per block, the activations ``a``
         and the output gradients ``g^{(c)}`` of every logit; the block Jacobian of
         logit ``c`` of example ``n`` is ``J = Σ_t g_t aᵀ`` (``d_out × d_in``, one LoRA
-        side being ``r``), contracted at once with the block's ``P⁻¹``.
+        side being ``r``), contracted at once with the block's ``P⁻¹``. The backward
+        passes run :data:`PROBE_CHUNK` at a time, so the output gradients held at once
+        do not grow with ``C``; the Jacobians kept are ``B × C`` times a block's weights.
 
         Parameters
         ----------
@@ -556,6 +590,11 @@ class LoRAKFAC(CurvatureInterface):
             precisions cost one forward and ``C`` backward passes, not ``K`` of each.
         joint : bool
             ``(B·C, B·C)`` covariance across the batch instead of ``(B, C, C)``.
+        top_k : int, optional
+            the exact covariance of each example's ``k`` logits of highest MAP value (its
+            ``k`` most probable classes) and of the rest's log-sum-exp, from ``k + 1``
+            backward passes instead of ``C``; every other class moves with the rest (see
+            :mod:`laplace_llm.curvature.top_k`). ``None`` or ``k ≥ C``: all classes.
 
         Returns
         -------
@@ -573,51 +612,75 @@ class LoRAKFAC(CurvatureInterface):
         with torch.enable_grad(), self.recording() as rec:
             f = self.model(x)
             B, C = f.shape
-            eye = torch.eye(C, device=f.device, dtype=f.dtype)
             outputs = rec.outputs()
-            grads = self.output_gradients(f, outputs, [eye[c].expand(B, C) for c in range(C)])
         if any(
             a.shape[0] != B and layout is None
             for calls in rec.calls.values()
             for a, _, layout in calls
         ):
             return None
+        classes = top_classes(f, top_k)
+        if classes is None:
+            eye = torch.eye(C, device=f.device, dtype=f.dtype)
+            probes = [eye[c].expand(B, C) for c in range(C)]
+        else:  # probe j: each example's j-th most probable logit; the last: the rest's
+            probes = [
+                nn.functional.one_hot(classes[:, j], C).to(f.dtype) for j in range(classes.shape[1])
+            ]
+            probes.append(rest_weights(f, classes).to(f.dtype))
+        K = len(probes)
         mask = sequence_mask(x)
-        per_module = _per_module_calls(rec, grads)
-        shape = (B * C, B * C) if joint else (B, C, C)
+        shape = (B * K, B * K) if joint else (B, K, K)
         f_vars = [torch.zeros(shape, device=f.device, dtype=dtype) for _ in precisions]
-        for b, *pbs in zip(self.blocks, *(p._blocks() for p in precisions)):
-            J = None
-            for a, gs, layout in per_module.get(b.module_name, []):
-                if layout is None:
-                    a, m = as_positions(a.to(dtype), mask)
-                    g = torch.stack([as_positions(gc.to(dtype), mask)[0] for gc in gs], 1)
-                else:
-                    a, g, m, example = _layout_positions(a, gs, layout, dtype)
-                    g = torch.stack(g, 1)
-                g = g * m[:, None, :, None]  # (rows, C, T, d_out), padding dropped
-                Jc = torch.einsum("bctd,bte->bcde", g, a) if b.kind == "weight" else g.sum(2)
-                if layout is not None:  # rows to their examples (B·C rows → B)
-                    Jc = torch.zeros(B, *Jc.shape[1:], device=Jc.device, dtype=Jc.dtype).index_add_(
-                        0, example, Jc
-                    )
-                J = Jc if J is None else J + Jc
-            if J is None:  # the module did not act on this batch: zero Jacobian
-                continue
-            J = J.reshape(B * C, *b.shape)
-            J_flat = J.reshape(B * C, -1).to(f.device)
-            for pb, f_var in zip(pbs, f_vars):
-                PJ = pb.apply(J, -1).reshape(B * C, -1).to(f.device)
-                if joint:
-                    f_var += J_flat @ PJ.T
-                else:
-                    f_var += torch.einsum(
-                        "bcp,bdp->bcd", J_flat.reshape(B, C, -1), PJ.reshape(B, C, -1)
-                    )
+        per_block = list(zip(*(p._blocks() for p in precisions)))
+        # per block, the Jacobians (B, S, *shape) of the chunks of probes so far; a
+        # block's are contracted (and freed) in the last chunk, so that with one chunk
+        # (C ≤ PROBE_CHUNK) one block's Jacobian exists at a time
+        jacobians: list[list[torch.Tensor]] = [[] for _ in self.blocks]
+        for start, chunk in _chunks(probes):
+            last = start + len(chunk) >= K
+            with torch.enable_grad():
+                grads = self.output_gradients(f, outputs, chunk, keep_graph=not last)
+            per_module = _per_module_calls(rec, grads)
+            del grads
+            for i, b in enumerate(self.blocks):
+                J = self._block_jacobian(b, per_module.get(b.module_name, []), mask, dtype, B)
+                if J is not None:
+                    jacobians[i].append(J)
+                if last and jacobians[i]:  # else the module did not act: zero Jacobian
+                    J = torch.cat(jacobians[i], 1).reshape(B * K, *b.shape)
+                    jacobians[i] = []
+                    _add_covariance(f_vars, J, per_block[i], B, K, joint, f.device)
+            del per_module
+        if classes is not None:
+            f_vars = [expand_covariance(v, classes, C, joint) for v in f_vars]
         f = f.detach().to(dtype)
         if several:
             return [(f, f_var) for f_var in f_vars]
         return f, f_vars[0]
+
+    def _block_jacobian(self, b: KronBlock, calls, mask, dtype, B: int) -> torch.Tensor | None:
+        """Jacobian ``(B, S, *b.shape)`` of ``S`` probes' logits for one block, or ``None``.
+
+        ``calls``: the module's ``(input, [gradient of each probe], layout)``; ``None``
+        when the module did not act on the batch.
+        """
+        J = None
+        for a, gs, layout in calls:
+            if layout is None:
+                a, m = as_positions(a.to(dtype), mask)
+                g = torch.stack([as_positions(gc.to(dtype), mask)[0] for gc in gs], 1)
+            else:
+                a, g, m, example = _layout_positions(a, gs, layout, dtype)
+                g = torch.stack(g, 1)
+            g = g * m[:, None, :, None]  # (rows, S, T, d_out), padding dropped
+            Jc = torch.einsum("bctd,bte->bcde", g, a) if b.kind == "weight" else g.sum(2)
+            if layout is not None:  # rows to their examples (B·S rows → B)
+                Jc = torch.zeros(B, *Jc.shape[1:], device=Jc.device, dtype=Jc.dtype).index_add_(
+                    0, example, Jc
+                )
+            J = Jc if J is None else J + Jc
+        return J
 
     # ----------------------------------------------------------- laplace-torch
     def full(self, x, y, **kwargs):
@@ -633,6 +696,21 @@ class LoRAKFAC(CurvatureInterface):
             "LoRAKFAC computes Kronecker factors only; use hessian_structure='kron' with "
             "subset_of_weights='lora'."
         )
+
+
+def _add_covariance(f_vars, J, precisions, B: int, K: int, joint: bool, device) -> None:
+    """Add one block's ``J P⁻¹ Jᵀ`` to each covariance of ``f_vars``, in place.
+
+    ``J``: ``(B·K, *block shape)``; ``precisions``: the block's part of each posterior
+    precision, in the order of ``f_vars``.
+    """
+    J_flat = J.reshape(B * K, -1).to(device)
+    for pb, f_var in zip(precisions, f_vars):
+        PJ = pb.apply(J, -1).reshape(B * K, -1).to(device)
+        if joint:
+            f_var += J_flat @ PJ.T
+        else:
+            f_var += torch.einsum("bcp,bdp->bcd", J_flat.reshape(B, K, -1), PJ.reshape(B, K, -1))
 
 
 def _per_module_calls(rec: ModuleRecorder, grads: list[list[torch.Tensor]] | None):
@@ -741,6 +819,51 @@ class _ColumnQueue:
     def flush(self) -> None:
         append_many(self.items)
         self.items, self.nbytes = [], 0
+
+
+class _GGNProbes(Sequence):
+    """The C ggn probes, the columns of ``S = diag(√p) − p √pᵀ``, made when read.
+
+    Column ``c`` is ``S[:, :, c]``, computed as ``diag(√p)[:, c] − p √p_c`` with the
+    same floating-point operations as the dense ``S``, but ``S`` itself (``B × C × C``:
+    32 MiB at ``B = 8``, ``C = 1,000``) is never formed: a chunk of probes takes
+    ``B × C`` per probe. Items are ``(v (B, C), 1.0)``; slices give lists.
+    """
+
+    def __init__(self, p: torch.Tensor, dtype: torch.dtype):
+        self.p, self.sp, self.dtype = p, p.sqrt(), dtype
+
+    def __len__(self) -> int:
+        return self.p.shape[-1]
+
+    def _column(self, c: int) -> tuple[torch.Tensor, float]:
+        sp_c = self.sp[:, c : c + 1]
+        v = -(self.p * sp_c)
+        v[:, c] += sp_c[:, 0]
+        return v.to(self.dtype), 1.0
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._column(c) for c in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._column(index)
+
+
+#: probes (backward passes) whose output gradients are held at once, in ``fit`` and in
+#: the GLM predictive: a ggn fit or a GLM over C classes runs C backward passes, whose
+#: gradients of every LoRA module's output (``B × T × d_out`` each) are turned into
+#: factor columns or Jacobians chunk by chunk, so that their memory stays that of 16
+#: probes at any C (at C ≤ 16 there is one chunk, as before)
+PROBE_CHUNK = 16
+
+
+def _chunks(items: list) -> Iterator[tuple[int, list]]:
+    """``(start, items[start:start + PROBE_CHUNK])`` for each chunk of ``items``."""
+    for start in range(0, len(items), PROBE_CHUNK):
+        yield start, items[start : start + PROBE_CHUNK]
 
 
 def _accumulate(F, cols: torch.Tensor, low_rank: _ColumnQueue, scale: float = 1.0,

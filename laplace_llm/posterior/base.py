@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 from laplace_llm import serialization, sharding
 from laplace_llm.checks import check_batch, loader_size
 from laplace_llm.curvature.per_example import LoRAPerExampleCurvature
+from laplace_llm.curvature.top_k import check_top_k, merge_rest
 from laplace_llm.distributed import all_reduce_sum, as_timeout, collective_step, collective_timeout
 from laplace_llm.errors import LoRAModelError, NonFiniteError, PosteriorFileError
 from laplace_llm.matrix import factor_dtype
@@ -110,6 +111,8 @@ class LoRALaplaceBase(ParametricLaplace):
     #: the GLM predictive contracts hooked quantities with the posterior block by block
     #: (no Jacobian) when the backend can (``backend.glm_moments``)
     _moments_without_jacobians = False
+    #: the ``top_k`` of the predictive call running now (``None``: every class)
+    _glm_top_k: int | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Enter a leaf with its own ``_key`` ``("lora", structure)`` in :data:`STRUCTURES`."""
@@ -574,11 +577,13 @@ class LoRALaplaceBase(ParametricLaplace):
     @torch.enable_grad()
     def _glm_predictive_distribution(self, X, joint: bool = False, diagonal_output: bool = False):
         self._check_H_init()
-        replayed = replayed_moments(self, X, joint, diagonal_output)
+        top_k = self._glm_top_k
+        replayed = None if top_k is not None else replayed_moments(self, X, joint, diagonal_output)
         if replayed is not None:
             return replayed
         if self._moments_without_jacobians and self.jacobian_free and not self.enable_backprop:
-            moments = self.backend.glm_moments(X, self.posterior_precision, joint=joint)
+            extra = {} if top_k is None else {"top_k": top_k}  # older backends lack it
+            moments = self.backend.glm_moments(X, self.posterior_precision, joint=joint, **extra)
             if moments is not None:
                 f_mu, f_var = moments
                 if joint:
@@ -588,10 +593,10 @@ class LoRALaplaceBase(ParametricLaplace):
                 return f_mu, f_var.detach()
         f_mu, Js = self._glm_jacobians(X)
         if joint:
+            f_var = merge_rest(f_mu, self.functional_covariance(Js), top_k, joint=True)
             f_mu = f_mu.flatten()
-            f_var = self.functional_covariance(Js)
         else:
-            f_var = self.functional_variance(Js)
+            f_var = merge_rest(f_mu, self.functional_variance(Js), top_k)
             if diagonal_output:
                 f_var = torch.diagonal(f_var, dim1=-2, dim2=-1)
         if not self.enable_backprop:
@@ -618,15 +623,17 @@ class LoRALaplaceBase(ParametricLaplace):
             f_mu, Js = out
         return f_mu.to(self._dtype), Js.to(self._dtype)
 
-    def glm_moments_over_priors(self, X, prior_precisions, joint: bool = False) -> list:
+    def glm_moments_over_priors(self, X, prior_precisions, joint: bool = False,
+                                top_k: int | None = None) -> list:
         """GLM moments ``(f_mu, f_var)`` of the logits of batch ``X`` under each prior.
 
         The Jacobians are computed once and contracted with each posterior, so a grid
         of ``K`` priors costs about one predictive, not ``K``. Each entry of
         ``prior_precisions`` is what ``prior_precision`` accepts; the current prior is
-        left unchanged. See :func:`laplace_llm.prior.grid.glm_moments_over_priors`.
+        left unchanged; ``top_k`` as in ``__call__``. See
+        :func:`laplace_llm.prior.grid.glm_moments_over_priors`.
         """
-        return glm_moments_over_priors(self, X, prior_precisions, joint=joint)
+        return glm_moments_over_priors(self, X, prior_precisions, joint=joint, top_k=top_k)
 
     def _gridsearch(self, loss, interval, val_loader, pred_type, link_approx="probit",
                     n_samples=100, progress_bar=False):
@@ -701,6 +708,7 @@ class LoRALaplaceBase(ParametricLaplace):
         diagonal_output=False,
         generator=None,
         fitting=False,
+        top_k=None,
         **model_kwargs,
     ):
         """Predict as laplace-torch does; a ``generator`` also seeds the Monte-Carlo samples.
@@ -710,6 +718,11 @@ class LoRALaplaceBase(ParametricLaplace):
         ``generator`` on to the Monte-Carlo samples, which laplace-torch 0.3 validates
         but then draws from torch's global generator; everything else is the
         laplace-torch parent's ``__call__``.
+
+        ``top_k`` (classification, ``pred_type="glm"``): the exact logit covariance of
+        each example's ``top_k`` most probable classes, and the other classes merged into
+        one, from ``top_k + 1`` backward passes instead of ``C``
+        (:mod:`laplace_llm.curvature.top_k`). ``None`` (default) or ``top_k ≥ C``: all.
         """
         self._check_H_init()
         self._warn_if_weights_changed()
@@ -717,6 +730,17 @@ class LoRALaplaceBase(ParametricLaplace):
         classification = self.likelihood == "classification" or (
             self.likelihood == "reward_modeling" and fitting
         )
+        top_k = _check_top_k_call(top_k, pred_type, link_approx, classification)
+        previous, self._glm_top_k = self._glm_top_k, top_k
+        try:
+            return self._predict(x, pred_type, joint, link_approx, n_samples, diagonal_output,
+                                 generator, fitting, classification, **model_kwargs)
+        finally:
+            self._glm_top_k = previous
+
+    def _predict(self, x, pred_type, joint, link_approx, n_samples, diagonal_output, generator,
+                 fitting, classification, **model_kwargs):
+        """``__call__`` once its arguments are checked (and ``top_k`` set)."""
         if generator is not None and classification and link_approx == "mc":
             if not isinstance(generator, torch.Generator) or generator.device != self._device:
                 raise ValueError("Invalid random generator (check type and device).")
@@ -934,6 +958,32 @@ def load(
     except ValueError as err:
         raise PosteriorFileError(f"'{path}': {err}") from None
     return la
+
+
+def _check_top_k_call(top_k, pred_type: str, link_approx: str, classification: bool):
+    """Return a checked ``top_k``, refusing it where it does not apply."""
+    top_k = check_top_k(top_k)
+    if top_k is None:
+        return None
+    if not classification:
+        raise ValueError(
+            "top_k selects the most probable classes of a classification predictive; this "
+            "posterior's predictive is a regression (reward models: pass fitting=True for "
+            "the pair probabilities). Leave top_k unset."
+        )
+    if pred_type != "glm":
+        raise ValueError(
+            f"top_k applies to the GLM predictive (pred_type='glm'); pred_type={pred_type!r} "
+            "samples weights and costs n_samples forwards whatever the number of classes, "
+            "so it needs no top_k. Leave top_k unset."
+        )
+    if link_approx in ("bridge", "bridge_norm"):
+        raise ValueError(
+            f"link_approx={link_approx!r} needs a definite covariance of every logit, and "
+            "top_k's is singular (the classes outside the top k move together); use "
+            "link_approx='probit' or 'mc' with top_k."
+        )
+    return top_k
 
 
 def _refuse_bridge_for_missing_candidates(x: Any, pred_type: str, link_approx: str) -> None:

@@ -24,6 +24,7 @@ import torch
 import torchmetrics
 from laplace.utils import validate
 
+from laplace_llm.curvature.top_k import check_top_k, merge_rest
 from laplace_llm.progress import progress_bar as show_progress
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ def _prior_restored(la):
 
 
 def glm_moments_over_priors(
-    la, X: Any, prior_precisions: Sequence | torch.Tensor, joint: bool = False
+    la, X: Any, prior_precisions: Sequence | torch.Tensor, joint: bool = False,
+    top_k: int | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """GLM mean and covariance of the logits of ``X`` under each prior precision.
 
@@ -67,6 +69,10 @@ def glm_moments_over_priors(
         gridsearch interval); per-block priors go in a list, ``[tensor_of_n_layers]``.
     joint : bool
         the ``(B·C, B·C)`` covariance across the batch instead of ``(B, C, C)``.
+    top_k : int, optional
+        the exact covariance of each example's ``top_k`` most probable classes and of
+        the other classes merged into one, from ``top_k + 1`` backward passes (Kronecker
+        posteriors). See :mod:`laplace_llm.curvature.top_k`.
 
     Returns
     -------
@@ -74,11 +80,12 @@ def glm_moments_over_priors(
     computes with that prior set. ``la.prior_precision`` is left as it was.
     """
     la._check_H_init()
+    top_k = check_top_k(top_k)
     grid = _as_grid(prior_precisions)
     if not grid:
         raise ValueError("glm_moments_over_priors needs at least one prior precision.")
     with _prior_restored(la):
-        moments = _kron_moments(la, X, grid, joint)
+        moments = _kron_moments(la, X, grid, joint, top_k)
         if moments is not None:
             return moments
         f_mu, Js = la._glm_jacobians(X)
@@ -86,11 +93,12 @@ def glm_moments_over_priors(
         for prior in grid:
             la.prior_precision = prior
             f_var = la.functional_covariance(Js) if joint else la.functional_variance(Js)
+            f_var = merge_rest(f_mu, f_var, top_k, joint)
             out.append((f_mu.flatten() if joint else f_mu, f_var.detach()))
         return out
 
 
-def _kron_moments(la, X, grid, joint):
+def _kron_moments(la, X, grid, joint, top_k=None):
     """Jacobian-free moments of every prior at once (K-FAC posteriors), else ``None``."""
     if not getattr(la, "_moments_without_jacobians", False):
         return None
@@ -101,7 +109,9 @@ def _kron_moments(la, X, grid, joint):
         la.prior_precision = prior
         precisions.append(la.posterior_precision)
     with torch.enable_grad():
-        moments = la.backend.glm_moments(X, precisions, joint=joint)
+        # top_k only when given: a backend's glm_moments of before top_k still serves
+        extra = {} if top_k is None else {"top_k": top_k}
+        moments = la.backend.glm_moments(X, precisions, joint=joint, **extra)
     if moments is None:
         return None
     return [(f_mu.flatten() if joint else f_mu, f_var.detach()) for f_mu, f_var in moments]

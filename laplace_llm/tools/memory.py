@@ -214,12 +214,15 @@ def output_gradient_bytes(
 ) -> int:
     """Bytes of the output gradients that one batch of ``LoRAKFAC`` holds at once.
 
-    ``fit`` and the Jacobian-free GLM take the gradient of every probe with respect to
-    every hooked module's output in one ``autograd.grad`` call, so for a batch of
-    ``tokens`` positions (``B·T``) they hold, besides what a plain backward holds,
-    ``n_probes · tokens · Σ (r + d_out)`` numbers (the ``lora_A`` output of side ``r``
-    and the ``lora_B`` output of side ``d_out`` of every LoRA layer). ``n_probes`` is
-    ``mc_samples`` for the mc Fisher, ``C`` for the ggn and for the GLM predictive.
+    ``fit`` and the Jacobian-free GLM take the gradient of each probe with respect to
+    every hooked module's output, up to
+    :data:`~laplace_llm.curvature.kfac.PROBE_CHUNK` (16) probes before turning them
+    into factor columns or Jacobians, so for a batch of ``tokens`` positions (``B·T``)
+    they hold, besides what a plain backward holds, ``min(n_probes, 16) · tokens ·
+    Σ (r + d_out)`` numbers (the ``lora_A`` output of side ``r`` and the ``lora_B``
+    output of side ``d_out`` of every LoRA layer). ``n_probes`` is ``mc_samples`` for
+    the mc Fisher, ``C`` for the ggn and for the GLM predictive (``top_k + 1`` with
+    ``top_k``).
 
     Parameters
     ----------
@@ -236,8 +239,10 @@ def output_gradient_bytes(
     int
         bytes.
     """
+    from laplace_llm.curvature.kfac import PROBE_CHUNK
+
     layers = list(layers) if layers is not None else llama_lora_linears(config, target_modules)
-    return n_probes * tokens * sum(r + m.d_out for m in layers) * element_bytes
+    return min(n_probes, PROBE_CHUNK) * tokens * sum(r + m.d_out for m in layers) * element_bytes
 
 
 #: The phases :func:`fsdp_rank_bytes` models.

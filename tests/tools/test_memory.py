@@ -183,6 +183,10 @@ def test_output_gradient_workspace_of_llama_2_7b():
                num_hidden_layers=32)
     got = memory.output_gradient_bytes(cfg, ["q_proj", "v_proj"], r=8, tokens=1024, n_probes=4)
     assert got == 4 * 1024 * 64 * (8 + 4096) * 4
+    # C = 1,000 ggn probes run 16 at a time (PROBE_CHUNK): 16 probes' gradients at once
+    many = memory.output_gradient_bytes(cfg, ["q_proj", "v_proj"], r=8, tokens=1024,
+                                        n_probes=1000)
+    assert many == 16 * 1024 * 64 * (8 + 4096) * 4
 
 
 @pytest.mark.parametrize("tied", [False, True])
