@@ -184,11 +184,21 @@ class BackwardCounter:
             self.count += len(probes)
             return original(backend, f, outputs, probes, keep_graph)
 
+        # the fit adds output gradients inside each probe's backward (streamed)
+        self.original_stream = LoRAKFAC._stream_output_gradients
+        original_stream = self.original_stream
+
+        def counting_stream(backend, f, rec, probes, *args):
+            self.count += len(probes)
+            return original_stream(backend, f, rec, probes, *args)
+
         LoRAKFAC.output_gradients = counting
+        LoRAKFAC._stream_output_gradients = counting_stream
         return self
 
     def __exit__(self, *exc):
         self.cls.output_gradients = self.original
+        self.cls._stream_output_gradients = self.original_stream
 
 
 def timed(fn, repeat):

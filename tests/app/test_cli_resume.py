@@ -25,6 +25,16 @@ from laplace_llm.serialization import read_posterior
 from tests.app.test_cli import mcqa_records, write_jsonl
 from tests.models import write_model_folder
 
+
+@pytest.fixture(autouse=True)
+def _python_sigint_handler():
+    """Python's own SIGINT handler, as in a terminal: a test run started in the background
+    (``cmd &`` in a script, ``nohup``) inherits SIGINT ignored, which the fit rightly
+    leaves alone, and these tests are about the handler."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
 ROOT = Path(__file__).resolve().parents[2]
 # low-rank factors (sides 32 > 8, rank 4) truncated during the fit; 14 records: 4 batches
 OPTIONS = ["--n-kfac", 4, "--lr-threshold", 8, "--batch-size", 4, "--quiet"]

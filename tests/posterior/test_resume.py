@@ -36,6 +36,16 @@ from laplace_llm.posterior.checkpoint import CHECKPOINT_FILENAME, checkpoint_fil
 from tests.batches import TARGET_IDS, DictDataset, token_items
 from tests.models import tiny_llama_lora
 
+
+@pytest.fixture(autouse=True)
+def _python_sigint_handler():
+    """Python's own SIGINT handler, as in a terminal: a test run started in the background
+    (``cmd &`` in a script, ``nohup``) inherits SIGINT ignored, which the fit rightly
+    leaves alone, and these tests are about the handler."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
 CLASSES = {"kron": LoRALaplace, "diag": LoRADiagLaplace, "full": LoRAFullLaplace}
 KRON = dict(n_kfac=2, lr_threshold=4)  # sides 16 low rank, truncated mid-fit
 N_ITEMS, BATCH = 15, 4  # 4 batches, the last one of 3
