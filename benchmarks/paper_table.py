@@ -199,6 +199,7 @@ def set_lora_state(clf, state: dict[str, torch.Tensor]) -> None:
 
 
 # ------------------------------------------------------------------- scoring
+
 def scores(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     return {"accuracy": metrics.accuracy(probs, labels), "ece": metrics.ece(probs, labels),
             "nll": metrics.nll(probs, labels), "brier": metrics.brier(probs, labels),
@@ -285,7 +286,10 @@ class Run:
             row["shift"] = scores(probs["shift"], self.labels["shift"])
         if "ood" in probs:
             row["ood_auroc"] = metrics.ood_auroc(probs["test"], probs["ood"])
-        row["probs"] = {s: np.round(p.double().numpy(), 6).tolist() for s, p in probs.items()}
+        # at full precision: text-answer probabilities go far below 1e-6, and near-uniform
+        # rows (temperature scaling at T → ∞) differ only in late digits, so any rounding
+        # changes the stored probabilities' NLL or argmax against the metrics written here
+        row["probs"] = {s: p.double().numpy().tolist() for s, p in probs.items()}
         row["labels"] = {s: self.labels[s].tolist() for s in probs}
         tmp = self.out / f"{method}.json.tmp"
         tmp.write_text(json.dumps(row))

@@ -54,7 +54,7 @@ def test_quick_run_writes_every_row_resumes_and_renders_a_deep_ensemble(tmp_path
     rows = pt.load_rows(out)["openbookqa"][0]
     assert set(rows) == set(pt.METHODS) - {"deep_ensemble"}
     for row in rows.values():
-        probs = torch.tensor(row["probs"]["test"])
+        probs = torch.tensor(row["probs"]["test"], dtype=torch.float64)  # as written
         labels = torch.tensor(row["labels"]["test"])
         assert len(labels) == 16
         # the stored metrics are those of the stored probabilities
