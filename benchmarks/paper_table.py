@@ -322,11 +322,22 @@ class Run:
         (self.work / "train.json").write_text(json.dumps(
             {"losses": losses, "seconds": time.time() - t0}))
 
+    def map_logits(self) -> dict[str, torch.Tensor]:
+        """The MAP's logits on every evaluation split, computed once and kept in ``--work``:
+        the MAP, temperature-scaling and checkpoint-ensemble rows all read them (the last
+        checkpoint is the MAP), so each evaluation pass of the MAP runs once."""
+        path = self.work / "map_logits.pt"
+        if path.exists():
+            return torch.load(path, weights_only=True)
+        set_lora_state(self.clf, load_file(self.checkpoints()[-1]))
+        logits = {s: logits_of(self.clf, ld)[0] for s, ld in self.loaders.items()}
+        torch.save(logits, path)
+        return logits
+
     def map_rows(self) -> None:
         if not self.done("map"):
             t0 = time.time()
-            probs = {s: torch.softmax(logits_of(self.clf, ld)[0], -1)
-                     for s, ld in self.loaders.items()}
+            probs = {s: torch.softmax(f, -1) for s, f in self.map_logits().items()}
             train = json.loads((self.work / "train.json").read_text())
             self.write("map", probs, time.time() - t0, train_losses=train["losses"],
                        train_seconds=train["seconds"])
@@ -334,17 +345,18 @@ class Run:
             t0 = time.time()
             ts = TemperatureScaling(self.clf)
             temperature = ts.fit(self.loader("val"))
-            probs = {s: ts(logits_of(self.clf, ld)[0]) for s, ld in self.loaders.items()}
+            probs = {s: ts(f) for s, f in self.map_logits().items()}
             self.write("ts", probs, time.time() - t0, temperature=temperature)
 
     def ensemble_rows(self) -> None:
         if not self.done("ckpt_ensemble"):
             t0 = time.time()
             members = []
-            for path in self.checkpoints()[-3:]:
+            for path in self.checkpoints()[-3:-1]:
                 set_lora_state(self.clf, load_file(path))
                 members.append({s: torch.softmax(logits_of(self.clf, ld)[0], -1)
                                 for s, ld in self.loaders.items()})
+            members.append({s: torch.softmax(f, -1) for s, f in self.map_logits().items()})
             set_lora_state(self.clf, load_file(self.checkpoints()[-1]))
             probs = {s: torch.stack([m[s] for m in members]).mean(0) for s in self.loaders}
             self.write("ckpt_ensemble", probs, time.time() - t0, members=len(members))
