@@ -15,7 +15,8 @@ Recipe (the same fine-tune feeds every row of one set and seed):
   same for every seed. Seeds change the training subset, the LoRA initialisation, the
   batch order and the dropout draws.
 - answers (``--answers``): ``text`` (default): the prompt is ``"{question}\\nAnswer:"``
-  and each class is the summed log-likelihood of one choice's text after it
+  and each class is the summed (``--reduction mean``: length-averaged, written to
+  ``…/text_mean``) log-likelihood of one choice's text after it
   (:class:`laplace_llm.CandidateScorer`, the question's own candidates); ``letters``: the
   prompt is ``"{question}\\nA. …\\nB. …\\nAnswer:"`` and the classes are the next-token
   logits of " A", " B", … at the last position (:class:`laplace_llm.LLMClassifier`).
@@ -169,7 +170,7 @@ def splits(name: str, seed: int, args) -> dict[str, list[dict]]:
 
 
 # --------------------------------------------------------------------- model
-def build_model(name: str, seed: int, answers: str = "text"):
+def build_model(name: str, seed: int, answers: str = "text", reduction: str = "sum"):
     from peft import LoraConfig, get_peft_model
 
     folder, gguf_file = smollm2_gguf()
@@ -179,7 +180,7 @@ def build_model(name: str, seed: int, answers: str = "text"):
                       target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     model = get_peft_model(base, lora)
     if answers == "text":
-        clf = laplace_llm.CandidateScorer(model, n_candidates=SETS[name])
+        clf = laplace_llm.CandidateScorer(model, n_candidates=SETS[name], reduction=reduction)
     else:
         clf = laplace_llm.LLMClassifier.from_choices(model, tok, mcqa_choices(SETS[name]))
     clf.eval()
@@ -247,7 +248,9 @@ class Run:
     @property
     def clf(self):
         if self._clf is None:
-            self._clf, self.tok = build_model(self.name, self.seed, self.args.answers)
+            self._clf, self.tok = build_model(
+                self.name, self.seed, self.args.answers, self.args.reduction
+            )
         return self._clf
 
     def loader(self, split: str, batch_size: int = 8, shuffle: bool = False):
@@ -624,6 +627,13 @@ def main(argv=None) -> None:
     p.add_argument("--no-shift", action="store_true", help="skip the shift and OOD block")
     p.add_argument("--answers", choices=["text", "letters"], default="text",
                    help="score each choice's text (default) or the letters A, B, …")
+    p.add_argument(
+        "--reduction",
+        choices=["sum", "mean"],
+        default="sum",
+        help="text answers: score a choice by the sum (default) or the mean of its tokens' "
+        "log-likelihoods; mean writes to .../text_mean",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None,
                    help="default benchmarks/results/paper_table/ANSWERS")
@@ -638,8 +648,9 @@ def main(argv=None) -> None:
         args.dropout_samples = 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.out = args.out or str(ROOT / "results" / "paper_table" / args.answers)
-    args.work = args.work or str(ROOT / "out" / "paper_table" / args.answers)
+    variant = args.answers + ("_mean" if args.answers == "text" and args.reduction == "mean" else "")
+    args.out = args.out or str(ROOT / "results" / "paper_table" / variant)
+    args.work = args.work or str(ROOT / "out" / "paper_table" / variant)
     out = Path(args.out)
     if not args.render:
         t0 = time.time()
@@ -647,7 +658,8 @@ def main(argv=None) -> None:
             for name in args.sets:
                 Run(name, seed, args).run_all()
         log(f"all runs done in {time.time() - t0:.0f} s")
-    kind = ("each choice's text scored by its log-likelihood after the question"
+    how = {"sum": "summed", "mean": "length-averaged"}[args.reduction]
+    kind = (f"each choice's text scored by its {how} log-likelihood after the question"
             if args.answers == "text" else "the letters A, B, … after the lettered choices")
     table = f"Answers: {kind}.\n" + render(out) + "\n" + posterior_table(out)
     machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "

@@ -5,6 +5,9 @@ without fine-tuning: the letters' next-token logits after the lettered prompt
 (``LLMClassifier.from_choices``) against each choice's summed log-likelihood after
 ``"{question}\\nAnswer:"`` (``CandidateScorer``). Printed, this machine: ARC-Easy letters
 0.24 / text 0.54; OpenBookQA 0.23 / 0.19; CommonsenseQA 0.18 / 0.22; BoolQ 0.34 / 0.35.
+With ``mean`` (each choice's log-likelihood divided by its number of tokens): text
+ARC-Easy 0.49, OpenBookQA 0.40, CommonsenseQA 0.27, BoolQ 0.35 (letters unchanged): the
+summed score's preference for short answers is what puts OpenBookQA below chance.
 
 Run: ``python benchmarks/zero_shot_formats.py`` (``mean`` as first argument: length-
 averaged log-likelihoods).
