@@ -17,8 +17,9 @@ from laplace_llm.tools import metrics
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "paper_table.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("paper_table", SCRIPT)
+def load_script(name: str = "paper_table.py"):
+    path = SCRIPT.parent / name
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(SCRIPT.parent))  # its shared helpers sit beside it
     try:
@@ -46,6 +47,27 @@ def test_centred_moments_are_the_moments_of_the_centred_logits():
                                pt.monte_carlo(mu, cov, 20_000, 0), rtol=0, atol=0.02)
 
 
+def test_contrasts_make_the_probit_blind_to_a_common_offset():
+    """predictive_agreement's full centring: adding a random common offset to every logit
+    (mean shift and its variance along 1) changes laplace-torch's probit, but neither the
+    contrasts' probit nor the exact (MC) predictive, which it leaves unchanged."""
+    agreement = load_script("predictive_agreement.py")
+    gen = torch.Generator().manual_seed(1)
+    mu = torch.randn(64, 4, generator=gen, dtype=torch.float64)
+    a = torch.randn(64, 4, 4, generator=gen, dtype=torch.float64)
+    cov = a @ a.transpose(-1, -2) + 0.1 * torch.eye(4, dtype=torch.float64)
+    ones = torch.ones(4, dtype=torch.float64)
+    mu_s = mu - 20.0  # a large common offset with a large variance, as summed scores have
+    cov_s = cov + 50.0 * torch.outer(ones, ones)
+    assert not torch.allclose(agreement.probit(mu, cov), agreement.probit(mu_s, cov_s), atol=0.05)
+    torch.testing.assert_close(agreement.probit(*agreement.centre(mu, cov, 1.0)),
+                               agreement.probit(*agreement.centre(mu_s, cov_s, 1.0)))
+    # the exact predictive ignores the offset (same normal draws, both factorisations
+    # exact): Monte Carlo of the raw and the shifted moments agree to sampling error
+    torch.testing.assert_close(agreement.monte_carlo(mu, cov, 40_000, 0),
+                               agreement.monte_carlo(mu_s, cov_s, 40_000, 0), rtol=0, atol=0.02)
+
+
 @pytest.mark.slow  # SmolLM2 on 16/8/16 questions, every method: ~3-5 min on 2 cores
 def test_quick_run_writes_every_row_resumes_and_renders_a_deep_ensemble(tmp_path):
     pt = load_script()
@@ -66,6 +88,24 @@ def test_quick_run_writes_every_row_resumes_and_renders_a_deep_ensemble(tmp_path
     # one curvature, three priors: laplace-torch's evidence row uses its own prior
     assert rows["la_map_probit"]["prior"] == rows["la_map_mc"]["prior"]
     assert 0.0 <= rows["la_map_mc"]["mc_agrees_with_probit"] <= 1.0
+
+    # the exported GLM moments are the ones the rows were computed from
+    from safetensors import safe_open
+
+    with safe_open(out / "openbookqa" / "seed0" / "glm_moments.safetensors", "pt") as f:
+        k = f.metadata()["priors"].split(",").index("map")
+        for split in ("test", "shift", "ood"):
+            mu, cov = f.get_tensor(f"{split}.mean")[k], f.get_tensor(f"{split}.cov")[k]
+            torch.testing.assert_close(
+                pt.probit(mu, cov),
+                torch.tensor(rows["la_map_probit"]["probs"][split], dtype=torch.float64),
+                rtol=0, atol=1e-12)
+    agreement = load_script("predictive_agreement.py")
+    agreement.main(["--results", str(out), "--reference-samples", "20000"])
+    measured = json.loads((out / "predictive_agreement.json").read_text())
+    assert [(r["set"], r["seed"]) for r in measured] == [("openbookqa", 0)]
+    # same moments, same 1,000-sample draw as the row: the same agreement
+    assert measured[0]["probit_mc"] == rows["la_map_mc"]["mc_agrees_with_probit"]
 
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
     pt.main(["--quick", "--out", str(out), "--work", str(work)])
