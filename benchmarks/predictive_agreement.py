@@ -23,6 +23,15 @@ Columns (fractions of the test questions):
 - ``tied``: questions whose reference top-two probabilities are within ``--margin`` (0.05);
   ``contrasts = ref, rest``: the contrasts' probit agreement on the other questions.
 
+And a second table on answer length (characters of each choice; the test questions are
+read again from the data the way ``paper_table.py`` draws them, and checked against the
+labels its MAP row stored): ``len~var``, the rank correlation, within a question, of a
+choice's length with its score variance (mean over questions); ``len~−score``, the same
+with minus its mean score; and how often the MAP, the probit and the MC predictive pick
+the shortest choice, against how often the shortest choice is right. A summed
+log-likelihood prefers short answers; dividing each score by its own sd, the probit
+undoes part of that, which MC, like the exact predictive, does not.
+
 Run: ``python benchmarks/predictive_agreement.py`` (after ``paper_table.py``); writes
 ``predictive_agreement.json`` and ``.md`` beside the paper table's results.
 """
@@ -78,6 +87,35 @@ def measure(mu: torch.Tensor, cov: torch.Tensor, seed: int, n_ref: int,
     }
 
 
+def length_bias(name: str, seed: int, results: Path, mu, cov, mc) -> dict[str, float]:
+    import paper_table as pt  # benchmarks/ is the script's folder
+
+    n_test = json.loads((results / name / f"seed{seed}" / "map.json").read_text())
+    args = argparse.Namespace(n_train=256, n_val=64, n_test=n_test["n_test"], max_chars=450,
+                              no_shift=True)
+    test = pt.splits(name, seed, args)["test"]
+    y = torch.tensor([q["answer"] for q in test])
+    if y.tolist() != n_test["labels"]["test"]:
+        raise RuntimeError(f"{name} seed {seed}: the test questions differ from the run's")
+    length = torch.tensor([[len(c) for c in q["choices"]] for q in test], dtype=mu.dtype)
+
+    def within_rank_corr(a, b):
+        ra = a.argsort(-1).argsort(-1).to(mu.dtype)
+        rb = b.argsort(-1).argsort(-1).to(mu.dtype)
+        ra, rb = ra - ra.mean(-1, keepdim=True), rb - rb.mean(-1, keepdim=True)
+        return float(((ra * rb).sum(-1) / (ra.norm(dim=-1) * rb.norm(dim=-1))).mean())
+
+    shortest = length.argmin(-1)
+
+    def picks(p):
+        return float((p.argmax(-1) == shortest).double().mean())
+
+    return {"len_var": within_rank_corr(length, cov.diagonal(dim1=-2, dim2=-1)),
+            "len_score": within_rank_corr(length, -mu), "map_short": picks(mu),
+            "probit_short": picks(probit(mu, cov)), "mc_short": picks(mc),
+            "right_short": float((y == shortest).double().mean())}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", default=str(ROOT / "results" / "paper_table" / "text"))
@@ -93,8 +131,10 @@ def main(argv=None) -> None:
             with safe_open(path, "pt") as f:
                 k = f.metadata()["priors"].split(",").index(args.prior)
                 mu, cov = f.get_tensor("test.mean")[k], f.get_tensor("test.cov")[k]
-            rows.append({"set": name, "seed": seed,
-                         **measure(mu, cov, seed, args.reference_samples, args.margin)})
+            row = measure(mu, cov, seed, args.reference_samples, args.margin)
+            row.update(length_bias(name, seed, results, mu, cov,
+                                   monte_carlo(mu, cov, 1000, seed)))
+            rows.append({"set": name, "seed": seed, **row})
     cols = [("mc_mc", "MC = MC'"), ("mc_ref", "MC = ref"), ("probit_mc", "probit = MC"),
             ("probit_ref", "probit = ref"), ("centred_ref", "centred = ref"),
             ("contrasts_ref", "contrasts = ref"), ("map_ref", "MAP = ref"),
@@ -107,6 +147,12 @@ def main(argv=None) -> None:
         cells = [f"{r[k]:.3f}" if k != "logit_sd" else f"{r[k]:.2f}" for k, _ in cols]
         lines.append(f"| {LABELS[r['set']]} | {r['seed']} | " + " | ".join(cells)
                      + f" | {r['tied']}/{r['n']} | {r['contrasts_ref_clear']:.3f} |")
+    lines += ["", "| set | seed | len~var | len~−score | MAP picks shortest | probit picks "
+              "shortest | MC picks shortest | shortest is right |", "|---" * 8 + "|"]
+    for r in rows:
+        lines.append(f"| {LABELS[r['set']]} | {r['seed']} | " + " | ".join(
+            f"{r[k]:.2f}" for k in ("len_var", "len_score", "map_short", "probit_short",
+                                    "mc_short", "right_short")) + " |")
     table = "\n".join(lines)
     (results / "predictive_agreement.json").write_text(json.dumps(rows, indent=1))
     (results / "predictive_agreement.md").write_text(table + "\n")
