@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import importlib.metadata
 import json
 import os
 import platform
+import subprocess
 import sys
+import time
 
 import torch
 
@@ -96,3 +100,34 @@ def write_results(path: str, rows: list[dict], table: str) -> None:
             fh,
             indent=1,
         )
+
+
+def best_time(fn, repeat: int) -> float:
+    """The fastest of ``repeat`` calls of ``fn`` (seconds), each after a garbage collection."""
+    best = float("inf")
+    for _ in range(repeat):
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the system (glibc), so that a
+    resident-memory peak measured next starts from what is really in use."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: freed memory may stay, the peaks undercount
+        pass
+
+
+def child_peak_mib(script: str, argv: list[str]) -> float | None:
+    """Run ``script`` with ``argv`` in a fresh single-threaded process whose last printed line
+    is a JSON peak in bytes (or ``null``); that peak in MiB."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, os.path.abspath(script), *argv],
+                         capture_output=True, text=True, check=True, env=env)
+    value = json.loads(out.stdout.strip().splitlines()[-1])
+    return None if value is None else value / 2**20

@@ -41,17 +41,19 @@ The table of BENCHMARKS.md::
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
-import os
-import subprocess
 import sys
-import time
 import warnings
 
 import torch
-from _results import peak_meter, write_results  # benchmarks/ is the script's folder
+from _results import (  # benchmarks/ is the script's folder
+    best_time,
+    child_peak_mib,
+    peak_meter,
+    release_memory,
+    write_results,
+)
 from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
@@ -201,31 +203,13 @@ class BackwardCounter:
         self.cls._stream_output_gradients = self.original_stream
 
 
-def timed(fn, repeat):
-    best = float("inf")
-    for _ in range(repeat):
-        gc.collect()
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def trim():
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc: freed memory may stay, the peaks undercount
-        pass
-
-
 def memory_child(args, kind, C, method):
     """Peak resident growth (bytes) of one call of ``method``, in this fresh process."""
     clf = build(args, kind, C)
     loader, pred = data(args, C)
     fns, _ = steps(args, clf, loader, pred, C)
     floor(clf, [pred])  # warm-up of the model's lazy initialisations
-    trim()
+    release_memory()
     start, stop = peak_meter("cpu")
     base = start()
     fns[method]()
@@ -233,14 +217,11 @@ def memory_child(args, kind, C, method):
 
 
 def measure_memory(args, kind, C, method):
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", kind, str(C), method,
-           "--hidden", str(args.hidden), "--layers", str(args.layers), "--vocab", str(args.vocab),
-           "--seq", str(args.seq), "--batch", str(args.batch), "--n-fit", str(args.n_fit),
-           "--samples", str(args.samples), "--top-k", *map(str, args.top_k)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-    value = json.loads(out.stdout.strip().splitlines()[-1])
-    return None if value is None else value / 2**20
+    return child_peak_mib(__file__, [
+        "--memory-child", kind, str(C), method, "--hidden", str(args.hidden), "--layers",
+        str(args.layers), "--vocab", str(args.vocab), "--seq", str(args.seq), "--batch",
+        str(args.batch), "--n-fit", str(args.n_fit), "--samples", str(args.samples),
+        "--top-k", *map(str, args.top_k)])
 
 
 def run(args, kind, C) -> list[dict]:
@@ -251,8 +232,8 @@ def run(args, kind, C) -> list[dict]:
     la.optimize_prior_precision(method="marglik")  # as a user would (the costs do not change)
     floor(clf, [pred])  # warm-up
     base = {"model": kind, "C": C}
-    t_floor = timed(fns["floor"], max(args.repeat, 3))
-    t_floor_pred = timed(fns["floor pred"], max(args.repeat, 3))
+    t_floor = best_time(fns["floor"], max(args.repeat, 3))
+    t_floor_pred = best_time(fns["floor pred"], max(args.repeat, 3))
     mem = {}
     if not args.no_memory:
         for method in ("floor", "floor pred", *methods(fns)[1:]):
@@ -261,7 +242,7 @@ def run(args, kind, C) -> list[dict]:
     for method in methods(fns):
         fn = fns[method]
         with BackwardCounter() as counter:
-            t = t_floor if method == "floor" else timed(fn, args.repeat)
+            t = t_floor if method == "floor" else best_time(fn, args.repeat)
         fit = method.startswith("fit") or method == "floor"
         ref_t = t_floor if fit else t_floor_pred
         row = {**base, "method": method, "seconds": t, "ratio_to_floor": t / ref_t,

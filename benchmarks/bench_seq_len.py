@@ -33,17 +33,19 @@ The table of BENCHMARKS.md::
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
-import os
-import subprocess
 import sys
-import time
 import warnings
 
 import torch
-from _results import peak_meter, write_results  # benchmarks/ is the script's folder
+from _results import (  # benchmarks/ is the script's folder
+    best_time,
+    child_peak_mib,
+    peak_meter,
+    release_memory,
+    write_results,
+)
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader
@@ -128,30 +130,12 @@ def steps(args, clf, vocab, T):
     return fns, batches
 
 
-def timed(fn, repeat):
-    best = float("inf")
-    for _ in range(repeat):
-        gc.collect()
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def trim():
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc: freed memory may stay, the peaks undercount
-        pass
-
-
 def memory_child(args, vocab, T, method):
     """Peak resident growth (bytes) of one call of ``method``, in this fresh process."""
     clf = build(args, vocab, T)
     fns, batches = steps(args, clf, vocab, T)
     floor(clf, batches[:1])  # warm-up of the model's lazy initialisations
-    trim()
+    release_memory()
     start, stop = peak_meter("cpu")
     base = start()
     fns[method]()
@@ -159,24 +143,20 @@ def memory_child(args, vocab, T, method):
 
 
 def measure_memory(args, vocab, T, method):
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", str(vocab), str(T),
-           method, "--hidden", str(args.hidden), "--layers", str(args.layers),
-           "--n-fit", str(args.n_fit)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-    value = json.loads(out.stdout.strip().splitlines()[-1])
-    return None if value is None else value / 2**20
+    return child_peak_mib(__file__, [
+        "--memory-child", str(vocab), str(T), method, "--hidden", str(args.hidden),
+        "--layers", str(args.layers), "--n-fit", str(args.n_fit)])
 
 
 def run(args, vocab, T) -> list[dict]:
     clf = build(args, vocab, T)
     fns, batches = steps(args, clf, vocab, T)
     floor(clf, batches[:1])  # warm-up
-    t_floor = timed(fns["floor"], max(args.repeat, 2))
+    t_floor = best_time(fns["floor"], max(args.repeat, 2))
     rows = []
     mem = {} if args.no_memory else {m: measure_memory(args, vocab, T, m) for m in METHODS}
     for method in METHODS:
-        t = t_floor if method == "floor" else timed(fns[method], args.repeat)
+        t = t_floor if method == "floor" else best_time(fns[method], args.repeat)
         row = {"vocab": vocab, "T": T, "method": method, "seconds": t,
                "ratio_to_floor": t / t_floor, "floor_seconds": t_floor,
                "tv_logits_mib": T * vocab * 4 / 2**20}
