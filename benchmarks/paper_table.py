@@ -394,6 +394,7 @@ class Run:
         else:
             saved = self._laplace_moments()
             torch.save(saved, moments_path)
+            self.export_moments()
         info = {k: v for k, v in saved["info"].items()}
         order = saved["priors_order"]
         for method, (prior, predictive) in LAPLACE_ROWS.items():
@@ -504,7 +505,6 @@ class Run:
         for stage, fn in stages:
             fn()
             log(f"{self.name} seed {self.seed}: {stage} done ({time.time() - t0:.0f} s)")
-            self.export_moments()
 
 
 # ------------------------------------------------------------------ render

@@ -90,12 +90,12 @@ def measure(mu: torch.Tensor, cov: torch.Tensor, seed: int, n_ref: int,
 def length_bias(name: str, seed: int, results: Path, mu, cov, mc) -> dict[str, float]:
     import paper_table as pt  # benchmarks/ is the script's folder
 
-    n_test = json.loads((results / name / f"seed{seed}" / "map.json").read_text())
-    args = argparse.Namespace(n_train=256, n_val=64, n_test=n_test["n_test"], max_chars=450,
+    map_row = json.loads((results / name / f"seed{seed}" / "map.json").read_text())
+    args = argparse.Namespace(n_train=256, n_val=64, n_test=map_row["n_test"], max_chars=450,
                               no_shift=True)
     test = pt.splits(name, seed, args)["test"]
     y = torch.tensor([q["answer"] for q in test])
-    if y.tolist() != n_test["labels"]["test"]:
+    if y.tolist() != map_row["labels"]["test"]:
         raise RuntimeError(f"{name} seed {seed}: the test questions differ from the run's")
     length = torch.tensor([[len(c) for c in q["choices"]] for q in test], dtype=mu.dtype)
 
