@@ -43,6 +43,7 @@ import json
 import math
 from pathlib import Path
 
+import paper_table as pt  # benchmarks/ is the script's folder
 import torch
 from _links import monte_carlo, probit
 from safetensors import safe_open
@@ -88,8 +89,6 @@ def measure(mu: torch.Tensor, cov: torch.Tensor, seed: int, n_ref: int,
 
 
 def length_bias(name: str, seed: int, results: Path, mu, cov, mc) -> dict[str, float]:
-    import paper_table as pt  # benchmarks/ is the script's folder
-
     map_row = json.loads((results / name / f"seed{seed}" / "map.json").read_text())
     args = argparse.Namespace(n_train=256, n_val=64, n_test=map_row["n_test"], max_chars=450,
                               no_shift=True)
