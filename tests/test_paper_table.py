@@ -124,3 +124,39 @@ def test_quick_run_writes_every_row_resumes_and_renders_a_deep_ensemble(tmp_path
     map_probs = np.array(rows["map"]["probs"]["test"])
     assert pt.deep_ensemble(pt.load_rows(out)["openbookqa"])["test"]["nll"] == pytest.approx(
         metrics.nll(torch.tensor(map_probs), torch.tensor(rows["map"]["labels"]["test"])))
+
+
+def test_goal_check_compares_the_default_with_map_ts_and_the_best_ensemble(tmp_path):
+    """goal_table's verdicts from hand-made rows: the means over seeds and the rule (lower
+    ECE and NLL than the MAP, accuracy at most 1 point lower) decide "met"; TS and the best
+    ensemble (lowest NLL; the deep ensemble scored from the seeds' MAP probabilities) are
+    beaten, mixed or lost to by the same pair of numbers."""
+    pt = load_script()
+    labels = [0, 1, 0, 1]
+    probs = {0: [[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.7, 0.3]],  # 3 of 4 right
+             1: [[0.8, 0.2], [0.4, 0.6], [0.3, 0.7], [0.6, 0.4]]}  # 2 of 4 right
+
+    def write(seed, method, acc, ece, nll, p=None):
+        row = {"set": "arc_easy", "seed": seed, "method": method, "n_test": 4,
+               "test": {"accuracy": acc, "ece": ece, "nll": nll, "brier": 0.5, "aurc": 0.3}}
+        if p is not None:
+            row |= {"probs": {"test": p}, "labels": {"test": labels}}
+        path = tmp_path / "arc_easy" / f"seed{seed}" / f"{method}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(row))
+
+    for seed in (0, 1):
+        write(seed, "map", 0.60 + 0.01 * seed, 0.20, 1.70, probs[seed])
+        write(seed, "ts", 0.60 + 0.01 * seed, 0.10 + 0.04 * seed, 1.00)  # mean ECE 0.12
+        write(seed, "mc_dropout", 0.60, 0.19, 1.69)
+        write(seed, "la_map_mc", 0.61, 0.11, 0.95)  # +0.5 pt; TS: ECE 11 vs 12, NLL 0.95 vs 1
+        write(seed, "la_map_probit", 0.58, 0.13, 1.04)  # -2.5 pt: not met
+    table = pt.goal_table(tmp_path)
+    de = pt.deep_ensemble(pt.load_rows(tmp_path)["arc_easy"])["test"]
+    assert de["nll"] < 1.69  # the averaged MAPs are the best ensemble by NLL here
+    best = f"{100 * de['ece']:.1f} / {de['nll']:.3f} (Deep ensemble (seeds))"
+    rows = {line.split(" | ")[2]: line for line in table.splitlines() if "| test |" in line}
+    assert rows["MC"] == ("| ARC-Easy | test | MC | +0.5 | 11.0 vs 20.0 | 0.950 vs 1.700 | met "
+                          f"| 12.0 / 1.000 | beats | {best} | mixed |")
+    assert rows["probit"] == ("| ARC-Easy | test | probit | -2.5 | 13.0 vs 20.0 | 1.040 vs "
+                              f"1.700 | not met | 12.0 / 1.000 | loses | {best} | mixed |")
