@@ -576,6 +576,7 @@ def render(out: Path) -> str:
         shifted = [(m, [by_seed[s][m] for s in seeds if m in by_seed[s]
                         and "shift" in by_seed[s][m]]) for m in METHODS]
         shifted = [(m, g) for m, g in shifted if g]
+        de = deep_ensemble(by_seed)
         if shifted:
             lines.append(f"\n**Shift and OOD**: the {SET_LABELS[name]} fine-tune on "
                          f"{SET_LABELS[SHIFT_SET]} test questions, and the AUROC of telling "
@@ -588,6 +589,11 @@ def render(out: Path) -> str:
                 cells = [fmt([g["shift"][k] for g in got], s, d) for k, _, s, d in COLUMNS]
                 cells.append(fmt([g["ood_auroc"] for g in got]))
                 lines.append(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
+                if method == "ckpt_ensemble" and de is not None and "shift" in de:
+                    cells = [fmt([de["shift"][k]], s, d) for k, _, s, d in COLUMNS]
+                    cells.append(fmt([de["ood_auroc"]]))
+                    lines.append(f"| {METHODS['deep_ensemble']} ({de['members']} members) | "
+                                 + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
