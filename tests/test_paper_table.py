@@ -160,3 +160,20 @@ def test_goal_check_compares_the_default_with_map_ts_and_the_best_ensemble(tmp_p
                           f"| 12.0 / 1.000 | beats | {best} | mixed |")
     assert rows["probit"] == ("| ARC-Easy | test | probit | -2.5 | 13.0 vs 20.0 | 1.040 vs "
                               f"1.700 | not met | 12.0 / 1.000 | loses | {best} | mixed |")
+
+
+def test_readme_table_is_what_the_committed_rows_render():
+    """The README's SmolLM2 table is printed by the script from the committed JSON rows: a
+    row changed without re-rendering (or a README edited by hand) fails here."""
+    pt = load_script()
+    root = SCRIPT.parent.parent
+    out = root / "benchmarks" / "results" / "paper_table" / "text"
+    rendered = ("Answers: each choice's text scored by its summed log-likelihood after the "
+                "question.\n" + pt.render(out) + "\n" + pt.goal_table(out) + "\n"
+                + pt.posterior_table(out))
+    readme = (root / "README.md").read_text()
+    begin, end = "<!-- paper_table text: begin -->\n", "<!-- paper_table text: end -->"
+    block = readme[readme.index(begin) + len(begin):readme.index(end)]
+    assert block.strip() == rendered.strip()
+    committed = (out / "table.md").read_text().split("\n", 1)[1]
+    assert committed.strip() == rendered.strip()
