@@ -573,10 +573,17 @@ def render(out: Path) -> str:
                 continue
             cells = [fmt([g["test"][k] for g in got], s, d) for k, _, s, d in COLUMNS]
             lines.append(f"| {label} | {len(got)} | " + " | ".join(cells) + " |")
-        shifted = [(m, [by_seed[s][m] for s in seeds if m in by_seed[s]
-                        and "shift" in by_seed[s][m]]) for m in METHODS]
-        shifted = [(m, g) for m, g in shifted if g]
         de = deep_ensemble(by_seed)
+        shifted = []  # (label, the rows with a shifted split), in the order of METHODS
+        for method, label in METHODS.items():
+            if method == "deep_ensemble":
+                if de is not None and "shift" in de:
+                    shifted.append((f"{label} ({de['members']} members)", [de]))
+                continue
+            got = [by_seed[s][method] for s in seeds
+                   if method in by_seed[s] and "shift" in by_seed[s][method]]
+            if got:
+                shifted.append((label, got))
         if shifted:
             lines.append(f"\n**Shift and OOD**: the {SET_LABELS[name]} fine-tune on "
                          f"{SET_LABELS[SHIFT_SET]} test questions, and the AUROC of telling "
@@ -585,15 +592,10 @@ def render(out: Path) -> str:
             cols = COLUMNS + [("ood_auroc", "OOD AUROC", 1, 3)]
             lines.append("| method | " + " | ".join(c for _, c, _, _ in cols) + " |")
             lines.append("|---|" + "---|" * len(cols))
-            for method, got in shifted:
+            for label, got in shifted:
                 cells = [fmt([g["shift"][k] for g in got], s, d) for k, _, s, d in COLUMNS]
                 cells.append(fmt([g["ood_auroc"] for g in got]))
-                lines.append(f"| {METHODS[method]} | " + " | ".join(cells) + " |")
-                if method == "ckpt_ensemble" and de is not None and "shift" in de:
-                    cells = [fmt([de["shift"][k]], s, d) for k, _, s, d in COLUMNS]
-                    cells.append(fmt([de["ood_auroc"]]))
-                    lines.append(f"| {METHODS['deep_ensemble']} ({de['members']} members) | "
-                                 + " | ".join(cells) + " |")
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -676,6 +678,16 @@ def posterior_table(out: Path) -> str:
     return "\n".join(lines)
 
 
+def full_table(out: Path, answers: str = "text", reduction: str = "sum") -> str:
+    """What ``table.md`` holds below its command line: the per-set tables, the goal check
+    and the posterior table."""
+    how = {"sum": "summed", "mean": "length-averaged"}[reduction]
+    kind = (f"each choice's text scored by its {how} log-likelihood after the question"
+            if answers == "text" else "the letters A, B, … after the lettered choices")
+    return (f"Answers: {kind}.\n" + render(out) + "\n" + goal_table(out) + "\n"
+            + posterior_table(out))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
@@ -721,11 +733,7 @@ def main(argv=None) -> None:
             for name in args.sets:
                 Run(name, seed, args).run_all()
         log(f"all runs done in {time.time() - t0:.0f} s")
-    how = {"sum": "summed", "mean": "length-averaged"}[args.reduction]
-    kind = (f"each choice's text scored by its {how} log-likelihood after the question"
-            if args.answers == "text" else "the letters A, B, … after the lettered choices")
-    table = (f"Answers: {kind}.\n" + render(out) + "\n" + goal_table(out) + "\n"
-             + posterior_table(out))
+    table = full_table(out, args.answers, args.reduction)
     machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                f"{torch.get_num_threads()} threads")
     (out / "table.md").write_text(

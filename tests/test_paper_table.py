@@ -168,9 +168,7 @@ def test_readme_table_is_what_the_committed_rows_render():
     pt = load_script()
     root = SCRIPT.parent.parent
     out = root / "benchmarks" / "results" / "paper_table" / "text"
-    rendered = ("Answers: each choice's text scored by its summed log-likelihood after the "
-                "question.\n" + pt.render(out) + "\n" + pt.goal_table(out) + "\n"
-                + pt.posterior_table(out))
+    rendered = pt.full_table(out)
     readme = (root / "README.md").read_text()
     begin, end = "<!-- paper_table text: begin -->\n", "<!-- paper_table text: end -->"
     block = readme[readme.index(begin) + len(begin):readme.index(end)]
