@@ -11,6 +11,9 @@ this core never imports.
 
 import warnings
 
+#: The release, read by setuptools for the package metadata (``pyproject.toml``: dynamic version).
+__version__ = "0.1.0"
+
 with warnings.catch_warnings():
     # asdl, imported by laplace-torch, calls the deprecated torch.jit.script at import
     # time; the notice concerns neither this package nor its users.
