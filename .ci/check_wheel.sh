@@ -13,13 +13,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${1:-python}
+# nothing but the new venv and the lent site-packages may provide laplace_llm
+unset PYTHONPATH
 rm -rf dist
 "$PYTHON" -m build --sdist --wheel --outdir dist . >/tmp/laplace_llm_build.log 2>&1 \
     || { tail -40 /tmp/laplace_llm_build.log; exit 1; }
 ls dist/*.tar.gz dist/*.whl
 wheel=$(ls dist/*.whl)
-unzip -l "$wheel" | grep -q "laplace_llm/app/demo_bases/.*\.safetensors" \
-    || { echo "the wheel lacks laplace_llm/app/demo_bases/*.safetensors"; exit 1; }
+"$PYTHON" - "$wheel" <<'PY'
+import sys
+import zipfile
+
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+assert "laplace_llm/__init__.py" in names, "the wheel lacks the package"
+bases = [n for n in names if n.startswith("laplace_llm/app/demo_bases/") and n.endswith(".safetensors")]
+assert bases, "the wheel lacks laplace_llm/app/demo_bases/*.safetensors"
+PY
 
 env_dir=$(mktemp -d /tmp/wheelenv.XXXXXX)
 work=$(mktemp -d /tmp/wheelcheck.XXXXXX)
