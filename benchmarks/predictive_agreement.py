@@ -1,6 +1,6 @@
 """Why the probit and Monte-Carlo predictives pick different answers with text answers.
 
-Reads the GLM moments that ``benchmarks/paper_table.py`` writes beside its rows
+Reads the GLM moments that ``benchmarks/paper_table_underfit.py`` writes beside its rows
 (``glm_moments.safetensors``, test split, the prior of laplace-torch's evidence) and, per
 set and seed, measures how often each predictive's predicted class equals that of a
 reference: the Monte-Carlo predictive with ``--reference-samples`` (100,000) logit samples.
@@ -24,7 +24,7 @@ Columns (fractions of the test questions):
   ``contrasts = ref, rest``: the contrasts' probit agreement on the other questions.
 
 And a second table on answer length (characters of each choice; the test questions are
-read again from the data the way ``paper_table.py`` draws them, and checked against the
+read again from the data the way ``paper_table_underfit.py`` draws them, and checked against the
 labels its MAP row stored): ``len~var``, the rank correlation, within a question, of a
 choice's length with its score variance (mean over questions); ``len~−score``, the same
 with minus its mean score; and how often the MAP, the probit and the MC predictive pick
@@ -32,7 +32,7 @@ the shortest choice, against how often the shortest choice is right. A summed
 log-likelihood prefers short answers; dividing each score by its own sd, the probit
 undoes part of that, which MC, like the exact predictive, does not.
 
-Run: ``python benchmarks/predictive_agreement.py`` (after ``paper_table.py``); writes
+Run: ``python benchmarks/predictive_agreement.py`` (after ``paper_table_underfit.py``); writes
 ``predictive_agreement.json`` and ``.md`` beside the paper table's results.
 """
 
@@ -43,7 +43,7 @@ import json
 import math
 from pathlib import Path
 
-import paper_table as pt  # benchmarks/ is the script's folder
+import paper_table_underfit as pt  # benchmarks/ is the script's folder
 import torch
 from _links import monte_carlo, probit
 from safetensors import safe_open

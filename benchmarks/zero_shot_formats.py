@@ -1,6 +1,6 @@
 """Zero-shot accuracy of SmolLM2-135M-Instruct: lettered answers against text answers.
 
-On the first 100 test questions (the same shuffle as ``paper_table.py``) of each set,
+On the first 100 test questions (the same shuffle as ``paper_table_underfit.py``) of each set,
 without fine-tuning: the letters' next-token logits after the lettered prompt
 (``LLMClassifier.from_choices``) against each choice's summed log-likelihood after
 ``"{question}\\nAnswer:"`` (``CandidateScorer``). Printed, this machine: ARC-Easy letters
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import paper_table as pt  # noqa: E402  (benchmarks/ is the script's folder)
+import paper_table_underfit as pt  # noqa: E402  (benchmarks/ is the script's folder)
 
 import laplace_llm  # noqa: E402
 from laplace_llm.data import make_candidate_loader, make_loader  # noqa: E402

@@ -1,10 +1,9 @@
-"""benchmarks/paper_table.py on the real SmolLM2 (installed by .ci/run): the quick run writes
-every (set, seed, method) row, the rows agree with their own probabilities, a second run
-resumes without redoing anything, and the deep ensemble is rendered from the seeds' MAPs."""
+"""benchmarks/paper_table.py: its statistics (paired bootstrap, the ECE of a calibrated
+predictor), its data rules (leak removal, your own set), TFB's draw, and (slow) the quick run
+on the real SmolLM2, from a data folder the repository does not have."""
 
 import importlib.util
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -29,149 +28,159 @@ def load_script(name: str = "paper_table.py"):
     return module
 
 
-def test_centred_moments_are_the_moments_of_the_centred_logits():
+def _probs(n, c, seed, sharp=2.0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.softmax(sharp * torch.randn(n, c, generator=gen, dtype=torch.float64), -1)
+
+
+def _row(probs, labels):
+    return {"probs": {"test": probs.tolist()}, "labels": {"test": labels.tolist()}}
+
+
+def test_resampled_metrics_equal_the_library_metrics_on_the_full_set():
+    """The bootstrap's vectorised accuracy, ECE (15 bins) and NLL, on the identity resample,
+    are the library's metrics."""
     pt = load_script()
+    probs = _probs(300, 4, 0)
+    labels = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(1))[:, 0]
+    got = pt.resampled(probs.numpy(), labels.numpy(), np.arange(300)[None])
+    assert got["accuracy"][0] == pytest.approx(metrics.accuracy(probs, labels), abs=1e-12)
+    assert got["ece"][0] == pytest.approx(metrics.ece(probs, labels), abs=1e-12)
+    assert got["nll"][0] == pytest.approx(metrics.nll(probs, labels), abs=1e-9)
+
+
+def test_paired_interval_is_zero_for_a_row_against_itself_and_excludes_zero_for_a_clear_gain():
+    """Against itself every resample's difference is 0. A predictor that is right on every
+    question against one right on a third of them: Δaccuracy's interval lies near +2/3 and
+    excludes 0; two seeds pool into the mean of their differences."""
+    pt = load_script()
+    n = 300
+    labels = np.arange(n) % 3
+    good = np.full((n, 3), 0.05)
+    good[np.arange(n), labels] = 0.9
+    bad = np.full((n, 3), 0.05)
+    bad[np.arange(n), 0] = 0.9  # right on the third whose label is 0
+    same = pt.paired_interval([_row(good, labels)], [_row(good, labels)], reps=200)
+    assert all(v == (0.0, 0.0, 0.0) for v in same.values())
+    d = pt.paired_interval([_row(good, labels)], [_row(bad, labels)], reps=500)
+    point, lo, hi = d["accuracy"]
+    assert point == pytest.approx(2 / 3)
+    assert 0.55 < lo < point < hi < 0.78
+    assert pt.verdict(d["nll"]) == "win" and pt.verdict(tuple(-v for v in d["nll"])) == "loss"
+    pooled = pt.paired_interval([_row(good, labels), _row(good, labels)],
+                                [_row(bad, labels), _row(good, labels)], reps=200)
+    assert pooled["accuracy"][0] == pytest.approx(1 / 3)
+
+
+def test_calibrated_ece_is_the_noise_floor_of_a_calibrated_predictor():
+    """Labels drawn from the probabilities themselves: the mean ECE shrinks like 1/√n
+    (ratio ≈ 2 from n = 250 to 1,000 within sampling error) and a confident predictor that
+    is always right has none."""
+    pt = load_script()
+    small = pt.calibrated_ece(_probs(250, 4, 2).numpy(), draws=300)
+    large = pt.calibrated_ece(_probs(1000, 4, 2).numpy(), draws=300)
+    assert 1.6 < small / large < 2.5
+    assert 0.02 < large < 0.06
+    sure = np.zeros((50, 3))
+    sure[:, 1] = 1.0
+    assert pt.calibrated_ece(sure) == 0.0
+
+
+def _write_set(folder: Path, n_train=40, n_test=30, n_choices=3):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        with open(folder / f"{split}.jsonl", "w") as fh:
+            for i in range(n):
+                a, b = int(rng.integers(1, 9)), int(rng.integers(1, 9))
+                choices = [str(a + b + k) for k in range(n_choices)]
+                order = rng.permutation(n_choices)
+                q = f"passage {split} {i}\nQuestion: what is {a} plus {b}?"
+                fh.write(json.dumps({"question": q, "choices": [choices[j] for j in order],
+                                     "label": int(np.argmin(order))}) + "\n")
+    return folder
+
+
+def test_own_set_splits_remove_test_rows_whose_context_is_in_train(tmp_path):
+    """``--data-dir``: validation comes from train; a test row whose passage occurs in the
+    train split (BoolQ's leak) is removed; the test questions are the same for every seed."""
+    pt = load_script()
+    folder = _write_set(tmp_path / "myset")
+    lines = (folder / "test.jsonl").read_text().splitlines()
+    leak = json.loads(lines[0])
+    leak["question"] = "passage train 3\nQuestion: a paraphrase?"
+    (folder / "test.jsonl").write_text("\n".join([json.dumps(leak)] + lines[1:]) + "\n")
+
+    class Args:
+        data_dir, n_choices, max_chars = str(folder), 3, 450
+        n_train, n_val, n_test = 20, 10, 100
+
+    a, b = pt.splits("myset", 0, Args), pt.splits("myset", 1, Args)
+    assert len(a["train"]) == 20 and len(a["val"]) == 10 and len(a["test"]) == 29
+    assert all("passage train 3" not in r["question"] for r in a["test"])
+    assert a["test"] == b["test"] and a["train"] != b["train"]
+    assert not {r["question"] for r in a["train"]} & {r["question"] for r in a["val"]}
+    Args.n_train = 35
+    with pytest.raises(ValueError, match="fewer than --n-train"):
+        pt.splits("myset", 0, Args)
+
+
+def test_tfb_moves_each_weight_update_inside_its_column_space_by_sigma():
+    """TFB's draw on a LoRA layer: ``B (A' − A) = σ U ξ`` lies in B's column space, with
+    per-entry variance σ² there (mean of (Uᵀ B (A' − A))² over entries ≈ σ² to sampling
+    error: 2,048 entries, relative sd ≈ 3 %); σ = 0 and ``restore`` give the MAP back."""
+    from peft import LoraConfig, get_peft_model
+
+    pt = load_script()
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(256, 64))
+    model = get_peft_model(base, LoraConfig(r=8, target_modules=["0"], lora_alpha=8))
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    A0 = layer.lora_A["default"].weight.detach().clone()
+    B = layer.lora_B["default"].weight.detach().double()
+    tfb = pt.Bayesianizer(model, seed=0)
+    assert len(tfb.pairs) == 1
     gen = torch.Generator().manual_seed(0)
-    mu = torch.randn(3, 4, generator=gen, dtype=torch.float64)
-    a = torch.randn(3, 4, 4, generator=gen, dtype=torch.float64)
-    cov = a @ a.transpose(-1, -2)
-    samples = mu + torch.einsum("bij,sbj->sbi", torch.linalg.cholesky(cov),
-                                torch.randn(200_000, 3, 4, generator=gen, dtype=torch.float64))
-    centred = samples - pt.CENTER * samples.mean(-1, keepdim=True)
-    m, c = pt.centred(mu, cov)
-    torch.testing.assert_close(m, mu - pt.CENTER * mu.mean(-1, keepdim=True))
-    emp = torch.einsum("sbi,sbj->bij", centred - m, centred - m) / len(samples)
-    torch.testing.assert_close(c, emp, rtol=0, atol=0.05 * float(cov.abs().max()))
-    # softmax ignores the offset: MC of centred and raw moments agree
-    torch.testing.assert_close(pt.monte_carlo(m, c + 1e-9 * torch.eye(4), 20_000, 0),
-                               pt.monte_carlo(mu, cov, 20_000, 0), rtol=0, atol=0.02)
+    tfb.draw(0.3, gen)
+    moved = B @ (layer.lora_A["default"].weight.detach().double() - A0.double())
+    U = torch.linalg.svd(B, full_matrices=False)[0]
+    torch.testing.assert_close(moved - U @ (U.T @ moved), torch.zeros_like(moved),
+                               rtol=0, atol=1e-4)
+    assert float((U.T @ moved).square().mean()) == pytest.approx(0.09, rel=0.12)
+    tfb.restore()
+    assert torch.equal(layer.lora_A["default"].weight, A0)
+    tfb.draw(0.0, gen)
+    assert torch.equal(layer.lora_A["default"].weight, A0)
 
 
-def test_contrasts_make_the_probit_blind_to_a_common_offset():
-    """predictive_agreement's full centring: adding a random common offset to every logit
-    (mean shift and its variance along 1) changes laplace-torch's probit, but neither the
-    contrasts' probit nor the exact (MC) predictive, which it leaves unchanged."""
-    agreement = load_script("predictive_agreement.py")
-    gen = torch.Generator().manual_seed(1)
-    mu = torch.randn(64, 4, generator=gen, dtype=torch.float64)
-    a = torch.randn(64, 4, 4, generator=gen, dtype=torch.float64)
-    cov = a @ a.transpose(-1, -2) + 0.1 * torch.eye(4, dtype=torch.float64)
-    ones = torch.ones(4, dtype=torch.float64)
-    mu_s = mu - 20.0  # a large common offset with a large variance, as summed scores have
-    cov_s = cov + 50.0 * torch.outer(ones, ones)
-    assert not torch.allclose(agreement.probit(mu, cov), agreement.probit(mu_s, cov_s), atol=0.05)
-    torch.testing.assert_close(agreement.probit(*agreement.centre(mu, cov, 1.0)),
-                               agreement.probit(*agreement.centre(mu_s, cov_s, 1.0)))
-    # the exact predictive ignores the offset (same normal draws, both factorisations
-    # exact): Monte Carlo of the raw and the shifted moments agree to sampling error
-    torch.testing.assert_close(agreement.monte_carlo(mu, cov, 40_000, 0),
-                               agreement.monte_carlo(mu_s, cov_s, 40_000, 0), rtol=0, atol=0.02)
-
-
-@pytest.mark.slow  # SmolLM2 on 16/8/16 questions, every method: ~3-5 min on 2 cores
-def test_quick_run_writes_every_row_resumes_and_renders_a_deep_ensemble(tmp_path):
+@pytest.mark.slow  # SmolLM2 on 16/8/16 questions of a set made here: ~5-8 min on 2 cores
+def test_quick_run_on_your_own_set_writes_every_row_resumes_and_renders(tmp_path):
+    """``--data-dir DIR --n-choices 3 --quick`` on a set that is not in the repository:
+    every row is written, its stored metrics are those of its stored probabilities, the
+    Laplace rows of one prior share their moments, a rerun changes nothing, and the table
+    carries the intervals and the goal check."""
     pt = load_script()
+    folder = _write_set(tmp_path / "sums", n_train=40, n_test=30)
     out, work = tmp_path / "out", tmp_path / "work"
-    pt.main(["--quick", "--out", str(out), "--work", str(work)])
-    rows = pt.load_rows(out)["openbookqa"][0]
+    argv = ["--data-dir", str(folder), "--n-choices", "3", "--quick", "--quiet",
+            "--out", str(out), "--work", str(work)]
+    pt.main(argv)
+    rows = pt.load_rows(out)["sums"][0]
     assert set(rows) == set(pt.METHODS) - {"deep_ensemble"}
     for row in rows.values():
-        probs = torch.tensor(row["probs"]["test"], dtype=torch.float64)  # as written
+        probs = torch.tensor(row["probs"]["test"], dtype=torch.float64)
         labels = torch.tensor(row["labels"]["test"])
         assert len(labels) == 16
-        # the stored metrics are those of the stored probabilities
         assert row["test"]["accuracy"] == pytest.approx(metrics.accuracy(probs, labels))
-        assert row["test"]["nll"] == pytest.approx(metrics.nll(probs, labels), rel=1e-5)
-        assert "shift" in row and 0.0 <= row["ood_auroc"] <= 1.0
-        torch.testing.assert_close(probs.sum(-1), torch.ones(16, dtype=probs.dtype),
-                                   rtol=0, atol=1e-5)
-    # one curvature, three priors: laplace-torch's evidence row uses its own prior
-    assert rows["la_map_probit"]["prior"] == rows["la_map_mc"]["prior"]
-    assert 0.0 <= rows["la_map_mc"]["mc_agrees_with_probit"] <= 1.0
-
-    # the exported GLM moments are the ones the rows were computed from
-    from safetensors import safe_open
-
-    with safe_open(out / "openbookqa" / "seed0" / "glm_moments.safetensors", "pt") as f:
-        k = f.metadata()["priors"].split(",").index("map")
-        for split in ("test", "shift", "ood"):
-            mu, cov = f.get_tensor(f"{split}.mean")[k], f.get_tensor(f"{split}.cov")[k]
-            torch.testing.assert_close(
-                pt.probit(mu, cov),
-                torch.tensor(rows["la_map_probit"]["probs"][split], dtype=torch.float64),
-                rtol=0, atol=1e-12)
-    agreement = load_script("predictive_agreement.py")
-    agreement.main(["--results", str(out), "--reference-samples", "20000"])
-    measured = json.loads((out / "predictive_agreement.json").read_text())
-    assert [(r["set"], r["seed"]) for r in measured] == [("openbookqa", 0)]
-    # same moments, same 1,000-sample draw as the row: the same agreement
-    assert measured[0]["probit_mc"] == rows["la_map_mc"]["mc_agrees_with_probit"]
-
+        assert row["test"]["nll"] == pytest.approx(metrics.nll(probs, labels), rel=1e-9)
+    assert rows["la_lt_probit"]["mean_prior"] == rows["la_lt_mc"]["mean_prior"]
+    recipe = json.loads((out / "sums" / "seed0" / "recipe.json").read_text())
+    assert recipe["reduction"] in ("sum", "mean") and recipe["n_choices"] == 3
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
-    pt.main(["--quick", "--out", str(out), "--work", str(work)])
+    pt.main(argv)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.json")} == stamps
-
-    # a second seed with the same MAP: the deep ensemble equals that MAP
-    shutil.copytree(out / "openbookqa" / "seed0", out / "openbookqa" / "seed1")
-    for path in (out / "openbookqa" / "seed1").glob("*.json"):
-        row = json.loads(path.read_text())
-        row["seed"] = 1
-        path.write_text(json.dumps(row))
-    table = pt.render(out)
-    line = next(x for x in table.splitlines() if x.startswith("| Deep ensemble"))
-    acc = 100 * rows["map"]["test"]["accuracy"]
-    assert f"| 2 members | {acc:.1f} |" in line
-    map_probs = np.array(rows["map"]["probs"]["test"])
-    assert pt.deep_ensemble(pt.load_rows(out)["openbookqa"])["test"]["nll"] == pytest.approx(
-        metrics.nll(torch.tensor(map_probs), torch.tensor(rows["map"]["labels"]["test"])))
-
-
-def test_goal_check_compares_the_default_with_map_ts_and_the_best_ensemble(tmp_path):
-    """goal_table's verdicts from hand-made rows: the means over seeds and the rule (lower
-    ECE and NLL than the MAP, accuracy at most 1 point lower) decide "met"; TS and the best
-    ensemble (lowest NLL; the deep ensemble scored from the seeds' MAP probabilities) are
-    beaten, mixed or lost to by the same pair of numbers."""
-    pt = load_script()
-    labels = [0, 1, 0, 1]
-    probs = {0: [[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.7, 0.3]],  # 3 of 4 right
-             1: [[0.8, 0.2], [0.4, 0.6], [0.3, 0.7], [0.6, 0.4]]}  # 2 of 4 right
-
-    def write(seed, method, acc, ece, nll, p=None):
-        row = {"set": "arc_easy", "seed": seed, "method": method, "n_test": 4,
-               "test": {"accuracy": acc, "ece": ece, "nll": nll, "brier": 0.5, "aurc": 0.3}}
-        if p is not None:
-            row |= {"probs": {"test": p}, "labels": {"test": labels}}
-        path = tmp_path / "arc_easy" / f"seed{seed}" / f"{method}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(row))
-
-    for seed in (0, 1):
-        write(seed, "map", 0.60 + 0.01 * seed, 0.20, 1.70, probs[seed])
-        write(seed, "ts", 0.60 + 0.01 * seed, 0.10 + 0.04 * seed, 1.00)  # mean ECE 0.12
-        write(seed, "mc_dropout", 0.60, 0.19, 1.69)
-        write(seed, "la_map_mc", 0.61, 0.11, 0.95)  # +0.5 pt; TS: ECE 11 vs 12, NLL 0.95 vs 1
-        write(seed, "la_map_probit", 0.58, 0.13, 1.04)  # -2.5 pt: not met
-    table = pt.goal_table(tmp_path)
-    de = pt.deep_ensemble(pt.load_rows(tmp_path)["arc_easy"])["test"]
-    assert de["nll"] < 1.69  # the averaged MAPs are the best ensemble by NLL here
-    best = f"{100 * de['ece']:.1f} / {de['nll']:.3f} (Deep ensemble (seeds))"
-    rows = {line.split(" | ")[2]: line for line in table.splitlines() if "| test |" in line}
-    assert rows["MC"] == ("| ARC-Easy | test | MC | +0.5 | 11.0 vs 20.0 | 0.950 vs 1.700 | met "
-                          f"| 12.0 / 1.000 | beats | {best} | mixed |")
-    assert rows["probit"] == ("| ARC-Easy | test | probit | -2.5 | 13.0 vs 20.0 | 1.040 vs "
-                              f"1.700 | not met | 12.0 / 1.000 | loses | {best} | mixed |")
-
-
-def test_readme_table_is_what_the_committed_rows_render():
-    """The README's SmolLM2 table is printed by the script from the committed JSON rows: a
-    row changed without re-rendering (or a README edited by hand) fails here."""
-    pt = load_script()
-    root = SCRIPT.parent.parent
-    out = root / "benchmarks" / "results" / "paper_table" / "text"
-    rendered = pt.full_table(out)
-    readme = (root / "README.md").read_text()
-    begin, end = "<!-- paper_table text: begin -->\n", "<!-- paper_table text: end -->"
-    block = readme[readme.index(begin) + len(begin):readme.index(end)]
-    assert block.strip() == rendered.strip()
-    committed = (out / "table.md").read_text().split("\n", 1)[1]
-    assert committed.strip() == rendered.strip()
+    table = (out / "table.md").read_text()
+    assert "**Goal check**" in table and "**Prior study**" in table
+    assert "| TFB (training-free Bayesianization) | 1 |" in table
