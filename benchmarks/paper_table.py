@@ -608,6 +608,48 @@ class Run:
         log(f"{self.name} seed {self.seed}: validation study: " + ", ".join(
             f"{k} NLL {v['nll']:.3f}" for k, v in study.items() if isinstance(v, dict)))
 
+    def ggn_study(self) -> None:
+        """The prior study's curvature cause: the same MAP fitted with the exact GGN
+        (``fisher_type="ggn"``, C backward passes a batch) instead of the MC Fisher; its
+        evidence priors and their validation metrics (``prior_study_ggn.json``)."""
+        path = self.out / "prior_study_ggn.json"
+        if path.exists():
+            return
+        self.train()
+        post = self.work / "posterior_kron_ggn.safetensors"
+        t0 = time.time()
+        if post.exists():
+            la = laplace_llm.LoRALaplace.load(post, self.clf)
+        else:
+            la = Laplace(self.clf, "classification", subset_of_weights="lora",
+                         hessian_structure="kron", seed=self.seed, evidence="map",
+                         fisher_type="ggn")
+            la.fit(self.loader("train"), progress_bar=not self.args.quiet)
+            la.save(post)
+        fit_seconds = time.time() - t0
+        init = self._init_vector(la)
+        priors = {}
+        for name in ("lt", "lt_block", "lt_block_init"):
+            evidence, structure, centre = PRIOR_CANDIDATES[name]
+            la.prior_mean = init.clone() if centre == "init" else torch.zeros_like(init)
+            la.prior_precision = 1.0
+            la.optimize_prior_precision(method="marglik", prior_structure=structure)
+            priors[name] = la.prior_precision.detach().clone()
+        rows = self.data["val"][: self.args.n_prior_val]
+        y = self.labels["val"][: len(rows)]
+        per_batch = [la.glm_moments_over_priors(b, list(priors.values()))
+                     for b in self.loader("val", rows=rows)]
+        study = {"n": len(rows), "fit_seconds": fit_seconds}
+        for i, k in enumerate(priors):
+            mu = torch.cat([b[i][0] for b in per_batch]).double()
+            cov = torch.cat([b[i][1] for b in per_batch]).double()
+            study[k] = scores(monte_carlo(mu, cov, MC_SAMPLES, self.seed), y)
+            study[k]["mean_prior"] = float(priors[k].mean())
+        path.write_text(json.dumps(study, indent=1))
+        log(f"{self.name} seed {self.seed}: GGN study: " + ", ".join(
+            f"{k} prior {v['mean_prior']:.3g} NLL {v['nll']:.3f}" for k, v in study.items()
+            if isinstance(v, dict)))
+
     def laplace_rows(self) -> None:
         wanted = [m for m in METHODS if m.startswith("la_")]
         if all(self.done(m) for m in wanted):
@@ -628,6 +670,9 @@ class Run:
 
     def run(self, stage: str) -> None:
         t0 = time.time()
+        if stage == "ggn":
+            self.ggn_study()
+            return
         self.recipe()
         self.map_rows()
         log(f"{self.name} seed {self.seed}: MAP rows done ({time.time() - t0:.0f} s)")
@@ -717,21 +762,17 @@ def render(out: Path, sets: list[str]) -> str:
         lines.append("|---" * 10 + "|")
         de = deep_ensemble(out, name, seeds)
         for method, label in METHODS.items():
-            if method == "deep_ensemble":
+            if method == "deep_ensemble":  # one row, paired with every seed's MAP and TS
                 if de is None:
                     continue
-                got = [de] * 1
+                mine = [de] * len(seeds)
             else:
-                got = [by_seed[s][method] for s in seeds if method in by_seed[s]]
-            if not got:
+                mine = [by_seed[s][method] for s in seeds if method in by_seed[s]]
+            if not mine:
                 continue
-            use = seeds if method != "deep_ensemble" else [seeds[0]]
-            mine = got
-            base = [by_seed[s]["map"] for s in use]
-            ts = [by_seed[s]["ts_val"] for s in use if "ts_val" in by_seed[s]]
-            if method == "deep_ensemble":
-                base = base[:1]
-            if len(mine) != len(base):
+            base = [by_seed[s]["map"] for s in seeds if "map" in by_seed[s]]
+            ts = [by_seed[s]["ts_val"] for s in seeds if "ts_val" in by_seed[s]]
+            if len(mine) != len(base):  # a method still running on some seed
                 continue
             t = {k: np.mean([g["test"][k] for g in mine])
                  for k in ("accuracy", "ece", "nll", "brier", "calibrated_ece")}
@@ -805,6 +846,12 @@ def study_table(out: Path, sets: list[str]) -> str:
                         f"{v['nll']:.3f}")
             lines.append(f"| {set_label(name)} | {seed} | {st['n']} | {cell(st['map'], False)} | "
                          + " | ".join(cell(st[c]) if c in st else "—" for c in cands) + " |")
+            ggn = path.parent / "prior_study_ggn.json"
+            if ggn.exists():
+                g = json.loads(ggn.read_text())
+                lines.append(f"| {set_label(name)}, exact GGN | {seed} | {g['n']} | — | "
+                             + " | ".join(cell(g[c]) if c in g else "—" for c in cands)
+                             + " |")
     return "\n".join(lines)
 
 
@@ -826,7 +873,8 @@ def main(argv=None) -> None:
                    help="validation questions of the prior study (GLM moments)")
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--reduction", choices=["auto", "sum", "mean"], default="auto")
-    p.add_argument("--stage", choices=["val", "all"], default="all")
+    p.add_argument("--stage", choices=["val", "all", "ggn"], default="all",
+                   help="val: stop after the prior study; ggn: only the exact-GGN prior study")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="default benchmarks/results/paper_table/fitted")
     p.add_argument("--work", default=None, help="default benchmarks/out/paper_table/fitted")
