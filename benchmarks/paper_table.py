@@ -91,6 +91,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 from _links import monte_carlo, probit  # noqa: E402  (benchmarks/ is the script's folder)
+from _priors import PRIOR_CANDIDATES, candidate_prior, init_vector  # noqa: E402
 from laplace import Laplace  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
@@ -117,17 +118,6 @@ PRIMARY = "mc"  # the pre-registered predictive (see the module docstring)
 MC_SAMPLES = 1000
 TFB_SETTINGS = {"anchor": 128, "anchor_samples": 4, "samples": 10, "tolerance": 0.01, "steps": 10}
 
-# priors of the study (name: (evidence, structure, centre)); centre "init" = the LoRA
-# weights before fine-tuning, "zero" = laplace-torch's prior mean
-PRIOR_CANDIDATES = {
-    "lt": ("map", "scalar", "zero"),
-    "lin": ("linearised", "scalar", "zero"),
-    "lt_init": ("map", "scalar", "init"),
-    "lt_block": ("map", "layerwise", "zero"),
-    "lt_block_init": ("map", "layerwise", "init"),
-    "lin_block": ("linearised", "layerwise", "zero"),
-    "lin_block_init": ("linearised", "layerwise", "init"),
-}
 METHODS = {
     "map": "MAP",
     "ts_val": "Temperature scaling, 500 validation questions †",
@@ -529,8 +519,7 @@ class Run:
     def _init_vector(self, la) -> torch.Tensor:
         """The LoRA weights before fine-tuning, in the Laplace object's parameter order."""
         self.clf  # noqa: B018  (built with the model)
-        names = {id(p): n for n, p in self.clf.named_parameters()}
-        return torch.cat([self._init[names[id(p)]].reshape(-1) for p in la.params])
+        return init_vector(la, self.clf, self._init)
 
     def priors(self) -> dict:
         """The prior precision of every candidate (and of the validation gridsearch), kept in
@@ -551,19 +540,7 @@ class Run:
                 saved["val"] = {"prior": la.prior_precision.tolist(),
                                 "seconds": time.time() - t0}
             else:
-                evidence, structure, centre = PRIOR_CANDIDATES[name]
-                cand = Laplace(self.clf, "classification", subset_of_weights="lora",
-                               hessian_structure="kron",
-                               options=la.options.replace(evidence=evidence))
-                cand.load_state_dict(la.state_dict())
-                cand.prior_mean = init.clone() if centre == "init" else torch.zeros_like(init)
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    cand.optimize_prior_precision(method="marglik", prior_structure=structure)
-                saved[name] = {"prior": cand.prior_precision.tolist(),
-                               "evidence": float(cand.log_marginal_likelihood()),
-                               "seconds": time.time() - t0,
-                               "warnings": sorted({str(w.message)[:200] for w in caught})}
+                saved[name] = candidate_prior(la, self.clf, name, init)
             prior = torch.tensor(saved[name]["prior"])
             log(f"{self.name} seed {self.seed}: prior {name}: "
                 f"{float(prior.mean()):.4g} (mean of {prior.numel()})")
