@@ -192,6 +192,7 @@ class LoRALaplace(LoRALaplaceBase, KronLaplace):
         self.H_facs = LowRankKron.from_state(
             state_dict["H"], devices=[b.module.weight.device for b in self.blocks],
             sketch_size=self.options.sketch_columns, sketch_seed=self.options.sketch_seed,
+            names=[b.name for b in self.blocks],
         )
 
     def _partial_state(self, H: LowRankKron) -> list:
@@ -212,6 +213,7 @@ class LoRALaplace(LoRALaplaceBase, KronLaplace):
         kron = LowRankKron.from_state(
             state, devices=[b.module.weight.device for b in self.blocks],
             sketch_size=self.options.sketch_columns, sketch_seed=self.options.sketch_seed,
+            names=[b.name for b in self.blocks],
         )
         for row, F in zip(chunks, kron.kfacs):
             for chunk, f in zip(row, F):
