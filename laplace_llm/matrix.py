@@ -548,6 +548,31 @@ class LowRankFactor:
         keep = norms > 0
         return lam[keep], root[:, keep] / norms[keep]
 
+    def add_isotropic_(self, basis: torch.Tensor, rho: torch.Tensor | float) -> LowRankFactor:
+        """Add ``ρ (I − B Bᵀ)`` to the factor on the span of its kept columns, in place.
+
+        ``B`` (``(d, k')``, orthonormal columns) and ``ρ`` are a factor's kept basis and
+        isotropic remainder (:meth:`remainder`), the part of it that its root does not
+        hold. The root's column space is kept and the Rayleigh–Ritz eigenpairs of
+        ``R Rᵀ + ρ (I − B Bᵀ)`` on it replace the root: with ``R = U diag(√λ)``, the
+        eigenpairs of ``diag(λ) + ρ (I − (UᵀB)(UᵀB)ᵀ)`` (``k × k``), rotated back by ``U``.
+        By Cauchy's interlacing theorem each kept eigenvalue lies between that of
+        ``R Rᵀ`` and that of the full sum, both ``≤ ρ`` apart; a direction orthogonal to
+        ``B`` takes exactly ``λ + ρ``. The exact trace is unchanged (it already holds the
+        remainder), so :meth:`remainder` of the result keeps the total trace.
+        """
+        rho = float(rho)
+        if rho <= 0 or self.root.shape[1] == 0:
+            return self
+        lam, U = self.eigh()
+        C = (U.T @ basis.to(U)).double()
+        M = torch.diag(lam.double()) + rho * (torch.eye(lam.numel(), dtype=torch.float64,
+                                                        device=U.device) - C @ C.T)
+        mu, W = _robust_eigh(0.5 * (M + M.T))
+        mu, W = mu.flip(0).clamp(min=0.0), W.flip(1)
+        self.root = (U @ W.to(U.dtype)) * mu.sqrt().to(U.dtype)
+        return self
+
     def remainder(self, kept: torch.Tensor | None = None) -> torch.Tensor:
         """Mean eigenvalue of the part of the exact factor that the root discarded.
 
