@@ -168,9 +168,6 @@ def append_many(items: list[tuple[LowRankFactor, torch.Tensor]]) -> None:
         active = still
 
 
-_OMEGAS: dict[tuple, torch.Tensor] = {}
-
-
 def factor_sketch_seed(seed: int, name: str) -> int:
     """Seed of the test matrix ``Ω`` of one factor, from the fit's ``seed`` and its ``name``.
 
@@ -197,18 +194,16 @@ def sketch_matrix(side: int, columns: int, seed: int, device=None,
     Drawn on the CPU in float64 from ``seed`` (and the shape), then cast and moved, so
     every process and device of a fit has the same ``Ω``: sketches of data shards add up
     to the sketch of the whole data. A fit gives each factor its own ``seed``
-    (:func:`factor_sketch_seed`); fits written before that used the fit's seed for all. Kept (one per shape, seed, device and dtype) for
-    the process' life: at the 7B shape one ``4096 × 48`` float32 matrix is 768 KiB.
+    (:func:`factor_sketch_seed`); fits written before that used the fit's seed for all.
+    Not cached here: a factor keeps its own ``Ω`` while it takes data
+    (:meth:`LowRankFactor.omega`) and lets it go once decomposed, so a process that fits
+    many models does not accumulate one ``d × s`` matrix per factor it ever saw (at the
+    LLaMA-7B shape with q, v: 128 factors of ``4096 × 96`` float32, 192 MiB).
     """
-    key = (int(side), int(columns), int(seed), torch.device(device or "cpu"), dtype)
-    omega = _OMEGAS.get(key)
-    if omega is None:
-        mixed = (int(seed) * 1_000_003 + int(side) * 7919 + int(columns)) % 2**63
-        gen = torch.Generator().manual_seed(mixed)
-        omega = torch.randn(side, columns, generator=gen, dtype=torch.float64)
-        omega = omega.to(device=key[3], dtype=dtype)
-        _OMEGAS[key] = omega
-    return omega
+    mixed = (int(seed) * 1_000_003 + int(side) * 7919 + int(columns)) % 2**63
+    gen = torch.Generator().manual_seed(mixed)
+    omega = torch.randn(side, columns, generator=gen, dtype=torch.float64)
+    return omega.to(device=torch.device(device or "cpu"), dtype=dtype)
 
 
 #: eigenvalues of a sketch's core ``Ωᵀ Y`` up to this multiple of the Frobenius norm of
@@ -276,6 +271,7 @@ def finalise_sketches(factors: list[LowRankFactor]) -> None:
             nz = lam > 0
             f._root = root[:, nz].to(f.dtype)
             f._sketch = None
+            f._omega = None
 
 
 def _batched_eigh(M: torch.Tensor, on_host: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -359,6 +355,7 @@ class LowRankFactor:
         self.sketch_size = None if not sketch_size else max(int(sketch_size), self.rank)
         self.sketch_seed = int(sketch_seed)
         self._sketch: torch.Tensor | None = None  # pending Y = F Ω, (d, s)
+        self._omega: tuple | None = None  # (key, Ω) while the factor takes data
 
     @classmethod
     def zeros(
@@ -428,9 +425,14 @@ class LowRankFactor:
         return min(self.rank, self.side)
 
     def omega(self) -> torch.Tensor:
-        """Return the sketch's test matrix ``Ω`` ``(d, s)`` (see :func:`sketch_matrix`)."""
-        return sketch_matrix(self.side, self.sketch_size, self.sketch_seed, self.device,
-                             self.dtype)
+        """Return the sketch's test matrix ``Ω`` ``(d, s)`` (see :func:`sketch_matrix`).
+
+        Drawn once and kept until the sketch is decomposed (then drawn again if needed).
+        """
+        key = (self.side, self.sketch_size, self.sketch_seed, self.device, self.dtype)
+        if self._omega is None or self._omega[0] != key:
+            self._omega = (key, sketch_matrix(*key))
+        return self._omega[1]
 
     def sketch(self) -> torch.Tensor:
         """``F Ω`` ``(d, s)``: the pending sketch, or that of the root (not stored)."""
