@@ -364,6 +364,30 @@ def synthetic_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ratio_table(synth: list[dict], results: list[dict]) -> str:
+    """Each sketch's errors over the truncation's (1 = as accurate; above 1 = worse)."""
+    lines = ["| case | variant | 16 kept eigenvalues | log evidence: δ at λ₁₆ | deeper δ | "
+             "GLM variance: δ at λ₁₆ | deeper δ |", "|---|---|---|---|---|---|---|"]
+    for r in synth:
+        t = r["variants"]["truncate"]
+        for v, m in r["variants"].items():
+            if v == "truncate":
+                continue
+            cells = [m["eig16_rel_error_max"] / t["eig16_rel_error_max"]] + [
+                m[p][q] / t[p][q] for q in ("evidence_abs_error", "variance_rel_error")
+                for p in ("lambda16", "deep")]
+            lines.append(f"| {r['side']} {r['spectrum']} | {v} | "
+                         + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    for r in results:
+        t = r["variants"]["truncate"]
+        for v, m in r["variants"].items():
+            if v != "truncate":
+                lines.append(f"| {r['model']} | {v} | — | "
+                             f"{m['evidence_rel_error'] / t['evidence_rel_error']:.2f} | — | "
+                             f"{m['variance_rel_error'] / t['variance_rel_error']:.2f} | — |")
+    return "\n".join(lines)
+
+
 def table(results: list[dict]) -> str:
     lines = ["| model | variant | fit s (× exact) | trace captured (best rank-k) | "
              "‖F−F̂‖* / best: median, max | log evidence rel. error | GLM variance rel. error |",
@@ -379,6 +403,14 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def render(synth: list[dict], results: list[dict]) -> str:
+    """The tables: synthetic blocks, models, and (with both) errors over the truncation's."""
+    parts = ([synthetic_table(synth)] if synth else []) + ([table(results)] if results else [])
+    if synth and any("truncate" in r["variants"] for r in results):
+        parts.append(ratio_table(synth, results))
+    return "\n\n".join(parts)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -388,14 +420,19 @@ def main(argv=None):
                     help="sides of the synthetic float32 blocks (e.g. 2048 4096 8192)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--render", default=None,
+                    help="print the tables of a results file written by --out, and exit")
     args = ap.parse_args(argv)
+    if args.render:
+        stored = json.loads(Path(args.render).read_text())
+        print(f"{stored['command']}\n{stored['machine']}\n")
+        print(render(stored.get("synthetic", []), stored["results"]))
+        return stored["results"]
     if args.threads:
         torch.set_num_threads(args.threads)
     synth = [synthetic(d, sp, args) for d in args.sides for sp in SPECTRA]
     results = [run(m, args) for m in args.models]
-    text = table(results)
-    if synth:
-        text = synthetic_table(synth) + "\n\n" + text
+    text = render(synth, results)
     print(text)
     if args.out:
         machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
