@@ -225,7 +225,8 @@ def finalise_sketches(factors: list[LowRankFactor]) -> None:
     *Precision.* Each kept eigenvalue carries an error of about ``(d/s)·ν`` (the shifted
     ``F + νI`` has full rank, which ``s`` columns cannot hold), so ``ν`` is the precision
     of the decomposition, ``ν = ε₆₄ ‖Y‖_F``, not that of ``Y``: with ``ν = ε₃₂ ‖Y‖_F`` a
-    float32 factor of side 8,192 lost 61 % of its 16th eigenvalue at ``λ₁/λ₁₆ = 10⁴``.
+    float32 factor of side 8,192 and rank 64 lost 61–64 % of its 16th eigenvalue at
+    ``λ₁/λ₁₆ = 10⁴`` (issue 31).
     The rounding error ``E`` of a float32 ``Y`` instead enters through ``B``: on the
     directions of ``B`` that hold no data it leaves eigenvalues of the size of ``ΩᵀE``,
     which ``b^{-1/2}`` would blow up into spurious columns. ``ΩᵀFΩ`` is symmetric, so the
@@ -233,9 +234,10 @@ def finalise_sketches(factors: list[LowRankFactor]) -> None:
     ``b ≤`` :data:`SKETCH_NOISE_FACTOR` ``· ‖(B − Bᵀ)/2‖_F`` are dropped (measured on
     streams of 16-column chunks at sides 512–8,192: the largest noise eigenvalue was at
     most 0.19 of that norm, also after 2,048 chunks). ``F̂ = F`` when ``rank F ≤ s``, up
-    to float64 rounding for float64 factors; for float32 factors the 16 leading
-    eigenvalues came within 4e-4 relative (``λ₁/λ₁₆ ≤ 10⁴``, sides 512–8,192,
-    ``tests/test_sketch.py``), and data of rank below ``k`` gives that many columns.
+    to float64 rounding for float64 factors; for float32 factors of rank 64 the 16
+    leading eigenvalues came within 2e-5–1.2e-4 relative (``λ₁/λ₁₆ ≤ 10⁴``, sides
+    1,024–8,192, ``tests/test_sketch.py`` and BENCHMARKS.md section 8; 4e-4 after 2,048
+    chunks of 16 columns), and data of rank below ``k`` gives that many columns.
     """
     groups: dict[tuple, list[LowRankFactor]] = {}
     for f in factors:
