@@ -235,7 +235,7 @@ def finalise_sketches(factors: list[LowRankFactor]) -> None:
     streams of 16-column chunks at sides 512–8,192: the largest noise eigenvalue was at
     most 0.19 of that norm, also after 2,048 chunks). ``F̂ = F`` when ``rank F ≤ s``, up
     to float64 rounding for float64 factors; for float32 factors of rank 64 the 16
-    leading eigenvalues came within 2e-5–1.2e-4 relative (``λ₁/λ₁₆ ≤ 10⁴``, sides
+    leading eigenvalues came within 5e-6–1.2e-4 relative (``λ₁/λ₁₆ ≤ 10⁴``, sides
     1,024–8,192, ``tests/test_sketch.py`` and BENCHMARKS.md section 8; 4e-4 after 2,048
     chunks of 16 columns), and data of rank below ``k`` gives that many columns.
     """
