@@ -376,3 +376,20 @@ def test_sketch_options_are_checked():
     assert KFACOptions(accumulation="truncate").sketch_columns is None
     with pytest.raises(ValueError, match="sketch_size=8 is below n_kfac=16"):
         KFACOptions(sketch_size=8)
+
+
+def test_host_omegas_are_cached_within_their_byte_budget(monkeypatch):
+    """Repeated draws reuse a host Ω (the same tensor), the cache never holds more than
+    OMEGA_CACHE_BYTES, and an evicted Ω drawn again has the same values."""
+    from laplace_llm import matrix
+
+    monkeypatch.setattr(matrix, "OMEGA_CACHE_BYTES", 3 * 100 * 8 * 4)  # three 100×8 float32
+    monkeypatch.setattr(matrix, "_OMEGA_CACHE", matrix.OrderedDict())
+    first = sketch_matrix(100, 8, 1)
+    assert sketch_matrix(100, 8, 1) is first
+    for seed in range(2, 7):
+        sketch_matrix(100, 8, seed)
+    held = sum(o.numel() * o.element_size() for o in matrix._OMEGA_CACHE.values())
+    assert len(matrix._OMEGA_CACHE) == 3 and held <= matrix.OMEGA_CACHE_BYTES
+    again = sketch_matrix(100, 8, 1)  # evicted: drawn anew, equal
+    assert again is not first and torch.equal(again, first)
