@@ -84,11 +84,14 @@ class Truncation(str, enum.Enum):
 class Accumulation(str, enum.Enum):
     """How a low-rank factor takes in the data during ``fit``."""
 
-    #: A randomized sketch ``Y = F Ω`` (``Ω`` a fixed Gaussian ``d × s`` matrix drawn from
-    #: ``sketch_seed``), updated per batch by two matrix products, ``Y += C (Cᵀ Ω)``,
-    #: and turned into the leading ``n_kfac`` eigenpairs once, at the end of the fit (the
-    #: Nyström approximation; Tropp, Yurtsever, Udell & Cevher, 2017). Exact when the
-    #: data's rank is at most ``s``; per-batch work is GEMMs on the layer's device.
+    #: A randomized sketch ``Y = F Ω`` (``Ω`` a fixed Gaussian ``d × s`` matrix per factor,
+    #: drawn from ``sketch_seed`` and the factor's name), updated per batch by two matrix
+    #: products, ``Y += C (Cᵀ Ω)``, and turned into the leading ``n_kfac`` eigenpairs
+    #: once, at the end of the fit (the Nyström approximation; Tropp, Yurtsever, Udell &
+    #: Cevher, 2017). Exact when the data's rank is at most ``s`` (float32 factors: to
+    #: ~1e-4 relative, see :func:`~laplace_llm.matrix.finalise_sketches`); per-batch work
+    #: is GEMMs on the layer's device. Above ``s`` on slowly decaying spectra it is less
+    #: accurate than the truncation (BENCHMARKS.md, section 8).
     SKETCH = "sketch"
     #: Incremental truncation: columns are appended and the root is cut back to
     #: ``n_kfac`` columns with a small eigendecomposition every 32 columns.
@@ -181,8 +184,11 @@ class KFACOptions:
         Columns ``s`` of the sketch; 0 means :func:`default_sketch_size` of ``n_kfac``.
         Must be at least ``n_kfac`` otherwise.
     sketch_seed : int, default 0
-        Seed of the sketch's Gaussian test matrix ``Ω``: the fit is deterministic for a
-        given seed, and every process of a distributed fit draws the same ``Ω``.
+        Seed of the sketch's Gaussian test matrices ``Ω``, one per factor, derived from
+        this seed and the block's name (:func:`~laplace_llm.matrix.factor_sketch_seed`):
+        the fit is deterministic for a given seed, the sketch errors of different
+        factors are independent, and every process of a distributed fit draws the same
+        ``Ω`` for the same factor.
 
     Raises
     ------

@@ -97,9 +97,30 @@ def test_bench_lora_laplace_smallest(tmp_path):
 
 @pytest.mark.slow
 def test_choose_n_kfac_smallest(tmp_path):
-    result, _ = run_script("choose_n_kfac", "--n-train", "16", "--ranks", "2", "4",
-                           tmp_path=tmp_path)
-    assert [r["n_kfac"] for r in result["rows"]][:2] == [2, 4]
+    """The script's figures on 16 sentences, ranks 2 and 4, against what must hold.
+
+    Measured: trace kept (min / mean) 0.218 / 0.468 at rank 2, 0.349 / 0.594 at rank 4;
+    posterior 0.12 and 0.24 MiB against 6.61 for the exact one; log marglik with the
+    isotropic remainder -10.5437 / -10.5435, prior only -10.5431 / -10.5432 (the
+    remainder's log-det overstates the discarded log-eigenvalues, Jensen, so its evidence
+    is the lower one; tests/posterior/test_truncation.py). At 16 sentences the marglik
+    prior is 2.8e6, so the GLM variance is nearly the prior's and its error is ~2e-8: it
+    is only held below 1e-3 here. The old test checked the ranks' order alone."""
+    result, stdout = run_script("choose_n_kfac", "--n-train", "16", "--ranks", "2", "4",
+                                tmp_path=tmp_path)
+    rows = result["rows"]
+    assert [r["n_kfac"] for r in rows] == [2, 4]
+    for r in rows:
+        assert 0 < r["trace_kept_min"] <= r["trace_kept_mean"] <= 1 + 1e-6
+        assert r["log_marglik"] <= r["log_marglik_prior_only"] + 1e-6
+        assert r["glm_var_rel_err"] < 1e-3 and r["glm_var_rel_err_prior_only"] < 1e-3
+    small, large = rows
+    assert large["trace_kept_min"] > small["trace_kept_min"]
+    assert large["trace_kept_mean"] > small["trace_kept_mean"]
+    # a rank-k root of side d holds d·k floats per factor: twice the rank, ~twice the MiB
+    assert 1.6 < large["posterior_MiB"] / small["posterior_MiB"] < 2.1
+    exact_mib = float(stdout.split("posterior ")[1].split(" MiB")[0])
+    assert large["posterior_MiB"] < 0.1 * exact_mib
 
 
 def test_cuda_peak_meter_arithmetic_without_a_gpu(monkeypatch):
@@ -154,3 +175,35 @@ def test_bench_fit_ratio_smallest(tmp_path):
     (row,) = result["rows"]
     for k in ("floor", "shared", "separate"):
         assert len(row["times"][k]) == 2 and row[f"{k}_min_s"] == min(row["times"][k])
+
+
+def test_sketch_accuracy_synthetic_blocks_at_a_small_side():
+    """The synthetic part of ``sketch_accuracy.py`` (BENCHMARKS section 8) at side 1,024.
+
+    Rank 64 ≤ s: the float32 sketch keeps the 16 eigenvalues of the exact factor to 1e-3
+    (measured 8e-5; the old shift ε₃₂‖Y‖_F gave 0.12, and an evidence error of 10.4 nats
+    against the truncation's 1.17, which fails both checks) and the float64 sketch
+    to 1e-7, and its evidence error is the truncation's within 5 % (both are the rank-16
+    cut of the rank-64 factor: measured equal to 3 digits). Rank 512 > s (smollm2-like):
+    the float32 and float64 sketches' errors agree within 1 % (rounding is not what
+    limits the sketch there; measured equal to 3 digits at sides 2,048–8,192)."""
+    import argparse
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import sketch_accuracy as sa
+    finally:
+        sys.path.remove(str(BENCH))
+    args = argparse.Namespace(n_kfac=16, sketch_size=96)
+    low = sa.synthetic(1024, "rank 64", args)
+    v = low["variants"]
+    assert v["sketch"]["eig16_rel_error_max"] < 1e-3
+    assert v["sketch float64"]["eig16_rel_error_max"] < 1e-7
+    ev = {k: v[k]["lambda16"]["evidence_abs_error"] for k in ("sketch", "truncate")}
+    assert abs(ev["sketch"] / ev["truncate"] - 1) < 0.05
+    high = sa.synthetic(1024, "smollm2-like", args)["variants"]
+    for p in ("lambda16", "deep"):
+        for q in ("evidence_abs_error", "variance_rel_error"):
+            assert abs(high["sketch"][p][q] / high["sketch float64"][p][q] - 1) < 0.01
+    text = sa.render([low], [])
+    assert "| 1024 | rank 64 (1.00) | sketch |" in text
