@@ -16,7 +16,7 @@ from peft import PeftModel
 from torch.utils.data import DataLoader
 
 from laplace_llm import CandidateScorer, LoRALaplace
-from laplace_llm.models.generation import answer_log_likelihood
+from laplace_llm.posterior.generation import answer_log_likelihood
 from tests.batches import DictDataset
 from tests.models import tiny_causal_lm, tiny_llama_lora, tiny_tokenizer
 from tests.naive_candidates import NaiveScorer, candidate_batch, split

@@ -3,7 +3,7 @@
 The reference is the same tiny float64 Llama, unsharded, fitted in this process on all
 the examples. Tolerances: float64 throughout; the sharded fit sums two shards' factors
 where the reference sums one pass, and the merge eigendecomposes the gathered roots
-(:func:`laplace_llm.distributed.all_reduce_kron`), so factors agree to rounding of
+(:func:`laplace_llm.posterior.kron.all_reduce_kron`), so factors agree to rounding of
 eigh on ~30×30 matrices, ~1e-13 relative; ``rtol=1e-9`` leaves room for the
 accumulation over 13 examples and the log-determinants of the evidence, and is still
 six orders of magnitude below any modelling difference (a missing example changes the

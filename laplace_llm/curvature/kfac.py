@@ -47,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from laplace.curvature import CurvatureInterface
@@ -57,26 +57,11 @@ from laplace_llm import sharding
 from laplace_llm.curvature.top_k import expand_covariance, rest_weights, top_classes
 from laplace_llm.errors import NonFiniteError
 from laplace_llm.matrix import LowRankFactor, LowRankKron, append_many, factor_dtype
+from laplace_llm.models.call_layout import CallLayout
 from laplace_llm.models.discovery import KronBlock, find_blocks
 from laplace_llm.options import KFACOptions, expose_options
 
 __all__ = ["LoRAKFAC", "CallLayout", "ModuleRecorder", "NonFiniteError"]
-
-
-class CallLayout(NamedTuple):
-    """Which positions of a module call are real, and whose example each row is.
-
-    Attributes
-    ----------
-    mask : torch.Tensor
-        ``(R, T)``, 1 on real positions of the call's ``R`` rows of ``T`` positions (a
-        call on ``(R, d)`` inputs has ``T = 1``).
-    example : torch.Tensor
-        ``(R,)`` long, the index in the model's output batch of each row's example.
-    """
-
-    mask: torch.Tensor
-    example: torch.Tensor
 
 
 class ModuleRecorder:

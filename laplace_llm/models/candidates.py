@@ -60,7 +60,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from laplace_llm.curvature.kfac import CallLayout
+from laplace_llm.models.call_layout import CallLayout
 from laplace_llm.models.classifier import (
     _accepts,
     _model_device,
@@ -260,7 +260,7 @@ class CandidateScorer(nn.Module):
             raise ValueError(
                 f"a classifier over candidates needs at least 2 of them, got {C}: with one "
                 "candidate its probability is always 1. To score one answer's likelihood "
-                "use laplace_llm.models.generation.answer_log_likelihood."
+                "use laplace_llm.posterior.generation.answer_log_likelihood."
             )
         self.n_outputs = int(C)
 

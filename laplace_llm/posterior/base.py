@@ -762,9 +762,9 @@ class LoRALaplaceBase(ParametricLaplace):
 
         ``PeftModel.from_pretrained`` loads them; the draws are those of
         ``self.sample(n_samples, torch.Generator().manual_seed(seed))``. See
-        :func:`laplace_llm.models.generation.sample_adapters`.
+        :func:`laplace_llm.posterior.generation.sample_adapters`.
         """
-        from laplace_llm.models.generation import sample_adapters
+        from laplace_llm.posterior.generation import sample_adapters
 
         return sample_adapters(self, n_samples, out_dir, seed=seed)
 
