@@ -17,12 +17,12 @@ from laplace_llm import LLMClassifier, LoRALaplace
 from laplace_llm.data import (
     CandidateStream,
     JsonlStream,
-    _Collator,
     make_candidate_loader,
     make_loader,
     read_jsonl,
     scan_jsonl,
 )
+from laplace_llm.data.loaders import _Collator
 from laplace_llm.distributed import shard
 from tests.models import TINY_WORDS, tiny_llama_lora, tiny_tokenizer
 from tests.test_data import write_lines
