@@ -60,8 +60,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from laplace_llm.models.call_layout import CallLayout
-from laplace_llm.models.classifier import (
+from laplace_llm.models._hf import (
     _accepts,
     _model_device,
     _output_vocab_size,
@@ -71,6 +70,7 @@ from laplace_llm.models.classifier import (
     last_token_index,
     position_ids_from_mask,
 )
+from laplace_llm.models.call_layout import CallLayout
 
 __all__ = ["CandidateScorer", "MISSING_LOGIT", "encode_candidates"]
 
