@@ -21,11 +21,11 @@ PACKAGE = Path(laplace_llm.__file__).parent
 #: The layer order, lowest first: each entry names the top-level modules or subpackages of
 #: ``laplace_llm`` of one layer ("" is the package root, the public API).
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "options", "progress"),
+    ("errors", "options", "progress", "signals"),
     ("matrix",),
     ("data", "checks"),
     ("serialization",),
-    ("distributed", "sharding"),
+    ("distributed", "sharding", "digests"),
     ("models",),
     ("curvature",),
     ("prior",),

@@ -778,15 +778,25 @@ class LoRALaplaceBase(ParametricLaplace):
         """
         self._check_H_init()
         state = ParametricLaplace.state_dict(self)
-        state["options"] = {k: v for k, v in self.options.to_dict().items()
-                            if k in self._option_names}
-        state["dict_key_x"] = self.dict_key_x
-        state["dict_key_y"] = self.dict_key_y
-        state["hessian_structure"] = self._key[1]
-        state["lora_modules"] = self.lora_modules
-        state["block_names"] = [b.name for b in self.blocks]
-        state["block_shapes"] = [list(b.shape) for b in self.blocks]
+        state.update(self._file_identity())
         return state
+
+    def _file_identity(self) -> dict[str, Any]:
+        """Return what names the fitted posterior in its file and in a fit checkpoint.
+
+        ``options`` (the fields of :attr:`_option_names`), ``dict_key_x``, ``dict_key_y``,
+        ``hessian_structure``, ``lora_modules``, ``block_names`` and ``block_shapes``.
+        """
+        return {
+            "options": {k: v for k, v in self.options.to_dict().items()
+                        if k in self._option_names},
+            "dict_key_x": self.dict_key_x,
+            "dict_key_y": self.dict_key_y,
+            "hessian_structure": self._key[1],
+            "lora_modules": self.lora_modules,
+            "block_names": [b.name for b in self.blocks],
+            "block_shapes": [list(b.shape) for b in self.blocks],
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any], check_weights: bool = False) -> None:
         """Restore a :meth:`state_dict` fitted on this model's (selected) LoRA blocks.
