@@ -188,7 +188,7 @@ def test_an_interrupted_fit_at_the_end_of_training_resumes(tmp_path, monkeypatch
     a checkpoint every batch); the rerun's end of training (same trained weights) resumes
     it and writes the posterior the uninterrupted callback fit gives, bit for bit (same
     operations in the same order), then removes the checkpoint."""
-    import laplace_llm.posterior.base as base
+    import laplace_llm.posterior.fitting as base
     from laplace_llm.posterior.checkpoint import CHECKPOINT_FILENAME, read_checkpoint
 
     class Crash(Exception):
