@@ -378,6 +378,7 @@ def test_collective_step_names_a_failed_collective_and_passes_other_errors(one_p
 
 def test_cli_timeout_reaches_the_process_group_and_is_checked(monkeypatch, capsys):
     from laplace_llm.app import cli
+    from laplace_llm.app.commands import fit as fit_command
     from laplace_llm.app.loading import UserError
 
     calls = []
@@ -388,8 +389,8 @@ def test_cli_timeout_reaches_the_process_group_and_is_checked(monkeypatch, capsy
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29500")
     monkeypatch.setattr("laplace_llm.distributed.process_rank", lambda group=None: (1, 2))
-    assert cli.launcher_group(90.0) == (1, 2, True)
-    assert cli.launcher_group() == (1, 2, True)
+    assert fit_command.launcher_group(90.0) == (1, 2, True)
+    assert fit_command.launcher_group() == (1, 2, True)
     assert calls == [(("gloo",), {"timeout": timedelta(seconds=90)}), (("gloo",), {})]
 
     def refuse(*a, **k):
@@ -399,7 +400,7 @@ def test_cli_timeout_reaches_the_process_group_and_is_checked(monkeypatch, capsy
     with pytest.raises(UserError, match=r"process 1 of 2 could not join the process group "
                        r"within 90 s: Timed out after 91 seconds waiting for clients\. 1/2 "
                        r"clients joined\. Check that every process started"):
-        cli.launcher_group(90.0)
+        fit_command.launcher_group(90.0)
     args = cli.build_parser().parse_args(["fit", "--model", "m", "--data", "d", "--timeout", "600"])
     assert args.timeout == 600.0
     for bad in ("0", "-5", "ten", "inf"):
