@@ -19,8 +19,8 @@ from transformers import Trainer, TrainingArguments, default_data_collator
 from laplace_llm import LLMClassifier, LoRALaplace, PosteriorFileError
 from laplace_llm.callback import EVIDENCE_FILENAME, LaplaceCallback
 from laplace_llm.serialization import POSTERIOR_FILENAME
-from tests.batches import DictDataset, token_items
-from tests.models import (
+from tests.fixtures.batches import DictDataset, token_items
+from tests.fixtures.models import (
     tiny_bert_seqcls,
     tiny_bert_seqcls_lora,
     tiny_causal_lm,

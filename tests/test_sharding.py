@@ -25,8 +25,8 @@ from laplace_llm import LLMClassifier, LoRADiagLaplace, LoRALaplace
 from laplace_llm.errors import LoRAModelError
 from laplace_llm.matrix import LowRankFactor
 from laplace_llm.models.discovery import find_blocks
-from tests.batches import TARGET_IDS, DictDataset, token_items
-from tests.models import tiny_llama_lora
+from tests.fixtures.batches import TARGET_IDS, DictDataset, token_items
+from tests.fixtures.models import tiny_llama_lora
 
 ITEMS = 13  # odd, batch 3: rank 0 runs 3 batches, rank 1 two and one idle pass
 BATCH = 3

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 from laplace_llm import LLMClassifier, LoRALaplace
 from laplace_llm.matrix import LowRankFactor
 from laplace_llm.options import KFACOptions, default_sketch_size
-from tests.batches import TARGET_IDS, DictDataset, token_items
-from tests.models import tiny_llama_lora
+from tests.fixtures.batches import TARGET_IDS, DictDataset, token_items
+from tests.fixtures.models import tiny_llama_lora
 
 DT = torch.float64
 

@@ -37,7 +37,7 @@ from laplace_llm.distributed import (
     group_timeout,
 )
 from laplace_llm.errors import CollectiveTimeoutError
-from tests.batches import TARGET_IDS, DictDataset, token_items
+from tests.fixtures.batches import TARGET_IDS, DictDataset, token_items
 
 TIMEOUT = 5.0
 MARGIN = 20.0
@@ -77,7 +77,7 @@ class Misbehaving(DictDataset):
 
 def llama_classifier(sharded=False):
     from laplace_llm import LLMClassifier
-    from tests.models import tiny_llama_lora
+    from tests.fixtures.models import tiny_llama_lora
 
     peft = tiny_llama_lora(seed=0, dtype=torch.float64)
     if sharded:
@@ -103,7 +103,7 @@ def normal_fits(rank, world, out_dir):
     """Kron, diag and full fits with and without a timeout; the group's timeout during and after."""
     from laplace_llm import LoRADiagLaplace, LoRAFullLaplace, LoRALaplace
     from laplace_llm.distributed import shard
-    from tests.models import lora_mlp
+    from tests.fixtures.models import lora_mlp
     from tests.posterior.test_base import mlp_loader
 
     fits = {}
@@ -130,7 +130,7 @@ def failing_fit(rank, world, scenario):
     """Rank 1 hangs or dies in its loader; return what the fit raised here and when."""
     from laplace_llm import LoRADiagLaplace, LoRALaplace
     from laplace_llm.distributed import shard
-    from tests.models import lora_mlp
+    from tests.fixtures.models import lora_mlp
     from tests.posterior.test_base import mlp_loader
 
     how = "die" if scenario == "die" else "hang"
@@ -295,7 +295,7 @@ def test_timeout_takes_seconds_or_a_timedelta_and_refuses_the_rest_naming_the_fi
 
 def test_fit_refuses_a_bad_timeout_before_any_work():
     from laplace_llm import LoRADiagLaplace
-    from tests.models import lora_mlp
+    from tests.fixtures.models import lora_mlp
     from tests.posterior.test_base import mlp_loader
 
     la = LoRADiagLaplace(lora_mlp(seed=0), "classification", fisher_type="ggn")
@@ -438,7 +438,7 @@ def test_cli_fit_passes_timeout_and_reports_a_collective_failure_in_one_line(tmp
     from laplace_llm import LoRALaplace
     from laplace_llm.app.cli import main
     from tests.app.test_cli import mcqa_records, write_jsonl
-    from tests.models import write_model_folder
+    from tests.fixtures.models import write_model_folder
 
     write_model_folder(tmp_path)
     write_jsonl(tmp_path / "data.jsonl", mcqa_records(5))

@@ -23,7 +23,7 @@ from laplace_llm.app.cli import main
 from laplace_llm.posterior.checkpoint import read_checkpoint
 from laplace_llm.serialization import read_posterior
 from tests.app.test_cli import mcqa_records, write_jsonl
-from tests.models import write_model_folder
+from tests.fixtures.models import write_model_folder
 
 
 @pytest.fixture(autouse=True)

@@ -18,8 +18,8 @@ import torch
 
 from laplace_llm import LLMClassifier, LoRALaplace
 from laplace_llm.matrix import LowRankFactor
-from tests.batches import TARGET_IDS, DictDataset, left_pad, token_items
-from tests.models import tiny_gpt2_lora, tiny_llama_lora
+from tests.fixtures.batches import TARGET_IDS, DictDataset, left_pad, token_items
+from tests.fixtures.models import tiny_gpt2_lora, tiny_llama_lora
 
 DT = torch.float64
 
@@ -242,7 +242,7 @@ def test_bf16_model_shares_the_input_factor_of_equal_float32_copies():
     is bit-equal to separate factors (the same columns in the same order)."""
     from peft import LoraConfig, get_peft_model
 
-    from tests.models import tiny_causal_lm
+    from tests.fixtures.models import tiny_causal_lm
 
     base = tiny_causal_lm("llama", seed=5, dtype=torch.bfloat16)
     torch.manual_seed(5)

@@ -13,7 +13,7 @@ from laplace_llm import LoRADiagLaplace, LoRAFullLaplace, LoRALaplace, NonFinite
 from laplace_llm.posterior.base import STRUCTURES, LoRALaplaceBase
 from laplace_llm.posterior.files import LoRAFiles
 from laplace_llm.posterior.fitting import LoRAFitting
-from tests.models import lora_mlp
+from tests.fixtures.models import lora_mlp
 
 LEAVES = {"kron": (LoRALaplace, KronLaplace), "diag": (LoRADiagLaplace, DiagLaplace),
           "full": (LoRAFullLaplace, FullLaplace)}

@@ -9,8 +9,8 @@ import torch
 
 from laplace_llm.matrix import LowRankFactor
 from laplace_llm.models.classifier import LLMClassifier, last_token_index, position_ids_from_mask
-from tests.batches import TARGET_IDS, DictDataset, token_items
-from tests.models import (
+from tests.fixtures.batches import TARGET_IDS, DictDataset, token_items
+from tests.fixtures.models import (
     CAUSAL_LORA_BUILDERS,
     TINY_WORDS,
     tiny_bert_seqcls_lora,

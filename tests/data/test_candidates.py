@@ -1,6 +1,6 @@
 """Data helpers for answers that are text.
 
-Values are checked against the naive scorer (C full forwards, tests/naive_candidates.py)
+Values are checked against the naive scorer (C full forwards, tests/fixtures/naive_candidates.py)
 and against each question scored alone without padding, in float64 to 1e-12 (both are
 the same arithmetic up to summation order: measured ~1e-15). The command line and the
 words demo over text answers are tested in tests/app/test_text_answers.py.
@@ -18,8 +18,8 @@ from laplace_llm.data import (
     label_indices,
     make_candidate_loader,
 )
-from tests.models import tiny_llama_lora, tiny_tokenizer
-from tests.naive_candidates import NaiveScorer
+from tests.fixtures.models import tiny_llama_lora, tiny_tokenizer
+from tests.fixtures.naive_candidates import NaiveScorer
 
 WORDS = ["cat", "dog", "red", "blue", "good", "bad", "yes", "no", "the", "a"]
 
@@ -83,7 +83,7 @@ def test_text_answers_example_runs_and_laplace_lowers_the_nll(capsys):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "text_answers.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / "text_answers.py"
     spec = importlib.util.spec_from_file_location("example_text_answers", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

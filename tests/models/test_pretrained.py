@@ -1,7 +1,7 @@
 """laplace_llm.models.pretrained: a GGUF causal LM loads as a model folder does, and the
 whole pipeline (LoRA, classifier over letters, K-FAC fit, GLM predictive) runs on it.
 
-The GGUF is the tiny Llama that tests/tiny_gguf.py writes (byte-level BPE, " A"…" E" single
+The GGUF is the tiny Llama that tests/fixtures/tiny_gguf.py writes (byte-level BPE, " A"…" E" single
 tokens), the same loading path as the real SmolLM2 file.
 """
 
@@ -15,7 +15,7 @@ from laplace_llm import LLMClassifier
 from laplace_llm.data import make_loader, mcqa_choices
 from laplace_llm.models import pretrained
 from laplace_llm.models.pretrained import load_causal_lm, smollm2_gguf
-from tests.tiny_gguf import write_tiny_gguf
+from tests.fixtures.tiny_gguf import write_tiny_gguf
 
 ITEMS = [
     {"question": q, "choices": ["ice", "fire", "snow", "rain"], "answer": a}

@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader
 
 from laplace_llm import CandidateScorer, LoRALaplace
 from laplace_llm.posterior.generation import answer_log_likelihood
-from tests.batches import DictDataset
-from tests.models import tiny_causal_lm, tiny_llama_lora, tiny_tokenizer
-from tests.naive_candidates import NaiveScorer, candidate_batch, split
+from tests.fixtures.batches import DictDataset
+from tests.fixtures.models import tiny_causal_lm, tiny_llama_lora, tiny_tokenizer
+from tests.fixtures.naive_candidates import NaiveScorer, candidate_batch, split
 
 DT = torch.float64
 
@@ -68,7 +68,7 @@ def test_sample_adapters_needs_a_peft_model(tmp_path):
     """LoRA layers injected without a PeftModel (peft's inject_adapter_in_model)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from tests.models import MLP
+    from tests.fixtures.models import MLP
 
     torch.manual_seed(0)
     mlp = inject_adapter_in_model(LoraConfig(r=2, target_modules=["l1"], init_lora_weights=False), MLP(6, 8, 3))

@@ -1,4 +1,4 @@
-"""The tiny GGUF of tests/tiny_gguf.py loads through transformers' GGUF path as what was written.
+"""The tiny GGUF of tests/fixtures/tiny_gguf.py loads through transformers' GGUF path as what was written.
 
 The file is loaded with ``from_pretrained(folder, gguf_file=name)``, the call that loads the real
 SmolLM2 GGUF in benchmarks/paper_table.py; the checks compare values (config, every parameter,
@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from tests.tiny_gguf import MERGES, SPECIAL_TOKENS, _llama_cpp_permute, write_tiny_gguf
+from tests.fixtures.tiny_gguf import MERGES, SPECIAL_TOKENS, _llama_cpp_permute, write_tiny_gguf
 
 PROMPT = "Which is hot?\nA. ice\nB. fire\nAnswer:"
 ANSWERS = [" A", " B", " C", " D", " E"]

@@ -31,8 +31,8 @@ from laplace_llm import LLMClassifier, LoRADiagLaplace, LoRALaplace
 from laplace_llm.curvature import kfac
 from laplace_llm.curvature.top_k import expand_covariance, top_classes
 from laplace_llm.matrix import LowRankFactor
-from tests.batches import DictDataset, left_pad, token_items
-from tests.models import tiny_llama_lora
+from tests.fixtures.batches import DictDataset, left_pad, token_items
+from tests.fixtures.models import tiny_llama_lora
 
 DT = torch.float64
 C = 12

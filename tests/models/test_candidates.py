@@ -2,7 +2,7 @@
 
 References, all independent of the key/value cache and of the call-layout hooks:
 
-* scores: :class:`tests.naive_candidates.NaiveScorer`, one full forward of the unpadded
+* scores: :class:`tests.fixtures.naive_candidates.NaiveScorer`, one full forward of the unpadded
   prompt + candidate per candidate with the full-vocabulary log-softmax;
 * K-FAC factors: their definitions (module docstring of ``laplace_llm.models.candidates``)
   computed example by example from ``torch.func`` Jacobians of the naive scores with
@@ -30,9 +30,9 @@ from torch.utils.data import DataLoader
 from laplace_llm import CandidateScorer, LLMClassifier, LoRALaplace
 from laplace_llm.matrix import LowRankFactor
 from laplace_llm.models.candidates import MISSING_LOGIT
-from tests.batches import DictDataset
-from tests.models import CAUSAL_LORA_BUILDERS, tiny_tokenizer
-from tests.naive_candidates import NaiveScorer, candidate_batch, position_jacobians, split
+from tests.fixtures.batches import DictDataset
+from tests.fixtures.models import CAUSAL_LORA_BUILDERS, tiny_tokenizer
+from tests.fixtures.naive_candidates import NaiveScorer, candidate_batch, position_jacobians, split
 
 DT = torch.float64
 FAMILIES = ["llama", "qwen2", "gpt2", "gpt_neox"]

@@ -24,8 +24,8 @@ from laplace_llm.data import (
 )
 from laplace_llm.data.loaders import _Collator
 from laplace_llm.distributed import shard
-from tests.models import TINY_WORDS, tiny_llama_lora, tiny_tokenizer
-from tests.test_data import write_lines
+from tests.data.test_batches import write_lines
+from tests.fixtures.models import TINY_WORDS, tiny_llama_lora, tiny_tokenizer
 
 WORDS = [w for w in TINY_WORDS[4:] if len(w) > 1]  # words and fillers, no letters
 

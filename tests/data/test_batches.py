@@ -13,7 +13,7 @@ from laplace_llm.data import (
     mcqa_choices,
     read_jsonl,
 )
-from tests.models import TINY_WORDS, tiny_tokenizer
+from tests.fixtures.models import TINY_WORDS, tiny_tokenizer
 
 MCQA = [
     {"question": "the cat is", "choices": ["red", "blue", "good"], "answer": 1},
@@ -235,7 +235,7 @@ def test_end_to_end_laplace_on_batches_from_the_data_helpers(tmp_path):
 
     from laplace_llm import LLMClassifier
     from laplace_llm.data import make_loader, mcqa_choices, read_jsonl
-    from tests.models import tiny_llama_lora, tiny_tokenizer
+    from tests.fixtures.models import tiny_llama_lora, tiny_tokenizer
 
     path = tmp_path / "mcqa.jsonl"
     colours = ["red", "blue", "cat", "dog"]

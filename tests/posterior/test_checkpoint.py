@@ -33,8 +33,8 @@ from laplace_llm import (
     PosteriorFileError,
 )
 from laplace_llm.posterior.checkpoint import CHECKPOINT_FILENAME, checkpoint_file, read_checkpoint
-from tests.batches import TARGET_IDS, DictDataset, token_items
-from tests.models import tiny_llama_lora
+from tests.fixtures.batches import TARGET_IDS, DictDataset, token_items
+from tests.fixtures.models import tiny_llama_lora
 
 
 @pytest.fixture(autouse=True)
