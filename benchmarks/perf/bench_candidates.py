@@ -21,7 +21,7 @@ predicted candidate token, ``B·(1 + C·(L−1))·V`` values, the naive model
 Default sizes are the issue's: prompt 256 tokens, C = 4 candidates of 8 tokens, batch 2,
 a Llama-shaped model (hidden 256, 2 layers, vocabulary 32000), LoRA r=8 on q/v::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_candidates.py --out benchmarks/results/candidates-cpu-1thread.json
+    OMP_NUM_THREADS=1 python -m benchmarks.perf.bench_candidates --out benchmarks/results/candidates-cpu-1thread.json
 
 ``--quick`` uses tiny sizes (for the test that runs this script).
 """
@@ -30,19 +30,17 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import subprocess
+import json
 import sys
-import time
 import warnings
 
 import torch
-from _results import write_results  # benchmarks/ is the script's folder
-from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks.common.args import parser
+from benchmarks.common.models import llama_config, lora_llama
+from benchmarks.common.results import best_time, child_peak_mib, finish, peak_meter
 from laplace_llm import CandidateScorer, LoRALaplace
 
 warnings.filterwarnings("ignore")
@@ -84,29 +82,13 @@ class Items(torch.utils.data.Dataset):
 
 
 def build(args, vocab):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=args.hidden, intermediate_size=int(2.6875 * args.hidden),
-        num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
-        num_key_value_heads=max(1, args.hidden // 64), max_position_embeddings=4096,
-    )
-    base = LlamaForCausalLM(cfg).eval()
-    peft = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                           lora_dropout=0.0, init_lora_weights=False)).eval()
-    return peft
-
-
-def timed(fn, repeat):
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    cfg = llama_config(args.hidden, args.layers, vocab, max_positions=4096,
+                       intermediate=int(2.6875 * args.hidden))
+    return lora_llama(cfg, b_std=None, init_lora_weights=False)
 
 
 def memory_child(args, method, vocab):
-    """Peak resident-set growth (MiB) of one scoring call, in this process."""
+    """Peak resident-set growth (bytes) of one scoring call, in this process."""
     peft = build(args, vocab)
     model = CandidateScorer(peft, n_candidates=args.candidates) if method == "scorer" else NaiveScorer(peft)
     batch = next(iter(DataLoader(Items(args.batch, args.prompt, args.candidates, args.length,
@@ -114,52 +96,32 @@ def memory_child(args, method, vocab):
     with torch.no_grad():
         model(batch)  # warm-up: lazy initialisations are not the method's cost
     gc.collect()
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # reset the high-water mark VmHWM to the current resident set
+    start, stop = peak_meter("cpu")
+    base = start()
     with torch.no_grad():
         model(batch)
-    return (_status_kib("VmHWM") - before) / 1024
-
-
-def _status_kib(field):
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
+    return stop(base)
 
 
 def measure_memory(args, method, vocab):
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", method, "--vocab", str(vocab),
-           "--prompt", str(args.prompt), "--candidates", str(args.candidates),
-           "--length", str(args.length), "--batch", str(args.batch), "--hidden", str(args.hidden),
-           "--layers", str(args.layers)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    return child_peak_mib(__spec__.name, [
+        "--memory-child", method, "--vocab", str(vocab), "--prompt", str(args.prompt),
+        "--candidates", str(args.candidates), "--length", str(args.length), "--batch",
+        str(args.batch), "--hidden", str(args.hidden), "--layers", str(args.layers)])
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--prompt", type=int, default=256)
-    p.add_argument("--candidates", type=int, default=4)
-    p.add_argument("--length", type=int, default=8, help="tokens per candidate")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--n-fit", type=int, default=8)
-    p.add_argument("--repeat", type=int, default=2)
-    p.add_argument("--no-memory", action="store_true", help="skip the child-process memory runs")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
-    p.add_argument("--out", default=None, help="write the rows and table as JSON here")
-    p.add_argument("--memory-child", choices=("scorer", "naive"), help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = parser(
+        __doc__.splitlines()[0], prompt=256, candidates=4,
+        length=dict(default=8, type=int, help="tokens per candidate"), batch=2, hidden=256,
+        layers=2, vocab=32000, n_fit=8, repeat=2, no_memory=False, quick=False, out=None,
+        memory_child=dict(choices=("scorer", "naive"), help=argparse.SUPPRESS),
+    ).parse_args(argv)
     if args.quick:
         args.prompt, args.candidates, args.length, args.batch = 12, 3, 3, 2
         args.hidden, args.layers, args.vocab, args.n_fit, args.repeat = 64, 1, 500, 4, 1
     if args.memory_child:
-        print(memory_child(args, args.memory_child, args.vocab))
+        print(json.dumps(memory_child(args, args.memory_child, args.vocab)))
         return 0
 
     peft = build(args, args.vocab)
@@ -174,10 +136,10 @@ def main(argv=None):
     rows = []
     for name, model in (("scorer", scorer), ("naive", naive)):
         with torch.no_grad():
-            score_s = timed(lambda m=model: m(batch), args.repeat)
+            score_s = best_time(lambda m=model: m(batch), args.repeat)
         la = LoRALaplace(model, "classification", n_kfac=16, seed=0)
-        fit_s = timed(lambda la_=la: la_.fit(loader), args.repeat)
-        glm_s = timed(lambda la_=la: la_(batch, link_approx="probit"), args.repeat)
+        fit_s = best_time(lambda la_=la: la_.fit(loader), args.repeat)
+        glm_s = best_time(lambda la_=la: la_(batch, link_approx="probit"), args.repeat)
         rows.append({"method": name, "score_s": score_s, "fit_s": fit_s, "glm_s": glm_s})
     T, C, L, B, V = args.prompt, args.candidates, args.length, args.batch, args.vocab
     rows[0]["logit_values"] = B * (1 + C * (L - 1)) * V
@@ -202,10 +164,7 @@ def main(argv=None):
             f"| {row['glm_s']:.3f}{ratio.format(rows[1]['glm_s'] / row['glm_s'])} "
             f"| {row['logit_values']:,} | {mem[0]} | {mem[1]} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        write_results(args.out, rows, table)
+    finish(lines, rows, args.out)
     if gap > 1e-3:
         print(f"scores differ by {gap}: the comparison is void", file=sys.stderr)
         return 1

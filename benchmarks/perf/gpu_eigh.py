@@ -13,7 +13,7 @@ on the CPU for Grams that live on the GPU (copied over and the eigenvectors back
 
 Run::
 
-    python benchmarks/gpu_eigh.py --out benchmarks/results/gpu-eigh.json
+    python -m benchmarks.perf.gpu_eigh --out benchmarks/results/gpu-eigh.json
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import json
 import time
 
 import torch
-from _results import write_results  # benchmarks/ is the script's folder
+
+from benchmarks.common.results import finish
 
 
 def grams(n: int, m: int, device) -> torch.Tensor:
@@ -80,10 +81,7 @@ def main(argv=None) -> dict:
         lines.append(f"| {r['m']} | {r['n']} | {r['cpu_ms']:.3f} | "
                      f"{r.get('gpu_ms', float('nan')):.3f} | "
                      f"{r.get('gpu_to_cpu_ms', float('nan')):.3f} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        write_results(args.out, rows, table)
+    table = finish(lines, rows, args.out)
     return {"rows": rows, "table": table}
 
 

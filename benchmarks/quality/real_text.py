@@ -42,7 +42,7 @@ the head's initialisation and the order of the batches. Results: mean ± standar
 deviation over seeds, written as JSON and markdown with a reliability diagram and
 risk–coverage curves of the first seed at the largest size.
 
-Run: ``python benchmarks/real_text.py`` (sizes 500 and 2000, seeds 0 1 2, 5 epochs),
+Run: ``python -m benchmarks.quality.real_text`` (sizes 500 and 2000, seeds 0 1 2, 5 epochs),
 ``--levers`` to add the default posterior with one K-FAC choice changed at a time,
 ``--quick`` for the smallest run (the test suite's).
 """
@@ -66,7 +66,6 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
-from _links import monte_carlo, probit  # noqa: E402  (benchmarks/ is the script's folder)
 from laplace import Laplace  # noqa: E402
 from laplace.curvature import CurvlinopsGGN  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
@@ -74,6 +73,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer  # no
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import laplace_llm  # noqa: E402
+from benchmarks._links import monte_carlo, probit  # noqa: E402
 from laplace_llm.app.loading import minilm_path  # noqa: E402
 from laplace_llm.data import make_loader  # noqa: E402
 from laplace_llm.tools import metrics  # noqa: E402
@@ -82,7 +82,7 @@ from laplace_llm.tools.training import train_lora  # noqa: E402
 
 hf_logging.set_verbosity_error()
 
-DATA = Path(__file__).resolve().parent / "data" / "trec6"
+DATA = Path(__file__).resolve().parents[1] / "data" / "trec6"
 CLASSES = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
 METHOD_LABELS = {
     "map": "MAP",

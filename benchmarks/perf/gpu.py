@@ -24,22 +24,22 @@ on a few short sequences: the test suite runs it on CPU (bf16 model, float32 fac
 
 Run on a CUDA machine::
 
-    python benchmarks/gpu.py --out benchmarks/results/gpu-7b.json
+    python -m benchmarks.perf.gpu --out benchmarks/results/gpu-7b.json
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 import warnings
 
 import torch
-from _results import peak_meter, write_results  # benchmarks/ is the script's folder
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks.common.args import parser
+from benchmarks.common.results import peak_meter, write_results
 from laplace_llm import LLMClassifier, LoRALaplace, matrix
 from laplace_llm.matrix import LowRankFactor
 from laplace_llm.tools import memory
@@ -207,27 +207,19 @@ def fmt_table(rows, device_name) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--variants", nargs="+", default=["qv", "all"], choices=list(VARIANTS))
-    ap.add_argument("--n-fit", type=int, default=256)
-    ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--n-pred", type=int, default=64)
     # LoRAKFAC holds every LoRA output's gradient of a batch at once
     # (memory.output_gradient_bytes): 2 × 512 tokens keep that near 1 GiB for q, v
-    ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--pred-batch-size", type=int, default=1)
-    ap.add_argument("--n-kfac", type=int, default=16)
-    ap.add_argument("--fisher", default="mc", choices=["mc", "ggn", "ef"])
-    ap.add_argument("--mc-samples", type=int, default=1)
-    ap.add_argument("--budget-s", type=float, default=420.0,
-                    help="start no new variant after this many seconds")
-    ap.add_argument("--eigh-device", default=matrix.EIGH_DEVICE, choices=["same", "cpu"],
-                    help="where the truncations' small eighs run (laplace_llm.matrix.EIGH_DEVICE)")
-    ap.add_argument("--tiny", action="store_true", help="2 layers, hidden 256, 8 sequences")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
+    args = parser(
+        __doc__, raw=True, device="cuda" if torch.cuda.is_available() else "cpu",
+        dtype=dict(default="bfloat16", choices=["bfloat16", "float16", "float32"]),
+        variants=dict(default=["qv", "all"], nargs="+", choices=list(VARIANTS)),
+        n_fit=256, seq=512, n_pred=64, batch_size=2, pred_batch_size=1, n_kfac=16,
+        fisher=dict(default="mc", choices=["mc", "ggn", "ef"]), mc_samples=1,
+        budget_s=dict(default=420.0, type=float, help="start no new variant after this many seconds"),
+        eigh_device=dict(default=matrix.EIGH_DEVICE, choices=["same", "cpu"],
+                         help="where the truncations' small eighs run (laplace_llm.matrix.EIGH_DEVICE)"),
+        tiny=dict(default=False, help="2 layers, hidden 256, 8 sequences"), out=None,
+    ).parse_args(argv)
     cfg = LLAMA_2_7B
     if args.tiny:
         cfg = TINY

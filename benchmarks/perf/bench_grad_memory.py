@@ -5,14 +5,14 @@ linear layer of its blocks, one batch of ``--batch`` sequences of ``--seq`` toke
 measurement runs in a fresh process, without a warm-up step (a warm-up's freed blocks
 are reused and not counted, which hides the workspace), and reports the resident
 high-water mark above the level before the step (model built, data made) (``peak_meter`` of
-``_results.py``, CPU): the floor (forward + backward of the LoRA weights), ``fit`` with
+``benchmarks/common/results.py``, CPU): the floor (forward + backward of the LoRA weights), ``fit`` with
 the output gradients added to the G factors inside the backward, layer by layer (the
 default, ``LoRAKFAC.stream_output_gradients = True``), and ``fit`` gathering every
 layer's output gradient for the batch first (``False``, the path before). The difference
 between the two fits is the output-gradient workspace that issue 21 asks to remove
 (predicted: ``Σ_layers B·T·d_out`` floats per probe).
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_grad_memory.py --out
+Run: ``OMP_NUM_THREADS=1 python -m benchmarks.perf.bench_grad_memory --out
 benchmarks/results/grad-memory-cpu.json``.
 """
 
@@ -21,28 +21,24 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 
 import torch
-from _results import peak_meter, write_results  # benchmarks/ is the script's folder
+
+from benchmarks.common.args import parser
+from benchmarks.common.results import finish, module_command, peak_meter
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def one(kind: str, hidden: int, layers: int, batch: int, seq: int) -> int:
-    from bench_peers import llama_config
-    from peft import LoraConfig, get_peft_model
     from torch import nn
-    from transformers import LlamaConfig, LlamaForCausalLM
 
+    from benchmarks.common.models import llama_config, lora_llama
     from laplace_llm import LLMClassifier, LoRALaplace
     from laplace_llm.curvature.kfac import LoRAKFAC
 
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**llama_config(hidden, layers))).eval()
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS,
-                                             lora_dropout=0.0))
+    model = lora_llama(llama_config(hidden, layers), TARGETS, b_std=None)
     clf = LLMClassifier(model, [10, 11, 12, 13]).eval()
     x = {"input_ids": torch.randint(0, 1000, (batch, seq)),
          "attention_mask": torch.ones(batch, seq, dtype=torch.long),
@@ -71,23 +67,17 @@ def one(kind: str, hidden: int, layers: int, batch: int, seq: int) -> int:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--kind", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
+    args = parser(__doc__.split("\n\n")[0], hidden=1024, layers=4, batch=4, seq=512,
+                  kind=dict(default=None, help=argparse.SUPPRESS), out=None).parse_args(argv)
     if args.kind:  # the child process
         print(json.dumps(one(args.kind, args.hidden, args.layers, args.batch, args.seq)))
         return
     rows = []
     for kind in ("floor", "fit (streamed)", "fit (gathered)"):
-        out = subprocess.run(
-            [sys.executable, __file__, "--kind", kind, "--hidden", str(args.hidden), "--layers",
-             str(args.layers), "--batch", str(args.batch), "--seq", str(args.seq)],
-            capture_output=True, text=True, check=True)
+        cmd, env = module_command(__spec__.name, [
+            "--kind", kind, "--hidden", str(args.hidden), "--layers", str(args.layers),
+            "--batch", str(args.batch), "--seq", str(args.seq)])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         rows.append({"kind": kind, "peak_bytes": json.loads(out.stdout.strip().splitlines()[-1])})
         print(rows[-1], flush=True)
     floor = rows[0]["peak_bytes"]
@@ -97,10 +87,7 @@ def main(argv=None):
     for r in rows:
         lines.append(f"| {r['kind']} | {r['peak_bytes'] / 2**20:.0f} | "
                      f"{(r['peak_bytes'] - floor) / 2**20:.0f} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        write_results(args.out, rows, table)
+    finish(lines, rows, args.out)
 
 
 if __name__ == "__main__":

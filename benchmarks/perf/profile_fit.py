@@ -3,7 +3,7 @@
 Profiles (``torch.profiler``, CPU) the floor — a plain forward and backward of the LoRA
 weights over the fit data — and ``fit`` with each accumulation (``sketch``, the default,
 and ``truncate``, the incremental truncation it replaced), on the model and data of
-``bench_fit_ratio.py``. Prints, per run, the self CPU time of the operators grouped as
+``benchmarks/perf/bench_fit_ratio.py``. Prints, per run, the self CPU time of the operators grouped as
 matrix products (``mm``, ``addmm``, ``bmm``, ``matmul``, ``linear``), decompositions
 (``linalg_eigh``, ``svd``, ``qr``, ``cholesky``), and everything else, and the operators
 that ``fit`` spends the most time in beyond the floor. The question it answers: is the
@@ -11,24 +11,24 @@ per-batch work of the fit matrix products (GEMM-bound), or small decompositions 
 bookkeeping? (On a GPU, the decompositions run one small matrix at a time, so their
 count is what matters; see ``tests/test_sketch.py`` for that count.)
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/profile_fit.py --hidden 512 --out
+Run: ``OMP_NUM_THREADS=1 python -m benchmarks.perf.profile_fit --hidden 512 --out
 benchmarks/results/profile-fit-cpu.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 from collections import defaultdict
 
 import torch
-from bench_fit_ratio import build, floor  # benchmarks/ is the script's folder
-from bench_peers import Items
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 
+from benchmarks.common.args import parser
+from benchmarks.common.models import Tokens, floor
+from benchmarks.perf.bench_fit_ratio import build
 from laplace_llm import LoRALaplace
 
 GEMM = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
@@ -57,19 +57,10 @@ def group(ops: dict[str, float]) -> dict[str, float]:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"])
-    ap.add_argument("--n-fit", type=int, default=64)
-    ap.add_argument("--seq", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--n-kfac", type=int, default=16)
-    ap.add_argument("--top", type=int, default=8)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
+    args = parser(__doc__.split("\n\n")[0], hidden=512, layers=2, targets=["q_proj", "v_proj"],
+                  n_fit=64, seq=32, batch_size=8, n_kfac=16, top=8, out=None).parse_args(argv)
     clf = build(args.hidden, args.layers, args.targets)
-    loader = DataLoader(Items(args.n_fit, args.seq, 1024, 0), batch_size=args.batch_size)
+    loader = DataLoader(Tokens(args.n_fit, args.seq, 1024, seed=0), batch_size=args.batch_size)
     runs = {
         "floor": lambda: floor(clf, loader),
         "fit (sketch)": lambda: LoRALaplace(clf, "classification", n_kfac=args.n_kfac,
@@ -98,7 +89,7 @@ def main(argv=None):
         machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads")
         with open(args.out, "w") as fh:
-            json.dump({"command": "OMP_NUM_THREADS=1 python benchmarks/profile_fit.py "
+            json.dump({"command": "OMP_NUM_THREADS=1 python -m benchmarks.perf.profile_fit "
                        f"--hidden {args.hidden} --out {args.out}", "machine": machine,
                        "groups": groups, "table": text}, fh, indent=1)
 

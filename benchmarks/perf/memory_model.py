@@ -5,9 +5,9 @@ tensors each posterior keeps (float32 numbers; LoRA r=8). Before printing them t
 script checks the formula against the bytes measured on fitted posteriors
 (``LoRALaplace.posterior_nbytes``) at Llama shapes that run on a CPU, for both
 adapter placements; the peers' formulas are checked byte for byte in
-``tests/tools/test_memory.py`` and ``benchmarks/bench_peers.py``.
+``tests/tools/test_memory.py`` and ``benchmarks/perf/bench_peers.py``.
 
-Run: ``python benchmarks/memory_model.py --out benchmarks/results/memory-model.json``.
+Run: ``python -m benchmarks.perf.memory_model --out benchmarks/results/memory-model.json``.
 """
 
 from __future__ import annotations
@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import warnings
 
-import torch
-from _results import write_results  # benchmarks/ is the script's folder
-from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks.common.models import Tokens, llama_config, lora_llama
+from benchmarks.common.results import write_results
 from laplace_llm import LLMClassifier, LoRALaplace
 from laplace_llm.tools import memory
 
@@ -58,31 +56,14 @@ def human(b: int) -> str:
     return f"{b} B"
 
 
-class Items(torch.utils.data.Dataset):
-    def __init__(self, n, T, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(20, 1024, (n, T), generator=g)
-        self.labels = torch.randint(0, 4, (n,), generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]),
-                "labels": self.labels[i]}
-
-
 def check(hidden: int, layers: int, targets: list[str], n_kfac: int) -> dict:
     """Fit on 32 sequences (more than n_kfac, so the data span every kept direction)."""
-    cfg = dict(hidden_size=hidden, intermediate_size=int(round(hidden * 2.6875 / 64)) * 64,
-               num_attention_heads=hidden // 64, num_key_value_heads=max(hidden // 128, 1),
-               num_hidden_layers=layers, vocab_size=1024)
-    torch.manual_seed(0)
-    model = get_peft_model(LlamaForCausalLM(LlamaConfig(**cfg)).eval(),
-                           LoraConfig(r=R, target_modules=targets, init_lora_weights=False))
+    # LlamaConfig's default context (2048), peft's default lora_alpha (8)
+    cfg = llama_config(hidden, layers, max_positions=2048, kv_heads=max(hidden // 128, 1))
+    model = lora_llama(cfg, targets, R, b_std=None, lora_alpha=8, init_lora_weights=False)
     clf = LLMClassifier(model, [10, 11, 12, 13]).eval()
     la = LoRALaplace(clf, "classification", n_kfac=n_kfac)
-    la.fit(DataLoader(Items(max(32, 2 * n_kfac), 8), batch_size=16))
+    la.fit(DataLoader(Tokens(max(32, 2 * n_kfac), 8), batch_size=16))
     return {"hidden": hidden, "layers": layers, "targets": targets, "n_kfac": n_kfac,
             "measured_bytes": la.posterior_nbytes(),
             "formula_bytes": memory.posterior_bytes(cfg, targets, R, n_kfac=n_kfac)}

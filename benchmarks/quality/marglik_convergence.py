@@ -1,30 +1,26 @@
 """Does marglik converge? laplace-torch's single Adam loop against the restarted one.
 
-On the real-text setting of ``benchmarks/real_text.py`` (MiniLM + LoRA fine-tuned on 500
+On the real-text setting of ``benchmarks/quality/real_text.py`` (MiniLM + LoRA fine-tuned on 500
 TREC-6 questions, seed 0), fits the default posterior once and tunes its prior by the
 linearised evidence (``evidence="linearised"``, an option) twice: with laplace-torch's ``optimize_prior_precision`` loop alone
 (100 Adam steps on log δ from δ = 1) and with :class:`~laplace_llm.LoRALaplace`'s, which
 restarts that loop until it converges. For each it prints δ, the log evidence and the
 evidence's slope in log δ, then the log evidence on a grid of δ.
 
-Run: ``python benchmarks/marglik_convergence.py`` (about a minute on 2 CPU cores).
+Run: ``python -m benchmarks.quality.marglik_convergence`` (about a minute on 2 CPU cores).
 """
 
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
 import torch
+from laplace import Laplace
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import real_text as rt  # noqa: E402  (the benchmark's data, model and training)
-from laplace import Laplace  # noqa: E402
-
-from laplace_llm.data import make_loader  # noqa: E402
-from laplace_llm.posterior.base import LoRALaplaceBase  # noqa: E402
-from laplace_llm.tools.training import train_lora  # noqa: E402
+from benchmarks.quality import real_text as rt  # the benchmark's data, model and training
+from laplace_llm.data import make_loader
+from laplace_llm.posterior.base import LoRALaplaceBase
+from laplace_llm.tools.training import train_lora
 
 
 def slope(la) -> float:

@@ -24,7 +24,7 @@ one process, as ratios to its floor (absolute times on a shared machine are nois
 
 The table of BENCHMARKS.md::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_seq_len.py --lengths 256 1024 2048 4096 \\
+    OMP_NUM_THREADS=1 python -m benchmarks.perf.bench_seq_len --lengths 256 1024 2048 4096 \\
         --out benchmarks/results/seq-len-cpu.json
 
 ``--quick`` uses tiny sizes (for the test that runs this script).
@@ -39,18 +39,18 @@ import sys
 import warnings
 
 import torch
-from _results import (  # benchmarks/ is the script's folder
+from torch import nn
+from torch.utils.data import DataLoader
+
+from benchmarks.common.args import parser
+from benchmarks.common.models import Tokens, floor, llama_config, lora_llama
+from benchmarks.common.results import (
     best_time,
     child_peak_mib,
     peak_meter,
     release_memory,
     write_results,
 )
-from peft import LoraConfig, get_peft_model
-from torch import nn
-from torch.utils.data import DataLoader
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from laplace_llm import LLMClassifier, LoRALaplace
 
 warnings.filterwarnings("ignore")
@@ -59,43 +59,8 @@ TARGETS = [10, 11, 12, 13]
 
 
 def build(args, vocab: int, T: int) -> LLMClassifier:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=args.hidden,
-        intermediate_size=int(round(args.hidden * 2.6875 / 64)) * 64 or 2 * args.hidden,
-        num_hidden_layers=args.layers, num_attention_heads=max(args.hidden // 64, 1),
-        num_key_value_heads=max(args.hidden // 64, 1), max_position_embeddings=max(T, 512),
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                             lora_dropout=0.0))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            nn.init.normal_(p, std=0.02)
+    model = lora_llama(llama_config(args.hidden, args.layers, vocab, max_positions=max(T, 512)))
     return LLMClassifier(model, TARGETS, center=True).eval()
-
-
-class Items(torch.utils.data.Dataset):
-    """``n`` random sequences of ``T`` tokens with labels in ``range(len(TARGETS))``."""
-
-    def __init__(self, n, T, vocab, seed):
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(20, vocab, (n, T), generator=g)
-        self.labels = torch.randint(0, len(TARGETS), (n,), generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]),
-                "labels": self.labels[i]}
-
-
-def floor(clf, batches):
-    for batch in batches:
-        f = clf(batch)
-        nn.functional.cross_entropy(f, batch["labels"], reduction="sum").backward()
-    clf.zero_grad(set_to_none=True)
 
 
 def full_logits(clf, batches):
@@ -109,9 +74,9 @@ def full_logits(clf, batches):
 
 
 def steps(args, clf, vocab, T):
-    loader = DataLoader(Items(args.n_fit, T, vocab, 0), batch_size=1)
+    loader = DataLoader(Tokens(args.n_fit, T, vocab, seed=0), batch_size=1)
     batches = list(loader)
-    pred = next(iter(DataLoader(Items(1, T, vocab, 1), batch_size=1)))
+    pred = next(iter(DataLoader(Tokens(1, T, vocab, seed=1), batch_size=1)))
     fns = {
         "floor": lambda: floor(clf, batches),
         "full logits": lambda: full_logits(clf, batches),
@@ -143,7 +108,7 @@ def memory_child(args, vocab, T, method):
 
 
 def measure_memory(args, vocab, T, method):
-    return child_peak_mib(__file__, [
+    return child_peak_mib(__spec__.name, [
         "--memory-child", str(vocab), str(T), method, "--hidden", str(args.hidden),
         "--layers", str(args.layers), "--n-fit", str(args.n_fit)])
 
@@ -201,20 +166,11 @@ def table(rows, args) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048, 4096])
-    p.add_argument("--vocabs", type=int, nargs="+", default=[1024, 49152])
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--n-fit", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=1)
-    p.add_argument("--no-memory", action="store_true", help="skip the child-process memory runs")
-    p.add_argument("--quick", action="store_true", help="tiny sizes (for the test)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=None, help="write the rows and table as JSON here")
-    p.add_argument("--memory-child", nargs=3, metavar=("V", "T", "METHOD"),
-                   help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = parser(
+        __doc__.splitlines()[0], lengths=[256, 1024, 2048, 4096], vocabs=[1024, 49152],
+        hidden=256, layers=2, n_fit=2, repeat=1, no_memory=False, quick=False, threads=1,
+        out=None, memory_child=dict(nargs=3, metavar=("V", "T", "METHOD"), help=argparse.SUPPRESS),
+    ).parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
         args.lengths, args.vocabs, args.hidden, args.layers = [16, 64], [128, 2048], 64, 1

@@ -32,7 +32,7 @@ machine are noise; the ratios are what to read).
 
 The table of BENCHMARKS.md::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_classes.py --classes 4 16 100 1000 \\
+    OMP_NUM_THREADS=1 python -m benchmarks.perf.bench_classes --classes 4 16 100 1000 \\
         --scorer-classes 4 16 100 --out benchmarks/results/classes-cpu.json
 
 ``--quick`` uses tiny sizes (for the test that runs this script).
@@ -47,19 +47,20 @@ import sys
 import warnings
 
 import torch
-from _results import (  # benchmarks/ is the script's folder
+from tokenizers import Tokenizer, models, pre_tokenizers
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerFast
+
+from benchmarks.common.args import parser
+from benchmarks.common.models import Tokens, floor, llama_config, lora_llama
+from benchmarks.common.results import (
     best_time,
     child_peak_mib,
     peak_meter,
     release_memory,
     write_results,
 )
-from peft import LoraConfig, get_peft_model
-from tokenizers import Tokenizer, models, pre_tokenizers
-from torch import nn
-from torch.utils.data import DataLoader
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
 from laplace_llm import CandidateScorer, LLMClassifier, LoRALaplace
 
 warnings.filterwarnings("ignore")
@@ -78,22 +79,10 @@ def tokenizer(vocab: int) -> PreTrainedTokenizerFast:
 
 
 def build(args, kind: str, C: int):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden,
-        intermediate_size=int(round(args.hidden * 2.6875 / 64)) * 64 or 2 * args.hidden,
-        num_hidden_layers=args.layers, num_attention_heads=max(args.hidden // 64, 1),
-        num_key_value_heads=max(args.hidden // 64, 1), max_position_embeddings=1024,
-    )
-    model = LlamaForCausalLM(cfg).eval()
     # logits of a pretrained model's scale (std about 3 over the vocabulary), not the
     # near-uniform ones of transformers' initialisation (std 0.02·√hidden)
-    nn.init.normal_(model.lm_head.weight, std=3 / args.hidden**0.5)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                             lora_dropout=0.0))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            nn.init.normal_(p, std=0.02)
+    model = lora_llama(llama_config(args.hidden, args.layers, args.vocab, max_positions=1024),
+                       lm_head_std=3 / args.hidden**0.5)
     tok = tokenizer(args.vocab)
     if kind == "choices":
         return LLMClassifier.from_choices(model, tok, [f" w{i}" for i in range(C)],
@@ -102,25 +91,9 @@ def build(args, kind: str, C: int):
                                       center=True).eval()
 
 
-class Items(torch.utils.data.Dataset):
-    """``n`` random sequences of ``T`` tokens (ids above every answer's) with labels below C."""
-
-    def __init__(self, n, T, vocab, C, seed):
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(vocab // 2, vocab, (n, T), generator=g)
-        self.labels = torch.randint(0, C, (n,), generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]),
-                "labels": self.labels[i]}
-
-
 def data(args, C):
-    loader = DataLoader(Items(args.n_fit, args.seq, args.vocab, C, 0), batch_size=args.batch)
-    pred = next(iter(DataLoader(Items(args.batch, args.seq, args.vocab, C, 1),
+    loader = DataLoader(Tokens(args.n_fit, args.seq, args.vocab, C, 0, low=args.vocab // 2), batch_size=args.batch)
+    pred = next(iter(DataLoader(Tokens(args.batch, args.seq, args.vocab, C, 1, low=args.vocab // 2),
                                 batch_size=args.batch)))
     return loader, pred
 
@@ -135,13 +108,6 @@ def train(clf, loader, steps):
             opt.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(clf(batch), batch["labels"]).backward()
             opt.step()
-    clf.zero_grad(set_to_none=True)
-
-
-def floor(clf, batches):
-    for batch in batches:
-        f = clf(batch)
-        nn.functional.cross_entropy(f, batch["labels"], reduction="sum").backward()
     clf.zero_grad(set_to_none=True)
 
 
@@ -217,7 +183,7 @@ def memory_child(args, kind, C, method):
 
 
 def measure_memory(args, kind, C, method):
-    return child_peak_mib(__file__, [
+    return child_peak_mib(__spec__.name, [
         "--memory-child", kind, str(C), method, "--hidden", str(args.hidden), "--layers",
         str(args.layers), "--vocab", str(args.vocab), "--seq", str(args.seq), "--batch",
         str(args.batch), "--n-fit", str(args.n_fit), "--samples", str(args.samples),
@@ -344,26 +310,15 @@ def table(rows, args) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--classes", type=int, nargs="+", default=[4, 16, 100, 1000])
-    p.add_argument("--scorer-classes", type=int, nargs="*", default=[4, 16, 100])
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=2560)
-    p.add_argument("--seq", type=int, default=32)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--n-fit", type=int, default=16)
-    p.add_argument("--samples", type=int, default=20, help="NN predictive samples")
-    p.add_argument("--top-k", type=int, nargs="+", default=[10, 100])
-    p.add_argument("--train-steps", type=int, default=20,
-                   help="Adam steps (epochs over the fit data) before measuring")
-    p.add_argument("--repeat", type=int, default=1)
-    p.add_argument("--no-memory", action="store_true", help="skip the child-process memory runs")
-    p.add_argument("--quick", action="store_true", help="tiny sizes (for the test)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=None, help="write the rows and table as JSON here")
-    p.add_argument("--memory-child", nargs=3, metavar=("KIND", "C", "METHOD"),
-                   help=argparse.SUPPRESS)
+    p = parser(
+        __doc__.splitlines()[0], classes=[4, 16, 100, 1000],
+        scorer_classes=dict(default=[4, 16, 100], nargs="*"), hidden=128, layers=2, vocab=2560,
+        seq=32, batch=8, n_fit=16, samples=dict(default=20, type=int, help="NN predictive samples"),
+        top_k=[10, 100], train_steps=dict(default=20, type=int, help="Adam steps (epochs over "
+                                          "the fit data) before measuring"),
+        repeat=1, no_memory=False, quick=False, threads=1, out=None,
+        memory_child=dict(nargs=3, metavar=("KIND", "C", "METHOD"), help=argparse.SUPPRESS),
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:

@@ -11,8 +11,12 @@ import platform
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+#: The repository root: ``python -m benchmarks.<folder>.<script>`` runs from here.
+ROOT = Path(__file__).resolve().parents[2]
 
 PACKAGES = ("torch", "transformers", "peft", "laplace-torch", "curvlinops-for-pytorch",
             "asdfghjkl", "bayesian-lora", "laplace-llm")
@@ -84,6 +88,31 @@ def peak_meter(device):
     return start, stop
 
 
+def command() -> str:
+    """The command line of this process: ``python -m <module> ...`` for a script run as a module."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return " ".join(["python", "-m", spec.name, *sys.argv[1:]])
+    return "python " + " ".join(sys.argv)
+
+
+def module_command(module: str, argv: list[str]) -> tuple[list[str], dict]:
+    """``(command, environment)`` that run benchmark ``module`` (``benchmarks.perf.x``) with
+    ``argv`` in a fresh process, from any working directory."""
+    path = os.environ.get("PYTHONPATH", "")
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
+    return [sys.executable, "-m", module, *argv], env
+
+
+def finish(lines: list[str], rows, out: str | None) -> str:
+    """Print the table ``lines`` and, with ``out``, write it with ``rows`` (:func:`write_results`)."""
+    table = "\n".join(lines)
+    print(table)
+    if out:
+        write_results(out, rows, table)
+    return table
+
+
 def write_results(path: str, rows: list[dict], table: str) -> None:
     """JSON with ``command``, ``machine`` (platform, cores, torch threads, load when written, GPU),
     ``versions``, ``rows`` and the printed ``table``."""
@@ -91,7 +120,7 @@ def write_results(path: str, rows: list[dict], table: str) -> None:
     with open(path, "w") as fh:
         json.dump(
             {
-                "command": "python " + " ".join(sys.argv),
+                "command": command(),
                 "machine": {**machine(), "torch": torch.__version__},
                 "versions": versions(),
                 "rows": rows,
@@ -123,11 +152,11 @@ def release_memory() -> None:
         pass
 
 
-def child_peak_mib(script: str, argv: list[str]) -> float | None:
-    """Run ``script`` with ``argv`` in a fresh single-threaded process whose last printed line
-    is a JSON peak in bytes (or ``null``); that peak in MiB."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, os.path.abspath(script), *argv],
-                         capture_output=True, text=True, check=True, env=env)
+def child_peak_mib(module: str, argv: list[str]) -> float | None:
+    """Run benchmark ``module`` with ``argv`` in a fresh single-threaded process whose last
+    printed line is a JSON peak in bytes (or ``null``); that peak in MiB."""
+    cmd, env = module_command(module, argv)
+    env = {**env, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     value = json.loads(out.stdout.strip().splitlines()[-1])
     return None if value is None else value / 2**20

@@ -10,52 +10,35 @@ minima. Model and data are those of ``bench_lora_laplace.py`` (Llama-shaped, 2 l
 LoRA r=8 on ``--targets``, 64 sequences of 32 tokens in batches of 8, mc Fisher,
 ``n_kfac`` 16).
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_fit_ratio.py --hidden 512 1024 --repeat 7
+Run: ``OMP_NUM_THREADS=1 python -m benchmarks.perf.bench_fit_ratio --hidden 512 1024 --repeat 7
 --out benchmarks/results/fit-ratio-cpu.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 import warnings
 
-import torch
-from _results import write_results  # benchmarks/ is the script's folder
-from bench_peers import Items, llama_config
-from peft import LoraConfig, get_peft_model
-from torch import nn
 from torch.utils.data import DataLoader
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks.common.args import parser
+from benchmarks.common.models import Tokens, floor, llama_config, lora_llama
+from benchmarks.common.results import finish
 from laplace_llm import LLMClassifier, LoRALaplace
 
 warnings.filterwarnings("ignore")
 
 
 def build(hidden, layers, targets):
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**llama_config(hidden, layers))).eval()
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets,
-                                             lora_dropout=0.0))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            nn.init.normal_(p, std=0.02)
+    model = lora_llama(llama_config(hidden, layers), targets)
     return LLMClassifier(model, [10, 11, 12, 13]).eval()
-
-
-def floor(clf, loader):
-    for batch in loader:
-        f = clf(batch)
-        nn.functional.cross_entropy(f, batch["labels"], reduction="sum").backward()
-    clf.zero_grad(set_to_none=True)
 
 
 def run(hidden, args) -> dict:
     clf = build(hidden, args.layers, args.targets)
-    loader = DataLoader(Items(args.n_fit, args.seq, 1024, 0), batch_size=args.batch_size)
+    loader = DataLoader(Tokens(args.n_fit, args.seq, 1024, seed=0), batch_size=args.batch_size)
     steps = {
         "floor": lambda: floor(clf, loader),
         "shared": lambda: LoRALaplace(clf, "classification", n_kfac=args.n_kfac, seed=0).fit(loader),
@@ -80,17 +63,8 @@ def run(hidden, args) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, nargs="+", default=[512, 1024])
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"])
-    ap.add_argument("--n-fit", type=int, default=64)
-    ap.add_argument("--seq", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--n-kfac", type=int, default=16)
-    ap.add_argument("--repeat", type=int, default=7)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
+    args = parser(__doc__, raw=True, hidden=[512, 1024], layers=2, targets=["q_proj", "v_proj"],
+                  n_fit=64, seq=32, batch_size=8, n_kfac=16, repeat=7, out=None).parse_args(argv)
     rows = []
     for h in args.hidden:
         rows.append(run(h, args))
@@ -109,10 +83,7 @@ def main(argv=None):
             f"{r['truncate_min_s']:.2f} ({r['truncate_median_s']:.2f}) "
             f"{r['truncate_min_s'] / f:.2f}× |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        write_results(args.out, rows, table)
+    finish(lines, rows, args.out)
 
 
 if __name__ == "__main__":

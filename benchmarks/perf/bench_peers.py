@@ -25,27 +25,27 @@ fails on this model, gets a row saying so.
 
 Example (the table of BENCHMARKS.md)::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_peers.py --sizes 512x2 1024x2 2048x2 512x4 \\
+    OMP_NUM_THREADS=1 python -m benchmarks.perf.bench_peers --sizes 512x2 1024x2 2048x2 512x4 \\
         --out benchmarks/results/peers-cpu.json
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import time
 import warnings
 
 import torch
-from _results import peak_meter, versions, write_results  # benchmarks/: the script's folder
 from laplace import Laplace
 from laplace.curvature import AsdlGGN, CurvlinopsGGN
-from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks.common.args import parser
+from benchmarks.common.models import Tokens, llama_config, lora_llama
+from benchmarks.common.models import floor as floor_fit
+from benchmarks.common.results import peak_meter, versions, write_results
 from laplace_llm import LLMClassifier, LoRALaplace
 from laplace_llm.tools import memory
 
@@ -61,43 +61,8 @@ except ImportError:  # reported in the table, not silently dropped
     bayesian_lora = None
 
 
-class Items(torch.utils.data.Dataset):
-    """``n`` random sequences of ``T`` tokens with labels in ``range(len(TARGETS))``."""
-
-    def __init__(self, n, T, vocab, seed):
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(20, vocab, (n, T), generator=g)
-        self.labels = torch.randint(0, len(TARGETS), (n,), generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {
-            "input_ids": self.ids[i],
-            "attention_mask": torch.ones_like(self.ids[i]),
-            "labels": self.labels[i],
-        }
-
-
-def llama_config(hidden: int, layers: int) -> dict:
-    """Llama-2 proportions: intermediate 2.6875·h, heads of 64."""
-    return dict(
-        vocab_size=1024, hidden_size=hidden, intermediate_size=int(round(hidden * 2.6875 / 64)) * 64,
-        num_hidden_layers=layers, num_attention_heads=max(hidden // 64, 1),
-        num_key_value_heads=max(hidden // 64, 1), max_position_embeddings=512,
-    )
-
-
 def build(cfg: dict, device, seed: int = 0) -> LLMClassifier:
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
-    model = get_peft_model(
-        model, LoraConfig(r=LORA_R, lora_alpha=16, target_modules=LORA_MODULES, lora_dropout=0.0)
-    )
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            nn.init.normal_(p, std=0.02)
+    model = lora_llama(cfg, LORA_MODULES, LORA_R, seed=seed)
     return LLMClassifier(model, TARGETS).eval().to(device)
 
 
@@ -117,13 +82,6 @@ def measured(fn, device):
         if i == 0:
             peak = stop(base)
     return best, peak, out
-
-
-def floor_fit(clf, loader):
-    for batch in loader:
-        f = clf(batch)
-        nn.functional.cross_entropy(f, batch["labels"].to(f.device), reduction="sum").backward()
-    clf.zero_grad(set_to_none=True)
 
 
 def floor_glm(clf, batch):
@@ -160,10 +118,10 @@ def run_size(hidden: int, layers: int, args, device) -> list[dict]:
     cfg = llama_config(hidden, layers)
     clf = build(cfg, device)
     to_dev = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
-    fit_batches = [to_dev(b) for b in DataLoader(Items(args.n_fit, args.seq, 1024, 0),
+    fit_batches = [to_dev(b) for b in DataLoader(Tokens(args.n_fit, args.seq, 1024, seed=0),
                                                  batch_size=args.batch_size)]
-    fit_loader = DataLoader(Items(args.n_fit, args.seq, 1024, 0), batch_size=args.batch_size)
-    pred = to_dev(next(iter(DataLoader(Items(args.n_pred, args.seq, 1024, 1), batch_size=args.n_pred))))
+    fit_loader = DataLoader(Tokens(args.n_fit, args.seq, 1024, seed=0), batch_size=args.batch_size)
+    pred = to_dev(next(iter(DataLoader(Tokens(args.n_pred, args.seq, 1024, seed=1), batch_size=args.n_pred))))
     n_pred = args.n_pred
     size = {"hidden": hidden, "layers": layers}
     rows = []
@@ -310,22 +268,16 @@ def fmt_table(rows) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", nargs="+", default=["512x2", "1024x2", "2048x2", "512x4"],
-                    help="HIDDENxLAYERS")
-    ap.add_argument("--n-fit", type=int, default=32)
-    ap.add_argument("--n-pred", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--n-kfac", type=int, nargs="+", default=[8, 16, 64])
-    ap.add_argument("--fisher", nargs="+", default=["mc", "ggn"], choices=["mc", "ggn", "ef"])
-    ap.add_argument("--laplace-torch-max-hidden", type=int, default=2048)
-    ap.add_argument("--repeat", type=int, default=1, help="report the fastest of this many runs")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--tiny", action="store_true",
-                    help="smallest run (tests): one 256x1 size, 8 sequences of 8 tokens")
-    ap.add_argument("--out", default=None, help="write rows, machine and versions as JSON here")
-    args = ap.parse_args(argv)
+    args = parser(
+        __doc__, raw=True,
+        sizes=dict(default=["512x2", "1024x2", "2048x2", "512x4"], help="HIDDENxLAYERS"),
+        n_fit=32, n_pred=8, seq=32, batch_size=8, n_kfac=[8, 16, 64],
+        fisher=dict(default=["mc", "ggn"], nargs="+", choices=["mc", "ggn", "ef"]),
+        laplace_torch_max_hidden=2048, repeat=1,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        tiny=dict(default=False, help="smallest run (tests): one 256x1 size, 8 sequences of 8 tokens"),
+        out=None,
+    ).parse_args(argv)
     if args.tiny:
         args.sizes, args.n_fit, args.n_pred, args.seq, args.batch_size = ["256x1"], 8, 2, 8, 4
         args.n_kfac = [8]
