@@ -24,8 +24,8 @@ from laplace_llm.data import (
 )
 from laplace_llm.data.loaders import _Collator
 from laplace_llm.distributed import shard
-from tests.data.test_batches import write_lines
 from tests.fixtures.models import TINY_WORDS, tiny_llama_lora, tiny_tokenizer
+from tests.fixtures.records import write_lines
 
 WORDS = [w for w in TINY_WORDS[4:] if len(w) > 1]  # words and fillers, no letters
 
