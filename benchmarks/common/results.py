@@ -152,6 +152,16 @@ def release_memory() -> None:
         pass
 
 
+def cpu_peak(fn) -> int | None:
+    """Resident-memory peak (bytes) of one call of ``fn`` above the level before it, after
+    :func:`release_memory` (``None`` where :func:`peak_meter` has no meter)."""
+    release_memory()
+    start, stop = peak_meter("cpu")
+    base = start()
+    fn()
+    return stop(base)
+
+
 def child_peak_mib(module: str, argv: list[str]) -> float | None:
     """Run benchmark ``module`` with ``argv`` in a fresh single-threaded process whose last
     printed line is a JSON peak in bytes (or ``null``); that peak in MiB."""

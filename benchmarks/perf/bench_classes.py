@@ -54,13 +54,7 @@ from transformers import PreTrainedTokenizerFast
 
 from benchmarks.common.args import parser
 from benchmarks.common.models import Tokens, floor, llama_config, lora_llama
-from benchmarks.common.results import (
-    best_time,
-    child_peak_mib,
-    peak_meter,
-    release_memory,
-    write_results,
-)
+from benchmarks.common.results import best_time, child_peak_mib, cpu_peak, finish
 from laplace_llm import CandidateScorer, LLMClassifier, LoRALaplace
 
 warnings.filterwarnings("ignore")
@@ -175,11 +169,7 @@ def memory_child(args, kind, C, method):
     loader, pred = data(args, C)
     fns, _ = steps(args, clf, loader, pred, C)
     floor(clf, [pred])  # warm-up of the model's lazy initialisations
-    release_memory()
-    start, stop = peak_meter("cpu")
-    base = start()
-    fns[method]()
-    return stop(base)
+    return cpu_peak(fns[method])
 
 
 def measure_memory(args, kind, C, method):
@@ -338,10 +328,7 @@ def main(argv=None):
         rows.extend(run(args, "choices", C))
     for C in args.scorer_classes:
         rows.extend(run(args, "scorer", C))
-    text = table(rows, args)
-    print(text)
-    if args.out:
-        write_results(args.out, rows, text)
+    finish([table(rows, args)], rows, args.out)
     return 0
 
 

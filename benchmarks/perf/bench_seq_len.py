@@ -44,13 +44,7 @@ from torch.utils.data import DataLoader
 
 from benchmarks.common.args import parser
 from benchmarks.common.models import Tokens, floor, llama_config, lora_llama
-from benchmarks.common.results import (
-    best_time,
-    child_peak_mib,
-    peak_meter,
-    release_memory,
-    write_results,
-)
+from benchmarks.common.results import best_time, child_peak_mib, cpu_peak, finish
 from laplace_llm import LLMClassifier, LoRALaplace
 
 warnings.filterwarnings("ignore")
@@ -100,11 +94,7 @@ def memory_child(args, vocab, T, method):
     clf = build(args, vocab, T)
     fns, batches = steps(args, clf, vocab, T)
     floor(clf, batches[:1])  # warm-up of the model's lazy initialisations
-    release_memory()
-    start, stop = peak_meter("cpu")
-    base = start()
-    fns[method]()
-    return stop(base)
+    return cpu_peak(fns[method])
 
 
 def measure_memory(args, vocab, T, method):
@@ -182,10 +172,7 @@ def main(argv=None):
     for vocab in args.vocabs:
         for T in args.lengths:
             rows.extend(run(args, vocab, T))
-    text = table(rows, args)
-    print(text)
-    if args.out:
-        write_results(args.out, rows, text)
+    finish([table(rows, args)], rows, args.out)
     return 0
 
 
