@@ -162,11 +162,13 @@ def cpu_peak(fn) -> int | None:
     return stop(base)
 
 
-def child_peak_mib(module: str, argv: list[str]) -> float | None:
+def child_peak_mib(module: str, argv: list[str], mmap_threshold: int = 65536) -> float | None:
     """Run benchmark ``module`` with ``argv`` in a fresh single-threaded process whose last
-    printed line is a JSON peak in bytes (or ``null``); that peak in MiB."""
+    printed line is a JSON peak in bytes (or ``null``); that peak in MiB. glibc's mmap
+    threshold is fixed at ``mmap_threshold`` bytes there, so that freed large blocks leave
+    the resident set."""
     cmd, env = module_command(module, argv)
-    env = {**env, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = {**env, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(mmap_threshold)}
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     value = json.loads(out.stdout.strip().splitlines()[-1])
     return None if value is None else value / 2**20

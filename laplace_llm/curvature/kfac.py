@@ -200,6 +200,7 @@ class LoRAKFAC(CurvatureInterface):
             dtype=self.factor_dtype(),
             sketch_size=self.options.sketch_columns,
             sketch_seed=self.options.sketch_seed,
+            names=[b.name for b in self.blocks],
         )
 
     # ------------------------------------------------------------------- probes

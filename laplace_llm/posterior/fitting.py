@@ -64,7 +64,15 @@ class LoRAFitting:
             ``(X, y)`` tuples; ``train_loader.dataset`` must have a length. Regression
             targets are floats of shape ``(batch, k)``.
         override : bool, default True
-            ``False`` adds this data to the current fit, as laplace-torch does.
+            ``False`` adds this data to the current fit, as laplace-torch does. A
+            low-rank factor of the current fit is its kept rank-``k`` root plus its
+            isotropic remainder ``ρ (I − Q Qᵀ)``: the root is summed with the new data
+            (through the sketch), cut to rank ``k``, and the remainder is carried into
+            the sum's kept eigenpairs by Rayleigh–Ritz on their span
+            (:meth:`~laplace_llm.matrix.LowRankFactor.add_isotropic_`), so each kept
+            eigenvalue moves towards the completed sum's by at most ``ρ``. What the old
+            truncation discarded beyond that isotropic estimate stays lost: the
+            directions it dropped cannot return. The exact traces add up.
         progress_bar : bool, default False
             tqdm bar over batches.
         distributed : bool, default False

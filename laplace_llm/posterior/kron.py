@@ -106,7 +106,22 @@ class LoRALaplace(LoRALaplaceBase, KronLaplace):
         n_old = self.n_data
         old = self._rescale_A(self.H_facs, n_old / (n_old + N))
         new = self._rescale_A(H_new, N / (n_old + N))
-        self.H_facs = (old + new).compress_()
+        # the old factors' isotropic remainders ρ (I − Q Qᵀ) are not in their roots, so
+        # not in the sum's sketch: carry them into the sum's kept eigenpairs
+        carried = {}
+        for F in old.kfacs:
+            for f in F:
+                if isinstance(f, LowRankFactor) and id(f) not in carried:
+                    lam, Q = f.eigh()
+                    carried[id(f)] = (Q, f.remainder(lam))
+        total = (old + new).compress_()
+        done = set()
+        for F, T in zip(old.kfacs, total.kfacs):
+            for f, t in zip(F, T):
+                if id(f) in carried and id(t) not in done:
+                    done.add(id(t))
+                    t.add_isotropic_(*carried[id(f)])
+        self.H_facs = total
         self.loss = self.loss + loss
         self.n_data = n_old + N
 
@@ -194,6 +209,7 @@ class LoRALaplace(LoRALaplaceBase, KronLaplace):
         self.H_facs = LowRankKron.from_state(
             state_dict["H"], devices=[b.module.weight.device for b in self.blocks],
             sketch_size=self.options.sketch_columns, sketch_seed=self.options.sketch_seed,
+            names=[b.name for b in self.blocks],
         )
 
     def _partial_state(self, H: LowRankKron) -> list:
@@ -214,6 +230,7 @@ class LoRALaplace(LoRALaplaceBase, KronLaplace):
         kron = LowRankKron.from_state(
             state, devices=[b.module.weight.device for b in self.blocks],
             sketch_size=self.options.sketch_columns, sketch_seed=self.options.sketch_seed,
+            names=[b.name for b in self.blocks],
         )
         for row, F in zip(chunks, kron.kfacs):
             for chunk, f in zip(row, F):

@@ -188,15 +188,26 @@ def test_marglik_prior_structures_equal_laplace_torch(fitted, structure):
 
 
 def test_gridsearch_equals_laplace_torch(fitted):
+    """Both searches must pick the same prior inside the grid, not at one of its ends.
+
+    The untrained model on random labels has a validation NLL that falls monotonically as
+    the prior precision falls, so with the NLL both searches stopped at the grid's first
+    value whatever their predictives (the old test). The loss here has its minimum
+    inside: the squared distance of the mean probability of the label to 0.242, which the
+    GLM probit predictive of laplace-torch crosses between priors 1e-2 (0.2443) and 1
+    (0.2379); at 1e-4 it is 0.2483, at 1e4 0.2372. A stateless loss: laplace-torch never
+    resets its default RunningNLLMetric between priors, which LoRALaplace does
+    (tests/prior/test_grid.py)."""
     la, ref = fitted
     val = token_loader(n=6, length=6, seed=11, batch_size=3)
-    # a stateless loss: laplace-torch never resets its default RunningNLLMetric between
-    # priors, which LoRALaplace does (tests/prior/test_grid.py)
     kw = dict(method="gridsearch", val_loader=val, grid_size=12, pred_type="glm",
-              loss=lambda p, y: -p.gather(-1, y[:, None]).log().mean())
+              loss=lambda p, y: (p.gather(-1, y[:, None]).mean() - 0.242).square())
     la.optimize_prior_precision(**kw)
     ref.optimize_prior_precision(**kw)
     torch.testing.assert_close(la.prior_precision, ref.prior_precision)
+    grid = torch.logspace(-4, 4, 12, dtype=la.prior_precision.dtype)
+    chosen = int((grid - la.prior_precision).abs().argmin())
+    assert 0 < chosen < len(grid) - 1 and 1e-2 < float(la.prior_precision) < 1
 
 
 def test_state_dict_round_trip(fitted):
