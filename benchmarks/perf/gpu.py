@@ -41,7 +41,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from benchmarks.common.args import parser
 from benchmarks.common.results import peak_meter, write_results
 from laplace_llm import LLMClassifier, LoRALaplace, matrix
-from laplace_llm.matrix import LowRankFactor
+from laplace_llm.matrix import LowRankFactor, truncation
 from laplace_llm.tools import memory
 
 warnings.filterwarnings("ignore")
@@ -217,7 +217,7 @@ def main(argv=None):
         fisher=dict(default="mc", choices=["mc", "ggn", "ef"]), mc_samples=1,
         budget_s=dict(default=420.0, type=float, help="start no new variant after this many seconds"),
         eigh_device=dict(default=matrix.EIGH_DEVICE, choices=["same", "cpu"],
-                         help="where the truncations' small eighs run (laplace_llm.matrix.EIGH_DEVICE)"),
+                         help="where the truncations' small eighs run (laplace_llm.matrix.truncation.EIGH_DEVICE)"),
         tiny=dict(default=False, help="2 layers, hidden 256, 8 sequences"), out=None,
     ).parse_args(argv)
     cfg = LLAMA_2_7B
@@ -225,7 +225,7 @@ def main(argv=None):
         cfg = TINY
         args.n_fit, args.seq, args.n_pred, args.batch_size, args.pred_batch_size = 8, 16, 4, 4, 2
         args.n_kfac = 8
-    matrix.EIGH_DEVICE = args.eigh_device
+    truncation.EIGH_DEVICE = args.eigh_device  # read where the truncations run
     t0 = time.perf_counter()
     device = torch.device(args.device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

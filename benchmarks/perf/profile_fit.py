@@ -9,7 +9,7 @@ matrix products (``mm``, ``addmm``, ``bmm``, ``matmul``, ``linear``), decomposit
 that ``fit`` spends the most time in beyond the floor. The question it answers: is the
 per-batch work of the fit matrix products (GEMM-bound), or small decompositions and
 bookkeeping? (On a GPU, the decompositions run one small matrix at a time, so their
-count is what matters; see ``tests/test_sketch.py`` for that count.)
+count is what matters; see ``tests/matrix/test_truncation.py`` for that count.)
 
 Run: ``OMP_NUM_THREADS=1 python -m benchmarks.perf.profile_fit --hidden 512 --out
 benchmarks/results/profile-fit-cpu.json``.
