@@ -288,7 +288,7 @@ def test_queued_truncations_give_the_fit_of_one_factor_at_a_time(monkeypatch):
     """Low-rank factors are appended together (their truncations share eigh calls);
     a queue of 1 byte appends each factor as soon as its columns exist, as before.
     Both go through the same truncations, so the curvature is the same."""
-    from laplace_llm.curvature import kfac as curvature
+    from laplace_llm.curvature import kfac_accumulation as curvature
 
     model = LLMClassifier(tiny_llama_lora(seed=3, dtype=DT, target_modules=ALL_LINEAR), TARGET_IDS)
     loader = torch.utils.data.DataLoader(

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from laplace_llm import LLMClassifier, LoRADiagLaplace, LoRALaplace
-from laplace_llm.curvature import kfac
+from laplace_llm.curvature import kfac, kfac_probes
 from laplace_llm.curvature.top_k import expand_covariance, top_classes
 from laplace_llm.matrix import LowRankFactor
 from tests.fixtures.batches import DictDataset, left_pad, token_items
@@ -218,7 +218,7 @@ def test_ggn_factors_from_chunks_of_probes_equal_their_definitions(approx, strea
     """C = 12 ggn probes in chunks of 5, 5, 2 (output gradients gathered per chunk), or
     added in each probe's backward (streamed, the default): factors equal the
     per-sequence definition."""
-    monkeypatch.setattr(kfac, "PROBE_CHUNK", 5)
+    monkeypatch.setattr(kfac_probes, "PROBE_CHUNK", 5)
     monkeypatch.setattr(kfac.LoRAKFAC, "stream_output_gradients", stream)
     clf = LLMClassifier(tiny_llama_lora(seed=0, dtype=DT), TARGETS)
     items = token_items(5, 6, seed=4, min_length=2, n_classes=C)
@@ -277,7 +277,7 @@ def _position_jacobians(clf, module, x):
 
 def test_glm_over_more_classes_than_a_chunk_equals_explicit_jacobians(monkeypatch):
     """C = 20 > PROBE_CHUNK = 16: two chunks of backward passes, as the torch.func GLM."""
-    assert kfac.PROBE_CHUNK == 16
+    assert kfac_probes.PROBE_CHUNK == 16
     targets = list(range(4, 24))
     clf = LLMClassifier(tiny_llama_lora(seed=1, dtype=DT), targets)
     la = LoRALaplace(clf, "classification", n_kfac=4, lr_threshold=0, prior_precision=0.5,
@@ -318,7 +318,7 @@ def test_from_choices_over_a_thousand_single_tokens():
 
 def test_ggn_probes_are_the_columns_of_the_dense_factor_bit_for_bit():
     """Made one at a time (no B × C × C tensor), yet equal to ``diag(√p) − p √pᵀ``."""
-    from laplace_llm.curvature.kfac import _GGNProbes
+    from laplace_llm.curvature.kfac_probes import _GGNProbes
 
     p = torch.softmax(torch.randn(5, 37, dtype=DT, generator=torch.Generator().manual_seed(0)), -1)
     S = torch.diag_embed(p.sqrt()) - p.unsqueeze(-1) * p.sqrt().unsqueeze(-2)
