@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import laplace_llm  # importing registers subset_of_weights="lora"
-from laplace_llm.models.generation import answer_log_likelihood
+from laplace_llm.posterior.generation import answer_log_likelihood
 
 LABELS = [[30, 31], [30, 32, 33], [34]]  # three answers of 2, 3 and 1 tokens
 

@@ -12,9 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from laplace_llm.prior.regression import check_regression_targets
-
-__all__ = ["loader_size", "check_batch"]
+__all__ = ["loader_size", "check_batch", "check_regression_targets"]
 
 
 def loader_size(
@@ -80,7 +78,7 @@ def check_batch(
         keys of the inputs and the labels in dict batches.
     likelihood : str, default "classification"
         ``"regression"`` checks real-valued targets ``(batch, n_outputs)``
-        (:func:`laplace_llm.prior.regression.check_regression_targets`); any other likelihood
+        (:func:`check_regression_targets`); any other likelihood
         integer labels.
     dtype : torch.dtype, optional
         dtype of regression targets (the posterior's); default the targets' own.
@@ -142,3 +140,35 @@ def check_batch(
             f"{n_outputs} outputs; labels must be in 0..{n_outputs - 1}."
         )
     return X, y.to(device)
+
+
+def check_regression_targets(
+    y, batch_size: int, n_outputs: int | None, i: int, device, dtype
+) -> torch.Tensor:
+    """Targets of batch ``i`` as a ``(batch_size, n_outputs)`` floating tensor.
+
+    Raises
+    ------
+    TypeError
+        integer or boolean targets (class labels given to a regression).
+    ValueError
+        a shape other than ``(batch_size, n_outputs)``, or non-finite targets.
+    """
+    if not isinstance(y, torch.Tensor):
+        y = torch.as_tensor(y)
+    if not y.is_floating_point():
+        raise TypeError(
+            f"Targets of batch {i} have dtype {y.dtype}; likelihood='regression' needs "
+            "real-valued targets (float) of shape (batch, k). For class labels use "
+            "likelihood='classification'."
+        )
+    k = n_outputs if n_outputs is not None else (y.shape[-1] if y.ndim == 2 else None)
+    if y.ndim != 2 or y.shape[0] != batch_size or (k is not None and y.shape[1] != k):
+        hint = " (use y.unsqueeze(-1) for one output)" if y.ndim == 1 else ""
+        raise ValueError(
+            f"Targets of batch {i} have shape {tuple(y.shape)}; the model outputs "
+            f"({batch_size}, {k}), and regression targets must have that shape{hint}."
+        )
+    if not bool(torch.isfinite(y).all()):
+        raise ValueError(f"Targets of batch {i} contain NaN or Inf.")
+    return y.to(device=device, dtype=dtype if dtype is not None else y.dtype)

@@ -43,13 +43,11 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
 
 from laplace_llm.errors import CollectiveTimeoutError
-from laplace_llm.matrix import LowRankFactor, LowRankKron, compress_root
 
 __all__ = [
     "process_rank",
     "shard",
     "process_seed",
-    "all_reduce_kron",
     "all_reduce_sum",
     "as_timeout",
     "collective_timeout",
@@ -401,88 +399,3 @@ def all_reduce_sum(value: float | int | torch.Tensor, device=None, group=None, *
     with collective_timeout(timeout, group), collective_step(step, group):
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
-
-
-def _factor_name(i: int, j: int, names: Sequence[str] | None) -> str:
-    name = f" ({names[i]})" if names is not None and i < len(names) else ""
-    side = "G (output gradients)" if j == 0 else "A (inputs)"
-    return f"curvature factor {side} of block {i}{name}"
-
-
-def all_reduce_kron(kron: LowRankKron, group=None, *, timeout: float | timedelta | None = None,
-                    names: Sequence[str] | None = None) -> LowRankKron:
-    """Replace every factor by its sum over the processes of ``group``, in place.
-
-    Parameters
-    ----------
-    kron : LowRankKron
-        this process's curvature, normalised with the global data set size.
-    group : ProcessGroup, optional
-    timeout : float or timedelta, optional
-        seconds after which a rank that has not arrived at a factor's reduction fails it
-        (see :func:`collective_timeout`); default the group's own timeout.
-    names : sequence of str, optional
-        the blocks' names (e.g. ``layers.1.self_attn.q_proj.lora_A``), for the error.
-
-    Returns
-    -------
-    LowRankKron
-        ``kron``, now holding the sum.
-
-    Raises
-    ------
-    CollectiveTimeoutError
-        a rank did not arrive within the timeout, or the connection to one broke; the
-        message names the factor and its block.
-    """
-    with collective_timeout(timeout, group):
-        return _all_reduce_kron(kron, group, names)
-
-
-def _all_reduce_kron(kron: LowRankKron, group, names: Sequence[str] | None) -> LowRankKron:
-    world = dist.get_world_size(group)
-    done: dict[int, object] = {}  # a shared factor is reduced once (in place: not twice!)
-    for i, F in enumerate(kron.kfacs):
-        for j, f in enumerate(F):
-            if id(f) in done:
-                F[j] = done[id(f)]
-                continue
-            what = _factor_name(i, j, names)
-            if not isinstance(f, LowRankFactor):
-                with collective_step(f"all-reduce of the {what}", group):
-                    dist.all_reduce(f, op=dist.ReduceOp.SUM, group=group)
-                done[id(f)] = f
-                continue
-            if f.sketch_size:  # the sketches of the shards add up to the whole data's
-                sketch = f.sketch().clone()
-                with collective_step(f"all-reduce of the sketch of the {what}", group):
-                    dist.all_reduce(sketch, op=dist.ReduceOp.SUM, group=group)
-                trace = f.exact_trace
-                if trace is not None:
-                    trace = trace.clone()
-                    with collective_step(f"all-reduce of the exact trace of the {what}", group):
-                        dist.all_reduce(trace, op=dist.ReduceOp.SUM, group=group)
-                F[j] = LowRankFactor(sketch[:, :0], f.rank, f.chunk, trace, f.sketch_size,
-                                     f.sketch_seed).set_sketch_(sketch)
-                done[id(f)] = F[j]
-                continue
-            f.compress_()
-            width = torch.tensor([f.root.shape[1]], device=f.device)
-            widths = [torch.zeros_like(width) for _ in range(world)]
-            with collective_step(f"gathering the root widths of the {what}", group):
-                dist.all_gather(widths, width, group=group)
-            m = int(max(w.item() for w in widths))
-            # all_gather needs equal shapes: zero columns add nothing to R Rᵀ
-            padded = torch.zeros(f.side, m, device=f.device, dtype=f.dtype)
-            padded[:, : f.root.shape[1]] = f.root
-            roots = [torch.empty_like(padded) for _ in range(world)]
-            with collective_step(f"gathering the roots of the {what}", group):
-                dist.all_gather(roots, padded, group=group)
-            trace = f.exact_trace
-            if trace is not None:  # the exact traces add up (low-rank diagnostics)
-                trace = trace.clone()
-                with collective_step(f"all-reduce of the exact trace of the {what}", group):
-                    dist.all_reduce(trace, op=dist.ReduceOp.SUM, group=group)
-            F[j] = LowRankFactor(compress_root(torch.cat(roots, 1), f.rank), f.rank, f.chunk, trace)
-            done[id(f)] = F[j]
-    return kron

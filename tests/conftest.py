@@ -13,5 +13,5 @@ torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-# Tiny models and the word-level tokenizer for tests are in tests/models.py
-# (``from tests.models import tiny_llama_lora, tiny_tokenizer``).
+# Tiny models and the word-level tokenizer for tests are in tests/fixtures/models.py
+# (``from tests.fixtures.models import tiny_llama_lora, tiny_tokenizer``).

@@ -1,4 +1,4 @@
-"""benchmarks/bench_candidates.py runs and its comparison is valid (same scores).
+"""benchmarks/perf/bench_candidates.py runs and its comparison is valid (same scores).
 
 The timings themselves are not asserted (CONTRIBUTING: speed lives in benchmarks/); the
 script exits 1 when the scorer and the naive model disagree by more than 1e-3 (float32),
@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(tmp_path, *extra):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_candidates.py"), "--quick",
+        [sys.executable, "-m", "benchmarks.perf.bench_candidates", "--quick",
          "--out", str(out), *extra],
-        capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+        capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
                                              "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

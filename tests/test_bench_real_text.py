@@ -1,16 +1,12 @@
 """The real-text calibration benchmark runs at its smallest size and writes what it reports."""
 
-import importlib.util
+import importlib
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
 from laplace_llm.tools import metrics
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "real_text.py"
 
 
 @pytest.mark.slow
@@ -19,14 +15,8 @@ def test_quick_run_writes_consistent_results(tmp_path):
     summary equals its single run, metrics lie in their ranges, Laplace and temperature
     scaling keep the MAP's ranking (probit with one scalar prior rarely changes the
     argmax; temperature never does), and the table lists every method."""
-    spec = importlib.util.spec_from_file_location("real_text", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        spec.loader.exec_module(module)
-        payload = module.main(["--quick", "--out", str(tmp_path)])
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    module = importlib.import_module("benchmarks.quality.real_text")
+    payload = module.main(["--quick", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
     run = saved["runs"]["64"][0]
     summary = saved["summary"]["64"]
@@ -60,14 +50,7 @@ def test_quick_run_writes_consistent_results(tmp_path):
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("real_text_goal", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return module
+    return importlib.import_module("benchmarks.quality.real_text")
 
 
 def test_goal_table_checks_each_condition():

@@ -25,7 +25,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
 
 def run_script(name, tmp_path, *args):
     out = tmp_path / f"{name}.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args,
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.perf.{name}", *args,
                            "--out", str(out)], env=ENV, capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -58,7 +58,7 @@ def test_bench_seq_len_runs(tmp_path):
 
 
 def peak_mib(vocab, T, method):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_seq_len.py"), "--memory-child",
+    cmd = [sys.executable, "-m", "benchmarks.perf.bench_seq_len", "--memory-child",
            str(vocab), str(T), method, "--hidden", "64", "--layers", "1", "--n-fit", "1"]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

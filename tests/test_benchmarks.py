@@ -20,16 +20,17 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def run_script(name: str, *args: str, tmp_path: Path) -> tuple[dict, str]:
+    """Run ``python -m benchmarks.<name>`` (e.g. ``perf.gpu``) from the repository root."""
     out = tmp_path / f"{name}.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(BENCH.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
-        [sys.executable, str(BENCH / f"{name}.py"), *args, "--out", str(out)],
+        [sys.executable, "-m", f"benchmarks.{name}", *args, "--out", str(out)],
         env=env, capture_output=True, text=True, timeout=600, cwd=BENCH.parent,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["command"].startswith("python ") and name in result["command"]
+    assert result["command"].startswith(f"python -m benchmarks.{name} ")
     assert result["machine"]["cpu_count"] >= 1 and len(result["machine"]["load_average_1_5_15min"]) == 3
     assert result["versions"]["laplace-torch"] == "0.3"
     assert result["table"] in proc.stdout
@@ -38,7 +39,7 @@ def run_script(name: str, *args: str, tmp_path: Path) -> tuple[dict, str]:
 
 @pytest.mark.slow  # ~35 s: five methods, each in its own package
 def test_bench_peers_tiny_has_every_method_and_formula_bytes(tmp_path):
-    result, stdout = run_script("bench_peers", "--tiny", tmp_path=tmp_path)
+    result, stdout = run_script("perf.bench_peers", "--tiny", tmp_path=tmp_path)
     rows = {r["method"]: r for r in result["rows"]}
     expected = ["floor", "LoRALaplace mc k=8", "LoRALaplace ggn k=8",
                 "LoRALaplace mc k=8, separate A factors",
@@ -60,7 +61,7 @@ def test_bench_peers_tiny_has_every_method_and_formula_bytes(tmp_path):
 
 
 def test_gpu_script_tiny_on_cpu_bf16(tmp_path):
-    result, stdout = run_script("gpu", "--tiny", "--device", "cpu", "--dtype", "bfloat16",
+    result, stdout = run_script("perf.gpu", "--tiny", "--device", "cpu", "--dtype", "bfloat16",
                                 tmp_path=tmp_path)
     rows = result["rows"]
     assert [r["variant"] for r in rows] == ["qv", "all"]
@@ -74,7 +75,7 @@ def test_gpu_script_tiny_on_cpu_bf16(tmp_path):
 
 def test_gpu_eigh_script_smallest(tmp_path):
     """Without a GPU it times the CPU column only; the table has a row per (m, n)."""
-    result, stdout = run_script("gpu_eigh", "--sizes", "8", "16", "--batches", "1", "3",
+    result, stdout = run_script("perf.gpu_eigh", "--sizes", "8", "16", "--batches", "1", "3",
                                 "--repeats", "1", tmp_path=tmp_path)
     assert [(r["m"], r["n"]) for r in result["rows"]] == [(8, 1), (8, 3), (16, 1), (16, 3)]
     assert all(r["cpu_ms"] > 0 for r in result["rows"])
@@ -82,17 +83,9 @@ def test_gpu_eigh_script_smallest(tmp_path):
 
 
 def test_gpu_script_stops_at_its_budget(tmp_path):
-    result, _ = run_script("gpu", "--tiny", "--device", "cpu", "--budget-s", "0",
+    result, _ = run_script("perf.gpu", "--tiny", "--device", "cpu", "--budget-s", "0",
                            tmp_path=tmp_path)
     assert [r.get("note", "") for r in result["rows"]] == ["not run: past --budget-s 0"] * 2
-
-
-def test_bench_lora_laplace_smallest(tmp_path):
-    result, _ = run_script("bench_lora_laplace", "--hidden", "256", "--n-fit", "8",
-                           "--n-pred", "2", "--seq", "8", "--batch-size", "4", "--repeat", "1",
-                           "--n-kfac", "8", tmp_path=tmp_path)
-    (row,) = result["rows"]
-    assert row["hidden"] == 256 and row["lora_posterior_bytes"] < row["laplace_torch_posterior_bytes"]
 
 
 @pytest.mark.slow
@@ -106,7 +99,7 @@ def test_choose_n_kfac_smallest(tmp_path):
     is the lower one; tests/posterior/test_truncation.py). At 16 sentences the marglik
     prior is 2.8e6, so the GLM variance is nearly the prior's and its error is ~2e-8: it
     is only held below 1e-3 here. The old test checked the ranks' order alone."""
-    result, stdout = run_script("choose_n_kfac", "--n-train", "16", "--ranks", "2", "4",
+    result, stdout = run_script("quality.choose_n_kfac", "--n-train", "16", "--ranks", "2", "4",
                                 tmp_path=tmp_path)
     rows = result["rows"]
     assert [r["n_kfac"] for r in rows] == [2, 4]
@@ -128,11 +121,8 @@ def test_cuda_peak_meter_arithmetic_without_a_gpu(monkeypatch):
     peak is the allocator's maximum since the reset minus the level at the start."""
     import torch
 
-    sys.path.insert(0, str(BENCH))
-    try:
-        from _results import peak_meter
-    finally:
-        sys.path.remove(str(BENCH))
+    from benchmarks.common.results import peak_meter
+
     state = {"allocated": 100, "max": 100, "resets": 0}
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
@@ -146,8 +136,8 @@ def test_cuda_peak_meter_arithmetic_without_a_gpu(monkeypatch):
     # CPU branch: a 64 MiB allocation shows in the resident high-water mark. Measured in a
     # fresh process: late in a long test run the high-water mark is already far above
     # what is resident, and a new allocation can reuse freed pages without raising it.
-    code = (f"import sys, torch; sys.path.insert(0, {str(BENCH)!r}); "
-            "from _results import peak_meter; "
+    code = (f"import sys, torch; sys.path.insert(0, {str(BENCH.parent)!r}); "
+            "from benchmarks.common.results import peak_meter; "
             "start, stop = peak_meter(torch.device('cpu')); base = start(); "
             "x = torch.ones(16 * 2**20); print(int(stop(base)))")  # 64 MiB, written
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -156,7 +146,7 @@ def test_cuda_peak_meter_arithmetic_without_a_gpu(monkeypatch):
 
 
 def test_memory_model_script_checks_the_formula(tmp_path):
-    result, stdout = run_script("memory_model", "--tiny", tmp_path=tmp_path)
+    result, stdout = run_script("perf.memory_model", "--tiny", tmp_path=tmp_path)
     checks = result["rows"]["checks"]
     assert len(checks) == 4 and all(c["measured_bytes"] == c["formula_bytes"] for c in checks)
     seven_b = next(r for r in result["rows"]["rows"]
@@ -169,7 +159,7 @@ def test_memory_model_script_checks_the_formula(tmp_path):
 
 
 def test_bench_fit_ratio_smallest(tmp_path):
-    result, _ = run_script("bench_fit_ratio", "--hidden", "256", "--n-fit", "8", "--seq", "8",
+    result, _ = run_script("perf.bench_fit_ratio", "--hidden", "256", "--n-fit", "8", "--seq", "8",
                            "--batch-size", "4", "--n-kfac", "8", "--repeat", "2",
                            tmp_path=tmp_path)
     (row,) = result["rows"]

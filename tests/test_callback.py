@@ -19,8 +19,8 @@ from transformers import Trainer, TrainingArguments, default_data_collator
 from laplace_llm import LLMClassifier, LoRALaplace, PosteriorFileError
 from laplace_llm.callback import EVIDENCE_FILENAME, LaplaceCallback
 from laplace_llm.serialization import POSTERIOR_FILENAME
-from tests.batches import DictDataset, token_items
-from tests.models import (
+from tests.fixtures.batches import DictDataset, token_items
+from tests.fixtures.models import (
     tiny_bert_seqcls,
     tiny_bert_seqcls_lora,
     tiny_causal_lm,
@@ -188,7 +188,7 @@ def test_an_interrupted_fit_at_the_end_of_training_resumes(tmp_path, monkeypatch
     a checkpoint every batch); the rerun's end of training (same trained weights) resumes
     it and writes the posterior the uninterrupted callback fit gives, bit for bit (same
     operations in the same order), then removes the checkpoint."""
-    import laplace_llm.posterior.base as base
+    import laplace_llm.posterior.fitting as base
     from laplace_llm.posterior.checkpoint import CHECKPOINT_FILENAME, read_checkpoint
 
     class Crash(Exception):

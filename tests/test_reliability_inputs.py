@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader
 from laplace_llm import LLMClassifier, NonFiniteError
 from laplace_llm.progress import progress_bar
 from laplace_llm.tools.training import train_lora
-from tests.batches import TARGET_IDS, DictDataset, token_items
-from tests.models import tiny_llama_lora, tiny_tokenizer
+from tests.fixtures.batches import TARGET_IDS, DictDataset, token_items
+from tests.fixtures.models import tiny_llama_lora, tiny_tokenizer
 
 
 @pytest.mark.parametrize("structure", ["kron", "diag", "full"])

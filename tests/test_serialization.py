@@ -7,8 +7,8 @@ import torch
 
 from laplace_llm import LLMClassifier, LoRALaplace
 from laplace_llm.serialization import PosteriorFileError
-from tests.batches import TARGET_IDS, token_loader
-from tests.models import tiny_gpt2_lora, tiny_llama_lora
+from tests.fixtures.batches import TARGET_IDS, token_loader
+from tests.fixtures.models import tiny_gpt2_lora, tiny_llama_lora
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 The reference is the same tiny float64 Llama, unsharded, fitted in this process on all
 the examples. Tolerances: float64 throughout; the sharded fit sums two shards' factors
 where the reference sums one pass, and the merge eigendecomposes the gathered roots
-(:func:`laplace_llm.distributed.all_reduce_kron`), so factors agree to rounding of
+(:func:`laplace_llm.posterior.kron.all_reduce_kron`), so factors agree to rounding of
 eigh on ~30×30 matrices, ~1e-13 relative; ``rtol=1e-9`` leaves room for the
 accumulation over 13 examples and the log-determinants of the evidence, and is still
 six orders of magnitude below any modelling difference (a missing example changes the
@@ -25,8 +25,8 @@ from laplace_llm import LLMClassifier, LoRADiagLaplace, LoRALaplace
 from laplace_llm.errors import LoRAModelError
 from laplace_llm.matrix import LowRankFactor
 from laplace_llm.models.discovery import find_blocks
-from tests.batches import TARGET_IDS, DictDataset, token_items
-from tests.models import tiny_llama_lora
+from tests.fixtures.batches import TARGET_IDS, DictDataset, token_items
+from tests.fixtures.models import tiny_llama_lora
 
 ITEMS = 13  # odd, batch 3: rank 0 runs 3 batches, rank 1 two and one idle pass
 BATCH = 3

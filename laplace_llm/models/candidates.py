@@ -60,8 +60,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from laplace_llm.curvature.kfac import CallLayout
-from laplace_llm.models.classifier import (
+from laplace_llm.models._hf import (
     _accepts,
     _model_device,
     _output_vocab_size,
@@ -71,6 +70,7 @@ from laplace_llm.models.classifier import (
     last_token_index,
     position_ids_from_mask,
 )
+from laplace_llm.models.call_layout import CallLayout
 
 __all__ = ["CandidateScorer", "MISSING_LOGIT", "encode_candidates"]
 
@@ -260,7 +260,7 @@ class CandidateScorer(nn.Module):
             raise ValueError(
                 f"a classifier over candidates needs at least 2 of them, got {C}: with one "
                 "candidate its probability is always 1. To score one answer's likelihood "
-                "use laplace_llm.models.generation.answer_log_likelihood."
+                "use laplace_llm.posterior.generation.answer_log_likelihood."
             )
         self.n_outputs = int(C)
 

@@ -13,8 +13,10 @@ The base holds the argument checks, the LoRA discovery (:func:`~laplace_llm.mode
 and module selection (``lora_modules``), the fit loop (modes restored, seeded probes,
 checked batches, :class:`~laplace_llm.errors.NonFiniteError` naming the batch), the
 predictives that restore the MAP weights, prior tuning, the state and the posterior files;
-:func:`load` reads a file as the class its ``hessian_structure`` names in
-:data:`STRUCTURES`. A leaf supplies how its curvature accumulates batch by batch and how
+the fit loop is :mod:`~laplace_llm.posterior.fitting` and the state and files
+:mod:`~laplace_llm.posterior.files` (bases of the class), the checks of a predictive's
+arguments :mod:`~laplace_llm.posterior.predictive_checks`. :func:`load` reads a file as
+the class its ``hessian_structure`` names in :data:`STRUCTURES`. A leaf supplies how its curvature accumulates batch by batch and how
 two fits merge. The defaults here are those of a curvature held as one tensor ``H`` (diag
 ``(P,)``, full ``(P, P)``) from per-example LoRA gradients
 (:mod:`laplace_llm.curvature.per_example`); the Kronecker leaf replaces them by low-rank
@@ -23,35 +25,32 @@ factors.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import warnings
-from collections.abc import Mapping
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from laplace.baselaplace import BaseLaplace, ParametricLaplace
 from torch import nn
-from torch.utils.data import DataLoader
 
 from laplace_llm import serialization, sharding
-from laplace_llm.checks import check_batch, loader_size
 from laplace_llm.curvature.per_example import LoRAPerExampleCurvature
-from laplace_llm.curvature.top_k import check_top_k, merge_rest
-from laplace_llm.distributed import all_reduce_sum, as_timeout, collective_step, collective_timeout
-from laplace_llm.errors import LoRAModelError, NonFiniteError, PosteriorFileError
+from laplace_llm.curvature.top_k import merge_rest
+from laplace_llm.errors import LoRAModelError, PosteriorFileError
 from laplace_llm.matrix import factor_dtype
 from laplace_llm.models.discovery import find_blocks
 from laplace_llm.models.selection import restrict_to_blocks, select_blocks
 from laplace_llm.options import Evidence, KFACOptions, check_int
-from laplace_llm.posterior.checkpoint import FitCheckpoint
+from laplace_llm.posterior.files import LoRAFiles
+from laplace_llm.posterior.fitting import LoRAFitting
+from laplace_llm.posterior.predictive_checks import (
+    check_top_k_call,
+    refuse_bridge_for_missing_candidates,
+)
 from laplace_llm.prior.evidence import optimize_prior_until_converged
 from laplace_llm.prior.grid import glm_moments_over_priors, one_pass_gridsearch, replayed_moments
-from laplace_llm.progress import progress_bar as show_progress
 
 __all__ = ["LoRALaplaceBase", "STRUCTURES", "LIKELIHOODS", "OPTIONS", "load"]
 
@@ -64,7 +63,7 @@ OPTIONS = ("fisher_type", "mc_samples", "evidence")
 STRUCTURES: dict[str, type[LoRALaplaceBase]] = {}
 
 
-class LoRALaplaceBase(ParametricLaplace):
+class LoRALaplaceBase(LoRAFitting, LoRAFiles, ParametricLaplace):
     """The LoRA subset of weights of a laplace-torch Laplace approximation.
 
     Not a Laplace class itself (no ``_key``; laplace-torch's ``Laplace`` never returns
@@ -335,252 +334,6 @@ class LoRALaplaceBase(ParametricLaplace):
             return terms.reshape(len(self.blocks))
         return torch.stack([terms[s].sum() for s in _block_slices(self.blocks)])
 
-    # -------------------------------------------------------------------- fit
-    def _n_outputs_of(self, first_batch: Any) -> int:
-        n = getattr(self.model, "n_outputs", None)
-        if isinstance(n, int):
-            return 2 * n if self.likelihood == "reward_modeling" else n
-        X = first_batch if isinstance(first_batch, Mapping) else first_batch[0]
-        with torch.no_grad():
-            return self.model(X).shape[-1]
-
-    def fit(
-        self,
-        train_loader: DataLoader,
-        override: bool = True,
-        progress_bar: bool = False,
-        distributed: bool = False,
-        *,
-        checkpoint: str | os.PathLike | None = None,
-        checkpoint_every: int | None = None,
-        resume_from: str | os.PathLike | None = None,
-        timeout: float | timedelta | None = None,
-    ) -> None:
-        """Fit the posterior at the model's current LoRA weights.
-
-        Parameters
-        ----------
-        train_loader : DataLoader
-            dict batches (``input_ids``, optional ``attention_mask``, ``labels``) or
-            ``(X, y)`` tuples; ``train_loader.dataset`` must have a length. Regression
-            targets are floats of shape ``(batch, k)``.
-        override : bool, default True
-            ``False`` adds this data to the current fit, as laplace-torch does. A
-            low-rank factor of the current fit is its kept rank-``k`` root plus its
-            isotropic remainder ``ρ (I − Q Qᵀ)``: the root is summed with the new data
-            (through the sketch), cut to rank ``k``, and the remainder is carried into
-            the sum's kept eigenpairs by Rayleigh–Ritz on their span
-            (:meth:`~laplace_llm.matrix.LowRankFactor.add_isotropic_`), so each kept
-            eigenvalue moves towards the completed sum's by at most ``ρ``. What the old
-            truncation discarded beyond that isotropic estimate stays lost: the
-            directions it dropped cannot return. The exact traces add up.
-        progress_bar : bool, default False
-            tqdm bar over batches.
-        distributed : bool, default False
-            every process of the initialised ``torch.distributed`` group passes its
-            own shard (e.g. through a ``DistributedSampler``); the curvature, loss and
-            data size are summed over processes, so each ends with the posterior of
-            the whole data set (see :mod:`laplace_llm.distributed`).
-        checkpoint : str or PathLike, optional
-            file (or folder, meaning its ``laplace_fit_checkpoint.safetensors``) to which
-            the curvature accumulated so far is written, atomically, every
-            ``checkpoint_every`` batches and when the process receives SIGTERM or SIGINT
-            (the current batch finishes, the file is written, then the signal's previous
-            handler acts: ``KeyboardInterrupt`` for SIGINT, the end of the process for a
-            default SIGTERM). Handlers are installed only during the fit, in the main
-            thread. Under ``distributed`` every process writes its own
-            ``<checkpoint>.rank<r>``. The file is left in place when the fit completes.
-            See :mod:`laplace_llm.posterior.checkpoint`.
-        checkpoint_every : int, optional
-            also write the checkpoint every this many batches (counted from the
-            loader's first); default: only on a signal.
-        resume_from : str or PathLike, optional
-            a checkpoint written by an interrupted ``fit`` of this model: its batches are
-            read from the loader again and skipped (no forward pass), the rest are
-            accumulated, and the posterior equals the uninterrupted fit's (bit for bit on
-            the same machine). The loader must yield the same batches in the same order
-            (a shuffled ``DataLoader`` needs ``generator=torch.Generator().manual_seed(s)``
-            made anew); the model, adapter, data, options, ``seed`` and ``override`` must
-            be those of the interrupted call (``override=False``: on the posterior it
-            added to). Pass the same path as ``checkpoint`` to keep checkpointing.
-        timeout : float or timedelta, optional
-            under ``distributed`` (or with an FSDP2-sharded model): how long, in seconds,
-            a rank waits for the others at a collective step (summing the data size, the
-            curvature's reductions at the end, the mean, and a sharded model's forward
-            passes) before it fails with :class:`~laplace_llm.errors.CollectiveTimeoutError`
-            naming the step and the ranks that had not arrived. Applied to the process
-            group while the fit runs and restored afterwards. It must exceed the spread of
-            the ranks' arrival, e.g. how much later the slowest rank finishes its batches
-            than the fastest. ``None``: the group's own timeout (``init_process_group``'s,
-            30 minutes for gloo, 10 for nccl). A rank that died fails the next collective at
-            once, whatever the timeout.
-
-        Raises
-        ------
-        NonFiniteError
-            a batch gave NaN or Inf activations or gradients (the message names it);
-            nothing is kept of this fit.
-        PosteriorFileError
-            ``resume_from`` is not a fit checkpoint (e.g. a finished posterior), is the
-            checkpoint of another fit (model, weights, structure, options, seed, data
-            size, loader length, processes, ``override``), or the loader yields other
-            batches than it saw; ``checkpoint`` names a file that is not a fit checkpoint.
-        CollectiveTimeoutError
-            under ``distributed`` or with a sharded model: a rank did not arrive at a
-            collective step within ``timeout``, or the connection to one broke (it died);
-            raised on every rank that waited, naming the step and those ranks.
-        ValueError
-            ``timeout`` is not a positive number of seconds or ``timedelta``.
-        """
-        timeout = as_timeout(timeout)
-        N = loader_size(train_loader)
-        with collective_timeout(timeout):
-            if distributed:
-                N = int(all_reduce_sum(N, device=self._device, step="summing the data size").item())
-            ckpt = FitCheckpoint.start(self, train_loader, N, override, distributed, checkpoint,
-                                       checkpoint_every, resume_from)
-            H_new, loss, n_outputs = self._accumulate(train_loader, N, progress_bar, ckpt)
-            if distributed:
-                H_new = self._all_reduce(H_new)
-                loss = all_reduce_sum(loss, device=self._device,
-                                      step="summing the loss").to(self._dtype)
-            self._merge(H_new, loss, N, override)
-            self.n_outputs = n_outputs
-            self.model.output_size = n_outputs
-            # gathered if sharded (a collective)
-            mean = sharding.full_vector(self.params, step="gathering the mean").to(self._dtype)
-        self.mean = mean if self.enable_backprop else mean.detach()
-        self._posterior_changed()
-
-    def _accumulate(self, train_loader: DataLoader, N: int, progress_bar: bool = False,
-                    ckpt: FitCheckpoint | None = None):
-        """Curvature, summed loss and number of outputs of this process's batches.
-
-        Each batch is checked before its forward pass; the model is in eval mode
-        meanwhile and its modules' modes are restored afterwards. With ``ckpt`` the
-        batches a resumed checkpoint has seen are skipped, and checkpoints are written
-        between batches (:class:`~laplace_llm.posterior.checkpoint.FitCheckpoint`).
-
-        Returns
-        -------
-        H
-            the curvature of the batches, normalised for a data set of ``N`` examples
-            (:meth:`_add_batch`, then :meth:`_finish_curvature`).
-        loss : torch.Tensor
-            the summed loss (scalar).
-        n_outputs : int
-        """
-        model = self.model
-        modes = [(m, m.training) for m in model.modules()]
-        backend = self.backend
-        backend.generator = None
-        if self.seed is not None:
-            backend.generator = torch.Generator(device=self._device).manual_seed(self.seed)
-        H, loss, n_outputs, start = None, 0.0, None, 0
-        if ckpt is not None and ckpt.resumed is not None:
-            start = ckpt.start_batch
-            H = self._from_partial_state(ckpt.resumed["H"])
-            loss = ckpt.resumed["loss"].to(self._device)
-            n_outputs = ckpt.resumed["n_outputs"]
-            ckpt.restore_generator(backend.generator)
-
-        def state():
-            return self._partial_state(H), loss, n_outputs, backend.generator
-
-        model.eval()
-        X = data = None
-        # None unless sharded: then every rank makes as many passes as the busiest
-        n_batches = sharding.batches_to_run(model, train_loader, skip=start)
-        i = -1
-        try:
-            desc = f"[LoRA {self._key[1]}]"
-            with ckpt.signals() if ckpt is not None else contextlib.nullcontext():
-                for i, data in enumerate(show_progress(train_loader, enabled=progress_bar, desc=desc)):
-                    if ckpt is not None:
-                        ckpt.see(i, data)
-                    if i < start:  # seen by the resumed checkpoint
-                        continue
-                    if n_outputs is None:
-                        n_outputs = self._n_outputs_of(data)
-                    X, y = check_batch(
-                        data, i, n_outputs, self._device, self.dict_key_x, self.dict_key_y,
-                        likelihood=self.likelihood, dtype=self._dtype,
-                    )
-                    try:
-                        with _sharded_pass(n_batches, i):
-                            loss_b, H = self._add_batch(X, y, N, H)
-                    except FloatingPointError as err:
-                        # one error type for every structure, naming the batch
-                        raise NonFiniteError(f"Batch {i}: {err}") from None
-                    loss = loss + loss_b
-                    if ckpt is not None:
-                        ckpt.after_batch(i + 1, state)
-                if ckpt is not None:
-                    ckpt.check_length(i + 1)
-                if H is None:
-                    raise ValueError("The train loader yielded no batch.")
-                idle = range(i + 1 - start, n_batches or 0)  # a sharded model's passes are collective
-                if len(idle) and X is None:  # every batch was skipped: any one will do
-                    X, y = check_batch(data, i, n_outputs, self._device, self.dict_key_x,
-                                       self.dict_key_y, likelihood=self.likelihood,
-                                       dtype=self._dtype)
-                for k in idle:
-                    with _sharded_pass(n_batches, start + k, idle=True):
-                        self._add_batch(X, y, N, None)  # idle: discarded
-                    if ckpt is not None:
-                        ckpt.after_batch(i + 1, state)
-        finally:
-            for m, mode in modes:
-                m.training = mode
-        return self._finish_curvature(H), loss, n_outputs
-
-    def _add_batch(self, X: Any, y: torch.Tensor, N: int, H):
-        """Return the loss of one batch and ``H`` with the batch's curvature added.
-
-        ``H`` is ``None`` at the first batch. Here: laplace-torch's curvature closure of
-        the per-example backend (squared or outer products of LoRA gradients).
-        """
-        loss_b, H_b = self._curv_closure(X, y, N=N)
-        return loss_b, H_b if H is None else H.add_(H_b)
-
-    def _finish_curvature(self, H):
-        """Return the accumulated curvature as the posterior keeps it."""
-        return H.to(self._dtype)
-
-    def _partial_state(self, H):
-        """Return the curvature accumulated so far as a fit checkpoint stores it.
-
-        Tensors and plain values only, not finalised (:meth:`_finish_curvature` is not
-        applied), so that :meth:`_from_partial_state` continues the accumulation exactly.
-        Here: the tensor ``H`` itself.
-        """
-        return H
-
-    def _from_partial_state(self, state):
-        """Return the curvature of a checkpoint's :meth:`_partial_state`, on the model's device."""
-        return state.to(self._device)
-
-    def _all_reduce(self, H):
-        """Return the sum of ``H`` over the processes of the ``torch.distributed`` group."""
-        import torch.distributed as dist
-
-        size = "×".join(str(n) for n in H.shape)
-        with collective_step(f"all-reduce of the curvature ({size} entries over "
-                             f"{len(self.blocks)} LoRA blocks)"):
-            dist.all_reduce(H, op=dist.ReduceOp.SUM)
-        return H
-
-    def _merge(self, H_new, loss: torch.Tensor, N: int, override: bool) -> None:
-        """Make ``H_new`` the curvature (``override``) or add it to the current fit."""
-        if override or not self._is_fitted():
-            self.H, self.loss, self.n_data = H_new, loss, N
-        else:
-            self.H, self.loss, self.n_data = self.H + H_new, self.loss + loss, self.n_data + N
-
-    def _posterior_changed(self) -> None:
-        """Drop what was derived from the previous curvature."""
-        self._posterior_scale = None
-
     # ------------------------------------------------------------- predictive
     @torch.enable_grad()
     def _glm_predictive_distribution(self, X, joint: bool = False, diagonal_output: bool = False):
@@ -734,11 +487,11 @@ class LoRALaplaceBase(ParametricLaplace):
         """
         self._check_H_init()
         self._warn_if_weights_changed()
-        _refuse_bridge_for_missing_candidates(x, pred_type, link_approx)
+        refuse_bridge_for_missing_candidates(x, pred_type, link_approx)
         classification = self.likelihood == "classification" or (
             self.likelihood == "reward_modeling" and fitting
         )
-        top_k = _check_top_k_call(top_k, pred_type, link_approx, classification)
+        top_k = check_top_k_call(top_k, pred_type, link_approx, classification)
         previous, self._glm_top_k = self._glm_top_k, top_k
         try:
             return self._predict(x, pred_type, joint, link_approx, n_samples, diagonal_output,
@@ -770,118 +523,13 @@ class LoRALaplaceBase(ParametricLaplace):
 
         ``PeftModel.from_pretrained`` loads them; the draws are those of
         ``self.sample(n_samples, torch.Generator().manual_seed(seed))``. See
-        :func:`laplace_llm.models.generation.sample_adapters`.
+        :func:`laplace_llm.posterior.generation.sample_adapters`.
         """
-        from laplace_llm.models.generation import sample_adapters
+        from laplace_llm.posterior.generation import sample_adapters
 
         return sample_adapters(self, n_samples, out_dir, seed=seed)
 
-    # ------------------------------------------------------------- state dict
-    def state_dict(self) -> dict[str, Any]:
-        """laplace-torch's state plus the options and the LoRA blocks.
-
-        Holds tensors and plain values only (``torch.load(weights_only=True)`` reads
-        it); ``options`` holds the fields of :attr:`_option_names`, ``H`` is the
-        structure's curvature (one tensor here).
-        """
-        self._check_H_init()
-        state = ParametricLaplace.state_dict(self)
-        state["options"] = {k: v for k, v in self.options.to_dict().items()
-                            if k in self._option_names}
-        state["dict_key_x"] = self.dict_key_x
-        state["dict_key_y"] = self.dict_key_y
-        state["hessian_structure"] = self._key[1]
-        state["lora_modules"] = self.lora_modules
-        state["block_names"] = [b.name for b in self.blocks]
-        state["block_shapes"] = [list(b.shape) for b in self.blocks]
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any], check_weights: bool = False) -> None:
-        """Restore a :meth:`state_dict` fitted on this model's (selected) LoRA blocks.
-
-        Parameters
-        ----------
-        state_dict : dict
-            from :meth:`state_dict` (or read from a posterior file).
-        check_weights : bool, default False
-            also refuse a state whose mean differs from the model's current LoRA weights.
-
-        Raises
-        ------
-        ValueError
-            the state was fitted on other LoRA blocks (names or shapes; check
-            ``lora_modules`` and the adapter), or, with ``check_weights``, on other LoRA
-            weights.
-        """
-        self._check_state(state_dict, check_weights)
-        ParametricLaplace.load_state_dict(self, state_dict)
-        device = self._device
-        self.mean = self.mean.to(device)
-        self.prior_mean = self.prior_mean.to(device)
-        self.prior_precision = self.prior_precision.to(device)
-        self.loss = torch.as_tensor(self.loss, dtype=self._dtype)
-        self._load_curvature(state_dict)
-        self._posterior_changed()
-
-    def _load_curvature(self, state_dict: dict[str, Any]) -> None:
-        """Make the state's ``H`` the curvature, on the model's device in the posterior's dtype."""
-        self.H = self.H.to(device=self._device, dtype=self._dtype)
-
-    def _check_state(self, state_dict: dict[str, Any], check_weights: bool) -> None:
-        """Refuse a state fitted on other LoRA blocks (or, if asked, other weights)."""
-        names = [b.name for b in self.blocks]
-        shapes = [list(b.shape) for b in self.blocks]
-        theirs = state_dict.get("block_names")
-        their_shapes = state_dict.get("block_shapes")
-        if (theirs is not None and theirs != names) or (
-            their_shapes is not None and [list(s) for s in their_shapes] != shapes
-        ):
-            theirs = theirs if theirs is not None else names
-            their_shapes = their_shapes if their_shapes is not None else shapes
-            raise ValueError(
-                f"This posterior was fitted on another model: it has {len(theirs)} LoRA "
-                f"blocks ({theirs[:2]}…, shapes {[list(s) for s in their_shapes[:2]]}…), the "
-                f"model has {len(names)} ({names[:2]}…, shapes {shapes[:2]}…); first "
-                f"difference: {_first_diff(theirs, names, their_shapes, shapes)}. Load it "
-                "with the model and adapter it was fitted on."
-            )
-        if check_weights and not self._weights_equal_mean(state_dict["mean"]):
-            raise ValueError(
-                "This posterior was fitted on other LoRA weights than the model has now "
-                "(same blocks, different values): load the adapter it was fitted on, or "
-                "pass check_weights=False if you changed the weights on purpose."
-            )
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the fitted posterior to a safetensors file (no pickle).
-
-        See :mod:`laplace_llm.serialization` for the format.
-
-        Parameters
-        ----------
-        path : str or PathLike
-            a file, or a folder (e.g. the peft adapter folder of the fitted weights),
-            which means its :data:`~laplace_llm.serialization.POSTERIOR_FILENAME`.
-
-        Returns
-        -------
-        Path
-            the file written.
-
-        Raises
-        ------
-        PosteriorFileError
-            ``path`` holds a file that is not a posterior of this model's LoRA blocks
-            (another model's posterior, an adapter's weights); nothing is written.
-        """
-        state = self.state_dict()
-        path = serialization.posterior_path(path)
-        if not sharding.writes_here(self.model):  # a sharded model's file is rank 0's
-            return path
-        serialization.check_overwrite(path, state["block_names"], state["block_shapes"])
-        serialization.write_state(state, path)
-        return path
-
+    # ------------------------------------------------------------------ files
     @classmethod
     def load(
         cls, path: str | os.PathLike, model: nn.Module, check_weights: bool = True, **kwargs: Any
@@ -892,22 +540,6 @@ class LoRALaplaceBase(ParametricLaplace):
         whichever class ``load`` is called on.
         """
         return load(path, model, check_weights=check_weights, **kwargs)
-
-    @classmethod
-    def _load_arguments(cls, state: dict[str, Any]) -> dict[str, Any]:
-        """Return the constructor arguments of :func:`load` from a state (besides model, likelihood)."""
-        kwargs = {
-            "temperature": state["temperature"],
-            "sigma_noise": state["sigma_noise"],
-            "dict_key_x": state["dict_key_x"],
-            "dict_key_y": state["dict_key_y"],
-            "lora_modules": state["lora_modules"],
-            **state["options"],
-        }
-        # files written before the option existed hold a prior chosen by laplace-torch's
-        # evidence (the default again); files that record an evidence keep it
-        kwargs.setdefault("evidence", Evidence.MAP)
-        return kwargs
 
 
 def load(
@@ -968,59 +600,6 @@ def load(
     return la
 
 
-def _check_top_k_call(top_k, pred_type: str, link_approx: str, classification: bool):
-    """Return a checked ``top_k``, refusing it where it does not apply."""
-    top_k = check_top_k(top_k)
-    if top_k is None:
-        return None
-    if not classification:
-        raise ValueError(
-            "top_k selects the most probable classes of a classification predictive; this "
-            "posterior's predictive is a regression (reward models: pass fitting=True for "
-            "the pair probabilities). Leave top_k unset."
-        )
-    if pred_type != "glm":
-        raise ValueError(
-            f"top_k applies to the GLM predictive (pred_type='glm'); pred_type={pred_type!r} "
-            "samples weights and costs n_samples forwards whatever the number of classes, "
-            "so it needs no top_k. Leave top_k unset."
-        )
-    if link_approx in ("bridge", "bridge_norm"):
-        raise ValueError(
-            f"link_approx={link_approx!r} needs a definite covariance of every logit, and "
-            "top_k's is singular (the classes outside the top k move together); use "
-            "link_approx='probit' or 'mc' with top_k."
-        )
-    return top_k
-
-
-def _refuse_bridge_for_missing_candidates(x: Any, pred_type: str, link_approx: str) -> None:
-    """Raise ValueError for a bridge link over a batch with missing candidates."""
-    missing = x.get("candidate_mask") if isinstance(x, Mapping) else None
-    # == against the strings: laplace-torch passes its str enums, whose str() is "LinkApprox.…"
-    if (pred_type == "glm" and link_approx in ("bridge", "bridge_norm")
-            and missing is not None and not bool(torch.as_tensor(missing).all())):
-        raise ValueError(
-            f"link_approx={link_approx!r} divides by each logit's variance, which is 0 "
-            "for a missing candidate (candidate_mask 0): use link_approx='probit' or 'mc'."
-        )
-
-
-def _sharded_pass(n_batches: int | None, i: int, idle: bool = False):
-    """Return the context of batch ``i``'s passes: a collective step if the model is sharded.
-
-    ``n_batches`` is :func:`~laplace_llm.sharding.batches_to_run`'s count, ``None`` for an
-    unsharded model, whose passes are this rank's own.
-    """
-    if n_batches is None:
-        return contextlib.nullcontext()
-    what = (f"the forward and backward pass of batch {i} (an idle pass: this rank's batches "
-            "are done, but FSDP2 gathers the sharded weights with every rank)" if idle else
-            f"the forward and backward pass of batch {i} (FSDP2 gathers the sharded weights "
-            "with every rank)")
-    return collective_step(what)
-
-
 def _block_slices(blocks) -> list[slice]:
     """Return the slice of each block in the flat parameter vector."""
     out, start = [], 0
@@ -1030,8 +609,3 @@ def _block_slices(blocks) -> list[slice]:
     return out
 
 
-def _first_diff(a: list[str], b: list[str], a_shapes: list, b_shapes: list) -> str:
-    for i, (x, y, sx, sy) in enumerate(zip(a, b, a_shapes, b_shapes)):
-        if x != y or list(sx) != list(sy):
-            return f"block {i}: file has '{x}' {list(sx)}, model has '{y}' {list(sy)}"
-    return f"file has {len(a)} blocks, model has {len(b)}"

@@ -47,19 +47,17 @@ import hashlib
 import json
 import logging
 import os
-import signal
-import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from laplace_llm import serialization
+from laplace_llm.digests import batch_digest, weights_digest
 from laplace_llm.errors import PosteriorFileError
 from laplace_llm.options import check_int
-from laplace_llm.sharding import is_sharded
+from laplace_llm.signals import SignalWatch
 
 __all__ = [
     "FitCheckpoint",
@@ -84,7 +82,6 @@ IDENTITY = (
     "dataset_size", "n_batches", "rank", "world_size", "adds_to",
 )
 #: the signals that make a fit with a checkpoint write it and stop
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _START = hashlib.sha256(b"laplace-llm batches").hexdigest()
 
 
@@ -190,7 +187,7 @@ class FitCheckpoint:
         self._chain = _START
         self._expected_chain: str | None = None
         self._written = -1
-        self._watch: _SignalWatch | None = None
+        self._watch: SignalWatch | None = None
         if resume_from is not None:
             self._resume(resume_from)
         if path is not None:
@@ -386,7 +383,7 @@ class FitCheckpoint:
             )
         generator.set_state(state)
 
-    def signals(self) -> _SignalWatch:
+    def signals(self) -> SignalWatch:
         """Context of the fit loop: SIGINT and SIGTERM write the checkpoint, then act as before.
 
         Installed only with a checkpoint path, in the main thread, for signals whose
@@ -396,77 +393,8 @@ class FitCheckpoint:
         the default SIGTERM action ends the process); a second one does so at once,
         without writing.
         """
-        self._watch = _SignalWatch(enabled=self.path is not None)
+        self._watch = SignalWatch(enabled=self.path is not None)
         return self._watch
-
-
-class _SignalWatch:
-    """Signal handlers that only note a signal; the fit loop acts at the next batch boundary."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.previous: dict[int, Any] = {}
-        self.pending: int | None = None
-
-    def __enter__(self) -> _SignalWatch:
-        if not self.enabled:
-            return self
-        if threading.current_thread() is not threading.main_thread():
-            logger.info("fit runs outside the main thread, where Python cannot handle "
-                        "signals: its checkpoint is written every checkpoint_every batches "
-                        "only, not on SIGTERM/SIGINT")
-            return self
-        for signum in SIGNALS:
-            previous = signal.getsignal(signum)
-            if previous is signal.SIG_IGN or previous is None:
-                continue  # ignored on purpose, or set outside Python: left alone
-            self.previous[signum] = previous
-            signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._restore()
-        signum, self.pending = self.pending, None
-        if signum is not None and exc[0] is None:
-            self._call_previous(signum)
-
-    def _restore(self) -> None:
-        for signum, previous in self.previous.items():
-            signal.signal(signum, previous)
-        self.previous = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if self.pending is not None:  # a second signal: act now
-            logger.warning("%s again: stopping now, without writing the checkpoint", name)
-            self.pending = None
-            self._restore_one_and_call(signum, frame)
-            return
-        self.pending = signum
-        logger.warning("%s: the fit writes its checkpoint after the current batch, then "
-                       "stops (send it again to stop at once)", name)
-
-    def deliver(self, written: Path | None) -> None:
-        """Do what the previous handler of the pending signal does (the checkpoint is written)."""
-        signum, self.pending = self.pending, None
-        if written is None:
-            logger.warning("no new checkpoint was written (nothing new since the last one)")
-        self._restore_one_and_call(signum, None)
-
-    def _restore_one_and_call(self, signum: int, frame: Any) -> None:
-        previous = self.previous.get(signum, signal.SIG_DFL)
-        if callable(previous):
-            previous(signum, frame)  # e.g. KeyboardInterrupt; if it returns, the fit goes on
-            return
-        self._restore()  # SIG_DFL: the default action (SIGINT, SIGTERM: end the process)
-        signal.raise_signal(signum)
-
-    def _call_previous(self, signum: int) -> None:
-        previous = signal.getsignal(signum)
-        if callable(previous):
-            previous(signum, None)
-        elif previous is signal.SIG_DFL:
-            signal.raise_signal(signum)
 
 
 # --------------------------------------------------------------------- identity
@@ -483,15 +411,9 @@ def fit_identity(la: Any, train_loader: Any, N: int, override: bool, distributed
     if not override and la._is_fitted():
         adds_to = {"n_data": int(la.n_data), "loss": float(torch.as_tensor(la.loss).item())}
     return {
-        "hessian_structure": la._key[1],
+        **la._file_identity(),
         "likelihood": la.likelihood,
-        "block_names": [b.name for b in la.blocks],
-        "block_shapes": [list(b.shape) for b in la.blocks],
-        "lora_modules": la.lora_modules,
-        "options": {k: v for k, v in la.options.to_dict().items() if k in la._option_names},
         "seed": la.seed,
-        "dict_key_x": la.dict_key_x,
-        "dict_key_y": la.dict_key_y,
         "weights_sha256": weights_digest(la.params),
         "n_data": int(N),
         "dataset_size": len(train_loader.dataset),
@@ -500,45 +422,6 @@ def fit_identity(la: Any, train_loader: Any, N: int, override: bool, distributed
         "world_size": world,
         "adds_to": adds_to,
     }
-
-
-def weights_digest(params: list[torch.Tensor]) -> str:
-    """SHA-256 over the values, dtypes and shapes of ``params`` (a sharded one: its local slice)."""
-    h = hashlib.sha256()
-    for p in params:
-        t = p.detach()
-        _feed(h, t.to_local() if is_sharded(t) else t)
-    return h.hexdigest()
-
-
-def batch_digest(data: Any) -> str:
-    """SHA-256 of a batch as the loader yields it: its tensors' bytes, its keys and values."""
-    h = hashlib.sha256()
-    _feed(h, data)
-    return h.hexdigest()
-
-
-def _feed(h: Any, x: Any) -> None:
-    if isinstance(x, torch.Tensor):
-        t = x.detach().cpu().contiguous().reshape(-1)
-        h.update(f"tensor {t.dtype} {tuple(x.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    elif isinstance(x, np.ndarray):
-        h.update(f"array {x.dtype} {x.shape};".encode())
-        h.update(np.ascontiguousarray(x).tobytes())
-    elif isinstance(x, Mapping):
-        h.update(f"map {len(x)};".encode())
-        for key in sorted(x, key=str):
-            _feed(h, str(key))
-            _feed(h, x[key])
-    elif isinstance(x, (list, tuple)):
-        h.update(f"seq {len(x)};".encode())
-        for v in x:
-            _feed(h, v)
-    elif x is None or isinstance(x, (str, int, float, bool)):
-        h.update(f"{type(x).__name__} {x!r};".encode())
-    else:  # an object without a stable value: its type at least
-        h.update(f"object {type(x).__qualname__};".encode())
 
 
 def _differences(header: Mapping[str, Any], identity: Mapping[str, Any]) -> list[str]:

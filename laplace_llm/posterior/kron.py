@@ -10,17 +10,21 @@ state.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from laplace import KronLaplace
 
 from laplace_llm.curvature.kfac import LoRAKFAC
-from laplace_llm.matrix import LowRankFactor, LowRankKron, LowRankKronDecomposed
+from laplace_llm.distributed import collective_step, collective_timeout
+from laplace_llm.matrix import LowRankFactor, LowRankKron, LowRankKronDecomposed, compress_root
 from laplace_llm.options import KFACOptions, Truncation, expose_options
 from laplace_llm.posterior.base import LoRALaplaceBase
 
-__all__ = ["LoRALaplace"]
+__all__ = ["LoRALaplace", "all_reduce_kron"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +93,6 @@ class LoRALaplace(LoRALaplaceBase, KronLaplace):
         return H
 
     def _all_reduce(self, H: LowRankKron) -> LowRankKron:
-        from laplace_llm.distributed import all_reduce_kron
-
         return all_reduce_kron(H, names=[b.name for b in self.blocks])
 
     def _merge(self, H_new: LowRankKron, loss: torch.Tensor, N: int, override: bool) -> None:
@@ -185,9 +187,9 @@ class LoRALaplace(LoRALaplaceBase, KronLaplace):
 
         Per large factor: the share of its exact trace kept at ``n_kfac``, its leading
         eigenvalues and the ranks that would keep 90% / 99% (a list of
-        :class:`laplace_llm.tools.diagnostics.FactorReport`; definitions there).
+        :class:`laplace_llm.posterior.low_rank.FactorReport`; definitions there).
         """
-        from laplace_llm.tools.diagnostics import low_rank_report
+        from laplace_llm.posterior.low_rank import low_rank_report
 
         self._check_H_init()
         return low_rank_report(self.H_facs, self.blocks, n_leading)
@@ -243,3 +245,88 @@ class LoRALaplace(LoRALaplaceBase, KronLaplace):
         # files written before the option existed left truncated directions to the prior
         kwargs.setdefault("truncation", Truncation.PRIOR)
         return kwargs
+
+
+def _factor_name(i: int, j: int, names: Sequence[str] | None) -> str:
+    name = f" ({names[i]})" if names is not None and i < len(names) else ""
+    side = "G (output gradients)" if j == 0 else "A (inputs)"
+    return f"curvature factor {side} of block {i}{name}"
+
+
+def all_reduce_kron(kron: LowRankKron, group=None, *, timeout: float | timedelta | None = None,
+                    names: Sequence[str] | None = None) -> LowRankKron:
+    """Replace every factor by its sum over the processes of ``group``, in place.
+
+    Parameters
+    ----------
+    kron : LowRankKron
+        this process's curvature, normalised with the global data set size.
+    group : ProcessGroup, optional
+    timeout : float or timedelta, optional
+        seconds after which a rank that has not arrived at a factor's reduction fails it
+        (see :func:`collective_timeout`); default the group's own timeout.
+    names : sequence of str, optional
+        the blocks' names (e.g. ``layers.1.self_attn.q_proj.lora_A``), for the error.
+
+    Returns
+    -------
+    LowRankKron
+        ``kron``, now holding the sum.
+
+    Raises
+    ------
+    CollectiveTimeoutError
+        a rank did not arrive within the timeout, or the connection to one broke; the
+        message names the factor and its block.
+    """
+    with collective_timeout(timeout, group):
+        return _all_reduce_kron(kron, group, names)
+
+
+def _all_reduce_kron(kron: LowRankKron, group, names: Sequence[str] | None) -> LowRankKron:
+    world = dist.get_world_size(group)
+    done: dict[int, object] = {}  # a shared factor is reduced once (in place: not twice!)
+    for i, F in enumerate(kron.kfacs):
+        for j, f in enumerate(F):
+            if id(f) in done:
+                F[j] = done[id(f)]
+                continue
+            what = _factor_name(i, j, names)
+            if not isinstance(f, LowRankFactor):
+                with collective_step(f"all-reduce of the {what}", group):
+                    dist.all_reduce(f, op=dist.ReduceOp.SUM, group=group)
+                done[id(f)] = f
+                continue
+            if f.sketch_size:  # the sketches of the shards add up to the whole data's
+                sketch = f.sketch().clone()
+                with collective_step(f"all-reduce of the sketch of the {what}", group):
+                    dist.all_reduce(sketch, op=dist.ReduceOp.SUM, group=group)
+                trace = f.exact_trace
+                if trace is not None:
+                    trace = trace.clone()
+                    with collective_step(f"all-reduce of the exact trace of the {what}", group):
+                        dist.all_reduce(trace, op=dist.ReduceOp.SUM, group=group)
+                F[j] = LowRankFactor(sketch[:, :0], f.rank, f.chunk, trace, f.sketch_size,
+                                     f.sketch_seed).set_sketch_(sketch)
+                done[id(f)] = F[j]
+                continue
+            f.compress_()
+            width = torch.tensor([f.root.shape[1]], device=f.device)
+            widths = [torch.zeros_like(width) for _ in range(world)]
+            with collective_step(f"gathering the root widths of the {what}", group):
+                dist.all_gather(widths, width, group=group)
+            m = int(max(w.item() for w in widths))
+            # all_gather needs equal shapes: zero columns add nothing to R Rᵀ
+            padded = torch.zeros(f.side, m, device=f.device, dtype=f.dtype)
+            padded[:, : f.root.shape[1]] = f.root
+            roots = [torch.empty_like(padded) for _ in range(world)]
+            with collective_step(f"gathering the roots of the {what}", group):
+                dist.all_gather(roots, padded, group=group)
+            trace = f.exact_trace
+            if trace is not None:  # the exact traces add up (low-rank diagnostics)
+                trace = trace.clone()
+                with collective_step(f"all-reduce of the exact trace of the {what}", group):
+                    dist.all_reduce(trace, op=dist.ReduceOp.SUM, group=group)
+            F[j] = LowRankFactor(compress_root(torch.cat(roots, 1), f.rank), f.rank, f.chunk, trace)
+            done[id(f)] = F[j]
+    return kron

@@ -1,4 +1,4 @@
-"""Gaussian regression over LoRA weights: target checks and noise tuning.
+"""Gaussian regression over LoRA weights: noise tuning (the target check is in :mod:`laplace_llm.checks`).
 
 ``likelihood="regression"`` is laplace-torch's: outputs ``f (batch, k)`` (e.g. a
 ``num_labels=k`` regression head), targets ``y (batch, k)``, ``p(y | f) = N(f, σ² I)``.
@@ -14,43 +14,12 @@ import warnings
 
 import torch
 
+from laplace_llm.checks import check_regression_targets
 from laplace_llm.prior.evidence import MAX_ROUNDS, until_converged, warn_if_prior_diverges
 
 __all__ = ["check_regression_targets", "optimize_prior_and_noise"]
 
 logger = logging.getLogger(__name__)
-
-
-def check_regression_targets(
-    y, batch_size: int, n_outputs: int | None, i: int, device, dtype
-) -> torch.Tensor:
-    """Targets of batch ``i`` as a ``(batch_size, n_outputs)`` floating tensor.
-
-    Raises
-    ------
-    TypeError
-        integer or boolean targets (class labels given to a regression).
-    ValueError
-        a shape other than ``(batch_size, n_outputs)``, or non-finite targets.
-    """
-    if not isinstance(y, torch.Tensor):
-        y = torch.as_tensor(y)
-    if not y.is_floating_point():
-        raise TypeError(
-            f"Targets of batch {i} have dtype {y.dtype}; likelihood='regression' needs "
-            "real-valued targets (float) of shape (batch, k). For class labels use "
-            "likelihood='classification'."
-        )
-    k = n_outputs if n_outputs is not None else (y.shape[-1] if y.ndim == 2 else None)
-    if y.ndim != 2 or y.shape[0] != batch_size or (k is not None and y.shape[1] != k):
-        hint = " (use y.unsqueeze(-1) for one output)" if y.ndim == 1 else ""
-        raise ValueError(
-            f"Targets of batch {i} have shape {tuple(y.shape)}; the model outputs "
-            f"({batch_size}, {k}), and regression targets must have that shape{hint}."
-        )
-    if not bool(torch.isfinite(y).all()):
-        raise ValueError(f"Targets of batch {i} contain NaN or Inf.")
-    return y.to(device=device, dtype=dtype if dtype is not None else y.dtype)
 
 
 def optimize_prior_and_noise(

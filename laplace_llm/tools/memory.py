@@ -216,7 +216,7 @@ def output_gradient_bytes(
 
     ``fit`` and the Jacobian-free GLM take the gradient of each probe with respect to
     every hooked module's output, up to
-    :data:`~laplace_llm.curvature.kfac.PROBE_CHUNK` (16) probes before turning them
+    :data:`~laplace_llm.curvature.kfac_probes.PROBE_CHUNK` (16) probes before turning them
     into factor columns or Jacobians, so for a batch of ``tokens`` positions (``B·T``)
     they hold, besides what a plain backward holds, ``min(n_probes, 16) · tokens ·
     Σ (r + d_out)`` numbers (the ``lora_A`` output of side ``r`` and the ``lora_B``
@@ -239,7 +239,7 @@ def output_gradient_bytes(
     int
         bytes.
     """
-    from laplace_llm.curvature.kfac import PROBE_CHUNK
+    from laplace_llm.curvature.kfac_probes import PROBE_CHUNK
 
     layers = list(layers) if layers is not None else llama_lora_linears(config, target_modules)
     return min(n_probes, PROBE_CHUNK) * tokens * sum(r + m.d_out for m in layers) * element_bytes

@@ -18,7 +18,13 @@ from laplace_llm.models.classifier import LLMClassifier
 from laplace_llm.posterior.kron import LoRALaplace
 from laplace_llm.tools import metrics
 from laplace_llm.tools.baselines import TemperatureScaling
-from tests.models import add_lora, tiny_causal_lm, tiny_seqcls, tiny_tokenizer, write_model_folder
+from tests.fixtures.models import (
+    add_lora,
+    tiny_causal_lm,
+    tiny_seqcls,
+    tiny_tokenizer,
+    write_model_folder,
+)
 
 WORDS = ["cat", "dog", "red", "blue", "good", "bad", "yes", "no"]
 

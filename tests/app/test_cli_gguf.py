@@ -1,5 +1,5 @@
 """``laplace-llm fit`` / ``evaluate`` with ``--gguf-file``: a GGUF causal LM (the tiny Llama
-of tests/tiny_gguf.py, loaded through the same transformers path as SmolLM2) plus a peft
+of tests/fixtures/tiny_gguf.py, loaded through the same transformers path as SmolLM2) plus a peft
 adapter, end to end, and the same numbers as the Python API on that model."""
 
 import json
@@ -14,7 +14,7 @@ from laplace_llm.data import make_loader, mcqa_choices, read_jsonl
 from laplace_llm.models.classifier import LLMClassifier
 from laplace_llm.models.pretrained import load_causal_lm
 from laplace_llm.posterior.kron import LoRALaplace
-from tests.tiny_gguf import write_tiny_gguf
+from tests.fixtures.tiny_gguf import write_tiny_gguf
 
 CHOICES = ["ice", "fire", "snow", "rain", "sun", "wind"]
 

@@ -23,7 +23,7 @@ from laplace_llm.app.cli import main
 from laplace_llm.posterior.checkpoint import read_checkpoint
 from laplace_llm.serialization import read_posterior
 from tests.app.test_cli import mcqa_records, write_jsonl
-from tests.models import write_model_folder
+from tests.fixtures.models import write_model_folder
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +41,7 @@ OPTIONS = ["--n-kfac", 4, "--lr-threshold", 8, "--batch-size", 4, "--quiet"]
 
 KILLED = """
 import os, signal, sys
-import laplace_llm.posterior.base as base
+import laplace_llm.posterior.fitting as base
 from laplace_llm.app.cli import main
 
 at, signum = int(sys.argv[1]), getattr(signal, sys.argv[2])
@@ -125,7 +125,7 @@ def test_an_interrupt_names_the_checkpoint_and_a_mismatched_resume_is_a_user_err
         folders, tmp_path, capsys, monkeypatch):
     """Ctrl-C (SIGINT while batch 1 is checked): exit status 130 and a line naming the
     checkpoint; resuming with another --n-kfac exits 2 naming the option."""
-    import laplace_llm.posterior.base as base
+    import laplace_llm.posterior.fitting as base
 
     post, ckpt = tmp_path / "posterior.safetensors", tmp_path / "fit.ckpt"
     check_batch = base.check_batch

@@ -114,7 +114,7 @@ def test_a_bad_line_is_the_same_one_line_error(causal, tmp_path, capsys, lines, 
 @pytest.mark.slow  # one launch of two processes importing torch + transformers: ~25 s
 def test_torchrun_streams_each_processes_share(tmp_path):
     from tests.app.test_launchers import BIN, assert_same_posterior, launch
-    from tests.models import write_model_folder
+    from tests.fixtures.models import write_model_folder
 
     write_model_folder(tmp_path)
     write_jsonl(tmp_path / "data.jsonl", mcqa_records(11))  # odd: shards of 6 and 5

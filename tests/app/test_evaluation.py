@@ -20,8 +20,8 @@ from laplace_llm.app.evaluation import (
 )
 from laplace_llm.tools import metrics
 from laplace_llm.tools.baselines import TemperatureScaling
-from tests.batches import TARGET_IDS, DictDataset, token_items
-from tests.models import tiny_llama_lora
+from tests.fixtures.batches import TARGET_IDS, DictDataset, token_items
+from tests.fixtures.models import tiny_llama_lora
 
 
 def loader(n=10, seed=0, batch_size=4):

@@ -28,7 +28,7 @@ from laplace_llm.models.classifier import LLMClassifier
 from laplace_llm.posterior.kron import LoRALaplace
 from laplace_llm.serialization import POSTERIOR_FILENAME, read_state
 from tests.app.test_cli import mcqa_records, write_jsonl
-from tests.models import write_model_folder
+from tests.fixtures.models import write_model_folder
 from tests.test_distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

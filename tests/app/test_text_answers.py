@@ -13,8 +13,8 @@ import torch
 from laplace_llm.app.cli import main
 from laplace_llm.app.evaluation import score
 from laplace_llm.data import read_jsonl
-from tests.models import write_model_folder
-from tests.test_text_answers import WORDS, text_mcqa
+from tests.data.test_candidates import WORDS, text_mcqa
+from tests.fixtures.models import write_model_folder
 
 
 @pytest.fixture(scope="module")

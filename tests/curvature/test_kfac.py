@@ -18,8 +18,8 @@ import torch
 
 from laplace_llm import LLMClassifier, LoRALaplace
 from laplace_llm.matrix import LowRankFactor
-from tests.batches import TARGET_IDS, DictDataset, left_pad, token_items
-from tests.models import tiny_gpt2_lora, tiny_llama_lora
+from tests.fixtures.batches import TARGET_IDS, DictDataset, left_pad, token_items
+from tests.fixtures.models import tiny_gpt2_lora, tiny_llama_lora
 
 DT = torch.float64
 
@@ -258,7 +258,7 @@ def test_bf16_model_shares_the_input_factor_of_equal_float32_copies():
     factors, as sketched ones have an Ω per factor, see the test above)."""
     from peft import LoraConfig, get_peft_model
 
-    from tests.models import tiny_causal_lm
+    from tests.fixtures.models import tiny_causal_lm
 
     base = tiny_causal_lm("llama", seed=5, dtype=torch.bfloat16)
     torch.manual_seed(5)
@@ -288,7 +288,7 @@ def test_queued_truncations_give_the_fit_of_one_factor_at_a_time(monkeypatch):
     """Low-rank factors are appended together (their truncations share eigh calls);
     a queue of 1 byte appends each factor as soon as its columns exist, as before.
     Both go through the same truncations, so the curvature is the same."""
-    from laplace_llm.curvature import kfac as curvature
+    from laplace_llm.curvature import kfac_accumulation as curvature
 
     model = LLMClassifier(tiny_llama_lora(seed=3, dtype=DT, target_modules=ALL_LINEAR), TARGET_IDS)
     loader = torch.utils.data.DataLoader(

@@ -11,7 +11,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import laplace_llm
 from laplace_llm import LoRADiagLaplace, LoRAFullLaplace, LoRALaplace, NonFiniteError
 from laplace_llm.posterior.base import STRUCTURES, LoRALaplaceBase
-from tests.models import lora_mlp
+from laplace_llm.posterior.files import LoRAFiles
+from laplace_llm.posterior.fitting import LoRAFitting
+from tests.fixtures.models import lora_mlp
 
 LEAVES = {"kron": (LoRALaplace, KronLaplace), "diag": (LoRADiagLaplace, DiagLaplace),
           "full": (LoRAFullLaplace, FullLaplace)}
@@ -43,8 +45,9 @@ def test_the_registry_maps_each_structure_to_its_leaf_and_laplace_finds_the_same
     assert STRUCTURES == {s: cls for s, (cls, _) in LEAVES.items()}
     model = lora_mlp(seed=0)
     for structure, (cls, parent) in LEAVES.items():
-        # the base first, laplace-torch's structure second (FullLLLaplace's order)
-        assert cls.__mro__[1:3] == (LoRALaplaceBase, parent)
+        # the base first (with its fit loop and files, posterior/fitting.py and files.py),
+        # laplace-torch's structure second (FullLLLaplace's order)
+        assert cls.__mro__[1:5] == (LoRALaplaceBase, LoRAFitting, LoRAFiles, parent)
         la = Laplace(model, "classification", subset_of_weights="lora",
                      hessian_structure=structure)
         assert type(la) is cls

@@ -28,11 +28,11 @@ from laplace.utils.enums import TuningMethod
 from torch.utils.data import DataLoader, TensorDataset
 
 import laplace_llm
-import tests.models
+import tests.fixtures.models
 from laplace_llm import LLMClassifier, LoRADiagLaplace, LoRAFullLaplace, LoRALaplace
 from laplace_llm.models.discovery import LoRAModelError
-from tests.batches import TARGET_IDS, DictDataset, token_items
-from tests.models import tiny_llama_lora
+from tests.fixtures.batches import TARGET_IDS, DictDataset, token_items
+from tests.fixtures.models import tiny_llama_lora
 
 REFERENCE_BACKEND = {"ggn": CurvlinopsGGN, "ef": CurvlinopsEF}
 RTOL = 1e-5
@@ -44,7 +44,7 @@ def rel(a, b) -> float:
 
 def lora_mlp(seed=0, head=True, d_out=3):
     """Peft MLP (float64): LoRA r=2 on l1 and, with ``head``, l2 trained in full."""
-    return tests.models.lora_mlp(seed, d_out=d_out, target_modules=("l1",) if head else ("l1", "l2"),
+    return tests.fixtures.models.lora_mlp(seed, d_out=d_out, target_modules=("l1",) if head else ("l1", "l2"),
                                  modules_to_save=("l2",) if head else None)
 
 
@@ -455,8 +455,8 @@ def test_plain_head_alone_is_last_layer_laplace():
     """A sequence classifier's fully trained head (peft ``modules_to_save``) can be the
     only Bayesian layer: lora_modules=["classifier"] equals laplace-torch's KronLaplace
     on the same model with every other weight frozen (the head's weight and bias)."""
-    from tests.batches import token_loader
-    from tests.models import tiny_bert_seqcls_lora
+    from tests.fixtures.batches import token_loader
+    from tests.fixtures.models import tiny_bert_seqcls_lora
 
     torch.manual_seed(0)
     loader = token_loader(n=9, length=5, batch_size=4, n_classes=3, vocab=64)

@@ -18,8 +18,8 @@ from torch.utils.data import ConcatDataset, DataLoader
 import laplace_llm
 from laplace_llm import LLMClassifier, LoRALaplace
 from laplace_llm.matrix import LowRankFactor
-from tests.batches import TARGET_IDS, DictDataset, token_items, token_loader
-from tests.models import lora_mlp, tiny_gpt2_lora, tiny_llama_lora
+from tests.fixtures.batches import TARGET_IDS, DictDataset, token_items, token_loader
+from tests.fixtures.models import lora_mlp, tiny_gpt2_lora, tiny_llama_lora
 
 BUILDERS = {
     "llama": tiny_llama_lora,
@@ -315,7 +315,7 @@ def test_rslora_and_lora_alpha_scaling_equal_laplace_torch():
     output gradients, as it reaches laplace-torch through autograd."""
     from peft import LoraConfig, get_peft_model
 
-    from tests.models import tiny_causal_lm
+    from tests.fixtures.models import tiny_causal_lm
 
     base = tiny_causal_lm("llama", seed=0, dtype=torch.float64)
     torch.manual_seed(1)

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from laplace_llm import LoRADiagLaplace, LoRAFullLaplace, LoRALaplace
 from laplace_llm.models.discovery import LoRAModelError
-from tests.models import MLP, lora_mlp
+from tests.fixtures.models import MLP, lora_mlp
 
 FLAVORS = [LoRAFullLaplace, LoRALaplace, LoRADiagLaplace]
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import laplace_llm
 from laplace_llm import LoRADiagLaplace, LoRAFullLaplace, LoRALaplace
-from tests.models import lora_mlp
+from tests.fixtures.models import lora_mlp
 
 DATA = Path(__file__).parent.parent / "data" / "posteriors"
 CLASSES = {"kron": LoRALaplace, "diag": LoRADiagLaplace, "full": LoRAFullLaplace}

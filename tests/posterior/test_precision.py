@@ -21,8 +21,8 @@ import torch
 
 from laplace_llm import LLMClassifier, LoRALaplace
 from laplace_llm.matrix import LowRankFactor
-from tests.batches import TARGET_IDS, token_loader
-from tests.models import tiny_llama_lora
+from tests.fixtures.batches import TARGET_IDS, token_loader
+from tests.fixtures.models import tiny_llama_lora
 
 BOUNDS = {
     torch.bfloat16: dict(factor=3e-2, var=5e-2, prob=5e-3, lml=5e-3, prior=1e-2),

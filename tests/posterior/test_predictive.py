@@ -15,8 +15,8 @@ from laplace.curvature import CurvlinopsGGN
 from torch.utils.data import DataLoader
 
 from laplace_llm import LLMClassifier, LoRALaplace
-from tests.batches import TARGET_IDS, DictDataset, left_pad, token_items, token_loader
-from tests.models import tiny_gpt2_lora, tiny_llama_lora
+from tests.fixtures.batches import TARGET_IDS, DictDataset, left_pad, token_items, token_loader
+from tests.fixtures.models import tiny_gpt2_lora, tiny_llama_lora
 
 BUILDERS = {"llama": tiny_llama_lora, "gpt2": tiny_gpt2_lora}
 DT = torch.float64
@@ -101,7 +101,7 @@ def test_sequence_classifier_head_covariance_equals_explicit_jacobians(truncatio
     (peft ``modules_to_save``: a weight and a bias block): the Jacobian-free GLM
     covariance, with low-rank factors of either truncation, equals the explicit
     ``torch.func`` Jacobians contracted with the same posterior, block by block."""
-    from tests.models import tiny_bert_seqcls_lora
+    from tests.fixtures.models import tiny_bert_seqcls_lora
 
     clf = LLMClassifier(tiny_bert_seqcls_lora(num_labels=3, seed=0).double())
     la = LoRALaplace(clf, "classification", fisher_type="ggn", prior_precision=0.5,

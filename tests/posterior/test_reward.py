@@ -24,8 +24,8 @@ import laplace_llm  # noqa: F401  (registers subset_of_weights="lora")
 from laplace_llm import LLMClassifier, LoRALaplace
 from laplace_llm.data import make_loader
 from laplace_llm.matrix import LowRankFactor
-from tests.batches import DictDataset
-from tests.models import add_lora, tiny_seqcls, tiny_tokenizer
+from tests.fixtures.batches import DictDataset
+from tests.fixtures.models import add_lora, tiny_seqcls, tiny_tokenizer
 
 HEADS = {"bert": ("classifier", ("query", "value")), "llama": ("score", ("q_proj", "v_proj"))}
 

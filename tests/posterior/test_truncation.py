@@ -11,8 +11,8 @@ eigenpairs and the comparisons isolate the treatment of the rest.
 import torch
 
 from laplace_llm import LLMClassifier, LoRALaplace
-from tests.batches import TARGET_IDS, token_loader
-from tests.models import tiny_llama_lora
+from tests.fixtures.batches import TARGET_IDS, token_loader
+from tests.fixtures.models import tiny_llama_lora
 
 SIDE = 32  # hidden size: the large factors' side (lr_threshold=4 keeps only r dense)
 

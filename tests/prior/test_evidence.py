@@ -30,8 +30,8 @@ from laplace_llm import LLMClassifier, LoRALaplace
 from laplace_llm.matrix import LowRankKronDecomposed
 from laplace_llm.posterior.base import LoRALaplaceBase
 from laplace_llm.prior.evidence import ATOL_NATS, until_converged
-from tests.batches import TARGET_IDS, token_loader
-from tests.models import tiny_llama_lora
+from tests.fixtures.batches import TARGET_IDS, token_loader
+from tests.fixtures.models import tiny_llama_lora
 
 # ---------------------------------------------------------------- closed form
 

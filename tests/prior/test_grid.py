@@ -14,8 +14,8 @@ from laplace.utils import RunningNLLMetric, validate
 from torch.utils.data import DataLoader, TensorDataset
 
 from laplace_llm import LLMClassifier, LoRADiagLaplace, LoRAFullLaplace, LoRALaplace
-from tests.batches import TARGET_IDS, token_loader
-from tests.models import lora_mlp, tiny_llama_lora
+from tests.fixtures.batches import TARGET_IDS, token_loader
+from tests.fixtures.models import lora_mlp, tiny_llama_lora
 
 PARENTS = {LoRALaplace: KronLaplace, LoRADiagLaplace: DiagLaplace, LoRAFullLaplace: FullLaplace}
 GRID = [1e-2, 0.3, 1.0, 4.0, 30.0, 1e3]

@@ -13,7 +13,7 @@ import torch
 from laplace_llm import LoRALaplace
 from laplace_llm.matrix import LowRankFactor
 from laplace_llm.tools.diagnostics import format_low_rank_report
-from tests.batches import token_loader
+from tests.fixtures.batches import token_loader
 from tests.posterior.test_diag_and_full import llama
 
 

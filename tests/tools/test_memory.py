@@ -71,8 +71,8 @@ from transformers import LlamaConfig  # noqa: E402
 
 from laplace_llm import LLMClassifier  # noqa: E402
 from laplace_llm.tools import memory  # noqa: E402
-from tests.batches import TARGET_IDS, token_loader  # noqa: E402
-from tests.models import add_lora  # noqa: E402
+from tests.fixtures.batches import TARGET_IDS, token_loader  # noqa: E402
+from tests.fixtures.models import add_lora  # noqa: E402
 
 SMALL = dict(hidden_size=256, intermediate_size=384, num_attention_heads=4,
              num_key_value_heads=2, num_hidden_layers=2, vocab_size=100)

@@ -1,0 +1,90 @@
+"""Fit time over the floor, with shared and with separate input factors, interleaved.
+
+On a loaded machine a single timing says little, so this script alternates the three
+measurements ``--repeat`` times — the floor (plain forward + backward of the LoRA
+weights over the fit data), ``LoRALaplace.fit`` with its defaults (shared input factors,
+sketched low-rank factors), with ``share_input_factors=False``, and with
+``accumulation="truncate"`` (the incremental truncation that was the default before the
+sketch) — and reports the minimum and the median of each, and the ratios of the
+minima. Model and data are those of ``bench_lora_laplace.py`` (Llama-shaped, 2 layers,
+LoRA r=8 on ``--targets``, 64 sequences of 32 tokens in batches of 8, mc Fisher,
+``n_kfac`` 16).
+
+Run: ``OMP_NUM_THREADS=1 python -m benchmarks.perf.bench_fit_ratio --hidden 512 1024 --repeat 7
+--out benchmarks/results/fit-ratio-cpu.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import warnings
+
+from torch.utils.data import DataLoader
+
+from benchmarks.common.args import parser
+from benchmarks.common.models import Tokens, floor, llama_config, lora_llama
+from benchmarks.common.results import finish
+from laplace_llm import LLMClassifier, LoRALaplace
+
+warnings.filterwarnings("ignore")
+
+
+def build(hidden, layers, targets):
+    model = lora_llama(llama_config(hidden, layers), targets)
+    return LLMClassifier(model, [10, 11, 12, 13]).eval()
+
+
+def run(hidden, args) -> dict:
+    clf = build(hidden, args.layers, args.targets)
+    loader = DataLoader(Tokens(args.n_fit, args.seq, 1024, seed=0), batch_size=args.batch_size)
+    steps = {
+        "floor": lambda: floor(clf, loader),
+        "shared": lambda: LoRALaplace(clf, "classification", n_kfac=args.n_kfac, seed=0).fit(loader),
+        "separate": lambda: LoRALaplace(clf, "classification", n_kfac=args.n_kfac, seed=0,
+                                        share_input_factors=False).fit(loader),
+        "truncate": lambda: LoRALaplace(clf, "classification", n_kfac=args.n_kfac, seed=0,
+                                        accumulation="truncate").fit(loader),
+    }
+    for fn in steps.values():  # warm-up
+        fn()
+    times = {k: [] for k in steps}
+    for _ in range(args.repeat):
+        for k, fn in steps.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    row = {"hidden": hidden, "layers": args.layers, "targets": args.targets, "times": times}
+    for k in steps:
+        row[f"{k}_min_s"] = min(times[k])
+        row[f"{k}_median_s"] = statistics.median(times[k])
+    return row
+
+
+def main(argv=None):
+    args = parser(__doc__, raw=True, hidden=[512, 1024], layers=2, targets=["q_proj", "v_proj"],
+                  n_fit=64, seq=32, batch_size=8, n_kfac=16, repeat=7, out=None).parse_args(argv)
+    rows = []
+    for h in args.hidden:
+        rows.append(run(h, args))
+        print(json.dumps(rows[-1]), flush=True)
+    lines = [f"LoRA r=8 on {', '.join(args.targets)}, {args.layers} layers, {args.n_fit}×{args.seq} "
+             f"tokens, mc, n_kfac {args.n_kfac}; min (median) of {args.repeat} interleaved runs",
+             "", "| hidden | floor s | default (sketch, shared A): fit s (× floor) | separate A "
+             "| truncate (before the sketch) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        f = r["floor_min_s"]
+        lines.append(
+            f"| {r['hidden']} | {f:.2f} ({r['floor_median_s']:.2f}) | {r['shared_min_s']:.2f} "
+            f"({r['shared_median_s']:.2f}) {r['shared_min_s'] / f:.2f}× | {r['separate_min_s']:.2f} "
+            f"({r['separate_median_s']:.2f}) {r['separate_min_s'] / f:.2f}× | "
+            f"{r['truncate_min_s']:.2f} ({r['truncate_median_s']:.2f}) "
+            f"{r['truncate_min_s'] / f:.2f}× |"
+        )
+    finish(lines, rows, args.out)
+
+
+if __name__ == "__main__":
+    main()
