@@ -2,9 +2,8 @@
 predictor), its data rules (leak removal, your own set), TFB's draw, and (slow) the quick run
 on the real SmolLM2, from a data folder the repository does not have."""
 
-import importlib.util
+import importlib
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,19 +12,11 @@ import torch
 
 from laplace_llm.tools import metrics
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "paper_table.py"
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "quality" / "paper_table.py"
 
 
-def load_script(name: str = "paper_table.py"):
-    path = SCRIPT.parent / name
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(SCRIPT.parent))  # its shared helpers sit beside it
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return module
+def load_script(name: str = "paper_table"):
+    return importlib.import_module(f"benchmarks.quality.{name}")
 
 
 def _probs(n, c, seed, sharp=2.0):

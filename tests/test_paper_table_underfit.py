@@ -2,10 +2,9 @@
 every (set, seed, method) row, the rows agree with their own probabilities, a second run
 resumes without redoing anything, and the deep ensemble is rendered from the seeds' MAPs."""
 
-import importlib.util
+import importlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,19 +13,11 @@ import torch
 
 from laplace_llm.tools import metrics
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "paper_table_underfit.py"
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "quality" / "paper_table_underfit.py"
 
 
-def load_script(name: str = "paper_table_underfit.py"):
-    path = SCRIPT.parent / name
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(SCRIPT.parent))  # its shared helpers sit beside it
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return module
+def load_script(name: str = "paper_table_underfit"):
+    return importlib.import_module(f"benchmarks.quality.{name}")
 
 
 def test_centred_moments_are_the_moments_of_the_centred_logits():
@@ -51,7 +42,7 @@ def test_contrasts_make_the_probit_blind_to_a_common_offset():
     """predictive_agreement's full centring: adding a random common offset to every logit
     (mean shift and its variance along 1) changes laplace-torch's probit, but neither the
     contrasts' probit nor the exact (MC) predictive, which it leaves unchanged."""
-    agreement = load_script("predictive_agreement.py")
+    agreement = load_script("predictive_agreement")
     gen = torch.Generator().manual_seed(1)
     mu = torch.randn(64, 4, generator=gen, dtype=torch.float64)
     a = torch.randn(64, 4, 4, generator=gen, dtype=torch.float64)
@@ -100,7 +91,7 @@ def test_quick_run_writes_every_row_resumes_and_renders_a_deep_ensemble(tmp_path
                 pt.probit(mu, cov),
                 torch.tensor(rows["la_map_probit"]["probs"][split], dtype=torch.float64),
                 rtol=0, atol=1e-12)
-    agreement = load_script("predictive_agreement.py")
+    agreement = load_script("predictive_agreement")
     agreement.main(["--results", str(out), "--reference-samples", "20000"])
     measured = json.loads((out / "predictive_agreement.json").read_text())
     assert [(r["set"], r["seed"]) for r in measured] == [("openbookqa", 0)]
@@ -167,7 +158,7 @@ def test_committed_tables_are_what_the_committed_rows_render(variant):
     """Each committed ``table.md`` of the first comparison is printed by the script from
     the committed JSON rows: a row changed without re-rendering fails here."""
     pt = load_script()
-    out = SCRIPT.parent / "results" / "paper_table" / variant
+    out = SCRIPT.parents[1] / "results" / "paper_table" / variant
     answers = "letters" if variant == "letters" else "text"
     reduction = "mean" if variant == "text_mean" else "sum"
     rendered = pt.full_table(out, answers, reduction)

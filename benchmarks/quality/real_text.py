@@ -73,7 +73,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer  # no
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import laplace_llm  # noqa: E402
-from benchmarks._links import monte_carlo, probit  # noqa: E402
+from benchmarks.common.links import monte_carlo, probit  # noqa: E402
 from laplace_llm.app.loading import minilm_path  # noqa: E402
 from laplace_llm.data import make_loader  # noqa: E402
 from laplace_llm.tools import metrics  # noqa: E402

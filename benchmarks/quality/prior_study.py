@@ -15,7 +15,7 @@ Monte-Carlo predictive (1,000 samples) scored on the demo's 200 validation quest
 (``real_text.py``'s model and fine-tune: 5 epochs, lr 2e-3), scored on 500 held-out
 training questions. That fine-tune ends close to calibrated, the other regime.
 
-Run: ``python benchmarks/prior_study.py`` (seeds 0-4; about a minute a seed on 2 cores),
+Run: ``python -m benchmarks.quality.prior_study`` (seeds 0-4; about a minute a seed on 2 cores),
 ``--task trec6`` (a few minutes a seed); writes ``benchmarks/results/prior_study/TASK.json``
 and ``TASK.md``.
 """
@@ -30,18 +30,18 @@ import time
 from pathlib import Path
 
 import torch
-from _links import monte_carlo
-from _priors import PRIOR_CANDIDATES, candidate_prior, init_vector
 from laplace import Laplace
 
 import laplace_llm  # noqa: F401  (registers subset_of_weights="lora")
+from benchmarks.common.links import monte_carlo
+from benchmarks.common.priors import PRIOR_CANDIDATES, candidate_prior, init_vector
 from laplace_llm.app import demo
 from laplace_llm.app.evaluation import score
 from laplace_llm.data import make_loader
 from laplace_llm.tools.baselines import TemperatureScaling
 from laplace_llm.tools.training import train_lora
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # benchmarks/
 
 
 def moments(la, loader, priors):
@@ -70,7 +70,7 @@ def study(clf, la, init, val_loader, seed: int) -> dict:
 
 
 def trec6_seed(seed: int) -> dict:
-    import real_text
+    from benchmarks.quality import real_text
 
     train_all = real_text.read_jsonl(real_text.DATA / "train.jsonl")
     random.Random(seed).shuffle(train_all)
@@ -143,7 +143,7 @@ def main(argv=None) -> None:
         print(f"seed {seed}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     (out / f"{args.task}.json").write_text(json.dumps(rows, indent=1))
     table = render(rows, args.task)
-    (out / f"{args.task}.md").write_text(f"<!-- python benchmarks/prior_study.py "
+    (out / f"{args.task}.md").write_text(f"<!-- python -m benchmarks.quality.prior_study "
                                  f"{' '.join(sys.argv[1:])} -->\n" + table + "\n")
     print(table)
 

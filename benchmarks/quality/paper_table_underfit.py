@@ -59,7 +59,7 @@ fine-tuned adapters, posteriors and GLM moments go to ``--work`` (not committed)
 a resumed run does not train or fit again. ``--render`` only writes the markdown table
 (mean ± standard deviation over seeds) from the JSON files.
 
-Run: ``python benchmarks/paper_table_underfit.py`` (all four sets, seeds 0 1 2), ``--quick`` for the
+Run: ``python -m benchmarks.quality.paper_table_underfit`` (all four sets, seeds 0 1 2), ``--quick`` for the
 smallest run (CI's slow job), ``--threads`` for torch's intra-op threads.
 """
 
@@ -81,26 +81,26 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
-from _links import monte_carlo, probit  # noqa: E402  (benchmarks/ is the script's folder)
 from laplace import Laplace  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import laplace_llm  # noqa: E402
+from benchmarks.common.links import monte_carlo, probit  # noqa: E402
+from benchmarks.common.smollm2 import lora_smollm2, lora_state, set_lora_state  # noqa: E402
 from laplace_llm.data import (  # noqa: E402
     format_mcqa_prompt,
     make_candidate_loader,
     make_loader,
     mcqa_choices,
 )  # noqa: E402
-from laplace_llm.models.pretrained import load_causal_lm, smollm2_gguf  # noqa: E402
 from laplace_llm.tools import metrics  # noqa: E402
 from laplace_llm.tools.baselines import TemperatureScaling  # noqa: E402
 from laplace_llm.tools.training import train_lora  # noqa: E402
 
 hf_logging.set_verbosity_error()
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # benchmarks/
 DATA = ROOT / "data" / "mcqa"
 SETS = {"arc_easy": 4, "openbookqa": 4, "commonsenseqa": 5, "boolq": 2}
 SET_LABELS = {"arc_easy": "ARC-Easy", "openbookqa": "OpenBookQA",
@@ -177,32 +177,13 @@ def splits(name: str, seed: int, args) -> dict[str, list[dict]]:
 
 # --------------------------------------------------------------------- model
 def build_model(name: str, seed: int, answers: str = "text", reduction: str = "sum"):
-    from peft import LoraConfig, get_peft_model
-
-    folder, gguf_file = smollm2_gguf()
-    base, tok = load_causal_lm(folder, gguf_file=gguf_file)
-    torch.manual_seed(seed)
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1,
-                      target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    model = get_peft_model(base, lora)
+    model, tok = lora_smollm2(seed)
     if answers == "text":
         clf = laplace_llm.CandidateScorer(model, n_candidates=SETS[name], reduction=reduction)
     else:
         clf = laplace_llm.LLMClassifier.from_choices(model, tok, mcqa_choices(SETS[name]))
     clf.eval()
     return clf, tok
-
-
-def lora_state(clf) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone().contiguous() for n, p in clf.named_parameters()
-            if p.requires_grad}
-
-
-def set_lora_state(clf, state: dict[str, torch.Tensor]) -> None:
-    params = dict(clf.named_parameters())
-    with torch.no_grad():
-        for n, v in state.items():
-            params[n].copy_(v)
 
 
 # ------------------------------------------------------------------- scoring
@@ -743,7 +724,7 @@ def main(argv=None) -> None:
     machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                f"{torch.get_num_threads()} threads")
     (out / "table.md").write_text(
-        f"<!-- python benchmarks/paper_table_underfit.py {' '.join(sys.argv[1:])}; {machine} -->\n"
+        f"<!-- python -m benchmarks.quality.paper_table_underfit {' '.join(sys.argv[1:])}; {machine} -->\n"
         + table + "\n")
     print(table)
 

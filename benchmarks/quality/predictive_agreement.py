@@ -1,6 +1,6 @@
 """Why the probit and Monte-Carlo predictives pick different answers with text answers.
 
-Reads the GLM moments that ``benchmarks/paper_table_underfit.py`` writes beside its rows
+Reads the GLM moments that ``benchmarks/quality/paper_table_underfit.py`` writes beside its rows
 (``glm_moments.safetensors``, test split, the prior of laplace-torch's evidence) and, per
 set and seed, measures how often each predictive's predicted class equals that of a
 reference: the Monte-Carlo predictive with ``--reference-samples`` (100,000) logit samples.
@@ -32,7 +32,7 @@ the shortest choice, against how often the shortest choice is right. A summed
 log-likelihood prefers short answers; dividing each score by its own sd, the probit
 undoes part of that, which MC, like the exact predictive, does not.
 
-Run: ``python benchmarks/predictive_agreement.py`` (after ``paper_table_underfit.py``); writes
+Run: ``python -m benchmarks.quality.predictive_agreement`` (after ``paper_table_underfit.py``); writes
 ``predictive_agreement.json`` and ``.md`` beside the paper table's results.
 """
 
@@ -43,12 +43,13 @@ import json
 import math
 from pathlib import Path
 
-import paper_table_underfit as pt  # benchmarks/ is the script's folder
 import torch
-from _links import monte_carlo, probit
 from safetensors import safe_open
 
-ROOT = Path(__file__).resolve().parent
+from benchmarks.common.links import monte_carlo, probit
+from benchmarks.quality import paper_table_underfit as pt
+
+ROOT = Path(__file__).resolve().parents[1]  # benchmarks/
 LABELS = {"arc_easy": "ARC-Easy", "openbookqa": "OpenBookQA",
           "commonsenseqa": "CommonsenseQA", "boolq": "BoolQ"}
 SHARE = 0.99  # laplace_llm.LLMClassifier.CENTER, the table's "centred" rows
@@ -138,7 +139,7 @@ def main(argv=None) -> None:
             ("probit_ref", "probit = ref"), ("centred_ref", "centred = ref"),
             ("contrasts_ref", "contrasts = ref"), ("map_ref", "MAP = ref"),
             ("common_var", "common var"), ("logit_sd", "logit sd")]
-    lines = [f"<!-- python benchmarks/predictive_agreement.py (prior {args.prior}, reference "
+    lines = [f"<!-- python -m benchmarks.quality.predictive_agreement (prior {args.prior}, reference "
              f"{args.reference_samples} samples, margin {args.margin}) -->",
              "| set | seed | " + " | ".join(c for _, c in cols) + " | tied | contrasts = ref, "
              "rest |", "|---" * (len(cols) + 4) + "|"]

@@ -9,7 +9,7 @@ With ``mean`` (each choice's log-likelihood divided by its number of tokens): te
 ARC-Easy 0.49, OpenBookQA 0.40, CommonsenseQA 0.27, BoolQ 0.35 (letters unchanged): the
 summed score's preference for short answers is what puts OpenBookQA below chance.
 
-Run: ``python benchmarks/zero_shot_formats.py`` (``mean`` as first argument: length-
+Run: ``python -m benchmarks.quality.zero_shot_formats`` (``mean`` as first argument: length-
 averaged log-likelihoods).
 """
 
@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import paper_table_underfit as pt  # noqa: E402  (benchmarks/ is the script's folder)
-
 import laplace_llm  # noqa: E402
+from benchmarks.quality import paper_table_underfit as pt  # noqa: E402
 from laplace_llm.data import make_candidate_loader, make_loader  # noqa: E402
 from laplace_llm.models.pretrained import load_causal_lm, smollm2_gguf  # noqa: E402
 
