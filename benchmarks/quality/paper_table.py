@@ -549,6 +549,31 @@ class Run:
         saved["order"] = list(priors)
         return saved
 
+    def norms(self) -> dict:
+        """Where ``‖θ* − μ₀‖²`` comes from: the squared norm of the MAP's LoRA weights, of
+        their change from the initialisation, and the initial ``A``'s share (``B`` starts at
+        zero), per kind of block (``norms.json``)."""
+        path = self.out / "norms.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        self.train()
+        out = {"map": 0.0, "map_minus_init": 0.0, "init": 0.0,
+               "A_map": 0.0, "A_map_minus_init": 0.0, "B_map": 0.0}
+        for n, p in self.clf.named_parameters():
+            if not p.requires_grad:
+                continue
+            w, w0 = p.detach().double(), self._init[n].double()
+            out["map"] += float(w.square().sum())
+            out["map_minus_init"] += float((w - w0).square().sum())
+            out["init"] += float(w0.square().sum())
+            if "lora_A" in n:
+                out["A_map"] += float(w.square().sum())
+                out["A_map_minus_init"] += float((w - w0).square().sum())
+            else:
+                out["B_map"] += float(w.square().sum())
+        path.write_text(json.dumps(out, indent=1))
+        return out
+
     def val_study(self) -> None:
         """Validation metrics of every prior (MC predictive) on the first ``--n-prior-val``
         validation questions: what the default prior is chosen on."""
@@ -632,9 +657,13 @@ class Run:
         if stage == "ggn":
             self.ggn_study()
             return
+        if stage == "norms":
+            self.norms()
+            return
         self.recipe()
         self.map_rows()
         log(f"{self.name} seed {self.seed}: MAP rows done ({time.time() - t0:.0f} s)")
+        self.norms()
         self.val_study()
         log(f"{self.name} seed {self.seed}: validation study done ({time.time() - t0:.0f} s)")
         if stage == "val":
@@ -648,7 +677,8 @@ class Run:
 def load_rows(out: Path) -> dict[str, dict[int, dict[str, dict]]]:
     rows: dict = {}
     for path in sorted(out.glob("*/seed*/*.json")):
-        if path.name in ("recipe.json", "train.json", "priors.json", "prior_study_val.json"):
+        if path.name in ("recipe.json", "train.json", "priors.json", "prior_study_val.json",
+                         "prior_study_ggn.json", "norms.json"):
             continue
         r = json.loads(path.read_text())
         rows.setdefault(r["set"], {}).setdefault(r["seed"], {})[r["method"]] = r
@@ -792,8 +822,8 @@ def study_table(out: Path, sets: list[str]) -> str:
     cands = list(PRIOR_CANDIDATES) + ["val"]
     lines = ["\n**Prior study** (validation questions, MC predictive; mean prior precision "
              "/ acc % / ECE % / NLL; `val` is tuned on validation labels)\n",
-             "| set | seed | n | MAP | " + " | ".join(cands) + " |",
-             "|---" * (4 + len(cands)) + "|"]
+             "| set | seed | n | ‖θ*‖² / ‖θ*−θ₀‖² | MAP | " + " | ".join(cands) + " |",
+             "|---" * (5 + len(cands)) + "|"]
     for name in sets:
         for path in sorted((out / name).glob("seed*/prior_study_val.json")):
             st = json.loads(path.read_text())
@@ -803,12 +833,18 @@ def study_table(out: Path, sets: list[str]) -> str:
                 head = f"{v['mean_prior']:.3g} / " if prior else ""
                 return (f"{head}{100 * v['accuracy']:.1f} / {100 * v['ece']:.1f} / "
                         f"{v['nll']:.3f}")
-            lines.append(f"| {set_label(name)} | {seed} | {st['n']} | {cell(st['map'], False)} | "
+            nf = path.parent / "norms.json"
+            norm = "—"
+            if nf.exists():
+                nm = json.loads(nf.read_text())
+                norm = f"{nm['map']:.0f} / {nm['map_minus_init']:.0f}"
+            lines.append(f"| {set_label(name)} | {seed} | {st['n']} | {norm} | "
+                         f"{cell(st['map'], False)} | "
                          + " | ".join(cell(st[c]) if c in st else "—" for c in cands) + " |")
             ggn = path.parent / "prior_study_ggn.json"
             if ggn.exists():
                 g = json.loads(ggn.read_text())
-                lines.append(f"| {set_label(name)}, exact GGN | {seed} | {g['n']} | — | "
+                lines.append(f"| {set_label(name)}, exact GGN | {seed} | {g['n']} | — | — | "
                              + " | ".join(cell(g[c]) if c in g else "—" for c in cands)
                              + " |")
     return "\n".join(lines)
@@ -832,8 +868,9 @@ def main(argv=None) -> None:
                    help="validation questions of the prior study (GLM moments)")
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--reduction", choices=["auto", "sum", "mean"], default="auto")
-    p.add_argument("--stage", choices=["val", "all", "ggn"], default="all",
-                   help="val: stop after the prior study; ggn: only the exact-GGN prior study")
+    p.add_argument("--stage", choices=["val", "all", "ggn", "norms"], default="all",
+                   help="val: stop after the prior study; ggn: only the exact-GGN prior "
+                   "study; norms: only the weight norms of the study")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="default benchmarks/results/paper_table/fitted")
     p.add_argument("--work", default=None, help="default benchmarks/out/paper_table/fitted")

@@ -10,7 +10,7 @@ Rules a page follows (``test_every_block_runs_or_is_an_excerpt`` enforces them):
   ``<!-- excerpt: REASON -->``. ``<!-- slow: REASON -->`` runs it in the slow job (a block
   that needs the real SmolLM2).
 - The python blocks of a page run in order in one namespace, from the current folder of a
-  temporary directory, on the tiny models of ``tests/models.py``. The names a block uses
+  temporary directory, on the tiny models of ``tests/fixtures/models.py``. The names a block uses
   without defining them (``peft_model``, ``tokenizer``, ``train_loader``, ``batch``, …)
   come from the page's setup below (``SETUPS``; ``causal`` unless the page is listed).
 - A bash block that runs holds ``laplace-llm`` commands only; ``M``, ``A`` and ``D.jsonl``
@@ -247,7 +247,7 @@ def doc_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from tests.models import TINY_WORDS
+    from tests.fixtures.models import TINY_WORDS
 
     fillers = [i for i, w in enumerate(TINY_WORDS) if re.fullmatch(r"w\d+", w)]
     words = list(TINY_WORDS)
@@ -278,7 +278,7 @@ def setup_causal(tmp: Path) -> dict:
 
     import laplace_llm
     from laplace_llm.data import make_loader
-    from tests.models import add_lora, tiny_causal_lm, write_model_folder
+    from tests.fixtures.models import add_lora, tiny_causal_lm, write_model_folder
 
     tokenizer = doc_tokenizer()
     base = tiny_causal_lm("llama", seed=0)
@@ -318,7 +318,7 @@ def setup_laplace_torch(tmp: Path) -> dict:
     from torch.utils.data import DataLoader
 
     from laplace_llm import LLMClassifier
-    from tests.models import add_lora, tiny_seqcls
+    from tests.fixtures.models import add_lora, tiny_seqcls
 
     ns = setup_causal(tmp)
     reg = LLMClassifier(add_lora(tiny_seqcls("llama", 2, seed=0), seed=0, r=4,
