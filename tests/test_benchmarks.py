@@ -179,11 +179,8 @@ def test_sketch_accuracy_synthetic_blocks_at_a_small_side():
     limits the sketch there; measured equal to 3 digits at sides 2,048–8,192)."""
     import argparse
 
-    sys.path.insert(0, str(BENCH))
-    try:
-        import sketch_accuracy as sa
-    finally:
-        sys.path.remove(str(BENCH))
+    from benchmarks.quality import sketch_accuracy as sa
+
     args = argparse.Namespace(n_kfac=16, sketch_size=96)
     low = sa.synthetic(1024, "rank 64", args)
     v = low["variants"]

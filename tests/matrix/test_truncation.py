@@ -381,7 +381,7 @@ def test_sketch_options_are_checked():
 def test_host_omegas_are_cached_within_their_byte_budget(monkeypatch):
     """Repeated draws reuse a host Ω (the same tensor), the cache never holds more than
     OMEGA_CACHE_BYTES, and an evicted Ω drawn again has the same values."""
-    from laplace_llm import matrix
+    from laplace_llm.matrix import truncation as matrix
 
     monkeypatch.setattr(matrix, "OMEGA_CACHE_BYTES", 3 * 100 * 8 * 4)  # three 100×8 float32
     monkeypatch.setattr(matrix, "_OMEGA_CACHE", matrix.OrderedDict())
