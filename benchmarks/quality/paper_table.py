@@ -162,9 +162,9 @@ def context(q: str) -> str:
 
 def set_spec(name: str, args) -> tuple[Path, int, int]:
     """(folder, choices, max chars) of a built-in set or of ``--data-dir``."""
-    if name in SETS:
-        return DATA / name, *SETS[name]
-    return Path(args.data_dir), args.n_choices, args.max_chars
+    if getattr(args, "data_dir", None) is not None:  # your set, even if named like ours
+        return Path(args.data_dir), args.n_choices, args.max_chars
+    return DATA / name, *SETS[name]
 
 
 def splits(name: str, seed: int, args) -> dict[str, list[dict]]:
