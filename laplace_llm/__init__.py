@@ -33,6 +33,7 @@ from laplace_llm.posterior.base import load
 from laplace_llm.posterior.diag import LoRADiagLaplace
 from laplace_llm.posterior.full import LoRAFullLaplace
 from laplace_llm.posterior.kron import LoRALaplace
+from laplace_llm.prior.centre import prior_mean_from
 from laplace_llm.prior.regression import optimize_prior_and_noise
 from laplace_llm.tools.baselines import TemperatureScaling
 
@@ -43,6 +44,7 @@ __all__ = [
     "LoRAFullLaplace",
     "load",
     "optimize_prior_and_noise",
+    "prior_mean_from",
     # options
     "KFACOptions",
     "FisherType",

@@ -28,13 +28,6 @@ PRIOR_CANDIDATES = {
 }
 
 
-def init_vector(la, model, init_state: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The LoRA weights before fine-tuning (``init_state``: name → tensor, as
-    ``model.named_parameters`` names them), in the Laplace object's parameter order."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    return torch.cat([init_state[names[id(p)]].reshape(-1).to(la._dtype) for p in la.params])
-
-
 def candidate_prior(la, model, name: str, init: torch.Tensor) -> dict:
     """Tune candidate ``name``'s prior on a copy of the fitted ``la``; return its prior
     precision (a list), evidence, seconds and the warnings marglik raised."""

@@ -96,7 +96,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 import laplace_llm  # noqa: E402
 from benchmarks.common.links import monte_carlo, probit  # noqa: E402
-from benchmarks.common.priors import PRIOR_CANDIDATES, candidate_prior, init_vector  # noqa: E402
+from benchmarks.common.priors import PRIOR_CANDIDATES, candidate_prior  # noqa: E402
 from benchmarks.common.smollm2 import lora_smollm2, lora_state, set_lora_state  # noqa: E402
 from laplace_llm.data import make_candidate_loader  # noqa: E402
 from laplace_llm.tools import metrics  # noqa: E402
@@ -501,7 +501,7 @@ class Run:
     def _init_vector(self, la) -> torch.Tensor:
         """The LoRA weights before fine-tuning, in the Laplace object's parameter order."""
         self.clf  # noqa: B018  (built with the model)
-        return init_vector(la, self.clf, self._init)
+        return laplace_llm.prior_mean_from(la, self._init)
 
     def priors(self) -> dict:
         """The prior precision of every candidate (and of the validation gridsearch), kept in
@@ -660,15 +660,22 @@ class Run:
         if stage == "norms":
             self.norms()
             return
+        if stage == "tfb":
+            self.tfb_row()
+            return
         self.recipe()
         self.map_rows()
         log(f"{self.name} seed {self.seed}: MAP rows done ({time.time() - t0:.0f} s)")
+        if stage == "map":
+            return
         self.norms()
         self.val_study()
         log(f"{self.name} seed {self.seed}: validation study done ({time.time() - t0:.0f} s)")
         if stage == "val":
             return
         self.laplace_rows()
+        if stage == "laplace":
+            return
         self.tfb_row()
         log(f"{self.name} seed {self.seed}: all rows done ({time.time() - t0:.0f} s)")
 
@@ -868,8 +875,10 @@ def main(argv=None) -> None:
                    help="validation questions of the prior study (GLM moments)")
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--reduction", choices=["auto", "sum", "mean"], default="auto")
-    p.add_argument("--stage", choices=["val", "all", "ggn", "norms"], default="all",
-                   help="val: stop after the prior study; ggn: only the exact-GGN prior "
+    p.add_argument("--stage", choices=["map", "val", "laplace", "all", "tfb", "ggn", "norms"],
+                   default="all",
+                   help="map: stop after the fine-tune and the MAP/TS rows; val: stop after "
+                   "the prior study; laplace: stop after the LoRALaplace rows; tfb: only the TFB row; ggn: only the exact-GGN prior "
                    "study; norms: only the weight norms of the study")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="default benchmarks/results/paper_table/fitted")
@@ -899,7 +908,9 @@ def main(argv=None) -> None:
             for name in args.sets:
                 Run(name, seed, args).run(args.stage)
         log(f"all runs done in {time.time() - t0:.0f} s")
-    table = full_table(args.out, args.sets)
+    # a run on some built-in sets renders every built-in set that has results
+    shown = args.sets if args.data_dir else [s for s in SETS if (args.out / s).is_dir()]
+    table = full_table(args.out, shown)
     machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                f"{torch.get_num_threads()} threads")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from laplace import Laplace
 
-import laplace_llm  # noqa: F401  (registers subset_of_weights="lora")
+import laplace_llm  # (also registers subset_of_weights="lora")
 from benchmarks.common.links import monte_carlo
-from benchmarks.common.priors import PRIOR_CANDIDATES, candidate_prior, init_vector
+from benchmarks.common.priors import PRIOR_CANDIDATES, candidate_prior
 from laplace_llm.app import demo
 from laplace_llm.app.evaluation import score
 from laplace_llm.data import make_loader
@@ -53,7 +53,7 @@ def moments(la, loader, priors):
 def study(clf, la, init, val_loader, seed: int) -> dict:
     """Every candidate's prior on the fitted ``la``, scored on ``val_loader`` with the MAP and
     temperature scaling fitted there."""
-    theta0 = init_vector(la, clf, init)
+    theta0 = laplace_llm.prior_mean_from(la, init)
     priors = {k: torch.tensor(candidate_prior(la, clf, k, theta0)["prior"])
               for k in PRIOR_CANDIDATES}
     labels = torch.cat([b["labels"] for b in val_loader])
