@@ -194,3 +194,32 @@ def test_sketch_accuracy_synthetic_blocks_at_a_small_side():
             assert abs(high["sketch"][p][q] / high["sketch float64"][p][q] - 1) < 0.01
     text = sa.render([low], [])
     assert "| 1024 | rank 64 (1.00) | sketch |" in text
+
+
+def test_prior_choice_summarises_each_family_against_laplace_torchs_evidence(tmp_path,
+                                                                           monkeypatch):
+    """Two SmolLM2 runs and one TREC-6 run with hand-set NLLs and accuracies: the cells are
+    the mean NLL difference to ``lt``, the count within 0.005 nats, and the accuracy change
+    against the MAP (mean, worst), computed by hand here."""
+    from benchmarks.quality import prior_choice
+
+    def run(lt, init, acc_init, map_nll=1.0):
+        return {"map": {"nll": map_nll, "accuracy": 0.5},
+                "lt": {"nll": lt, "accuracy": 0.52},
+                "lt_init": {"nll": init, "accuracy": acc_init}}
+
+    fitted = tmp_path / "fitted"
+    for i, r in enumerate([run(0.80, 0.70, 0.49), run(0.60, 0.604, 0.53)]):
+        (fitted / "set" / f"seed{i}").mkdir(parents=True)
+        (fitted / "set" / f"seed{i}" / "prior_study_val.json").write_text(json.dumps(r))
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "trec6.json").write_text(json.dumps([run(0.5, 0.6, 0.5, map_nll=0.4)]))
+    monkeypatch.setattr(prior_choice, "FITTED", fitted)
+    monkeypatch.setattr(prior_choice, "STUDY", study)
+    text = prior_choice.table()
+    init_row = next(line for line in text.splitlines() if line.startswith("| `lt_init`"))
+    # SmolLM2: (−0.10 + 0.004)/2 = −0.048, both within 0.005; acc (−1 + 3)/2 = +1.0, worst −1
+    assert "| -0.048, 2/2 ≤ lt; acc +1.0 (worst -1.0) |" in init_row
+    assert "| +0.100, 0/1 ≤ lt; acc +0.0 (worst +0.0) |" in init_row  # TREC-6
+    assert "| MAP (no Laplace) | +0.300, 0/2 ≤ lt | -0.100, 1/1 ≤ lt |" in text

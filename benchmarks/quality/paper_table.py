@@ -35,9 +35,9 @@ below chance + 10 points is flagged "model at chance" and does not count for the
   LoRA weights with an isotropic Gaussian on each weight update ``ΔW = γ B A`` restricted
   to B's column space, drawn as ``A + V diag(σ/d) ξ`` with ``B = U diag(d) Vᵀ`` and
   ``ξ ~ N(0, I)``, so that ``B A`` moves by ``U σ ξ``; ``σ`` is the largest value (binary
-  search, 10 steps between 0 and the first failing power of two) for which the anchor's
-  accuracy (the first 128 training questions, 4 weight samples) stays within 1 point of the
-  MAP's; the predictive averages the softmax of 10 weight samples;
+  search, 6 bisections between the last passing and the first failing doubling of 1e-3)
+  for which the anchor's accuracy (the first 128 training questions, 4 weight samples)
+  stays within 1 point of the MAP's; the predictive averages the softmax of 10 weight samples;
 - LoRALaplace, K-FAC over every LoRA block (MC Fisher, the library's defaults), one fit
   and one pass of GLM moments per split for every prior:
   ``lt`` (laplace-torch's evidence, one scalar, centred at zero: the library's default,
@@ -117,7 +117,7 @@ RECIPE = {"r": 8, "alpha": 16, "dropout": 0.1, "targets": ["q_proj", "v_proj"], 
 PRIMARY = "mc"  # the pre-registered predictive (see the module docstring)
 DEFAULT_PRIOR = "lt"  # the library's default prior: laplace-torch's evidence, scalar, at zero
 MC_SAMPLES = 1000
-TFB_SETTINGS = {"anchor": 128, "anchor_samples": 4, "samples": 10, "tolerance": 0.01, "steps": 10}
+TFB_SETTINGS = {"anchor": 128, "anchor_samples": 4, "samples": 10, "tolerance": 0.01, "steps": 6}
 
 METHODS = {
     "map": "MAP",
