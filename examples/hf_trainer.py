@@ -94,7 +94,7 @@ def main(quick: bool = False, out: str = "hf-trainer-out") -> dict:
     probs_la = la(batch, pred_type="glm", link_approx="probit")
     labels = batch["labels"]
     result.update(nll_map=nll(probs_map, labels), nll_laplace=nll(probs_la, labels),
-                  prior_precision=la.prior_precision.item())
+                  prior_precision=la.prior_precision.mean().item())
     print(callback.evidence_table())
     print(f"best checkpoint by evidence: {result['best_checkpoint']}")
     print(f"held-out NLL: MAP {result['nll_map']:.4f}, Laplace {result['nll_laplace']:.4f}")

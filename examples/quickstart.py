@@ -49,7 +49,7 @@ def main(quick: bool = False) -> dict:
     map_probs = torch.softmax(clf(batch).detach(), -1)
     la_probs = la(batch, pred_type="glm", link_approx="probit")
     nll = lambda p: -p.log().gather(1, batch["labels"][:, None]).mean().item()  # noqa: E731
-    out = {"prior_precision": la.prior_precision.item(),
+    out = {"prior_precision": la.prior_precision.mean().item(),
            "log_marglik": la.log_marginal_likelihood().item(),
            "nll_map": nll(map_probs), "nll_laplace": nll(la_probs),
            "confidence_map": map_probs.max(-1).values.mean().item(),

@@ -109,7 +109,7 @@ def main(quick: bool = False) -> dict:
         mean, var = la(dict(batch), pred_type="glm")  # (B, 1), (B, 1, 1)
         stats[name] = {"mean_reward": mean.mean().item(), "mean_variance": var.mean().item()}
     in_dist = stats["reviews (like training)"]["mean_variance"]
-    print(f"prior precision {la.prior_precision.item():.3g}")
+    print(f"prior precision (mean over blocks) {la.prior_precision.mean().item():.3g}")
     print(f"{'texts':<26} {'mean reward':>12} {'mean variance':>14} {'ratio':>7}")
     for name, s in stats.items():
         print(f"{name:<26} {s['mean_reward']:>12.3f} {s['mean_variance']:>14.4f} "

@@ -68,11 +68,11 @@ def main(quick: bool = False) -> dict:
     # mean probability of the predicted answer: the posterior spreads it
     confidence = {m: float(p.max(-1).values.mean()) for m, p in probs.items()}
     print(f"SmolLM2-135M + LoRA on OpenBookQA: {n_train} training questions, train NLL "
-          f"{losses[-1]:.3f} after {epochs} epochs, prior precision "
-          f"{la.prior_precision.item():.3g}")
+          f"{losses[-1]:.3f} after {epochs} epochs, prior precision (mean over blocks) "
+          f"{la.prior_precision.mean().item():.3g}")
     print(format_table(results))
     print("mean confidence: " + ", ".join(f"{m} {c:.3f}" for m, c in confidence.items()))
-    return {**results, "confidence": confidence, "prior_precision": la.prior_precision.item()}
+    return {**results, "confidence": confidence, "prior_precision": la.prior_precision.mean().item()}
 
 
 if __name__ == "__main__":

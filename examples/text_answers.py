@@ -75,7 +75,7 @@ def main(quick: bool = False) -> dict:
     la_probs = la(batch, pred_type="glm", link_approx="probit")
     nll = lambda p: -p.log().gather(1, batch["labels"][:, None]).mean().item()  # noqa: E731
     acc = lambda p: (p.argmax(-1) == batch["labels"]).float().mean().item()  # noqa: E731
-    out = {"prior_precision": la.prior_precision.item(),
+    out = {"prior_precision": la.prior_precision.mean().item(),
            "nll_map": nll(map_probs), "nll_laplace": nll(la_probs),
            "accuracy_map": acc(map_probs), "accuracy_laplace": acc(la_probs)}
 

@@ -223,3 +223,5 @@ def test_prior_choice_summarises_each_family_against_laplace_torchs_evidence(tmp
     assert "| -0.048, 2/2 ≤ lt; acc +1.0 (worst -1.0) |" in init_row
     assert "| +0.100, 0/1 ≤ lt; acc +0.0 (worst +0.0) |" in init_row  # TREC-6
     assert "| MAP (no Laplace) | +0.300, 0/2 ≤ lt | -0.100, 1/1 ≤ lt |" in text
+    assert "| `lt_init` − `lt` | -0.048, 2/2 | +0.100, 0/1 |" in text
+    assert "| `lt_block_init` − `lt_block` | — | — |" in text

@@ -66,7 +66,7 @@ def test_mc_and_probit_agree_and_mc_keeps_the_accuracy(fine_tuned):
     clf, fit_loader, test_loader = fine_tuned
     la = LoRALaplace(clf, "classification", seed=0, evidence="linearised")
     la.fit(fit_loader)
-    la.optimize_prior_precision(method="marglik")
+    la.optimize_prior_precision(method="marglik", prior_structure="scalar")
     # marglik ran to the evidence's maximum: its slope in log δ has vanished (laplace-torch's
     # single 100-step loop stopped at δ 50.8 with a slope of 38 here)
     log_delta = la.prior_precision.log().clone().requires_grad_(True)
@@ -87,7 +87,7 @@ def test_mc_and_probit_agree_and_mc_keeps_the_accuracy(fine_tuned):
     # times weaker and logits several times more uncertain
     at_map = LoRALaplace(clf, "classification", options=la.options.replace(evidence="map"))
     at_map.load_state_dict(la.state_dict())
-    at_map.optimize_prior_precision(method="marglik")
+    at_map.optimize_prior_precision(method="marglik", prior_structure="scalar")
     assert at_map.prior_precision.item() < la.prior_precision.item() / 3
 
     def mean_sd(posterior):

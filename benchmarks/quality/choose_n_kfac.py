@@ -88,7 +88,8 @@ def main(argv=None):
     exact = LoRALaplace(clf, "classification", fisher_type="ggn", n_kfac=384,
                         evidence="linearised")
     exact.fit(train)
-    exact.optimize_prior_precision(method="marglik", n_steps=200)
+    exact.optimize_prior_precision(method="marglik", n_steps=200,
+                                   prior_structure="scalar")
     prior = exact.prior_precision.clone()
     _, var_exact = exact._glm_predictive_distribution(test)
     rows = []

@@ -44,7 +44,8 @@ def main(size: int = 500, seed: int = 0) -> dict:
     for name, optimise in [
         ("laplace-torch's loop (100 steps)",
          lambda: super(LoRALaplaceBase, la).optimize_prior_precision(method="marglik")),
-        ("restarted until converged", lambda: la.optimize_prior_precision(method="marglik")),
+        ("restarted until converged",
+         lambda: la.optimize_prior_precision(method="marglik", prior_structure="scalar")),
     ]:
         la.prior_precision = 1.0
         optimise()

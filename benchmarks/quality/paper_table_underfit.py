@@ -369,7 +369,7 @@ class Run:
         """marglik; False when it warned that it did not converge."""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            la.optimize_prior_precision(method="marglik")
+            la.optimize_prior_precision(method="marglik", prior_structure="scalar")
         return not any("did not converge" in str(w.message) for w in caught)
 
     def laplace_rows(self) -> None:

@@ -1,6 +1,6 @@
 """The default prior, chosen across families: every label-free candidate of the prior study
-against laplace-torch's evidence (``lt``, the library's default), on validation questions
-only.
+against laplace-torch's evidence with one scalar prior (``lt``, laplace-torch's default),
+on validation questions only.
 
 Reads the committed prior-study results of three families of LoRA fine-tunes:
 
@@ -46,8 +46,8 @@ def families() -> dict[str, list[dict]]:
 
 def table() -> str:
     fams = families()
-    lines = ["Validation NLL of each label-free prior minus laplace-torch's evidence (`lt`, "
-             "the default); `≤ lt`: runs within "
+    lines = ["Validation NLL of each label-free prior minus laplace-torch's scalar evidence "
+             "(`lt`, laplace-torch's default); `≤ lt`: runs within "
              f"{TIE} nats or better; accuracy change against the MAP in points (mean, worst)",
              "", "| candidate | " + " | ".join(f"{f} ({len(r)} runs)" for f, r in fams.items())
              + " |", "|---" * (1 + len(fams)) + "|"]
@@ -68,6 +68,18 @@ def table() -> str:
         d = np.array([r["map"]["nll"] - r["lt"]["nll"] for r in runs if "lt" in r])
         cells.append(f"{d.mean():+.3f}, {int((d <= TIE).sum())}/{len(d)} ≤ lt")
     lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Centred at the fine-tune's starting weights against centred at zero, the same "
+              "evidence and structure (NLL difference; runs within "
+              f"{TIE} nats or better)", "",
+              "| pair | " + " | ".join(fams) + " |", "|---" * (1 + len(fams)) + "|"]
+    for init, zero in (("lt_init", "lt"), ("lt_block_init", "lt_block")):
+        cells = [f"`{init}` − `{zero}`"]
+        for runs in fams.values():
+            d = np.array([r[init]["nll"] - r[zero]["nll"] for r in runs
+                          if init in r and zero in r])
+            cells.append(f"{d.mean():+.3f}, {int((d <= TIE).sum())}/{len(d)}" if len(d)
+                         else "—")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -204,7 +204,7 @@ def run(name: str, args) -> dict:
         fits[v] = la
         print(f"{name} {v}: fit {seconds[v]:.1f} s", file=sys.stderr, flush=True)
     ref = fits["exact"]
-    ref.optimize_prior_precision(method="marglik")
+    ref.optimize_prior_precision(method="marglik", prior_structure="scalar")
     prior = ref.prior_precision.clone()
     ev_ref = float(ref.log_marginal_likelihood())
     var_ref = variances(ref, test)

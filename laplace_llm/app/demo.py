@@ -104,6 +104,9 @@ class DemoConfig:
     answers : {"letters", "words"}
         Lettered options scored by their letter's token, or colours named by phrases of
         1 to 3 tokens scored by likelihood (:mod:`laplace_llm.app.demo_words`).
+    prior_structure : {"scalar", "layerwise"} or None
+        The structure marglik tunes; ``None`` (default): the library's default
+        (:attr:`~laplace_llm.posterior.base.LoRALaplaceBase.default_prior_structure`).
     pretrained : {"shipped", "train", "save"}
         Where the base model comes from. ``"shipped"``: the base weights that ship with
         the package for this pretraining configuration (:data:`BASES`), else pretraining
@@ -138,6 +141,7 @@ class DemoConfig:
     batch_size: int = 64
     llla: bool = False
     answers: str = "letters"
+    prior_structure: str | None = None
     pretrained: str = "shipped"
 
     @classmethod
@@ -338,7 +342,8 @@ def fit_laplace(
         options=cfg.kfac, seed=cfg.seed, lora_modules=lora_modules,
     )
     la.fit(train_loader, progress_bar=progress)
-    la.optimize_prior_precision(method="marglik", progress_bar=False)
+    structure = {} if cfg.prior_structure is None else {"prior_structure": cfg.prior_structure}
+    la.optimize_prior_precision(method="marglik", progress_bar=False, **structure)
     return la, float(la.log_marginal_likelihood().item())
 
 
@@ -375,7 +380,7 @@ def run_demo(
         :data:`~laplace_llm.app.evaluation.OOD_METRICS`, against ``"shift"``);
         ``temperature`` (fitted on ``n_val`` validation questions); ``train`` (final training NLL
         and accuracy, pretraining loss); ``bayes_nll`` (the best possible held-out NLL); ``history`` (per-epoch NLLs); ``prior_precision``
-        and ``log_marglik`` of the final model; ``evidence`` (one row per checkpoint:
+        (the mean over blocks) and ``log_marglik`` of the final model; ``evidence`` (one row per checkpoint:
         ``epoch``, ``log_marglik``, ``prior_precision``, ``heldout_nll_map``,
         ``heldout_nll_la``) with ``evidence_choice`` and ``heldout_choice`` (epochs);
         ``seconds`` (wall time per stage); ``files`` (written paths).
@@ -548,7 +553,7 @@ def _evidence_at_checkpoints(clf, checkpoints: dict, fit_loader, test_loader, cf
         evidence.append({
             "epoch": epoch,
             "log_marglik": lml,
-            "prior_precision": float(la.prior_precision.item()),
+            "prior_precision": float(la.prior_precision.mean()),
             "heldout_nll_map": score(probs["map"], labels)["nll"],
             "heldout_nll_la": score(probs["la_probit"], labels)["nll"],
         })
@@ -600,7 +605,7 @@ def _last_layer_laplace(clf, fit_loader, test_loaders: dict, results: dict, cfg:
         results["id"][f"llla_{m[3:]}"].update(
             ood_score(last_probs["id"][m], last_probs["shift"][m]))
     return {"n_params": la_last.n_params, "log_marglik": lml_last,
-            "prior_precision": float(la_last.prior_precision.item())}
+            "prior_precision": float(la_last.prior_precision.mean())}
 
 
 def _write_plots(all_probs: dict, methods, out_dir: Path) -> dict[str, str]:

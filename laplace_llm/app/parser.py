@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                       default=default_evidence,
                       help="the evidence marglik maximises (see `fit --help`; default: "
                       f"{default_evidence})")
+    demo.add_argument("--prior-structure", choices=("scalar", "layerwise"), default=None,
+                      help="one prior precision, or one per LoRA block (default: layerwise, "
+                      "the library's default)")
     _add_common(demo)
 
     fit = sub.add_parser(
@@ -181,9 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under a launcher: shard the model with FSDP2 (fully_shard on each "
                    "decoder layer and on the classifier) instead of a whole copy per process; "
                    "implied by `accelerate launch --use_fsdp --fsdp_version 2`")
-    g.add_argument("--prior-structure", choices=("scalar", "layerwise"), default="scalar",
+    g.add_argument("--prior-structure", choices=("scalar", "layerwise"), default=None,
                    help="one prior precision, or one per LoRA block (weight tensor), tuned by "
-                   "the marginal likelihood (default: scalar)")
+                   "the marginal likelihood (default: layerwise; scalar with "
+                   "--tune-sigma-noise)")
     g.add_argument("--likelihood", choices=("classification", "regression", "reward_modeling"),
                    help="default: regression for --kind scores, reward_modeling for "
                    "preference, classification otherwise; a different choice is refused")

@@ -6,6 +6,7 @@ exit status); one test runs the installed console script to check the entry poin
 
 import json
 import random
+import re
 import subprocess
 import sys
 
@@ -283,9 +284,11 @@ def test_fit_structures_module_selection_and_low_rank_warning(causal, tmp_path, 
                "--posterior", tmp_path / "k.post") == 0
     captured = capsys.readouterr()
     assert "trace kept at n_kfac=1: min" in captured.out
+    assert "prior precision 8 values in [" in captured.out  # the default: one per block
     assert "warning:" in captured.err and "raise --n-kfac" in captured.err
     assert cli("fit", *common, "--hessian-structure", "full", "--lora-modules", "layers.0.*",
-               "--posterior", tmp_path / "f.post") == 0
+               "--prior-structure", "scalar", "--posterior", tmp_path / "f.post") == 0
+    assert re.search(r"prior precision [0-9.e+-]+, log marginal", capsys.readouterr().out)
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "f.post"), "pt") as fh:

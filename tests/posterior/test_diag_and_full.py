@@ -166,7 +166,7 @@ def check_against_reference(la, ref, x, likelihood):
         # the Jacobian-free GLM predictive against laplace-torch's
         assert rel(la._glm_predictive_distribution(x)[1], ref._glm_predictive_distribution(x)[1]) < RTOL
         assert rel(la(x, link_approx="probit"), ref(x, link_approx="probit")) < RTOL
-    la.optimize_prior_precision(method="marglik", n_steps=60)
+    la.optimize_prior_precision(method="marglik", n_steps=60, prior_structure="scalar")
     ref.optimize_prior_precision(method="marglik", n_steps=60)
     assert rel(la.prior_precision, ref.prior_precision) < RTOL
 
@@ -175,9 +175,10 @@ def check_against_reference(la, ref, x, likelihood):
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
 @pytest.mark.parametrize("structure", ["kron", "diag", "full"])
 def test_default_evidence_and_marglik_equal_laplace_torch(structure, likelihood, call):
-    """With no evidence argument, ``log_marginal_likelihood`` and the prior of
-    ``optimize_prior_precision()`` (laplace-torch's default method, also spelled as its
-    enum) equal laplace-torch's over the same weights (Kron at full rank), to 1e-6."""
+    """With no evidence argument, ``log_marginal_likelihood`` equals laplace-torch's over
+    the same weights (Kron at full rank), and the prior of ``optimize_prior_precision()``
+    (laplace-torch's default method, also spelled as its enum) is laplace-torch's with
+    ``prior_structure="layerwise"``, our one change of default, to 1e-6."""
     model = lora_mlp()
     loader = mlp_loader(likelihood)
     kw = dict(prior_precision=0.8)
@@ -195,7 +196,8 @@ def test_default_evidence_and_marglik_equal_laplace_torch(structure, likelihood,
                                rtol=1e-6, atol=0)
     args = {} if call == "no arguments" else {"method": TuningMethod.MARGLIK}
     la.optimize_prior_precision(**args)
-    ref.optimize_prior_precision(**args)
+    ref.optimize_prior_precision(**args, prior_structure="layerwise")
+    assert la.prior_precision.shape == (la.n_layers,) and la.n_layers > 1
     torch.testing.assert_close(la.prior_precision, ref.prior_precision, rtol=1e-6, atol=0)
     torch.testing.assert_close(la.log_marginal_likelihood(), ref.log_marginal_likelihood(),
                                rtol=1e-6, atol=0)

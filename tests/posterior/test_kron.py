@@ -100,7 +100,7 @@ def test_full_rank_equals_laplace_torch_kron(family, approx, lr_threshold):
     assert rel(la.functional_variance(Js), ref.functional_variance(Js)) < 1e-8
     torch.testing.assert_close(la(test_batch), ref(test_batch), rtol=1e-8, atol=1e-10)
 
-    la.optimize_prior_precision(method="marglik", n_steps=100)
+    la.optimize_prior_precision(method="marglik", n_steps=100, prior_structure="scalar")
     ref.optimize_prior_precision(method="marglik", n_steps=100)
     torch.testing.assert_close(la.prior_precision, ref.prior_precision, rtol=1e-6, atol=0)
 
@@ -114,7 +114,7 @@ def test_full_rank_float32_within_1e4():
             assert rel(dense(f), g) < 1e-4
     lml, ref_lml = la.log_marginal_likelihood(), ref.log_marginal_likelihood()
     assert abs((lml - ref_lml) / ref_lml) < 1e-4
-    la.optimize_prior_precision(method="marglik", n_steps=100)
+    la.optimize_prior_precision(method="marglik", n_steps=100, prior_structure="scalar")
     ref.optimize_prior_precision(method="marglik", n_steps=100)
     torch.testing.assert_close(la.prior_precision, ref.prior_precision, rtol=1e-4, atol=0)
 
@@ -166,13 +166,15 @@ def test_sample_covariance_matches_posterior(fitted):
 
 @pytest.mark.parametrize("call", ["no arguments", "TuningMethod.MARGLIK"])
 def test_default_marglik_equals_laplace_torch(fitted, call):
-    """No evidence argument and laplace-torch's default call (or its enum spelling):
-    the same prior and evidence as KronLaplace, to 1e-6."""
+    """No evidence argument and laplace-torch's default call (or its enum spelling): the
+    same evidence as KronLaplace, and the prior KronLaplace finds with
+    ``prior_structure="layerwise"`` (our one change of default), to 1e-6."""
     la, ref = fitted
     assert la.options.evidence == "map"
     args = {} if call == "no arguments" else {"method": TuningMethod.MARGLIK}
-    la.optimize_prior_precision(**args)
-    ref.optimize_prior_precision(**args)
+    la.optimize_prior_precision(**args)  # our default: one prior per block
+    ref.optimize_prior_precision(**args, prior_structure="layerwise")
+    assert la.prior_precision.shape == (la.n_layers,) and la.n_layers > 1
     torch.testing.assert_close(la.prior_precision, ref.prior_precision, rtol=1e-6, atol=0)
     torch.testing.assert_close(la.log_marginal_likelihood(), ref.log_marginal_likelihood(),
                                rtol=1e-6, atol=0)

@@ -322,9 +322,9 @@ def test_linearised_marglik_restarts_for_every_spelling_of_the_method(call):
     one = fitted()
     super(LoRALaplaceBase, one).optimize_prior_precision(method="marglik")
     la = fitted()
-    quiet_marglik(la, **kw)
+    quiet_marglik(la, **kw, prior_structure="scalar")
     reference = fitted()
-    quiet_marglik(reference, method="marglik")
+    quiet_marglik(reference, method="marglik", prior_structure="scalar")
     torch.testing.assert_close(la.prior_precision, reference.prior_precision, rtol=0, atol=0)
     assert la.prior_precision.item() > 3 * one.prior_precision.item()
 
@@ -339,17 +339,18 @@ def test_marglik_restarts_until_converged_and_warns_when_it_cannot():
     one = fitted()
     super(LoRALaplaceBase, one).optimize_prior_precision(method="marglik")
     la = fitted()
-    messages = quiet_marglik(la, method="marglik")
+    messages = quiet_marglik(la, method="marglik", prior_structure="scalar")
     assert len(messages) == 1 and "towards infinity" in messages[0]
     assert "shared by all 8 blocks," in messages[0]
     assert la.prior_precision.item() > 3 * one.prior_precision.item()
     assert la.log_marginal_likelihood().item() > one.log_marginal_likelihood().item()
     short = fitted()
     with pytest.warns(UserWarning, match="did not converge in 20 rounds of 1 steps"):
-        short.optimize_prior_precision(method="marglik", n_steps=1)
+        short.optimize_prior_precision(method="marglik", n_steps=1, prior_structure="scalar")
     at_map, reference = fitted(evidence="map"), fitted(evidence="map")
-    at_map.optimize_prior_precision(method="marglik")
-    super(LoRALaplaceBase, reference).optimize_prior_precision(method="marglik")
+    at_map.optimize_prior_precision(method="marglik")  # the default: one prior per block
+    super(LoRALaplaceBase, reference).optimize_prior_precision(method="marglik",
+                                                               prior_structure="layerwise")
     assert torch.equal(at_map.prior_precision, reference.prior_precision)
 
 

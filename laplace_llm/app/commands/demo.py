@@ -22,15 +22,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg.answers = args.answers
     cfg.pretrained = args.pretrain
     cfg.kfac = cfg.kfac.replace(evidence=args.evidence)
+    cfg.prior_structure = args.prior_structure
     log = None  # run_demo also logs each step through `logging`, shown at INFO here
     out = run_demo(cfg, out_dir=args.out, progress=not args.quiet, log=log)
     print(f"laplace-llm demo (seed {cfg.seed}{', quick' if args.quick else ''}"
           f"{', answers in words' if cfg.answers == 'words' else ''}"
-          f"{'' if cfg.kfac.evidence == KFAC_DEFAULTS.evidence else f', evidence={args.evidence}'})")
+          f"{'' if cfg.kfac.evidence == KFAC_DEFAULTS.evidence else f', evidence={args.evidence}'}"
+          f"{'' if args.prior_structure is None else f', prior {args.prior_structure}'})")
     print(f"training split: MAP NLL {out['train']['map']['nll']:.3f}, accuracy "
           f"{out['train']['map']['accuracy']:.3f}; best possible held-out NLL "
           f"{out['bayes_nll']:.3f}, accuracy {cfg.p_main:.3f}")
-    print(f"prior precision (marglik) {out['prior_precision']:.3g}, "
+    print(f"prior precision (marglik, mean over blocks) {out['prior_precision']:.3g}, "
           f"log marginal likelihood {out['log_marglik']:.1f}")
     if out.get("temperature") is not None:
         print(f"temperature scaling (baseline): T = {out['temperature']:.4g} fitted on "

@@ -177,11 +177,13 @@ def _fit(args: argparse.Namespace, rank: int, world: int) -> int:
     if args.tune_sigma_noise:
         from laplace_llm.prior.regression import optimize_prior_and_noise
 
-        optimize_prior_and_noise(la, prior_structure=args.prior_structure)
+        optimize_prior_and_noise(la, prior_structure=args.prior_structure or "scalar")
     elif args.prior_optimization == "marglik":
+        chosen = {} if args.prior_structure is None else {
+            "prior_structure": args.prior_structure}
         la.optimize_prior_precision(
-            method="marglik", init_prior_prec=args.prior_precision,
-            prior_structure=args.prior_structure, progress_bar=not quiet,
+            method="marglik", init_prior_prec=args.prior_precision, progress_bar=not quiet,
+            **chosen,
         )
     lml = float(la.log_marginal_likelihood().item())
     if not main_process:
