@@ -500,7 +500,8 @@ class LaplaceCallback(TrainerCallback):
                  "|---|---|---|---|---|"]
         for r in self.evidence:
             prior = r["prior_precision"]
-            prior = f"{prior:.4g}" if isinstance(prior, float) else f"{len(prior)} values"
+            prior = f"{prior:.4g}" if isinstance(prior, float) else (
+                f"mean {sum(prior) / len(prior):.4g} of {len(prior)}")
             name = Path(r["checkpoint"]).name if r["checkpoint"] else "(end)"
             epoch = "" if r["epoch"] is None else f"{r['epoch']:.2f}"
             lines.append(f"| {name} | {r['step']} | {epoch} | {r['log_marglik']:.2f} | {prior} |")

@@ -120,6 +120,8 @@ def test_evidence_at_every_checkpoint_of_a_causal_lm_over_choices(tmp_path):
     best = max(cb.evidence, key=lambda r: r["log_marglik"])
     assert cb.best_checkpoint() == str(tmp_path / f"checkpoint-{best['step']}")
     assert "checkpoint-2" in cb.evidence_table()
+    prior = torch.tensor(best["prior_precision"])  # the default: one per block
+    assert f"mean {float(prior.mean()):.4g} of {prior.numel()} |" in cb.evidence_table()
     assert any("laplace/log_marglik" in h for h in trainer.state.log_history)
 
 
