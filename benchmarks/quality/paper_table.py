@@ -871,8 +871,44 @@ def study_table(out: Path, sets: list[str]) -> str:
     return "\n".join(lines)
 
 
+def headline(out: Path, sets: list[str]) -> str:
+    """The README's table: per set, the MAP, both temperature scalings, TFB and the default
+    LoRALaplace (acc % / ECE % / NLL, means over the seeds that have every shown row), with
+    the default's paired ΔNLL intervals against the MAP and TS-val (pooled over seeds)."""
+    rows = load_rows(out)
+    ours = f"la_{DEFAULT_PRIOR}_{PRIMARY}"
+    shown = [("map", "MAP"), ("ts_val", "TS, 500 val. labels"),
+             ("ts_train", "TS, training labels"), ("tfb", "TFB"),
+             (ours, "LoRALaplace (default, MC)")]
+    lines = ["| set (seeds; train NLL) | " + " | ".join(h for _, h in shown)
+             + " | ΔNLL default − MAP | ΔNLL default − TS |", "|---" * (3 + len(shown)) + "|"]
+    for name in sets:
+        by_seed = rows.get(name, {})
+        seeds = [s for s in sorted(by_seed) if ours in by_seed[s] and "map" in by_seed[s]]
+        if not seeds:
+            continue
+        cells = []
+        for method, _ in shown:
+            got = [by_seed[s].get(method) for s in seeds]
+            if not all(got):
+                cells.append("—")
+                continue
+            t = {k: np.mean([g["test"][k] for g in got]) for k in ("accuracy", "ece", "nll")}
+            cells.append(f"{100 * t['accuracy']:.1f} / {100 * t['ece']:.1f} / {t['nll']:.3f}")
+        mine = [by_seed[s][ours] for s in seeds]
+        d_map = paired_interval(mine, [by_seed[s]["map"] for s in seeds])["nll"]
+        d_ts = paired_interval(mine, [by_seed[s]["ts_val"] for s in seeds])["nll"]
+        fit = ", ".join(f"{by_seed[s]['map']['train_nll']:.3f}" for s in seeds)
+        lines.append(f"| {set_label(name)} ({', '.join(map(str, seeds))}; {fit}) | "
+                     + " | ".join(cells) + f" | {fmt_interval(d_map, 1, 3)} | "
+                     f"{fmt_interval(d_ts, 1, 3)} |")
+    return "\n".join(lines)
+
+
 def full_table(out: Path, sets: list[str]) -> str:
-    return (render(out, sets) + "\n" + goal_table(out, sets) + "\n" + study_table(out, sets))
+    return (render(out, sets) + "\n" + goal_table(out, sets) + "\n" + study_table(out, sets)
+            + "\n\n**Headline** (the README's table; acc % / ECE % / NLL on the test "
+            "questions, means over seeds)\n\n" + headline(out, sets))
 
 
 def main(argv=None) -> None:
@@ -899,6 +935,9 @@ def main(argv=None) -> None:
     p.add_argument("--work", default=None, help="default benchmarks/out/paper_table/fitted")
     p.add_argument("--render", action="store_true", help="only write the table")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--readme", action="store_true",
+                   help="also write the headline table into README.md (between its "
+                   "smollm2:table markers)")
     p.add_argument("--quick", action="store_true",
                    help="one set, one seed, 16/8/16 questions (CI's slow job)")
     args = p.parse_args(argv)
@@ -932,6 +971,17 @@ def main(argv=None) -> None:
         f"<!-- python -m benchmarks.quality.paper_table {' '.join(sys.argv[1:])}; {machine} -->\n"
         + table + "\n")
     print(table)
+    if args.readme:
+        write_readme(ROOT.parent / "README.md", headline(args.out, shown))
+
+
+def write_readme(path: Path, table: str) -> None:
+    """Put ``table`` between the ``<!-- smollm2:table:start -->`` and ``:end -->`` lines of
+    the README at ``path``."""
+    text = path.read_text()
+    start, end = "<!-- smollm2:table:start -->\n", "<!-- smollm2:table:end -->"
+    i, j = text.index(start) + len(start), text.index(end)
+    path.write_text(text[:i] + table + "\n" + text[j:])
 
 
 if __name__ == "__main__":
