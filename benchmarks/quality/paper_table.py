@@ -765,24 +765,27 @@ def render(out: Path, sets: list[str]) -> str:
         lines.append("|---" * 11 + "|")
         de = deep_ensemble(out, name, seeds)
         for method, label in METHODS.items():
+            # each row over the seeds that have it (a method may still be running on
+            # others), paired with the MAP and TS-val of the same seeds
+            have = [s for s in seeds if "map" in by_seed[s]
+                    and (method == "deep_ensemble" or method in by_seed[s])]
             if method == "deep_ensemble":  # one row, paired with every seed's MAP and TS
                 if de is None:
                     continue
-                mine = [de] * len(seeds)
+                mine = [de] * len(have)
             else:
-                mine = [by_seed[s][method] for s in seeds if method in by_seed[s]]
+                mine = [by_seed[s][method] for s in have]
             if not mine:
                 continue
-            base = [by_seed[s]["map"] for s in seeds if "map" in by_seed[s]]
-            ts = [by_seed[s]["ts_val"] for s in seeds if "ts_val" in by_seed[s]]
-            if len(mine) != len(base):  # a method still running on some seed
-                continue
+            base = [by_seed[s]["map"] for s in have]
+            ts = [by_seed[s]["ts_val"] for s in have if "ts_val" in by_seed[s]]
             t = {k: np.mean([g["test"][k] for g in mine])
                  for k in ("accuracy", "ece", "nll", "brier", "calibrated_ece")}
             vs_map = paired_interval(mine, base) if method != "map" else None
             vs_ts = paired_interval(mine, ts) if method != "ts_val" and len(ts) == len(mine) \
                 else None
-            n_seeds = f"{de['members']} members" if method == "deep_ensemble" else len(mine)
+            n_seeds = (f"{de['members']} members" if method == "deep_ensemble"
+                       else ", ".join(map(str, have)))
             cells = [label, str(n_seeds), f"{100 * t['accuracy']:.1f}",
                      f"{100 * t['ece']:.1f} ({100 * t['calibrated_ece']:.1f})",
                      f"{t['nll']:.3f}", f"{t['brier']:.3f}",
