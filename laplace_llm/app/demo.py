@@ -342,8 +342,8 @@ def fit_laplace(
         options=cfg.kfac, seed=cfg.seed, lora_modules=lora_modules,
     )
     la.fit(train_loader, progress_bar=progress)
-    structure = {} if cfg.prior_structure is None else {"prior_structure": cfg.prior_structure}
-    la.optimize_prior_precision(method="marglik", progress_bar=False, **structure)
+    la.optimize_prior_precision(method="marglik", progress_bar=False,
+                                prior_structure=cfg.prior_structure)
     return la, float(la.log_marginal_likelihood().item())
 
 

@@ -281,7 +281,7 @@ class LoRALaplaceBase(LoRAFitting, LoRAFiles, ParametricLaplace):
 
         laplace-torch's arguments, with one change of default: ``prior_structure`` is
         :attr:`default_prior_structure` (``"layerwise"``: one precision per LoRA block)
-        instead of ``"scalar"``. On fitted LoRA fine-tunes of a causal LM one scalar
+        instead of ``"scalar"``, also when passed as ``None``. On fitted LoRA fine-tunes of a causal LM one scalar
         for blocks of very different scale (``A``, ``B``, every layer) made the predictive
         under-confident; the choice and its measurements are in ``docs/results/
         smollm2.md`` (the prior study). ``prior_structure="scalar"`` gives laplace-torch's
@@ -293,8 +293,8 @@ class LoRALaplaceBase(LoRAFitting, LoRAFiles, ParametricLaplace):
         warning names the blocks whose prior marglik drives towards infinity.
         """
         # prior_structure is laplace-torch's sixth parameter (after pred_type, method,
-        # n_steps, lr, init_prior_prec)
-        if "prior_structure" not in kwargs and len(args) < 6:
+        # n_steps, lr, init_prior_prec); None, or leaving it out, means our default
+        if kwargs.get("prior_structure") is None and len(args) < 6:
             kwargs["prior_structure"] = self.default_prior_structure
         optimize_prior_until_converged(self, super().optimize_prior_precision, args, kwargs)
 

@@ -53,7 +53,7 @@ def prior_mean_from(la, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
         a block of ``la`` has no tensor in ``state``, more than one, or one of another
         shape.
     """
-    dtype = la.mean.dtype if torch.is_tensor(getattr(la, "mean", None)) else torch.float32
+    dtype = la.mean.dtype  # a tensor once the blocks are selected, fitted or not
     keys = list(state)
     parts, missing = [], []
     for block in la.blocks:
@@ -87,4 +87,4 @@ def prior_mean_from(la, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
         raise ValueError(
             f"prior_mean_from: the state gives {vector.numel()} weights, but la has "
             f"{la.n_params} (a sharded posterior takes its own shard's prior mean).")
-    return vector.to(la.mean.device) if torch.is_tensor(getattr(la, "mean", None)) else vector
+    return vector.to(la.mean.device)

@@ -179,11 +179,9 @@ def _fit(args: argparse.Namespace, rank: int, world: int) -> int:
 
         optimize_prior_and_noise(la, prior_structure=args.prior_structure or "scalar")
     elif args.prior_optimization == "marglik":
-        chosen = {} if args.prior_structure is None else {
-            "prior_structure": args.prior_structure}
         la.optimize_prior_precision(
-            method="marglik", init_prior_prec=args.prior_precision, progress_bar=not quiet,
-            **chosen,
+            method="marglik", init_prior_prec=args.prior_precision,
+            prior_structure=args.prior_structure, progress_bar=not quiet,
         )
     lml = float(la.log_marginal_likelihood().item())
     if not main_process:
