@@ -175,3 +175,31 @@ def test_quick_run_on_your_own_set_writes_every_row_resumes_and_renders(tmp_path
     table = (out / "table.md").read_text()
     assert "**Goal check**" in table and "**Prior study**" in table
     assert "| TFB (training-free Bayesianization) | 0 |" in table  # its seeds
+
+
+def test_headline_shows_a_row_some_seeds_lack_over_the_seeds_that_have_it(monkeypatch, tmp_path):
+    """TFB on seed 0 only: its cell is seed 0's metrics, marked "(seed 0)", and its ΔNLL
+    interval is the paired one over seed 0 alone (not "—", as the table printed before)."""
+    pt = load_script()
+    labels = torch.arange(40) % 4
+    ours = f"la_{pt.DEFAULT_PRIOR}_{pt.PRIMARY}"
+
+    def row(seed, sharp):
+        r = _row(_probs(40, 4, seed, sharp), labels)
+        p = torch.tensor(r["probs"]["test"])
+        r["test"] = {"accuracy": metrics.accuracy(p, labels), "nll": metrics.nll(p, labels),
+                     "ece": 0.1}
+        r["train_nll"] = 0.05
+        return r
+
+    seeds = {s: {"map": row(s, 4.0), "ts_val": row(10 + s, 1.0), "ts_train": row(20 + s, 5.0),
+                 ours: row(30 + s, 0.5)} for s in (0, 1)}
+    seeds[0]["tfb"] = row(40, 3.0)
+    monkeypatch.setattr(pt, "load_rows", lambda out: {"arc_easy": seeds})
+    text = pt.headline(tmp_path, ["arc_easy"])
+    tfb = seeds[0]["tfb"]["test"]
+    cell = f"{100 * tfb['accuracy']:.1f} / 10.0 / {tfb['nll']:.3f} (seed 0)"
+    assert f"| {cell} |" in text
+    d = pt.paired_interval([seeds[0][ours]], [seeds[0]["tfb"]])["nll"]
+    assert text.rstrip().endswith(f"| {pt.fmt_interval(d, 1, 3)} |")
+    assert "| ARC-Easy (0, 1; 0.050, 0.050) |" in text

@@ -884,7 +884,8 @@ def headline(out: Path, sets: list[str]) -> str:
              ("ts_train", "TS, training labels"), ("tfb", "TFB"),
              (ours, "LoRALaplace (default, MC)")]
     lines = ["| set (seeds; train NLL) | " + " | ".join(h for _, h in shown)
-             + " | ΔNLL default − MAP | ΔNLL default − TS |", "|---" * (3 + len(shown)) + "|"]
+             + " | ΔNLL default − MAP | ΔNLL default − TS | ΔNLL default − TFB |",
+             "|---" * (4 + len(shown)) + "|"]
     for name in sets:
         by_seed = rows.get(name, {})
         seeds = [s for s in sorted(by_seed) if ours in by_seed[s] and "map" in by_seed[s]]
@@ -892,19 +893,28 @@ def headline(out: Path, sets: list[str]) -> str:
             continue
         cells = []
         for method, _ in shown:
-            got = [by_seed[s].get(method) for s in seeds]
-            if not all(got):
+            have = [s for s in seeds if by_seed[s].get(method)]
+            if not have:
                 cells.append("—")
                 continue
+            got = [by_seed[s][method] for s in have]
             t = {k: np.mean([g["test"][k] for g in got]) for k in ("accuracy", "ece", "nll")}
-            cells.append(f"{100 * t['accuracy']:.1f} / {100 * t['ece']:.1f} / {t['nll']:.3f}")
+            # a row some seeds lack is the mean over those that have it, and says which
+            which = "" if len(have) == len(seeds) else \
+                f" (seed{'s' if len(have) > 1 else ''} {', '.join(map(str, have))})"
+            cells.append(f"{100 * t['accuracy']:.1f} / {100 * t['ece']:.1f} / "
+                         f"{t['nll']:.3f}{which}")
         mine = [by_seed[s][ours] for s in seeds]
         d_map = paired_interval(mine, [by_seed[s]["map"] for s in seeds])["nll"]
         d_ts = paired_interval(mine, [by_seed[s]["ts_val"] for s in seeds])["nll"]
+        tfb = [s for s in seeds if by_seed[s].get("tfb")]
+        d_tfb = (fmt_interval(paired_interval([by_seed[s][ours] for s in tfb],
+                                              [by_seed[s]["tfb"] for s in tfb])["nll"], 1, 3)
+                 if tfb else "—")
         fit = ", ".join(f"{by_seed[s]['map']['train_nll']:.3f}" for s in seeds)
         lines.append(f"| {set_label(name)} ({', '.join(map(str, seeds))}; {fit}) | "
                      + " | ".join(cells) + f" | {fmt_interval(d_map, 1, 3)} | "
-                     f"{fmt_interval(d_ts, 1, 3)} |")
+                     f"{fmt_interval(d_ts, 1, 3)} | {d_tfb} |")
     return "\n".join(lines)
 
 
