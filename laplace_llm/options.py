@@ -90,8 +90,9 @@ class Accumulation(str, enum.Enum):
     #: once, at the end of the fit (the Nyström approximation; Tropp, Yurtsever, Udell &
     #: Cevher, 2017). Exact when the data's rank is at most ``s`` (float32 factors: to
     #: ~1e-4 relative, see :func:`~laplace_llm.matrix.finalise_sketches`); per-batch work
-    #: is GEMMs on the layer's device. Above ``s`` on slowly decaying spectra it is less
-    #: accurate than the truncation (BENCHMARKS.md, section 8).
+    #: is GEMMs on the layer's device. Half of ``Ω`` is adapted to the first batch's
+    #: leading directions (``sketch_adapt``), which makes it as accurate as the
+    #: truncation above ``s`` on slowly decaying spectra (BENCHMARKS.md, section 8).
     SKETCH = "sketch"
     #: Incremental truncation: columns are appended and the root is cut back to
     #: ``n_kfac`` columns with a small eigendecomposition every 32 columns.
@@ -189,6 +190,14 @@ class KFACOptions:
         the fit is deterministic for a given seed, the sketch errors of different
         factors are independent, and every process of a distributed fit draws the same
         ``Ω`` for the same factor.
+    sketch_adapt : int, default -1
+        Columns of each factor's ``Ω`` replaced by the leading eigenvectors of the
+        factor's first batch (:meth:`~laplace_llm.matrix.LowRankFactor.adapt_omega_`);
+        -1 means half the sketch, 0 keeps ``Ω`` Gaussian. Must be below the sketch's
+        columns. On slowly decaying spectra of rank above ``s`` it brings the kept
+        eigenvalues and the evidence within the incremental truncation's errors
+        (BENCHMARKS.md, section 8). A distributed fit keeps ``Ω`` Gaussian, so that the
+        processes' sketches add up.
 
     Raises
     ------
@@ -253,6 +262,12 @@ class KFACOptions:
     sketch_seed: int = dataclasses.field(
         default=0, metadata=_option("seed of the sketch's Gaussian test matrix", 0)
     )
+    sketch_adapt: int = dataclasses.field(
+        default=-1,
+        metadata=_option(
+            "columns of the sketch's test matrix taken from the first batch's leading "
+            "directions (-1: half the sketch; 0: all Gaussian)", -1),
+    )
 
     def __post_init__(self) -> None:
         """Check every field and convert choices to their enums."""
@@ -275,6 +290,13 @@ class KFACOptions:
                 f"sketch_size={self.sketch_size} is below n_kfac={self.n_kfac}: the sketch "
                 "cannot hold the rank it keeps. Use sketch_size ≥ n_kfac, or 0 for the "
                 f"default ({default_sketch_size(self.n_kfac)} here)."
+            )
+        s = self.sketch_columns
+        if s and self.sketch_adapt >= s:
+            raise ValueError(
+                f"sketch_adapt={self.sketch_adapt} must be below the sketch's {s} columns: "
+                "some of Ω's columns stay Gaussian, so that a factor of rank ≤ s is held "
+                "exactly. Use -1 (half the sketch) or a smaller number."
             )
 
     @classmethod
@@ -307,6 +329,14 @@ class KFACOptions:
         if self.accumulation != Accumulation.SKETCH:
             return None
         return self.sketch_size or default_sketch_size(self.n_kfac)
+
+    @property
+    def sketch_adapt_columns(self) -> int:
+        """Columns of each sketch's ``Ω`` taken from the data (0 without a sketch)."""
+        s = self.sketch_columns
+        if not s:
+            return 0
+        return s // 2 if self.sketch_adapt < 0 else self.sketch_adapt
 
     def replace(self, **changes: Any) -> KFACOptions:
         """Return a copy with some options changed (validated again)."""

@@ -7,7 +7,8 @@ from the state is :meth:`LoRALaplace.load <laplace_llm.LoRALaplace.load>`.
 File format ``laplace-llm-posterior`` version 1 (a safetensors file):
 
 - tensors ``mean``, ``prior_precision``, ``prior_mean`` and, for block ``i`` factor
-  ``j``, ``H.i.j.dense`` (``d × d``) or ``H.i.j.root`` (``d × m``, ``F = R Rᵀ``; in a fit checkpoint, ``H.i.j.sketch`` ``d × s``, a pending sketch ``F Ω``) with
+  ``j``, ``H.i.j.dense`` (``d × d``) or ``H.i.j.root`` (``d × m``, ``F = R Rᵀ``; in a fit checkpoint, ``H.i.j.sketch`` ``d × s``, a pending sketch ``F Ω``, with
+  ``H.i.j.sketch_adapted`` ``d × t``, the columns of ``Ω`` taken from the data, if any) with
   ``H.i.j.exact_trace`` (``(1,)``, the untruncated factor's trace; optional); for
   ``hessian_structure`` "diag" / "full" (header ``hessian_structure``, absent = "kron")
   one tensor ``H`` (``(P,)`` / ``(P, P)``);

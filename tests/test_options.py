@@ -15,7 +15,8 @@ from tests.fixtures.models import tiny_llama_lora
 
 DEFAULTS = {"n_kfac": 16, "lr_threshold": 128, "fisher_type": "mc", "mc_samples": 1,
             "kfac_approx": "expand", "truncation": "isotropic", "share_input_factors": True,
-            "evidence": "map", "accumulation": "sketch", "sketch_size": 0, "sketch_seed": 0}
+            "evidence": "map", "accumulation": "sketch", "sketch_size": 0, "sketch_seed": 0,
+            "sketch_adapt": -1}
 
 
 def test_defaults_are_the_documented_ones_and_plain_json():
@@ -40,6 +41,9 @@ def test_defaults_are_the_documented_ones_and_plain_json():
         ({"accumulation": "svd"}, r"accumulation must be one of \('sketch', 'truncate'\)"),
         ({"n_kfac": 32, "sketch_size": 20}, "sketch_size=20 is below n_kfac=32"),
         ({"sketch_seed": -1}, "sketch_seed must be an integer ≥ 0"),
+        ({"sketch_adapt": -2}, "sketch_adapt must be an integer ≥ -1"),
+        ({"sketch_adapt": 96}, "sketch_adapt=96 must be below the sketch's 96 columns"),
+        ({"sketch_size": 40, "sketch_adapt": 40}, "sketch_adapt=40 must be below the sketch's 40"),
     ],
 )
 def test_invalid_options_are_refused_on_construction_and_replace(changes, message):

@@ -78,6 +78,7 @@ VARIANTS = {
     "truncate": dict(accumulation="truncate"),
     "sketch 48": dict(sketch_size=48),
     "sketch": dict(),
+    "sketch Gaussian Ω": dict(sketch_adapt=0),
 }
 
 
@@ -230,10 +231,13 @@ def run(name: str, args) -> dict:
     return out
 
 
-#: (name, sketch size or None for the truncation, factor dtype) of the synthetic part
-SYNTHETIC_VARIANTS = [("truncate", None, torch.float32), ("sketch", "default", torch.float32),
-                      ("sketch float64", "default", torch.float64),
-                      ("sketch 192", 192, torch.float32)]
+#: (name, sketch size or None for the truncation, factor dtype, columns of Ω adapted to
+#: the first batch: "half" is the library's default, s // 2) of the synthetic part
+SYNTHETIC_VARIANTS = [("truncate", None, torch.float32, 0),
+                      ("sketch", "default", torch.float32, "half"),
+                      ("sketch float64", "default", torch.float64, "half"),
+                      ("sketch Gaussian Ω", "default", torch.float32, 0),
+                      ("sketch 192 Gaussian Ω", 192, torch.float32, 0)]
 
 
 #: synthetic spectra, keyword arguments of :func:`spectrum`. The first two: eigenvalues
@@ -299,10 +303,12 @@ def synthetic(d: int, name: str, args, r: int = 8, n: int = 8192,
     exact = exact_factor(X, basis)
     lam_exact = exact.eigh()[0]
     variants, seconds = {"exact": exact}, {}
-    for variant, size, dtype in SYNTHETIC_VARIANTS:
+    for variant, size, dtype, adapt in SYNTHETIC_VARIANTS:
         t0 = time.perf_counter()
         size = args.sketch_size if size == "default" else size
-        f = LowRankFactor.zeros(d, args.n_kfac, dtype=dtype, sketch_size=size, sketch_seed=0)
+        adapt = size // 2 if adapt == "half" and size else 0
+        f = LowRankFactor.zeros(d, args.n_kfac, dtype=dtype, sketch_size=size, sketch_seed=0,
+                                sketch_adapt=adapt)
         for start in range(0, n, batch):
             f.append_(X[:, start:start + batch].to(dtype))
         f.compress_()
@@ -321,7 +327,7 @@ def synthetic(d: int, name: str, args, r: int = 8, n: int = 8192,
     out = {"side": d, "spectrum": name, "n_columns": n, "seconds": seconds,
            "best16_trace_share": float(lam_exact[:16].sum() / exact.exact_trace),
            "variants": {}}
-    for variant, _, dtype in SYNTHETIC_VARIANTS:
+    for variant, _, dtype, _ in SYNTHETIC_VARIANTS:
         lam = dec[variant].eigenvalues[0][1].double()
         k = lam.numel()
         row = {"eig16_rel_error_max": float(((lam - lam_exact[:k]).abs() / lam_exact[:k]).max())}

@@ -127,6 +127,10 @@ class LoRAKFAC(KFACProbes, KFACSharedInputs, KFACAccumulation, KFACGLM, Curvatur
         # the posterior, also of the torch.func Jacobians
         self.params_dict = {b.name: self.params_dict[b.name] for b in self.blocks}
         self.params = list(self.params_dict.values())
+        #: whether sketched factors adapt their test matrix to the first data
+        #: (``options.sketch_adapt``); a distributed fit turns it off, because sketches
+        #: summed across processes must share ``Ω``
+        self.adapt_sketches = True
 
     # ------------------------------------------------------------------ factors
     def factor_dtype(self) -> torch.dtype:
@@ -144,6 +148,7 @@ class LoRAKFAC(KFACProbes, KFACSharedInputs, KFACAccumulation, KFACGLM, Curvatur
             sketch_size=self.options.sketch_columns,
             sketch_seed=self.options.sketch_seed,
             names=[b.name for b in self.blocks],
+            sketch_adapt=self.options.sketch_adapt_columns if self.adapt_sketches else 0,
         )
 
     # ------------------------------------------------------------------- probes

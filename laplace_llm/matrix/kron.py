@@ -56,6 +56,7 @@ class LowRankKron:
         sketch_size: int | None = None,
         sketch_seed: int = 0,
         names: Sequence[str] | None = None,
+        sketch_adapt: int = 0,
     ) -> LowRankKron:
         """Empty curvature, without a ``d × d`` allocation for large factors.
 
@@ -78,6 +79,9 @@ class LowRankKron:
             sketches with its own ``Ω``, seeded by :func:`factor_sketch_seed` of
             ``sketch_seed`` and ``f"{name}.{j}"``. ``None``: every factor uses
             ``sketch_seed`` (one ``Ω`` per side).
+        sketch_adapt : int, default 0
+            columns of each low-rank factor's ``Ω`` taken from its first data
+            (:meth:`LowRankFactor.adapt_omega_`); 0: Gaussian.
         """
         devices = list(device) if isinstance(device, (list, tuple)) else [device] * len(sides)
         kfacs = []
@@ -88,7 +92,8 @@ class LowRankKron:
                     if d <= lr_threshold
                     else LowRankFactor.zeros(d, rank, device=device, dtype=dtype,
                                              sketch_size=sketch_size,
-                                             sketch_seed=_seed_of(sketch_seed, names, i, j))
+                                             sketch_seed=_seed_of(sketch_seed, names, i, j),
+                                             sketch_adapt=sketch_adapt if sketch_size else 0)
                     for j, d in enumerate(block_sides)
                 ]
             )

@@ -250,6 +250,7 @@ def finalise_sketches(factors: list) -> None:
             f._root = root[:, nz].to(f.dtype)
             f._sketch = None
             f._omega = None
+            f._adapted = None  # the root holds the data; further data may use any Ω
 
 
 def _batched_eigh(M: torch.Tensor, on_host: bool) -> tuple[torch.Tensor, torch.Tensor]:

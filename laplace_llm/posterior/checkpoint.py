@@ -424,11 +424,19 @@ def fit_identity(la: Any, train_loader: Any, N: int, override: bool, distributed
     }
 
 
+#: options that checkpoints of earlier releases lack, with the value those releases used
+#: (``sketch_adapt``: their sketches' ``Ω`` was all Gaussian), so that a resumed fit is
+#: told which value reproduces the interrupted one
+LEGACY_OPTIONS = {"sketch_adapt": 0}
+
+
 def _differences(header: Mapping[str, Any], identity: Mapping[str, Any]) -> list[str]:
     """Name every entry of :data:`IDENTITY` in which the file differs from this fit."""
     problems = []
     for key in IDENTITY:
         theirs, mine = header.get(key), identity.get(key)
+        if key == "options" and isinstance(theirs, Mapping) and isinstance(mine, Mapping):
+            theirs = {**{k: v for k, v in LEGACY_OPTIONS.items() if k in mine}, **theirs}
         if theirs == mine:
             continue
         if key == "options":

@@ -21,7 +21,13 @@ from torch.utils.data import DataLoader
 
 from laplace_llm import sharding
 from laplace_llm.checks import check_batch, loader_size
-from laplace_llm.distributed import all_reduce_sum, as_timeout, collective_step, collective_timeout
+from laplace_llm.distributed import (
+    all_reduce_sum,
+    as_timeout,
+    collective_step,
+    collective_timeout,
+    process_rank,
+)
 from laplace_llm.errors import NonFiniteError
 from laplace_llm.posterior.checkpoint import FitCheckpoint
 from laplace_llm.progress import progress_bar as show_progress
@@ -138,6 +144,9 @@ class LoRAFitting:
                 N = int(all_reduce_sum(N, device=self._device, step="summing the data size").item())
             ckpt = FitCheckpoint.start(self, train_loader, N, override, distributed, checkpoint,
                                        checkpoint_every, resume_from)
+            # sketches summed across processes must share their test matrices
+            if hasattr(self.backend, "adapt_sketches"):
+                self.backend.adapt_sketches = not distributed and process_rank()[1] == 1
             H_new, loss, n_outputs = self._accumulate(train_loader, N, progress_bar, ckpt)
             if distributed:
                 H_new = self._all_reduce(H_new)

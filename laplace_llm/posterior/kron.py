@@ -89,7 +89,8 @@ class LoRALaplace(LoRALaplaceBase, KronLaplace):
 
     def _finish_curvature(self, H: LowRankKron) -> LowRankKron:
         # pending sketches stay pending: a distributed fit sums them before they are
-        # decomposed (in _merge), so that the result equals one process' fit
+        # decomposed (in _merge), so that the result equals one process' fit (with a
+        # Gaussian Ω: a distributed fit does not adapt it, see LowRankFactor.adapt_omega_)
         return H
 
     def _all_reduce(self, H: LowRankKron) -> LowRankKron:
@@ -298,6 +299,13 @@ def _all_reduce_kron(kron: LowRankKron, group, names: Sequence[str] | None) -> L
                 done[id(f)] = f
                 continue
             if f.sketch_size:  # the sketches of the shards add up to the whole data's
+                if f.adapted is not None:
+                    raise ValueError(
+                        f"The {what} sketched its data with a test matrix adapted to this "
+                        "process's first batch, so the processes' sketches do not add up. "
+                        "Fit with fit(distributed=True), which keeps Ω Gaussian, or with "
+                        "sketch_adapt=0."
+                    )
                 sketch = f.sketch().clone()
                 with collective_step(f"all-reduce of the sketch of the {what}", group):
                     dist.all_reduce(sketch, op=dist.ReduceOp.SUM, group=group)

@@ -592,3 +592,22 @@ def test_a_sharded_model_resumes_with_idle_passes(tmp_path):
         assert got["file"] == (rank == 1)
         assert got["equal"]
         assert got["loss"][0] == got["loss"][1] and got["lml"][0] == got["lml"][1]
+
+
+def test_a_checkpoint_written_before_sketch_adapt_resumes_with_the_gaussian_omega(
+        kron_checkpoint, tmp_path):
+    """Checkpoints of earlier releases lack ``sketch_adapt`` (their Ω was all Gaussian):
+    resuming one with the new default is refused naming ``sketch_adapt=0``, and with
+    ``sketch_adapt=0`` it resumes."""
+    from laplace_llm.serialization import read_file, write_file
+
+    header, tensors = read_file(kron_checkpoint, kind="checkpoint")
+    header = {k: v for k, v in header.items() if k != "sha256"}
+    header["options"] = {k: v for k, v in header["options"].items() if k != "sketch_adapt"}
+    old = tmp_path / "old.ckpt"
+    write_file(tensors, header, old)
+    with pytest.raises(PosteriorFileError, match="sketch_adapt=0 in the file, -1 now"):
+        laplace("kron").fit(loader(), resume_from=old)
+    resumed = laplace("kron", sketch_adapt=0)
+    resumed.fit(loader(), resume_from=old)
+    assert resumed.n_data == N_ITEMS
