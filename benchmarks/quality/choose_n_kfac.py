@@ -33,7 +33,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from benchmarks.common.results import finish
+from benchmarks.common.results import RESULTS_SKETCH_ADAPT, finish
 from laplace_llm import LLMClassifier, LoRALaplace
 from laplace_llm.app.loading import minilm_path
 from laplace_llm.data import make_loader
@@ -86,7 +86,7 @@ def main(argv=None):
     test = next(iter(make_loader(sentences(32, 1), tok, batch_size=32, kind="text")))
 
     exact = LoRALaplace(clf, "classification", fisher_type="ggn", n_kfac=384,
-                        evidence="linearised")
+                        evidence="linearised", sketch_adapt=RESULTS_SKETCH_ADAPT)
     exact.fit(train)
     exact.optimize_prior_precision(method="marglik", n_steps=200,
                                    prior_structure="scalar")
@@ -95,7 +95,7 @@ def main(argv=None):
     rows = []
     for k in args.ranks:
         la = LoRALaplace(clf, "classification", fisher_type="ggn", n_kfac=k, prior_precision=prior,
-                         evidence="linearised")
+                         evidence="linearised", sketch_adapt=RESULTS_SKETCH_ADAPT)
         t = time.perf_counter()
         la.fit(train)
         fit_s = time.perf_counter() - t

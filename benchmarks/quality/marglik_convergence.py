@@ -17,6 +17,7 @@ import random
 import torch
 from laplace import Laplace
 
+from benchmarks.common.results import RESULTS_SKETCH_ADAPT
 from benchmarks.quality import real_text as rt  # the benchmark's data, model and training
 from laplace_llm.data import make_loader
 from laplace_llm.posterior.base import LoRALaplaceBase
@@ -38,7 +39,7 @@ def main(size: int = 500, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     train_lora(clf, loader, epochs=5, lr=2e-3)
     la = Laplace(clf, "classification", subset_of_weights="lora", hessian_structure="kron",
-                 seed=seed, evidence="linearised")
+                 seed=seed, evidence="linearised", sketch_adapt=RESULTS_SKETCH_ADAPT)
     la.fit(make_loader(records[:size], tok, 16, "text"))
     out = {}
     for name, optimise in [

@@ -87,6 +87,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 import laplace_llm  # noqa: E402
 from benchmarks.common.links import monte_carlo, probit  # noqa: E402
+from benchmarks.common.results import RESULTS_SKETCH_ADAPT  # noqa: E402
 from benchmarks.common.smollm2 import lora_smollm2, lora_state, set_lora_state  # noqa: E402
 from laplace_llm.data import (  # noqa: E402
     format_mcqa_prompt,
@@ -419,7 +420,8 @@ class Run:
             la = laplace_llm.LoRALaplace.load(posterior, clf)
         else:
             la = Laplace(clf, "classification", subset_of_weights="lora",
-                         hessian_structure="kron", seed=seed, evidence="map")
+                         hessian_structure="kron", seed=seed, evidence="map",
+                         sketch_adapt=RESULTS_SKETCH_ADAPT)
             la.fit(self.loader("train"))
             la.save(posterior)
         fit_seconds = time.time() - t0
@@ -456,7 +458,7 @@ class Run:
         top = self.clf.model.base_model.model.config.num_hidden_layers - 1
         la = Laplace(self.clf, "classification", subset_of_weights="lora",
                      hessian_structure="kron", seed=self.seed, evidence="map",
-                     lora_modules=[f"layers.{top}.*"])
+                     lora_modules=[f"layers.{top}.*"], sketch_adapt=RESULTS_SKETCH_ADAPT)
         la.fit(self.loader("train"))
         converged = self._marglik(la)
         probs = {s: probit(*glm_moments(la, ld, [la.prior_precision])[0])

@@ -35,6 +35,7 @@ from laplace import Laplace
 import laplace_llm  # (also registers subset_of_weights="lora")
 from benchmarks.common.links import monte_carlo
 from benchmarks.common.priors import PRIOR_CANDIDATES, candidate_prior
+from benchmarks.common.results import RESULTS_SKETCH_ADAPT
 from laplace_llm.app import demo
 from laplace_llm.app.evaluation import score
 from laplace_llm.data import make_loader
@@ -81,7 +82,7 @@ def trec6_seed(seed: int) -> dict:
     train_lora(clf, make_loader(train, tok, 16, "text", shuffle=True), epochs=5, lr=2e-3)
     clf.eval()
     la = Laplace(clf, "classification", subset_of_weights="lora", hessian_structure="kron",
-                 seed=seed)
+                 seed=seed, sketch_adapt=RESULTS_SKETCH_ADAPT)
     la.fit(make_loader(train, tok, 16, "text"))
     return study(clf, la, init, make_loader(val, tok, 32, "text"), seed)
 
@@ -100,7 +101,7 @@ def demo_seed(seed: int) -> dict:
                                    cfg)
     demo._load_lora_state(clf, checkpoints[cfg.epochs])
     la = Laplace(clf, "classification", subset_of_weights="lora", hessian_structure="kron",
-                 options=cfg.kfac, seed=cfg.seed)
+                 options=cfg.kfac.replace(sketch_adapt=RESULTS_SKETCH_ADAPT), seed=cfg.seed)
     la.fit(loader(train))
     return study(clf, la, init, loader(val), seed)
 

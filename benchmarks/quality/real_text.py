@@ -74,6 +74,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 import laplace_llm  # noqa: E402
 from benchmarks.common.links import monte_carlo, probit  # noqa: E402
+from benchmarks.common.results import RESULTS_SKETCH_ADAPT  # noqa: E402
 from laplace_llm.app.loading import minilm_path  # noqa: E402
 from laplace_llm.data import make_loader  # noqa: E402
 from laplace_llm.tools import metrics  # noqa: E402
@@ -247,7 +248,7 @@ def one_run(size: int, seed: int, args) -> dict:
             info.setdefault("marglik_not_converged", []).append(name)
 
     la = Laplace(clf, "classification", subset_of_weights="lora", hessian_structure="kron",
-                 seed=seed, evidence=EVIDENCE)
+                 seed=seed, evidence=EVIDENCE, sketch_adapt=RESULTS_SKETCH_ADAPT)
     la.fit(fit_loader)
     marglik("la_probit", la)
     prior = la.prior_precision.clone()
@@ -290,7 +291,8 @@ def one_run(size: int, seed: int, args) -> dict:
     stage("LoRALaplace predictions")
 
     llla = Laplace(clf, "classification", subset_of_weights="lora", hessian_structure="kron",
-                   lora_modules=["classifier"], seed=seed, evidence=EVIDENCE)
+                   lora_modules=["classifier"], seed=seed, evidence=EVIDENCE,
+                   sketch_adapt=RESULTS_SKETCH_ADAPT)
     llla.fit(fit_loader)
     marglik("llla", llla)
     info["llla_prior"] = float(llla.prior_precision)
@@ -299,7 +301,8 @@ def one_run(size: int, seed: int, args) -> dict:
 
     for name, kw in LEVERS.items() if args.levers else ():
         lever = Laplace(clf, "classification", subset_of_weights="lora",
-                        hessian_structure="kron", seed=seed, evidence=EVIDENCE, **kw)
+                        hessian_structure="kron", seed=seed, evidence=EVIDENCE,
+                        **{"sketch_adapt": RESULTS_SKETCH_ADAPT, **kw})
         lever.fit(fit_loader)
         marglik(name, lever)
         info[f"{name}_prior"] = float(lever.prior_precision)

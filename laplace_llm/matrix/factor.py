@@ -215,6 +215,8 @@ class LowRankFactor:
             return None
         self._adapted = U * math.sqrt(self.side)  # the norm of a Gaussian column
         self._omega = None
+        # keep the adapted columns as a view of Ω, not as a second copy of them
+        self._adapted = self.omega()[:, :t]
         return torch.cat([columns @ (columns.T @ self._adapted), gaussian_part[:, t:]], dim=1)
 
     @property

@@ -86,6 +86,8 @@ def test_adapted_sketch_stays_exact_when_the_first_batch_misses_directions():
     f = LowRankFactor.zeros(d, 64, dtype=DT, sketch_size=96, sketch_adapt=48)
     f.append_(first)
     assert f.adapted is not None and f.adapted.shape == (d, 3)  # the batch's rank
+    # the adapted columns are Ω's own (a view), not a second d × t copy held while fitting
+    assert f.adapted.data_ptr() == f.omega().data_ptr()
     f.append_(rest)
     exact = first @ first.T + rest @ rest.T
     torch.testing.assert_close(f.to_dense(), exact, rtol=1e-9, atol=1e-9 * float(exact.norm()))
