@@ -767,9 +767,12 @@ def render(out: Path, sets: list[str]) -> str:
         fit = "; ".join(f"seed {m['seed']}: train NLL {m['train_nll']:.3f}, "
                         f"train acc {100 * m['train_accuracy']:.1f} %, "
                         f"val acc {100 * m['val_accuracy']:.1f} %" for m in maps)
+        tfb = [f"seed {s}: σ {by_seed[s]['tfb']['sigma']:.3g}" for s in seeds
+               if "sigma" in by_seed[s].get("tfb", {})]
+        tfb = f"; TFB {', '.join(tfb)}" if tfb else ""
         lines.append(f"\n**{set_label(name)}** ({recipe['n_test']} test questions, "
                      f"{recipe['n_choices']} choices, {recipe['reduction']} scores; seeds "
-                     f"{seeds}; {fit}){flag}\n")
+                     f"{seeds}; {fit}{tfb}){flag}\n")
         lines.append("| method | seeds | acc % | ECE % (calibrated at n) | NLL | Brier | "
                      "Δacc vs MAP (pt) | ΔECE vs MAP (pt) | ΔNLL vs MAP | "
                      "ΔECE vs TS-val (pt) | ΔNLL vs TS-val |")
