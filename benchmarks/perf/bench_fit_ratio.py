@@ -5,7 +5,8 @@ measurements ``--repeat`` times — the floor (plain forward + backward of the L
 weights over the fit data), ``LoRALaplace.fit`` with its defaults (shared input factors,
 sketched low-rank factors), with ``share_input_factors=False``, and with
 ``accumulation="truncate"`` (the incremental truncation that was the default before the
-sketch) — and reports the minimum and the median of each, and the ratios of the
+sketch) and with ``sketch_adapt=0`` (the sketch's Ω all Gaussian, the default before issue
+31) — and reports the minimum and the median of each, and the ratios of the
 minima. Model and data are those of ``bench_lora_laplace.py`` (Llama-shaped, 2 layers,
 LoRA r=8 on ``--targets``, 64 sequences of 32 tokens in batches of 8, mc Fisher,
 ``n_kfac`` 16).
@@ -46,6 +47,8 @@ def run(hidden, args) -> dict:
                                         share_input_factors=False).fit(loader),
         "truncate": lambda: LoRALaplace(clf, "classification", n_kfac=args.n_kfac, seed=0,
                                         accumulation="truncate").fit(loader),
+        "gaussian": lambda: LoRALaplace(clf, "classification", n_kfac=args.n_kfac, seed=0,
+                                        sketch_adapt=0).fit(loader),
     }
     for fn in steps.values():  # warm-up
         fn()
@@ -72,8 +75,8 @@ def main(argv=None):
     lines = [f"LoRA r=8 on {', '.join(args.targets)}, {args.layers} layers, {args.n_fit}×{args.seq} "
              f"tokens, mc, n_kfac {args.n_kfac}; min (median) of {args.repeat} interleaved runs",
              "", "| hidden | floor s | default (sketch, shared A): fit s (× floor) | separate A "
-             "| truncate (before the sketch) |",
-             "|---|---|---|---|---|"]
+             "| truncate (before the sketch) | sketch with a Gaussian Ω (sketch_adapt=0) |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         f = r["floor_min_s"]
         lines.append(
@@ -81,7 +84,8 @@ def main(argv=None):
             f"({r['shared_median_s']:.2f}) {r['shared_min_s'] / f:.2f}× | {r['separate_min_s']:.2f} "
             f"({r['separate_median_s']:.2f}) {r['separate_min_s'] / f:.2f}× | "
             f"{r['truncate_min_s']:.2f} ({r['truncate_median_s']:.2f}) "
-            f"{r['truncate_min_s'] / f:.2f}× |"
+            f"{r['truncate_min_s'] / f:.2f}× | {r['gaussian_min_s']:.2f} "
+            f"({r['gaussian_median_s']:.2f}) {r['gaussian_min_s'] / f:.2f}× |"
         )
     finish(lines, rows, args.out)
 
