@@ -191,8 +191,10 @@ class KFACOptions:
         factors are independent, and every process of a distributed fit draws the same
         ``Ω`` for the same factor.
     sketch_adapt : int, default -1
-        Columns of each factor's ``Ω`` replaced by the leading eigenvectors of the
-        factor's first batch (:meth:`~laplace_llm.matrix.LowRankFactor.adapt_omega_`);
+        Columns of each factor's ``Ω`` replaced by the leading directions of the
+        factor's first batch, the leading left singular vectors of its sketch with the
+        Gaussian ``Ω`` (a randomised range finder;
+        :meth:`~laplace_llm.matrix.LowRankFactor.adapt_omega_`);
         -1 means half the sketch, 0 keeps ``Ω`` Gaussian. Must be below the sketch's
         columns. On slowly decaying spectra of rank above ``s`` it brings the kept
         eigenvalues and the evidence within the incremental truncation's errors

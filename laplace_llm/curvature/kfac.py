@@ -99,6 +99,9 @@ class LoRAKFAC(KFACProbes, KFACSharedInputs, KFACAccumulation, KFACGLM, Curvatur
     #: :meth:`_stream_output_gradients`); ``False`` gathers every layer's first (the path
     #: of calls with layouts and of sharded models; for benchmarks and tests)
     stream_output_gradients: bool = True
+    #: whether the model is FSDP2-sharded, set by the fit for its batches (checking every
+    #: parameter costs about 0.25 ms a batch on a 2-layer model); ``None``: check anew
+    sharded: bool | None = None
 
     def __init__(
         self,

@@ -67,12 +67,14 @@ class KFACAccumulation:
             # layouts (a scorer's cached prompt) need every call at once
             streamed = self.stream_output_gradients and not any(
                 _has_layouts(c) for c in per_module.values()
-            ) and not sharding.sharded_model(self.model)
+            ) and not (sharding.sharded_model(self.model) if self.sharded is None
+                       else self.sharded)
             if streamed:
                 self._stream_output_gradients(f, rec, probes, kron, mask, mask_full, dtype,
                                               low_rank, checks)
             outputs = rec.outputs()
-        bad = ~torch.isfinite(f.detach()).all()
+        # the logits are finite: probes() refused them otherwise
+        bad = torch.zeros((), dtype=torch.bool, device=f.device)
         a_done: set[int] = set()  # input factors already given this batch (shared ones)
         if streamed:
             self._add_columns(kron, per_module, mask, mask_full, N, [], dtype, f.shape[0],
@@ -181,6 +183,9 @@ class KFACAccumulation:
         Without padding (``mask_full``) every sequence has the same ``T``, so the
         ``1/(T N)`` weight is the scale and the columns are ``a`` itself (a view).
         """
+        if self.kfac_approx != "reduce" and (mask_full or mask is None):  # no mask to build
+            a = as_positions(a.to(dtype), None, with_mask=False)[0]
+            return a.reshape(-1, a.shape[-1]), 1.0 / (a.shape[1] * N)
         a, m = as_positions(a.to(dtype), mask)
         T = m.sum(1).clamp(min=1)
         if self.kfac_approx == "reduce":
@@ -192,7 +197,10 @@ class KFACAccumulation:
 
     def _g_columns(self, g, mask, dtype, mask_full=False) -> torch.Tensor:
         """Output-gradient columns ``(n_cols, d_out)`` of one probe."""
-        g, m = as_positions(g.to(dtype), mask)
+        g = g.to(dtype)
+        if self.kfac_approx != "reduce" and (mask_full or mask is None):  # no mask to build
+            return g.reshape(-1, g.shape[-1])
+        g, m = as_positions(g, mask)
         if self.kfac_approx == "reduce":
             return (g * m.unsqueeze(-1)).sum(1)
         if mask_full or mask is None or tuple(mask.shape) != tuple(g.shape[:2]):
@@ -288,6 +296,12 @@ def _accumulate(F, cols: torch.Tensor, low_rank: _ColumnQueue, scale: float = 1.
         return
     if isinstance(F, LowRankFactor):
         if F.sketch_size:  # two matrix products now, no decomposition
+            if cols.device.type == "cpu":  # (on a GPU the row count would cost a sync)
+                # rows that are exactly zero add nothing: e.g. the output gradients of a
+                # last layer's query at every position but the one the logits are read at
+                live = torch.linalg.vector_norm(cols, dim=1) != 0  # NaN rows stay
+                if not bool(live.all()):
+                    cols = cols[live]
             F.append_(cols.T, scale=scale)
             if F.exact_trace is None and checks is not None:
                 checks.append(torch.isfinite(cols).all().reshape(1).float())

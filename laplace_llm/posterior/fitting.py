@@ -196,6 +196,8 @@ class LoRAFitting:
             return self._partial_state(H), loss, n_outputs, backend.generator
 
         model.eval()
+        if hasattr(backend, "sharded"):  # checked once for the fit's batches
+            backend.sharded = sharding.sharded_model(model)
         X = data = None
         # None unless sharded: then every rank makes as many passes as the busiest
         n_batches = sharding.batches_to_run(model, train_loader, skip=start)
@@ -239,7 +241,10 @@ class LoRAFitting:
                         ckpt.after_batch(i + 1, state)
         finally:
             for m, mode in modes:
-                m.training = mode
+                if m.training != mode:  # nn.Module's __setattr__ is slow on many modules
+                    m.training = mode
+            if hasattr(backend, "sharded"):
+                backend.sharded = None
         return self._finish_curvature(H), loss, n_outputs
 
     def _add_batch(self, X: Any, y: torch.Tensor, N: int, H):

@@ -309,3 +309,23 @@ def test_queued_truncations_give_the_fit_of_one_factor_at_a_time(monkeypatch):
                                fits[1].log_marginal_likelihood(), rtol=1e-12, atol=0)
     # (sanity) truncation happened: the data give more directions than n_kfac = 3
     assert any(r.share_kept < 1 - 1e-6 for r in fits[0].low_rank_report())
+
+
+def test_zero_rows_skip_the_sketch_but_non_finite_rows_reach_its_trace():
+    """Rows of exactly zero add nothing to a sketched factor and are left out of its
+    products (a last layer's query has output gradients at the read position only); a
+    row holding NaN must stay in, so that the factor's exact trace shows it."""
+    from laplace_llm.curvature.kfac_accumulation import _accumulate, _ColumnQueue
+
+    gen = torch.Generator().manual_seed(0)
+    cols = torch.zeros(10, 32, dtype=torch.float64)
+    cols[3] = torch.randn(32, generator=gen, dtype=torch.float64)
+    F = LowRankFactor.zeros(32, 4, dtype=torch.float64, sketch_size=16)
+    _accumulate(F, cols, _ColumnQueue(), 0.5, [])
+    ref = LowRankFactor.zeros(32, 4, dtype=torch.float64, sketch_size=16)
+    ref.append_(cols[3:4].T, scale=0.5)
+    torch.testing.assert_close(F.sketch(), ref.sketch())
+    torch.testing.assert_close(F.exact_trace, 0.5 * cols[3].square().sum())
+    cols[7, 0] = float("nan")
+    _accumulate(F, cols, _ColumnQueue(), 1.0, [])
+    assert torch.isnan(F.exact_trace)

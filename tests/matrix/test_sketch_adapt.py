@@ -93,6 +93,21 @@ def test_adapted_sketch_stays_exact_when_the_first_batch_misses_directions():
     torch.testing.assert_close(f.to_dense(), exact, rtol=1e-9, atol=1e-9 * float(exact.norm()))
 
 
+@pytest.mark.parametrize("adapt, rank", [(24, 200), (48, 200), (72, 200), (48, 5), (72, 5)])
+def test_the_first_chunk_is_sketched_with_the_omega_it_adapts(adapt, rank):
+    """The range finder's products cover the last ``t`` Gaussian columns; the first
+    chunk's sketch must still be ``C Cᵀ Ω`` for the final ``Ω``, whether ``t`` is below,
+    at or above ``s − t`` and when the chunk's rank (5) leaves fewer columns to adapt."""
+    d = 150
+    gen = torch.Generator().manual_seed(adapt + rank)
+    C = (torch.randn(d, rank, generator=gen, dtype=DT)
+         @ torch.randn(rank, 120, generator=gen, dtype=DT))
+    f = LowRankFactor.zeros(d, 16, dtype=DT, sketch_size=96, sketch_adapt=adapt).append_(C)
+    assert f.adapted is not None and f.adapted.shape == (d, min(adapt, rank))
+    Y = C @ (C.T @ f.omega())
+    torch.testing.assert_close(f.sketch(), Y, rtol=1e-12, atol=1e-12 * float(Y.norm()))
+
+
 def test_the_adapted_omega_travels_with_the_pending_sketch():
     """State round trip, scaling and sums must use the Ω the sketch was taken with: with a
     Gaussian Ω in their place the decomposition of an exact-regime sketch is wrong."""

@@ -211,8 +211,9 @@ def _count_decompositions(monkeypatch):
 
 
 def test_decompositions_of_a_fit_do_not_grow_with_the_tokens(monkeypatch):
-    """Sketch: two batched eighs per group of equal factors, at the end of the fit; the
-    same count for 8 and for 48 sequences. Truncation: one per 32 columns, growing."""
+    """Sketch: one adaptation eigh per factor, and one or two batched eighs per group of
+    equal factors at the end of the fit; the same count for 8 and for 48 sequences.
+    Truncation: one per 32 columns, growing."""
     calls = _count_decompositions(monkeypatch)
     counts = {}
     for accumulation in ("sketch", "truncate"):
@@ -397,3 +398,55 @@ def test_host_omegas_are_cached_within_their_byte_budget(monkeypatch):
     assert len(matrix._OMEGA_CACHE) == 3 and held <= matrix.OMEGA_CACHE_BYTES
     again = sketch_matrix(100, 8, 1)  # evicted: drawn anew, equal
     assert again is not first and torch.equal(again, first)
+
+
+def test_finalise_takes_cholesky_where_no_direction_drops_and_equals_the_eigh_path(monkeypatch):
+    """The core ``B`` of a sketch of rank above ``s`` is positive definite beyond the drop
+    level: its factor is decomposed through a Cholesky factor; a core with directions at
+    the rounding level (rank 20 < s) still goes through ``eigh``, in the same batch. Both
+    must give the factor that the eigendecomposition gives for each (float64: 1e-10)."""
+    from laplace_llm.matrix import truncation
+
+    d = 200
+    full = columns(d, 400, 0.97 ** torch.arange(d, dtype=DT), seed=3)  # rank 200 > s = 48
+    low = columns(d, 400, (torch.arange(d) < 20).to(DT), seed=4)  # rank 20 < s
+
+    def sketches():
+        return [LowRankFactor.zeros(d, 16, dtype=DT, sketch_size=48, sketch_seed=seed)
+                .append_(cols) for seed, cols in ((1, full), (2, low))]
+
+    real, paths = truncation._cholesky_core, []
+
+    def spy(B, Yn, noise):
+        keep, Z = real(B, Yn, noise)
+        paths.append(keep.all(-1).tolist())
+        return keep, Z
+
+    monkeypatch.setattr(truncation, "_cholesky_core", spy)
+    together = sketches()
+    truncation.finalise_sketches(together)
+    assert paths == [[True, False]]
+    # the reference: every core through its eigendecomposition
+    monkeypatch.setattr(truncation, "_cholesky_core", lambda B, Yn, noise: (
+        torch.zeros(B.shape[:2], dtype=torch.bool), torch.empty_like(Yn)))
+    reference = sketches()
+    truncation.finalise_sketches(reference)
+    for got, want in zip(together, reference):
+        assert got.root.shape == want.root.shape
+        W = want.to_dense()
+        torch.testing.assert_close(got.to_dense(), W, rtol=1e-10, atol=1e-10 * float(W.norm()))
+
+
+def test_the_exact_trace_of_float32_columns_keeps_float32_precision():
+    """The remainder ``ρ`` is the exact trace less the kept eigenvalues spread over
+    ``d − k`` directions, so the trace's error enters the evidence ``d − k`` times over:
+    it must be summed as accurately as float32 allows (a naive reduction of these
+    4,194,304 squares lost 5.6e-4 relative; a cascaded sum 7e-8)."""
+    gen = torch.Generator().manual_seed(0)
+    X = (torch.randn(512, 8192, generator=gen) * torch.logspace(0, -3, 512)[:, None])
+    exact = float(X.double().square().sum())
+    for kw in (dict(sketch_size=96), dict(sketch_size=96, sketch_adapt=48), {}):
+        f = LowRankFactor.zeros(512, 16, dtype=torch.float32, **kw)
+        for start in range(0, 8192, 4096):
+            f.append_(X[:, start:start + 4096])
+        assert abs(float(f.exact_trace) - exact) / exact < 1e-6
