@@ -184,8 +184,8 @@ class KFACAccumulation:
         ``1/(T N)`` weight is the scale and the columns are ``a`` itself (a view).
         """
         if self.kfac_approx != "reduce" and (mask_full or mask is None):  # no mask to build
-            a = as_positions(a.to(dtype), None, with_mask=False)[0]
-            return a.reshape(-1, a.shape[-1]), 1.0 / (a.shape[1] * N)
+            cols = a.to(dtype).reshape(-1, a.shape[-1])
+            return cols, 1.0 / (cols.shape[0] // max(a.shape[0], 1) * N)  # T positions each
         a, m = as_positions(a.to(dtype), mask)
         T = m.sum(1).clamp(min=1)
         if self.kfac_approx == "reduce":

@@ -66,21 +66,17 @@ def sequence_mask(x: Any, dict_key_mask: str = "attention_mask") -> torch.Tensor
     return mask.reshape(-1, mask.shape[-1])
 
 
-def as_positions(t: torch.Tensor, mask: torch.Tensor | None,
-                 with_mask: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def as_positions(t: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``t`` as ``(B, T, d)`` and its 0/1 mask ``(B, T)`` of real positions.
 
     The batch mask applies when ``t`` has the batch's sequence shape; modules that
     see one position per sequence (a head after pooling, ``lm_head`` on the last
-    token) have ``T = 1`` and every position real. ``with_mask=False``: the mask is
-    not built (``None``).
+    token) have ``T = 1`` and every position real.
     """
     if t.ndim == 2:
         t = t.unsqueeze(1)
     else:
         t = t.reshape(t.shape[0], -1, t.shape[-1])
-    if not with_mask:
-        return t, None
     if mask is not None and tuple(mask.shape) == tuple(t.shape[:2]):
         m = mask.to(device=t.device, dtype=t.dtype)
     else:
