@@ -243,6 +243,35 @@ def test_sketch_accuracy_best_rank_reference_holds_the_exact_leading_eigenpairs(
     assert checked >= 3  # the shared input factor and the outputs of q and v
 
 
+def test_bench_fit_ab_swaps_the_base_commits_functions_in_and_back():
+    """``bench_fit_ab`` times two versions of a class in one process: ``versions`` loads
+    the class as it is at a commit (here HEAD, from git) beside the live one, ``use``
+    puts either version's functions into the live class. The base functions must be new
+    objects that run with their own module's globals (so that their helpers are the
+    base ones too), and the live ones must be back after ``use(head)``."""
+    from benchmarks.perf import bench_fit_ab as ab
+    from laplace_llm.matrix import factor as fm
+
+    path = "laplace_llm/matrix/factor.py"
+    live, sets = ab.versions("HEAD", [path])
+    key = (path, "LowRankFactor")
+    assert live[key] is fm.LowRankFactor
+    original = dict(sets["head"][key])
+    assert original["append_"] is vars(fm.LowRankFactor)["append_"]
+    base = sets["base"][key]
+    assert base.keys() == original.keys()
+    for name, fn in base.items():
+        assert fn is not original[name]
+        assert fn.__globals__ is not fm.__dict__
+        assert fn.__globals__["__name__"] == "_base_laplace_llm_matrix_factor"
+    try:
+        ab.use(live, sets["base"])
+        assert all(vars(fm.LowRankFactor)[n] is fn for n, fn in base.items())
+    finally:
+        ab.use(live, sets["head"])
+    assert all(vars(fm.LowRankFactor)[n] is fn for n, fn in original.items())
+
+
 def test_prior_choice_summarises_each_family_against_laplace_torchs_evidence(tmp_path,
                                                                            monkeypatch):
     """Two SmolLM2 runs and one TREC-6 run with hand-set NLLs and accuracies: the cells are
