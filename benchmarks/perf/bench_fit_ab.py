@@ -13,8 +13,8 @@ median of the rounds' paired differences (head − base) with a bootstrap interv
 machine whose speed drifts, a pair timed side by side says more than two minima. Model
 and data are those of ``bench_fit_ratio.py`` (issue 31's small fit at ``--hidden 512``).
 
-Run: ``OMP_NUM_THREADS=1 python -m benchmarks.perf.bench_fit_ab --base b8b0a85 --repeat 40
---out benchmarks/results/fit-ab-bookkeeping.json``.
+Run, with a change to those files in the working tree: ``OMP_NUM_THREADS=1 python -m
+benchmarks.perf.bench_fit_ab --base HEAD --repeat 40``.
 """
 
 from __future__ import annotations
