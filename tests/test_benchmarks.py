@@ -163,7 +163,7 @@ def test_bench_fit_ratio_smallest(tmp_path):
                            "--batch-size", "4", "--n-kfac", "8", "--repeat", "2",
                            tmp_path=tmp_path)
     (row,) = result["rows"]
-    for k in ("floor", "shared", "separate"):
+    for k in ("floor", "shared", "separate", "truncate", "gaussian", "once"):
         assert len(row["times"][k]) == 2 and row[f"{k}_min_s"] == min(row["times"][k])
 
 
@@ -336,3 +336,98 @@ def test_demo_seeds_mean_and_std_and_the_page_quotes_the_committed_table(tmp_pat
     assert len(rows) == 6
     for line in rows:
         assert line in page, line
+
+
+def test_sketch_seeds_skips_done_seeds_and_calls_the_paired_verdict(tmp_path, monkeypatch):
+    """``sketch_seeds`` (BENCHMARKS section 8, the wide Llama over draws): seeds already in
+    ``--rows`` are not fitted again (the run resumes), the others are appended; the
+    summary gives each sketch's paired difference from the truncation with a bootstrap
+    interval over the seeds, a tie when it holds 0, and counts the seeds where it is lower."""
+    import numpy as np
+
+    from benchmarks.quality import sketch_seeds as ss
+
+    assert ss.seeds("0-3,7") == [0, 1, 2, 3, 7]
+
+    def row(seed, trunc, sketch, once=None):
+        v = lambda e: {"evidence_rel_error": e, "variance_rel_error": 2 * e}  # noqa: E731
+        return {"seed": seed, "variants": {"truncate": v(trunc), "sketch": v(sketch),
+                                           "sketch adapted once": v(once or 1.5 * trunc),
+                                           "best rank-16": v(0.5 * trunc)}}
+
+    called = []
+
+    def fake_run(name, args, seed=0, variants=None):
+        called.append((name, seed, tuple(variants)))
+        return row(seed, 1.0e-2, 1.1e-2 + 1e-4 * seed)  # the sketch higher on every seed
+
+    monkeypatch.setattr(ss.sa, "run", fake_run)
+    rows_file = tmp_path / "rows.jsonl"
+    rows_file.write_text(json.dumps(row(1, 1.0e-2, 0.9e-2)) + "\n")  # a seed already done
+    rows = ss.main(["--seeds", "0-2", "--rows", str(rows_file)])
+    fitted = ("exact", "truncate", "sketch", "sketch adapted once")
+    assert called == [("llama-wide", 0, fitted), ("llama-wide", 2, fitted)]
+    assert [r["seed"] for r in rows] == [0, 1, 2]
+    assert len(rows_file.read_text().splitlines()) == 3
+    text = ss.summary(rows)
+    # sketch − truncate: +1.0e-3, −1.0e-3, +1.2e-3: mean +4.0e-4; seed 1 alone is lower
+    assert "| log-evidence error | sketch | 1.040e-02 | +4.00e-04 (" in text
+    assert "| tie | 1 of 3 |" in text
+    assert "| log-evidence error | sketch adapted once | 1.500e-02 | +5.00e-03 (+5.00e-03, " \
+           "+5.00e-03) | higher than the truncation | 0 of 3 |" in text
+    assert "| 1 | 1.000e-02 | 0.900 | 1.500 | 0.500 |" in text
+    mean, lo, hi = ss.paired(np.array([2.0, 3.0, 4.0]), np.array([1.0, 1.0, 1.0]))
+    assert (mean, lo >= 1.0, hi <= 3.0, lo < hi) == (2.0, True, True, True)
+    assert ss.paired(np.full(5, 2.0), np.ones(5)) == (1.0, 1.0, 1.0)
+    mixed = [row(s, 1.0e-2, 1.0e-2 + (1e-3 if s % 2 else -1e-3)) for s in range(8)]
+    assert "| sketch | 1.000e-02 | +0.00e+00 (" in ss.summary(mixed)
+    assert "| tie | 4 of 8 |" in ss.summary(mixed)
+    lower = [row(s, 1.0e-2, 0.9e-2 - 1e-5 * s) for s in range(8)]
+    assert "| lower than the truncation | 8 of 8 |" in ss.summary(lower)
+
+
+def test_bench_fit_parts_times_each_part_exclusively_and_restores_the_functions(monkeypatch):
+    """``bench_fit_parts`` (BENCHMARKS section 8) splits a fit's time by wrapping the
+    fit's functions with timers. A timed call's time excludes the timed calls inside it
+    (checked on a fake clock), the timers leave the fit's result unchanged (same log
+    evidence as untimed) while every part of a sketched fit takes time, and leaving the
+    context puts the original functions back."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from benchmarks.common.models import Tokens, llama_config, lora_llama
+    from benchmarks.perf import bench_fit_parts as bp
+    from laplace_llm import LLMClassifier, LoRALaplace
+    from laplace_llm.curvature import kfac_accumulation
+    from laplace_llm.matrix import LowRankFactor
+
+    ticks = iter([0.0, 1.0, 3.0, 4.0, 4.5, 10.0])
+    monkeypatch.setattr(bp.time, "perf_counter", lambda: next(ticks))
+    timers = bp.Timers()
+    inner = timers.wrap(lambda: None, "inner")
+    outer = timers.wrap(lambda: (inner(), inner()), "outer")
+    outer()  # outer 0 → 10; inner 1 → 3 and 4 → 4.5
+    assert timers.totals == {"outer": 7.5, "inner": 2.5}
+    monkeypatch.undo()
+
+    clf = LLMClassifier(lora_llama(llama_config(192, 1, vocab=256)), [10, 11, 12, 13]).eval()
+    loader = DataLoader(Tokens(16, 8, 256, seed=0), batch_size=4)
+
+    def fit():
+        la = LoRALaplace(clf, "classification", seed=0, n_kfac=4)
+        la.fit(loader)
+        return float(la.log_marginal_likelihood())
+
+    untimed = fit()
+    originals = (LowRankFactor.append_, torch.autograd.grad, kfac_accumulation._accumulate)
+    timers = bp.Timers()
+    with bp.timed_parts(timers):
+        assert LowRankFactor.append_ is not originals[0]
+        assert fit() == untimed
+    assert (LowRankFactor.append_, torch.autograd.grad, kfac_accumulation._accumulate) == originals
+    for part in ("forward", "backward", "sketch products", "adaptation", "decomposition",
+                 "dense factors", "columns"):
+        assert timers.totals[part] > 0, part
+    parts = bp.split(2.0, timers.totals, floor_run=False)
+    assert sum(parts.values()) == pytest.approx(2.0)
+    assert bp.split(2.0, {"forward": 0.5}, floor_run=True) == {"forward": 0.5, "backward": 1.5}

@@ -16,7 +16,7 @@ from tests.fixtures.models import tiny_llama_lora
 DEFAULTS = {"n_kfac": 16, "lr_threshold": 128, "fisher_type": "mc", "mc_samples": 1,
             "kfac_approx": "expand", "truncation": "isotropic", "share_input_factors": True,
             "evidence": "map", "accumulation": "sketch", "sketch_size": 0, "sketch_seed": 0,
-            "sketch_adapt": -1}
+            "sketch_adapt": -1, "sketch_readapt": True}
 
 
 def test_defaults_are_the_documented_ones_and_plain_json():

@@ -8,7 +8,12 @@ four ways on the same batches and the same sampled labels (mc Fisher, ``seed=0``
   ``eigh`` every 32 columns; the default before the sketch);
 - ``sketch 48``: a Nyström sketch of 48 columns, the same memory as ``truncate`` at its
   largest (rank 16 plus a 32-column chunk), decomposed once;
-- ``sketch``: the default, 96 columns (``max(6 n_kfac, 64)``, twice that memory);
+- ``sketch``: the default, 96 columns (``max(6 n_kfac, 64)``, twice that memory), half of
+  its ``Ω`` adapted to the first batch and again halfway through the batches;
+- ``sketch adapted once``: the same without the second adaptation (``sketch_readapt=False``,
+  the default before it);
+- ``sketch Gaussian Ω``: all of ``Ω`` Gaussian (``sketch_adapt=0``, the default before
+  either adaptation);
 - ``best rank-16`` (not a fit, a reference): every low-rank factor replaced by the
   leading 16 eigenpairs of the exact one, with its exact trace (so the isotropic
   remainder is exact too): the closest a rank-16 factor with that remainder can come,
@@ -37,8 +42,10 @@ have sides of 4,096 and more, and a float32 model has float32 factors. Two parts
   ``A`` of side ``d`` from 8,192 float32 activation columns whose covariance has the
   spectrum (two shaped like the real factors above, of rank 512 > s; one of rank 64 ≤ s
   with λ₁/λ₁₆ = 10⁴), ``G`` dense of side r = 8. ``A`` is streamed 512 columns at a time
-  (a batch of tokens) by the truncation and by the sketch (s = 96; also in float64 and
-  with s = 192, to separate rounding from the sketch's own error), ``n_kfac`` = 16.
+  (a batch of tokens) by the truncation and by the sketch (s = 96, adapted to the first
+  chunk and again before the 9th, as a fit does; also in float64, adapted once, and all
+  Gaussian with s = 96 and 192, to separate rounding and the adaptations from the sketch's
+  own error), ``n_kfac`` = 16.
   Exact reference: the same columns' factor from its span (eigenpairs from a Gram in
   float64). Measured, for two priors ``δ`` (at the level of the 16th eigenvalue of ``A``
   and of a deeper one, times the mean eigenvalue of ``G``), with the isotropic remainder:
@@ -82,6 +89,7 @@ VARIANTS = {
     "truncate": dict(accumulation="truncate"),
     "sketch 48": dict(sketch_size=48),
     "sketch": dict(),
+    "sketch adapted once": dict(sketch_readapt=False),
     "sketch Gaussian Ω": dict(sketch_adapt=0),
 }
 
@@ -146,15 +154,19 @@ def smollm2(n_fit, n_test):
     return clf, fit, test
 
 
-def llama_wide(n_fit, n_test):
+def llama_wide(n_fit, n_test, seed: int = 0):
+    """The wide tiny Llama and its fit and test loaders; ``seed`` draws weights and data.
+
+    ``seed=0`` is the model of the tables; :mod:`benchmarks.quality.sketch_seeds` draws others.
+    """
     from torch.utils.data import DataLoader
 
     from benchmarks.common.models import llama_config, lora_llama
 
     cfg = {**llama_config(2048, 2, vocab=512, max_positions=64, intermediate=512),
            "num_attention_heads": 4, "num_key_value_heads": 4}
-    model = lora_llama(cfg, b_std=None, seed=0)
-    _init_b(model, 0)
+    model = lora_llama(cfg, b_std=None, seed=seed)
+    _init_b(model, seed)
     clf = laplace_llm.LLMClassifier(model, [5, 6, 7, 8]).eval()
 
     def items(n, seed):
@@ -163,8 +175,8 @@ def llama_wide(n_fit, n_test):
                  "attention_mask": torch.ones(32, dtype=torch.long),
                  "labels": torch.randint(0, 4, (), generator=gen)} for _ in range(n)]
 
-    return clf, DataLoader(items(n_fit, 1), batch_size=8), DataLoader(items(n_test, 2),
-                                                                      batch_size=8)
+    return (clf, DataLoader(items(n_fit, 1 + 1000 * seed), batch_size=8),
+            DataLoader(items(n_test, 2 + 1000 * seed), batch_size=8))
 
 
 MODELS = {"minilm": (minilm, 128, 48), "smollm2": (smollm2, 64, 24),
@@ -220,13 +232,18 @@ def variances(la, loader) -> torch.Tensor:
     return torch.cat(out).diagonal(dim1=-2, dim2=-1).double()
 
 
-def run(name: str, args) -> dict:
+def run(name: str, args, seed: int = 0, variants: dict | None = None) -> dict:
+    """Fit model ``name`` every way of ``variants`` (default :data:`VARIANTS`) and measure.
+
+    ``seed`` (``llama-wide`` only): the model's weights, its data and the sampled labels
+    (:func:`llama_wide`); 0 is the model of the tables.
+    """
     build, n_fit, n_test = MODELS[name]
-    clf, fit, test = build(n_fit, n_test)
+    clf, fit, test = build(n_fit, n_test, seed) if seed else build(n_fit, n_test)
     fits, seconds = {}, {}
-    for v, kw in VARIANTS.items():
+    for v, kw in (VARIANTS if variants is None else variants).items():
         t0 = time.perf_counter()
-        la = LoRALaplace(clf, "classification", seed=0, n_kfac=args.n_kfac, **kw)
+        la = LoRALaplace(clf, "classification", seed=seed, n_kfac=args.n_kfac, **kw)
         la.fit(fit)
         seconds[v] = time.perf_counter() - t0
         fits[v] = la
@@ -236,7 +253,7 @@ def run(name: str, args) -> dict:
     prior = ref.prior_precision.clone()
     ev_ref = float(ref.log_marginal_likelihood())
     var_ref = variances(ref, test)
-    out = {"model": name, "n_fit": n_fit, "n_test": n_test, "prior": float(prior),
+    out = {"model": name, "seed": seed, "n_fit": n_fit, "n_test": n_test, "prior": float(prior),
            "log_evidence_exact": ev_ref, "seconds": seconds, "variants": {}}
 
     def errors(la) -> dict:
@@ -266,12 +283,15 @@ def run(name: str, args) -> dict:
 
 
 #: (name, sketch size or None for the truncation, factor dtype, columns of Ω adapted to
-#: the first batch: "half" is the library's default, s // 2) of the synthetic part
-SYNTHETIC_VARIANTS = [("truncate", None, torch.float32, 0),
-                      ("sketch", "default", torch.float32, "half"),
-                      ("sketch float64", "default", torch.float64, "half"),
-                      ("sketch Gaussian Ω", "default", torch.float32, 0),
-                      ("sketch 192 Gaussian Ω", 192, torch.float32, 0)]
+#: the first batch: "half" is the library's default, s // 2; whether they are adapted
+#: again halfway, at the 9th of the 16 chunks, as a fit does before its second half's
+#: first batch: the default) of the synthetic part
+SYNTHETIC_VARIANTS = [("truncate", None, torch.float32, 0, False),
+                      ("sketch", "default", torch.float32, "half", True),
+                      ("sketch adapted once", "default", torch.float32, "half", False),
+                      ("sketch float64", "default", torch.float64, "half", True),
+                      ("sketch Gaussian Ω", "default", torch.float32, 0, False),
+                      ("sketch 192 Gaussian Ω", 192, torch.float32, 0, False)]
 
 
 #: synthetic spectra, keyword arguments of :func:`spectrum`. The first two: eigenvalues
@@ -337,13 +357,16 @@ def synthetic(d: int, name: str, args, r: int = 8, n: int = 8192,
     exact = exact_factor(X, basis)
     lam_exact = exact.eigh()[0]
     variants, seconds = {"exact": exact}, {}
-    for variant, size, dtype, adapt in SYNTHETIC_VARIANTS:
+    halfway = (n // batch) // 2 * batch
+    for variant, size, dtype, adapt, readapt in SYNTHETIC_VARIANTS:
         t0 = time.perf_counter()
         size = args.sketch_size if size == "default" else size
         adapt = size // 2 if adapt == "half" and size else 0
         f = LowRankFactor.zeros(d, args.n_kfac, dtype=dtype, sketch_size=size, sketch_seed=0,
                                 sketch_adapt=adapt)
         for start in range(0, n, batch):
+            if readapt and start == halfway:
+                f.readapt_()
             f.append_(X[:, start:start + batch].to(dtype))
         f.compress_()
         seconds[variant] = time.perf_counter() - t0
@@ -361,7 +384,7 @@ def synthetic(d: int, name: str, args, r: int = 8, n: int = 8192,
     out = {"side": d, "spectrum": name, "n_columns": n, "seconds": seconds,
            "best16_trace_share": float(lam_exact[:16].sum() / exact.exact_trace),
            "variants": {}}
-    for variant, _, dtype, _ in SYNTHETIC_VARIANTS:
+    for variant, _, dtype, _, _ in SYNTHETIC_VARIANTS:
         lam = dec[variant].eigenvalues[0][1].double()
         k = lam.numel()
         row = {"eig16_rel_error_max": float(((lam - lam_exact[:k]).abs() / lam_exact[:k]).max())}

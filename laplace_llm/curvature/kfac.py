@@ -135,6 +135,15 @@ class LoRAKFAC(KFACProbes, KFACSharedInputs, KFACAccumulation, KFACGLM, Curvatur
         #: summed across processes must share ``Ω``
         self.adapt_sketches = True
 
+    @property
+    def readapt_sketches(self) -> bool:
+        """Whether the fit adapts the sketches' ``Ω`` again halfway (``options.sketch_readapt``).
+
+        Only where they adapted it first (:attr:`adapt_sketches`, off in a distributed fit).
+        """
+        return bool(self.adapt_sketches and self.options.sketch_readapt
+                    and self.options.sketch_adapt_columns)
+
     # ------------------------------------------------------------------ factors
     def factor_dtype(self) -> torch.dtype:
         """float64 for float64 models, float32 otherwise (also for bf16/fp16)."""

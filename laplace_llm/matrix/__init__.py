@@ -50,7 +50,7 @@ Modules: :mod:`~laplace_llm.matrix.truncation` (truncation and sketch helpers),
 
 from laplace_llm.matrix.decomposed import LowRankKronDecomposed
 from laplace_llm.matrix.factor import Factor as Factor
-from laplace_llm.matrix.factor import LowRankFactor
+from laplace_llm.matrix.factor import LowRankFactor, readapt_sketches
 from laplace_llm.matrix.kron import LowRankKron
 from laplace_llm.matrix.truncation import EIGH_DEVICE as EIGH_DEVICE
 from laplace_llm.matrix.truncation import _robust_eigh as _robust_eigh
@@ -70,6 +70,7 @@ __all__ = [
     "LowRankKronDecomposed",
     "compress_root",
     "finalise_sketches",
+    "readapt_sketches",
     "sketch_matrix",
     "factor_sketch_seed",
     "factor_dtype",

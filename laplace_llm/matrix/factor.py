@@ -19,7 +19,7 @@ from laplace_llm.matrix.truncation import (
     sketch_matrix,
 )
 
-__all__ = ["LowRankFactor", "Factor"]
+__all__ = ["LowRankFactor", "Factor", "readapt_sketches"]
 
 
 class LowRankFactor:
@@ -221,6 +221,15 @@ class LowRankFactor:
         # keep the adapted columns as a view of Ω, not as a second copy of them
         self._adapted = self.omega()[:, :t]
         return torch.cat([columns @ (columns.T @ self._adapted), probe[:, t:]], dim=1)
+
+    def readapt_(self) -> LowRankFactor:
+        """Adapt ``Ω`` again, to the leading directions of all the data taken so far.
+
+        See :func:`readapt_sketches`, which does this for many factors together; a
+        no-op without a pending sketch or with ``sketch_adapt`` 0.
+        """
+        readapt_sketches([self])
+        return self
 
     @property
     def adapted(self) -> torch.Tensor | None:
@@ -436,6 +445,62 @@ class LowRankFactor:
         return n
 
 
+#: a pending sketch holds its data exactly when its Nyström root of rank ``s`` keeps at
+#: least this share of the exact trace (see :func:`readapt_sketches`): data of rank above
+#: ``s`` with a heavier tail than ``1 − HELD_SHARE`` of the trace does not pass, float32
+#: rounding (about ``s·ε₃₂`` of the largest eigenvalue) does
+HELD_SHARE = 1.0 - 1e-3
+
+
+def readapt_sketches(factors: Sequence[LowRankFactor]) -> None:
+    """Adapt each pending sketch's ``Ω`` again, to the leading directions of its data so far.
+
+    The first adaptation (:meth:`LowRankFactor.adapt_omega_`) sees one batch. Where the
+    leading directions of the whole data differ from that batch's (eigenvalues close
+    together above a long tail: issue 31's wide Llama, whose first batch is a quarter of
+    its tokens), a second one, halfway through the data, sees half of it. Each factor's
+    pending sketch is decomposed (:func:`finalise_sketches`, batched, rank ``s``); the
+    leading ``t = sketch_adapt`` directions of that root, times ``√d``, become the
+    adapted columns of ``Ω``; and the root, sketched with the new ``Ω``, becomes the
+    factor's pending data, to which later data is added as before.
+
+    Which root goes on: if it holds the data so far exactly (its trace is at least
+    :data:`HELD_SHARE` of the exact trace: data of rank at most ``s``), all of it, and the
+    sketch stays exact for data of rank at most ``s`` (its ``t`` directions lie in the
+    adapted columns, the others in the span the Gaussian columns see). Otherwise (rank
+    above ``s``) only its leading ``t`` columns: the rest of the data so far, whose trace
+    stays in the exact trace and so in the isotropic remainder, would take up the
+    Gaussian columns that the second half's data needs (an exploratory comparison on
+    issue 31's wide Llama, not kept as a benchmark, favoured ``t`` over ``s`` there).
+
+    Measured against the exact factors (BENCHMARKS.md, sections 5 and 8:
+    ``benchmarks/quality/sketch_accuracy.py``, and the wide Llama over 24 draws of weights
+    and data, ``benchmarks/quality/sketch_seeds.py``). It costs one decomposition per
+    factor more, whatever the number of tokens.
+
+    Factors without a pending sketch or with ``sketch_adapt`` 0 are left as they are; a
+    factor whose data so far is zero becomes empty, so that its first nonzero data
+    adapts ``Ω`` as a first batch does.
+    """
+    todo = [f for f in factors if f.sketch_adapt and f._sketch is not None]
+    if not todo:
+        return
+    finalise_sketches(todo, ranks=[f.sketch_size for f in todo])
+    for f in todo:  # each root: columns σ u, σ decreasing and > 0
+        root = f._root
+        t = min(f.sketch_adapt, root.shape[1])
+        if not t:
+            f._root = root[:, :0]  # empty: the next data adapts Ω
+            continue
+        trace = f.exact_trace
+        if trace is not None and float(root.square().sum()) < HELD_SHARE * float(trace):
+            root = root[:, :t]
+        f._adapted = root[:, :t] / root[:, :t].norm(dim=0) * math.sqrt(f.side)
+        f._omega = None
+        f._adapted = f.omega()[:, :t]  # a view of Ω, as in LowRankFactor._adapt
+        f.set_sketch_(root @ (root.T @ f.omega()))
+
+
 def _orthonormal_range(Y: torch.Tensor) -> torch.Tensor:
     """Orthonormal ``(d, t')`` basis of the well-resolved span of ``Y`` ``(d, t)``, ``t' ≤ t``.
 
@@ -486,7 +551,8 @@ def _factor_state(f: Factor) -> dict[str, torch.Tensor | int]:
 
 
 def _factor_from_state(f: dict[str, torch.Tensor | int], device, sketch_size=None,
-                       sketch_seed: int = 0, legacy_seed: int | None = None) -> Factor:
+                       sketch_seed: int = 0, legacy_seed: int | None = None,
+                       sketch_adapt: int = 0) -> Factor:
     if "root" not in f and "sketch" not in f:
         return f["dense"].to(device)
     trace = f.get("exact_trace")
@@ -498,12 +564,14 @@ def _factor_from_state(f: dict[str, torch.Tensor | int], device, sketch_size=Non
         elif legacy_seed is not None:
             sketch_seed = legacy_seed
         out = LowRankFactor(sketch[:, :0], f["rank"], exact_trace=trace,
-                            sketch_size=sketch.shape[1], sketch_seed=sketch_seed)
+                            sketch_size=sketch.shape[1], sketch_seed=sketch_seed,
+                            sketch_adapt=min(sketch_adapt, sketch.shape[1] - 1))
         if "sketch_adapted" in f:
             out._adapted = f["sketch_adapted"].to(device=device, dtype=sketch.dtype)
         return out.set_sketch_(sketch)
     return LowRankFactor(f["root"].to(device), f["rank"], exact_trace=trace,
-                         sketch_size=sketch_size, sketch_seed=sketch_seed)
+                         sketch_size=sketch_size, sketch_seed=sketch_seed,
+                         sketch_adapt=sketch_adapt if sketch_size else 0)
 
 
 def _factor_scale(f: Factor, c: float) -> Factor:

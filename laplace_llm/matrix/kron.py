@@ -23,6 +23,7 @@ from laplace_llm.matrix.factor import (
     _factor_state,
     _is_empty,
     _seed_of,
+    readapt_sketches,
 )
 from laplace_llm.matrix.truncation import finalise_sketches
 
@@ -172,13 +173,16 @@ class LowRankKron:
     @classmethod
     def from_state(cls, state: list[list[dict[str, torch.Tensor | int]]], devices=None,
                    sketch_size: int | None = None, sketch_seed: int = 0,
-                   names: Sequence[str] | None = None) -> LowRankKron:
+                   names: Sequence[str] | None = None, sketch_adapt: int = 0) -> LowRankKron:
         """Inverse of :meth:`to_state`; ``devices`` (one per block) moves the factors.
 
-        ``sketch_size``/``sketch_seed``/``names``: how the low-rank factors take in
-        further data (``None``: incremental truncation; ``names`` as in :meth:`zeros`). A
-        stored pending sketch keeps its own size and seed (one stored without a seed, by
-        a version that used one ``Ω`` per side, takes ``sketch_seed`` itself).
+        ``sketch_size``/``sketch_seed``/``names``/``sketch_adapt``: how the low-rank
+        factors take in further data (``None``: incremental truncation; the others as in
+        :meth:`zeros`). A stored pending sketch keeps its own size and seed (one stored
+        without a seed, by a version that used one ``Ω`` per side, takes ``sketch_seed``
+        itself) and its adapted columns of ``Ω``; ``sketch_adapt`` says how many columns
+        an empty factor adapts and a pending sketch adapts again
+        (:meth:`readapt_`), as in the fit that a checkpoint resumes.
         """
         devices = [None] * len(state) if devices is None else devices
         kfacs: list[list[Factor]] = []
@@ -196,7 +200,8 @@ class LowRankKron:
                 else:
                     row.append(_factor_from_state(f, device, sketch_size,
                                                   _seed_of(sketch_seed, names, i, j),
-                                                  legacy_seed=sketch_seed))
+                                                  legacy_seed=sketch_seed,
+                                                  sketch_adapt=sketch_adapt))
             kfacs.append(row)
         return cls(kfacs)
 
@@ -243,6 +248,15 @@ class LowRankKron:
         for f in self.unique_factors():
             if isinstance(f, LowRankFactor):
                 f.compress_()
+        return self
+
+    def readapt_(self) -> LowRankKron:
+        """Adapt the test matrices of the pending sketches to their data so far (in place).
+
+        The sketched factors' second adaptation, halfway through a fit's data
+        (:func:`~laplace_llm.matrix.factor.readapt_sketches`); shared factors once.
+        """
+        readapt_sketches([f for f in self.unique_factors() if isinstance(f, LowRankFactor)])
         return self
 
     def decompose(self, damping: bool = False, remainder: bool = False) -> LowRankKronDecomposed:

@@ -186,8 +186,12 @@ _OMEGA_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 SKETCH_NOISE_FACTOR = 2.0
 
 
-def finalise_sketches(factors: list) -> None:
+def finalise_sketches(factors: list, ranks: list[int] | None = None) -> None:
     """Decompose the pending sketches of ``factors`` into rank-``k`` roots, in place.
+
+    ``k`` is each factor's ``rank``, or ``ranks[i]`` for ``factors[i]`` where given (a
+    re-adaptation keeps more columns than the rank, see
+    :meth:`~laplace_llm.matrix.LowRankFactor.readapt_`).
 
     The stabilised Nyström approximation from a sketch ``Y = F Ω`` (Tropp, Yurtsever,
     Udell & Cevher, 2017, Alg. 3): with a shift ``ν``, ``Y_ν = Y + ν Ω``, the core
@@ -218,9 +222,11 @@ def finalise_sketches(factors: list) -> None:
     columns.
     """
     groups: dict[tuple, list] = {}
-    for f in factors:
+    keep_rank = {}
+    for i, f in enumerate(factors):
         if f._sketch is not None:
             groups.setdefault((f.sketch_size, f.side, f.device), []).append(f)
+            keep_rank[id(f)] = f.rank if ranks is None else int(ranks[i])
     for (_, _, device), members in groups.items():
         on_host = EIGH_DEVICE == "cpu" and device.type != "cpu"
         Y = torch.stack([f._sketch for f in members]).double()
@@ -243,7 +249,7 @@ def finalise_sketches(factors: list) -> None:
             Z[drop] = Yn[drop] @ (V * inv_sqrt[:, None, :])
         g, W = _batched_eigh(Z.transpose(1, 2) @ Z, on_host)  # ascending
         for i, f in enumerate(members):
-            t = min(f.rank, f.side, int(keep[i].sum()))
+            t = min(keep_rank[id(f)], f.side, int(keep[i].sum()))
             sig2 = g[i, -t:].flip(0) if t else g[i, :0]
             lam = (sig2 - nu[i]).clamp(min=0.0)
             w = W[i, :, -t:].flip(1) if t else W[i, :, :0]

@@ -425,9 +425,10 @@ def fit_identity(la: Any, train_loader: Any, N: int, override: bool, distributed
 
 
 #: options that checkpoints of earlier releases lack, with the value those releases used
-#: (``sketch_adapt``: their sketches' ``Ω`` was all Gaussian), so that a resumed fit is
-#: told which value reproduces the interrupted one
-LEGACY_OPTIONS = {"sketch_adapt": 0}
+#: (``sketch_adapt``: their sketches' ``Ω`` was all Gaussian; ``sketch_readapt``: it was
+#: adapted once at most), so that a resumed fit is told which value reproduces the
+#: interrupted one
+LEGACY_OPTIONS = {"sketch_adapt": 0, "sketch_readapt": False}
 
 
 def _differences(header: Mapping[str, Any], identity: Mapping[str, Any]) -> list[str]:

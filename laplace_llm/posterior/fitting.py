@@ -201,6 +201,7 @@ class LoRAFitting:
         X = data = None
         # None unless sharded: then every rank makes as many passes as the busiest
         n_batches = sharding.batches_to_run(model, train_loader, skip=start)
+        halfway = _halfway(train_loader)
         i = -1
         try:
             desc = f"[LoRA {self._key[1]}]"
@@ -212,6 +213,8 @@ class LoRAFitting:
                         continue
                     if n_outputs is None:
                         n_outputs = self._n_outputs_of(data)
+                    if i == halfway and H is not None:
+                        H = self._halfway_curvature(H)
                     X, y = check_batch(
                         data, i, n_outputs, self._device, self.dict_key_x, self.dict_key_y,
                         likelihood=self.likelihood, dtype=self._dtype,
@@ -256,6 +259,13 @@ class LoRAFitting:
         loss_b, H_b = self._curv_closure(X, y, N=N)
         return loss_b, H_b if H is None else H.add_(H_b)
 
+    def _halfway_curvature(self, H):
+        """Return the curvature of the first half of the batches, before the second half's.
+
+        Here: ``H`` itself. (The Kronecker posterior adapts its sketches again.)
+        """
+        return H
+
     def _finish_curvature(self, H):
         """Return the accumulated curvature as the posterior keeps it."""
         return H.to(self._dtype)
@@ -293,6 +303,15 @@ class LoRAFitting:
     def _posterior_changed(self) -> None:
         """Drop what was derived from the previous curvature."""
         self._posterior_scale = None
+
+
+def _halfway(train_loader) -> int | None:
+    """Index of the first batch of the loader's second half; ``None`` if it has no length or one batch."""
+    try:
+        n = len(train_loader)
+    except TypeError:  # an iterable dataset without a length
+        return None
+    return n // 2 if n >= 2 else None
 
 
 def _sharded_pass(n_batches: int | None, i: int, idle: bool = False):

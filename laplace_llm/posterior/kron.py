@@ -87,6 +87,10 @@ class LoRALaplace(LoRALaplaceBase, KronLaplace):
         # the backend streams each batch into the low-rank factors
         return self.backend.kron(X, y, N=N, into=self.backend.empty_kron() if H is None else H)
 
+    def _halfway_curvature(self, H: LowRankKron) -> LowRankKron:
+        # the sketches' Ω adapted again, to the first half's data (sketch_readapt)
+        return H.readapt_() if self.backend.readapt_sketches else H
+
     def _finish_curvature(self, H: LowRankKron) -> LowRankKron:
         # pending sketches stay pending: a distributed fit sums them before they are
         # decomposed (in _merge), so that the result equals one process' fit (with a
@@ -232,6 +236,9 @@ class LoRALaplace(LoRALaplaceBase, KronLaplace):
             state, devices=[b.module.weight.device for b in self.blocks],
             sketch_size=self.options.sketch_columns, sketch_seed=self.options.sketch_seed,
             names=[b.name for b in self.blocks],
+            # as the interrupted fit's factors (LoRAKFAC.empty_kron)
+            sketch_adapt=(self.options.sketch_adapt_columns if self.backend.adapt_sketches
+                          else 0),
         )
         for row, F in zip(chunks, kron.kfacs):
             for chunk, f in zip(row, F):

@@ -611,3 +611,24 @@ def test_a_checkpoint_written_before_sketch_adapt_resumes_with_the_gaussian_omeg
     resumed = laplace("kron", sketch_adapt=0)
     resumed.fit(loader(), resume_from=old)
     assert resumed.n_data == N_ITEMS
+
+
+def test_a_checkpoint_written_before_sketch_readapt_resumes_adapting_once(kron_checkpoint,
+                                                                         tmp_path):
+    """Checkpoints written before ``sketch_readapt`` lack it (their sketches adapted Ω once):
+    resuming one with the new default is refused naming ``sketch_readapt=False``, and with
+    it the fit resumes and equals an uninterrupted fit adapted once."""
+    from laplace_llm.serialization import read_file, write_file
+
+    header, tensors = read_file(kron_checkpoint, kind="checkpoint")
+    header = {k: v for k, v in header.items() if k != "sha256"}
+    header["options"] = {k: v for k, v in header["options"].items() if k != "sketch_readapt"}
+    old = tmp_path / "old.ckpt"
+    write_file(tensors, header, old)
+    with pytest.raises(PosteriorFileError, match="sketch_readapt=False in the file, True now"):
+        laplace("kron").fit(loader(), resume_from=old)
+    resumed = laplace("kron", sketch_readapt=False)
+    resumed.fit(loader(), resume_from=old)
+    ref = laplace("kron", sketch_readapt=False)
+    ref.fit(loader())
+    assert_same_posterior(resumed, ref)
