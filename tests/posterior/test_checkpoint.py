@@ -594,18 +594,24 @@ def test_a_sharded_model_resumes_with_idle_passes(tmp_path):
         assert got["loss"][0] == got["loss"][1] and got["lml"][0] == got["lml"][1]
 
 
+def without_option(path, option, tmp_path):
+    """A copy of the checkpoint ``path`` whose header lacks ``option``, as earlier releases wrote it."""
+    from laplace_llm.serialization import read_file, write_file
+
+    header, tensors = read_file(path, kind="checkpoint")
+    header = {k: v for k, v in header.items() if k != "sha256"}
+    header["options"] = {k: v for k, v in header["options"].items() if k != option}
+    old = tmp_path / f"without-{option}.ckpt"
+    write_file(tensors, header, old)
+    return old
+
+
 def test_a_checkpoint_written_before_sketch_adapt_resumes_with_the_gaussian_omega(
         kron_checkpoint, tmp_path):
     """Checkpoints of earlier releases lack ``sketch_adapt`` (their Ω was all Gaussian):
     resuming one with the new default is refused naming ``sketch_adapt=0``, and with
     ``sketch_adapt=0`` it resumes."""
-    from laplace_llm.serialization import read_file, write_file
-
-    header, tensors = read_file(kron_checkpoint, kind="checkpoint")
-    header = {k: v for k, v in header.items() if k != "sha256"}
-    header["options"] = {k: v for k, v in header["options"].items() if k != "sketch_adapt"}
-    old = tmp_path / "old.ckpt"
-    write_file(tensors, header, old)
+    old = without_option(kron_checkpoint, "sketch_adapt", tmp_path)
     with pytest.raises(PosteriorFileError, match="sketch_adapt=0 in the file, -1 now"):
         laplace("kron").fit(loader(), resume_from=old)
     resumed = laplace("kron", sketch_adapt=0)
@@ -618,13 +624,7 @@ def test_a_checkpoint_written_before_sketch_readapt_resumes_adapting_once(kron_c
     """Checkpoints written before ``sketch_readapt`` lack it (their sketches adapted Ω once):
     resuming one with the new default is refused naming ``sketch_readapt=False``, and with
     it the fit resumes and equals an uninterrupted fit adapted once."""
-    from laplace_llm.serialization import read_file, write_file
-
-    header, tensors = read_file(kron_checkpoint, kind="checkpoint")
-    header = {k: v for k, v in header.items() if k != "sha256"}
-    header["options"] = {k: v for k, v in header["options"].items() if k != "sketch_readapt"}
-    old = tmp_path / "old.ckpt"
-    write_file(tensors, header, old)
+    old = without_option(kron_checkpoint, "sketch_readapt", tmp_path)
     with pytest.raises(PosteriorFileError, match="sketch_readapt=False in the file, True now"):
         laplace("kron").fit(loader(), resume_from=old)
     resumed = laplace("kron", sketch_readapt=False)
