@@ -208,8 +208,9 @@ class KFACOptions:
         against the exact factors on MiniLM (3.45e-3 to 3.28e-3), SmolLM2 (9.46e-4 to
         8.49e-4) and the wide Llama of issue 31 (from 1.05× the incremental truncation's
         to 0.995×, and over 24 draws of that Llama from 1.9 % above the truncation's on
-        average to 1.2 % below; BENCHMARKS.md, sections 5 and 8). Needs ``sketch_adapt`` and a loader with a length of at least two
-        batches; off in a distributed fit, with ``sketch_adapt``.
+        average to 1.2 % below; BENCHMARKS.md, sections 5 and 8). Needs ``sketch_adapt``
+        and a loader with a length of at least two batches; off in a distributed fit,
+        with ``sketch_adapt``.
 
     Raises
     ------

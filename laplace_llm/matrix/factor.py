@@ -216,11 +216,15 @@ class LowRankFactor:
         t = U.shape[1]
         if not t:
             return None
+        self._set_adapted(U)
+        return torch.cat([columns @ (columns.T @ self._adapted), probe[:, t:]], dim=1)
+
+    def _set_adapted(self, U: torch.Tensor) -> None:
+        """Make the unit columns ``U`` ``(d, t)``, times ``√d``, the first ``t`` columns of ``Ω``."""
         self._adapted = U * math.sqrt(self.side)  # the norm of a Gaussian column
         self._omega = None
         # keep the adapted columns as a view of Ω, not as a second copy of them
-        self._adapted = self.omega()[:, :t]
-        return torch.cat([columns @ (columns.T @ self._adapted), probe[:, t:]], dim=1)
+        self._adapted = self.omega()[:, : U.shape[1]]
 
     def readapt_(self) -> LowRankFactor:
         """Adapt ``Ω`` again, to the leading directions of all the data taken so far.
@@ -495,9 +499,7 @@ def readapt_sketches(factors: Sequence[LowRankFactor]) -> None:
         trace = f.exact_trace
         if trace is not None and float(root.square().sum()) < HELD_SHARE * float(trace):
             root = root[:, :t]
-        f._adapted = root[:, :t] / root[:, :t].norm(dim=0) * math.sqrt(f.side)
-        f._omega = None
-        f._adapted = f.omega()[:, :t]  # a view of Ω, as in LowRankFactor._adapt
+        f._set_adapted(root[:, :t] / root[:, :t].norm(dim=0))
         f.set_sketch_(root @ (root.T @ f.omega()))
 
 

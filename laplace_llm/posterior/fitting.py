@@ -309,7 +309,7 @@ def _halfway(train_loader) -> int | None:
     """Index of the first batch of the loader's second half; ``None`` if it has no length or one batch."""
     try:
         n = len(train_loader)
-    except TypeError:  # an iterable dataset without a length
+    except TypeError:  # e.g. a batch sampler without a length
         return None
     return n // 2 if n >= 2 else None
 
