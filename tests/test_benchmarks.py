@@ -167,6 +167,32 @@ def test_bench_fit_ratio_smallest(tmp_path):
         assert len(row["times"][k]) == 2 and row[f"{k}_min_s"] == min(row["times"][k])
 
 
+@pytest.mark.slow  # ~1 min: twelve fresh processes
+def test_bench_fit_ratio_memory_measures_the_activations(tmp_path):
+    """``--memory``: each variant's peak in a fresh process, after a warm-up call.
+
+    The floor holds the batch's activations for its backward, so its peak doubles with
+    the sequence length (measured 19.5 and 39.3 MiB at 8 × 64 and 8 × 128 tokens, hidden
+    256: 2.01×; bounds 1.6–2.6); every fit holds that graph too, so no fit's peak is below
+    0.95 of the floor's (measured 1.11× for the default). A meter that read the
+    resident size after the call, or that let the measured call reuse the warm-up's freed
+    pages (no fixed mmap threshold), reads about 0 and fails both."""
+    peaks = {}
+    for seq in (64, 128):
+        result, stdout = run_script(
+            "perf.bench_fit_ratio", "--hidden", "256", "--n-fit", "8", "--seq", str(seq),
+            "--batch-size", "8", "--n-kfac", "8", "--repeat", "1", "--memory",
+            tmp_path=tmp_path)
+        (row,) = result["rows"]
+        peaks[seq] = {k: row[f"{k}_peak_mib"] for k in ("floor", "shared", "separate",
+                                                        "truncate", "gaussian", "once")}
+        assert "Peak resident memory" in stdout
+    assert 1.6 < peaks[128]["floor"] / peaks[64]["floor"] < 2.6, peaks
+    for seq, p in peaks.items():
+        for k, v in p.items():
+            assert v >= 0.95 * p["floor"], (seq, k, p)
+
+
 def test_sketch_accuracy_synthetic_blocks_at_a_small_side():
     """The synthetic part of ``sketch_accuracy.py`` (BENCHMARKS section 8) at side 1,024.
 
