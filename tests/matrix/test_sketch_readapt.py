@@ -114,6 +114,41 @@ def test_above_s_the_readapted_sketch_goes_on_from_the_leading_t_directions_alon
     assert torch.equal(f.exact_trace, trace)
 
 
+def tail_beyond(share, d=300, lead=64, rank=200, n=400, seed=11):
+    """Data of rank ``rank`` > s whose ``rank − lead`` trailing directions hold ``share`` of its trace."""
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(d, rank, generator=gen, dtype=DT))[0]
+    weights = torch.ones(rank, dtype=DT)
+    weights[lead:] = share / (1 - share) * lead / (rank - lead)  # of each direction's variance
+    Z = torch.linalg.qr(torch.randn(n, rank, generator=gen, dtype=DT))[0].T * n ** 0.5
+    return basis @ (weights.sqrt()[:, None] * Z)
+
+
+@pytest.mark.parametrize("share, kept", [(1e-2, 48), (1e-5, 96)])
+def test_the_root_goes_on_whole_only_when_it_holds_all_but_a_thousandth_of_the_trace(share, kept):
+    """Data of rank 200 > s = 96 whose 136 trailing directions hold ``share`` of the trace.
+    With 1 % there, the rank-96 root holds less than :data:`HELD_SHARE` (99.9 %) of the
+    exact trace, and the sketch goes on from its leading 48 columns; with 0.001 % it
+    holds more, and the whole root goes on. The readapted sketch is that root's sketch
+    with the new Ω. A threshold of 90 % keeps the whole root at 1 %, one of 99.9999 %
+    only 48 columns at 0.001 %: both fail."""
+    from laplace_llm.matrix import finalise_sketches
+
+    X = tail_beyond(share)
+    exact = torch.linalg.eigvalsh(X @ X.T)
+    assert float(exact[-64:].sum() / exact.sum()) == pytest.approx(1 - share, rel=1e-9)
+    f = LowRankFactor.zeros(300, 16, dtype=DT, sketch_size=96, sketch_adapt=48, sketch_seed=2)
+    f.append_(X)
+    twin = LowRankKron.from_state([[_state(f)]], sketch_adapt=48, sketch_size=96).kfacs[0][0]
+    finalise_sketches([twin], ranks=[96])
+    R = twin.root[:, :kept]
+    assert twin.root.shape[1] == 96
+    f.readapt_()
+    expected = R @ (R.T @ f.omega())
+    torch.testing.assert_close(f.sketch(), expected, rtol=1e-9,
+                               atol=1e-12 * float(expected.norm()))
+
+
 def _state(f):
     from laplace_llm.matrix.factor import _factor_state
 

@@ -444,6 +444,45 @@ def test_finalise_takes_cholesky_where_no_direction_drops_and_equals_the_eigh_pa
         torch.testing.assert_close(got.to_dense(), W, rtol=1e-10, atol=1e-10 * float(W.norm()))
 
 
+def test_the_cholesky_path_refuses_a_core_with_a_direction_below_the_noise_level():
+    """``_cholesky_core`` takes a core only where :func:`finalise_sketches` would drop
+    none of its directions, i.e. every eigenvalue above ``max(1e-12 ‖B‖_F, noise)``. A
+    core that is positive definite (its Cholesky factor exists) but has an eigenvalue
+    of 1e-6 under a noise level of 1e-3 must go to the eigendecomposition, which drops
+    that direction; a check against 1e-12 ‖B‖_F alone would take it and blow the
+    rounding-level direction up by ``b^{-1/2}``. Its neighbour in the batch, 1e-2 above
+    the same noise, goes through Cholesky."""
+    from laplace_llm.matrix.truncation import _cholesky_core
+
+    B = torch.stack([torch.diag(torch.tensor([1.0, 0.5, 1e-6], dtype=DT)),
+                     torch.diag(torch.tensor([1.0, 0.5, 1e-2], dtype=DT))])
+    Yn = torch.randn(2, 10, 3, dtype=DT, generator=torch.Generator().manual_seed(0))
+    noise = torch.tensor([1e-3, 1e-3], dtype=DT)
+    assert bool(torch.linalg.cholesky_ex(B)[1].eq(0).all())  # both are positive definite
+    keep, Z = _cholesky_core(B, Yn, noise)
+    assert keep.tolist() == [[False] * 3, [True] * 3]
+    torch.testing.assert_close(Z[1], Yn[1] @ torch.diag(torch.tensor([1.0, 0.5, 1e-2],
+                                                                      dtype=DT).rsqrt()))
+
+
+def test_a_scaled_first_append_to_a_gaussian_sketch_is_scaled():
+    """``append_(C, scale)`` adds ``scale · C Cᵀ`` however the factor takes it: the first
+    data of a sketch with an all-Gaussian Ω (``sketch_adapt=0``, e.g. a distributed fit)
+    is its own sketch, which must be scaled too; as must an adapted first append and a
+    later one. Each equals the append of ``√scale · C`` (float64: 1e-12)."""
+    gen = torch.Generator().manual_seed(5)
+    C, D = (torch.randn(60, 25, generator=gen, dtype=DT) for _ in range(2))
+    for adapt in (0, 6):
+        scaled = LowRankFactor.zeros(60, 4, dtype=DT, sketch_size=12, sketch_adapt=adapt)
+        plain = LowRankFactor.zeros(60, 4, dtype=DT, sketch_size=12, sketch_adapt=adapt)
+        scaled.append_(C, scale=0.3).append_(D, scale=2.0)
+        plain.append_(C * 0.3 ** 0.5).append_(D * 2.0 ** 0.5)
+        want = plain.sketch()
+        torch.testing.assert_close(scaled.sketch(), want, rtol=1e-12,
+                                   atol=1e-12 * float(want.norm()))
+        torch.testing.assert_close(scaled.exact_trace, plain.exact_trace, rtol=1e-12, atol=0)
+
+
 def test_the_exact_trace_of_float32_columns_keeps_float32_precision():
     """The remainder ``ρ`` is the exact trace less the kept eigenvalues spread over
     ``d − k`` directions, so the trace's error enters the evidence ``d − k`` times over:
