@@ -493,8 +493,7 @@ def readapt_sketches(factors: Sequence[LowRankFactor]) -> None:
     for f in todo:  # each root: columns σ u, σ decreasing and > 0
         root = f._root
         t = min(f.sketch_adapt, root.shape[1])
-        if not t:
-            f._root = root[:, :0]  # empty: the next data adapts Ω
+        if not t:  # no data so far: the factor is empty, and its next data adapts Ω
             continue
         trace = f.exact_trace
         if trace is not None and float(root.square().sum()) < HELD_SHARE * float(trace):
