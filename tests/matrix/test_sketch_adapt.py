@@ -93,6 +93,19 @@ def test_adapted_sketch_stays_exact_when_the_first_batch_misses_directions():
     torch.testing.assert_close(f.to_dense(), exact, rtol=1e-9, atol=1e-9 * float(exact.norm()))
 
 
+def test_a_float32_first_chunk_adapts_no_column_to_its_rounding():
+    """A float32 chunk of rank 3 has a sketch whose other singular values are rounding
+    (measured: squared, 2e-15 of the largest's): only 3 columns of Ω are adapted, the
+    others stay Gaussian. Keeping every direction of positive singular value adapts 48.
+    (The cut's float32 term, ``(t·ε₃₂)²`` = 1.3e-10, is above this noise, and so is its
+    float64 term, ``t·ε₆₄`` = 2.1e-14, so this chunk does not tell them apart.)"""
+    gen = torch.Generator().manual_seed(4)
+    C = (torch.randn(200, 3, generator=gen) @ torch.randn(3, 64, generator=gen)).float()
+    f = LowRankFactor.zeros(200, 16, dtype=torch.float32, sketch_size=96,
+                            sketch_adapt=48).append_(C)
+    assert f.adapted is not None and f.adapted.shape == (200, 3)
+
+
 @pytest.mark.parametrize("adapt, rank", [(24, 200), (48, 200), (72, 200), (48, 5), (72, 5)])
 def test_the_first_chunk_is_sketched_with_the_omega_it_adapts(adapt, rank):
     """The range finder's products cover the last ``t`` Gaussian columns; the first

@@ -444,6 +444,17 @@ def test_finalise_takes_cholesky_where_no_direction_drops_and_equals_the_eigh_pa
         torch.testing.assert_close(got.to_dense(), W, rtol=1e-10, atol=1e-10 * float(W.norm()))
 
 
+def test_eigh_leaves_out_directions_of_zero_eigenvalue():
+    """A root with a column of zeros (data of rank 1 in two columns) has one eigenpair:
+    ``eigh`` divides each kept column by its norm, so a zero column kept would be a NaN
+    eigenvector."""
+    v = torch.tensor([3.0, 0.0, 4.0, 0.0, 0.0], dtype=DT)
+    f = LowRankFactor.zeros(5, 2, dtype=DT).append_(torch.stack([v, torch.zeros(5, dtype=DT)], 1))
+    lam, Q = f.eigh()
+    torch.testing.assert_close(lam, torch.tensor([25.0], dtype=DT))
+    assert abs(float(Q[:, 0] @ v)) == pytest.approx(5.0, rel=1e-12)
+
+
 def test_the_cholesky_path_refuses_a_core_with_a_direction_below_the_noise_level():
     """``_cholesky_core`` takes a core only where :func:`finalise_sketches` would drop
     none of its directions, i.e. every eigenvalue above ``max(1e-12 ‖B‖_F, noise)``. A
