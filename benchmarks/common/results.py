@@ -92,6 +92,17 @@ def peak_meter(device):
     return start, stop
 
 
+def peak_of_call(fn) -> int | None:
+    """Peak resident growth (bytes, :func:`peak_meter` on the CPU) of one call of ``fn``,
+    after a first call as warm-up (lazy initialisations are not the call's cost)."""
+    fn()
+    gc.collect()
+    start, stop = peak_meter("cpu")
+    base = start()
+    fn()
+    return stop(base)
+
+
 def command() -> str:
     """The command line of this process: ``python -m <module> ...`` for a script run as a module."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)

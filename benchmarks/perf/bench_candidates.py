@@ -30,7 +30,6 @@ a Llama-shaped model (hidden 256, 2 layers, vocabulary 32000), LoRA r=8 on q/v::
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import warnings
@@ -41,7 +40,7 @@ from torch.utils.data import DataLoader
 
 from benchmarks.common.args import parser
 from benchmarks.common.models import llama_config, lora_llama
-from benchmarks.common.results import best_time, child_peak_mib, finish, peak_meter
+from benchmarks.common.results import best_time, child_peak_mib, finish, peak_of_call
 from laplace_llm import CandidateScorer, LoRALaplace
 
 warnings.filterwarnings("ignore")
@@ -95,13 +94,7 @@ def memory_child(args, method, vocab):
     batch = next(iter(DataLoader(Items(args.batch, args.prompt, args.candidates, args.length,
                                        vocab, 1), batch_size=args.batch)))
     with torch.no_grad():
-        model(batch)  # warm-up: lazy initialisations are not the method's cost
-    gc.collect()
-    start, stop = peak_meter("cpu")
-    base = start()
-    with torch.no_grad():
-        model(batch)
-    return stop(base)
+        return peak_of_call(lambda: model(batch))
 
 
 def measure_memory(args, method, vocab):

@@ -12,7 +12,8 @@ and the ratios of the minima. With ``--memory`` it also measures each one's peak
 memory: in a fresh single-threaded process per variant, after one warm-up call (lazy
 initialisations, the cached test matrices ``Ω``), the growth of the resident high-water
 mark over the resident size before the measured call (glibc's mmap threshold fixed, so
-that blocks freed by the warm-up leave the resident set and are counted again). Model and data are those of ``bench_lora_laplace.py`` (Llama-shaped, 2 layers,
+that blocks freed by the warm-up leave the resident set and are counted again). Model
+and data are those of ``bench_lora_laplace.py`` (Llama-shaped, 2 layers,
 LoRA r=8 on ``--targets``, 64 sequences of 32 tokens in batches of 8, mc Fisher,
 ``n_kfac`` 16).
 
@@ -23,7 +24,6 @@ Run: ``OMP_NUM_THREADS=1 python -m benchmarks.perf.bench_fit_ratio --hidden 512 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import time
@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from benchmarks.common.args import parser
 from benchmarks.common.models import Tokens, floor, llama_config, lora_llama
-from benchmarks.common.results import child_peak_mib, finish, peak_meter
+from benchmarks.common.results import child_peak_mib, finish, peak_of_call
 from laplace_llm import LLMClassifier, LoRALaplace
 
 warnings.filterwarnings("ignore")
@@ -92,13 +92,7 @@ def run(hidden, args) -> dict:
 def memory_child(args) -> int | None:
     """Peak resident growth (bytes) of one call of ``args.memory_child``, in this process."""
     clf = build(args.hidden[0], args.layers, args.targets)
-    step = steps_of(clf, data(args), args)[args.memory_child]
-    step()  # warm-up
-    gc.collect()
-    start, stop = peak_meter("cpu")
-    base = start()
-    step()
-    return stop(base)
+    return peak_of_call(steps_of(clf, data(args), args)[args.memory_child])
 
 
 def measure_memory(hidden, key, args) -> float | None:
